@@ -1,0 +1,161 @@
+"""Per-architecture split adapters, declared as data and registered once.
+
+An adapter says, for one model family: which block lists exist and in what order they
+run, where the model may be cut (the last N blocks in execution order go remote), which
+head modules the server runs after the blocks, which config keys hold the block counts,
+how to recognise the family from a checkpoint's keys and from a built model, and the two
+functions that move one model call across the seam (client payload, server forward).
+
+Adding Wan / FLUX.1 / Qwen-Image means one new module here that calls ``register``.
+No module in this package imports ComfyUI.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LocalError
+
+
+@dataclass(frozen=True)
+class SplitPlan:
+    """Which blocks run remotely for one model and one ``n_blocks_remote``."""
+
+    family: str
+    counts: dict[str, int]  # block group -> total blocks in the full model
+    remote: dict[str, int]  # block group -> blocks of that group the server holds (a tail)
+    n_remote: int
+
+    def first_remote(self, group: str) -> int:
+        """Index (in the full model) of the first remote block of ``group``."""
+        return self.counts[group] - self.remote[group]
+
+    def remote_indices(self, group: str) -> range:
+        return range(self.first_remote(group), self.counts[group])
+
+    def seam(self, order: tuple[str, ...]) -> tuple[str, int]:
+        """(group, index) of the first block that runs remotely, in execution order."""
+        for g in order:
+            if self.remote.get(g, 0):
+                return g, self.first_remote(g)
+        raise LocalError("n_blocks_remote is 0: nothing runs remotely")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    family: str  # wire name, e.g. "flux2"
+    display: str  # for messages, e.g. "FLUX.2"
+    block_groups: tuple[str, ...]  # ModuleList attribute names, in execution order
+    hook_names: dict[str, str]  # block group -> patches_replace["dit"] block name
+    config_keys: dict[str, str]  # block group -> unet_config key holding its depth
+    heads: tuple[str, ...]  # modules the server runs after the blocks (returned output)
+    # Non-block modules the server never needs (stubbed after loading to free memory).
+    server_drops: tuple[str, ...]
+    detect_keys: Callable[[set[str]], bool]  # checkpoint keys (prefix stripped) -> is this family
+    detect_model: Callable[[Any], bool]  # built diffusion model -> is this family
+    server_forward: Callable[..., dict[str, Any]]  # (model, plan, tensors, scalars) -> outputs
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ cutting
+    def plan(self, counts: dict[str, int], n_remote: int) -> SplitPlan:
+        total = sum(counts[g] for g in self.block_groups)
+        if n_remote < 0 or n_remote > total:
+            raise LocalError(
+                f"n_blocks_remote={n_remote} but this {self.display} model has {total} blocks "
+                f"({', '.join(f'{counts[g]} {g}' for g in self.block_groups)}): choose 1..{total}"
+            )
+        remote: dict[str, int] = {}
+        left = n_remote
+        for g in reversed(self.block_groups):  # the last N blocks in execution order
+            take = min(left, counts[g])
+            remote[g] = take
+            left -= take
+        return SplitPlan(self.family, dict(counts), remote, n_remote)
+
+    # ------------------------------------------------------------------ keys
+    def split_key(self, key: str) -> tuple[str, int, str] | None:
+        """'single_blocks.7.linear1.weight' -> ('single_blocks', 7, 'linear1.weight')."""
+        m = _BLOCK_RE.match(key)
+        if m and m.group(1) in self.block_groups:
+            return m.group(1), int(m.group(2)), m.group(3)
+        return None
+
+    def remote_key(self, key: str, plan: SplitPlan) -> str | None:
+        """Full-model key -> the server's slim-model key, or None if the server doesn't keep it."""
+        parts = self.split_key(key)
+        if parts is not None:
+            g, i, rest = parts
+            first = plan.first_remote(g)
+            return f"{g}.{i - first}.{rest}" if i >= first else None
+        if any(key.startswith(h + ".") for h in self.heads):
+            return key
+        return None
+
+    def original_key(self, slim_key: str, plan: SplitPlan) -> str:
+        """The server's slim-model key -> the full-model key (inverse of ``remote_key``)."""
+        parts = self.split_key(slim_key)
+        if parts is None:
+            return slim_key
+        g, i, rest = parts
+        return f"{g}.{i + plan.first_remote(g)}.{rest}"
+
+    def count_blocks(self, keys: Iterable[str]) -> dict[str, int]:
+        seen: dict[str, set[int]] = {g: set() for g in self.block_groups}
+        for k in keys:
+            parts = self.split_key(k)
+            if parts:
+                seen[parts[0]].add(parts[1])
+        counts = {}
+        for g, idx in seen.items():
+            n = len(idx)
+            if idx and max(idx) != n - 1:
+                raise LocalError(f"{self.display} checkpoint has gaps in {g} (indices {sorted(idx)[:8]}...)")
+            counts[g] = n
+        return counts
+
+
+_BLOCK_RE = re.compile(r"^([A-Za-z_]+)\.(\d+)\.(.+)$")
+
+REGISTRY: dict[str, Adapter] = {}
+
+
+def register(adapter: Adapter) -> Adapter:
+    if adapter.family in REGISTRY:
+        raise LocalError(f"split adapter {adapter.family!r} registered twice")
+    REGISTRY[adapter.family] = adapter
+    return adapter
+
+
+def get(family: str) -> Adapter:
+    try:
+        return REGISTRY[family]
+    except KeyError:
+        raise LocalError(f"split not supported for {family!r}; supported: {', '.join(sorted(REGISTRY))}") from None
+
+
+def for_model(diffusion_model: Any) -> Adapter:
+    for a in REGISTRY.values():
+        if a.detect_model(diffusion_model):
+            return a
+    raise LocalError(
+        f"split not supported for {type(diffusion_model).__name__}; supported: "
+        + ", ".join(a.display for a in REGISTRY.values())
+    )
+
+
+def for_keys(keys: set[str]) -> Adapter:
+    for a in REGISTRY.values():
+        if a.detect_keys(keys):
+            return a
+    raise LocalError(
+        "this checkpoint is not a model ComfyUI-Mesh can split; supported: "
+        + ", ".join(a.display for a in REGISTRY.values())
+    )
+
+
+# Registration happens on import of each family module, exactly once.
+from . import flux2  # noqa: E402,F401

@@ -1,0 +1,174 @@
+"""FLUX.2 (Dev, Klein 4B, Klein 9B): ComfyUI's ``Flux`` class with global modulation.
+
+Execution order is double_blocks then single_blocks, then final_layer. The server holds
+the last N blocks (singles from the end, then doubles from the end) plus final_layer and
+returns the model output for the main image tokens only, [B, L_img, 128].
+
+Per call the client sends:
+  coded  the seam state: ``img`` + ``txt`` (seam in the doubles) or ``x`` = cat(txt, img)
+  exact  ``vec`` (the un-modulated time vector, for final_layer), ``mod_img`` / ``mod_txt``
+         (double-block modulation, [B, 1, 6H]) when doubles are remote, ``mod_single``
+         ([B, 1, 3H]) when singles are remote; a few KB
+  consts ``pe`` (RoPE, [B, 1, L, 64, 2, 2] fp32) and ``attn_mask``: once per generation
+The modulation is computed by the client (it has the weights anyway), so the server
+never loads the 0.1-0.7 GB of modulation layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import LocalError, RemoteProtocolError
+from . import Adapter, SplitPlan, register
+
+DOUBLE, SINGLE = "double_blocks", "single_blocks"
+
+
+class Mod:
+    """Duck-typed stand-in for comfy.ldm.flux.layers.ModulationOut (shift, scale, gate)."""
+
+    __slots__ = ("shift", "scale", "gate")
+
+    def __init__(self, shift: torch.Tensor, scale: torch.Tensor, gate: torch.Tensor):
+        self.shift, self.scale, self.gate = shift, scale, gate
+
+
+def _pack(*mods: Any) -> torch.Tensor:
+    return torch.cat([t for m in mods for t in (m.shift, m.scale, m.gate)], dim=-1)
+
+
+def _unpack(t: torch.Tensor, n: int) -> list[Mod]:
+    c = t.chunk(3 * n, dim=-1)
+    return [Mod(*c[3 * i : 3 * i + 3]) for i in range(n)]
+
+
+def detect_keys(keys: set[str]) -> bool:
+    return "double_stream_modulation_img.lin.weight" in keys and "img_in.weight" in keys
+
+
+def detect_model(dm: Any) -> bool:
+    p = getattr(dm, "params", None)
+    return (
+        type(dm).__name__ == "Flux"
+        and bool(getattr(p, "global_modulation", False))
+        and hasattr(dm, "double_stream_modulation_img")
+        and hasattr(dm, "final_layer")
+    )
+
+
+def client_payload(
+    args: dict[str, Any], plan: SplitPlan, seam: str, vec: torch.Tensor | None, single_mod: Any
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+    """Split one block-hook call at the seam into (coded, exact, consts, scalars).
+
+    ``vec`` is the un-modulated vector the model fed its modulation layers; ``single_mod``
+    computes the single-stream modulation from it (needed when the seam is in the doubles).
+    """
+    if vec is None:
+        raise LocalError("FLUX.2 split: the time vector was not captured (unexpected model code path)")
+    if vec.ndim != 2:
+        raise LocalError(
+            "FLUX.2 split: reference images in 'index_timestep_zero' mode are not supported across the "
+            "split; use the default reference method or run without Icarus"
+        )
+    topts = args.get("transformer_options") or {}
+    coded: dict[str, torch.Tensor] = {}
+    exact: dict[str, torch.Tensor] = {"vec": vec}
+    if seam == DOUBLE:
+        img, txt = args["img"], args["txt"]
+        (im1, im2), (tm1, tm2) = args["vec"]
+        coded["img"], coded["txt"] = img, txt
+        exact["mod_img"], exact["mod_txt"] = _pack(im1, im2), _pack(tm1, tm2)
+        if plan.remote[SINGLE]:
+            exact["mod_single"] = _pack(single_mod(vec)[0])
+        txt_len, img_all = txt.shape[1], img.shape[1]
+    else:
+        x = args["img"]
+        coded["x"] = x
+        exact["mod_single"] = _pack(args["vec"])
+        txt_len = int(topts["img_slice"][0])
+        img_all = x.shape[1] - txt_len
+    if exact.get("mod_single") is not None and exact["mod_single"].shape[1] != 1:
+        raise LocalError("FLUX.2 split: per-token modulation (index_timestep_zero) is not supported")
+    img_len = img_all - int(sum(topts.get("reference_image_num_tokens", []) or []))
+    consts = {"pe": args["pe"]}
+    if args.get("attn_mask") is not None:
+        consts["attn_mask"] = args["attn_mask"]
+    scalars = {"seam": seam, "txt_len": int(txt_len), "img_len": int(img_len)}
+    return coded, exact, consts, scalars
+
+
+def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Run the slim model's blocks and final_layer; mirrors the tail of Flux.forward_orig."""
+    try:
+        seam, txt_len, img_len = s["seam"], int(s["txt_len"]), int(s["img_len"])
+        pe, vec = t["pe"], t["vec"]
+    except (KeyError, TypeError, ValueError) as e:
+        raise RemoteProtocolError(f"FLUX.2 request lacks {e}") from None
+    mask = t.get("attn_mask")
+    nd, ns = plan.remote[DOUBLE], plan.remote[SINGLE]
+    expected = DOUBLE if nd else SINGLE
+    if seam != expected:
+        raise RemoteProtocolError(f"request cuts at {seam} but this server's first block is in {expected}")
+    topts: dict[str, Any] = {}
+    if nd:
+        img, txt = t["img"], t["txt"]
+        mi, mt = _unpack(t["mod_img"], 2), _unpack(t["mod_txt"], 2)
+        dvec = ((mi[0], mi[1]), (mt[0], mt[1]))
+        topts.update(total_blocks=plan.counts[DOUBLE], block_type="double")
+        first = plan.first_remote(DOUBLE)
+        for i, block in enumerate(dm.double_blocks):
+            topts["block_index"] = first + i
+            img, txt = block(img=img, txt=txt, vec=dvec, pe=pe, attn_mask=mask, transformer_options=topts)
+        if img.dtype == torch.float16:
+            img = torch.nan_to_num(img, nan=0.0, posinf=65504, neginf=-65504)
+        x = torch.cat((txt, img), 1)
+    else:
+        x = t["x"]
+    if not (0 <= txt_len <= x.shape[1] and 0 <= img_len <= x.shape[1] - txt_len):
+        raise RemoteProtocolError(f"token counts txt={txt_len} img={img_len} do not fit x {list(x.shape)}")
+    if ns:
+        (smod,) = _unpack(t["mod_single"], 1)
+        topts.update(total_blocks=plan.counts[SINGLE], block_type="single", img_slice=[txt_len, x.shape[1]])
+        first = plan.first_remote(SINGLE)
+        for i, block in enumerate(dm.single_blocks):
+            topts["block_index"] = first + i
+            x = block(x, vec=smod, pe=pe, attn_mask=mask, transformer_options=topts)
+    img = x[:, txt_len:, ...]
+    out = dm.final_layer(img, vec)
+    return {"out": out[:, :img_len]}
+
+
+ADAPTER = register(
+    Adapter(
+        family="flux2",
+        display="FLUX.2",
+        block_groups=(DOUBLE, SINGLE),
+        hook_names={DOUBLE: "double_block", SINGLE: "single_block"},
+        config_keys={DOUBLE: "depth", SINGLE: "depth_single_blocks"},
+        heads=("final_layer",),
+        server_drops=(
+            "img_in",
+            "txt_in",
+            "time_in",
+            "guidance_in",
+            "vector_in",
+            "txt_norm",
+            "double_stream_modulation_img",
+            "double_stream_modulation_txt",
+            "single_stream_modulation",
+        ),
+        detect_keys=detect_keys,
+        detect_model=detect_model,
+        server_forward=server_forward,
+        notes="Dev 8+48 blocks, Klein 9B 8+24, Klein 4B 5+20",
+        extra={
+            "client_payload": client_payload,
+            "capture": "double_stream_modulation_img",  # its input is the un-modulated time vector
+            "single_mod": "single_stream_modulation",
+            "control_keys": {DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
+        },
+    )
+)

@@ -1,0 +1,96 @@
+"""Typed configuration shared by the node, the CLI and the GUI."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .constants import (
+    CONNECT_TIMEOUT_S,
+    DEFAULT_BIND,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_CLIENTS,
+    READ_TIMEOUT_S,
+    SERVER_CONST_CACHE_BYTES,
+    SERVER_IDLE_TIMEOUT_S,
+)
+from .errors import LocalError
+
+
+def _check_port(port: int) -> int:
+    if not isinstance(port, int) or not (0 <= port <= 65535):
+        raise LocalError(f"port {port!r} must be an integer 0..65535")
+    return port
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    token: str | None = None  # None: no token (only works against a --no-auth server)
+    connect_timeout_s: float = CONNECT_TIMEOUT_S  # seconds for TCP connect
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds for the hello/auth exchange
+    read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply
+    client_name: str = "icarus"
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        if not self.host.strip():
+            raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def default_state_dir() -> Path:
+    """Where Daedalus keeps its token and GUI settings (XDG on Linux/macOS, APPDATA on Windows)."""
+    if os.name == "nt" and os.environ.get("APPDATA"):
+        return Path(os.environ["APPDATA"]) / "comfyui-mesh" / "daedalus"
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "comfyui-mesh" / "daedalus"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    weights: str = ""  # path to the model checkpoint (.safetensors)
+    n_blocks: int = 4  # back-half blocks to serve, counted from the end of the model
+    bind: str = DEFAULT_BIND  # address to listen on; 0.0.0.0 for LAN clients
+    port: int = DEFAULT_PORT  # 0 picks a free port (tests)
+    device: str = "cuda:0"  # torch device for the back half
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (compute/storage dtype)
+    comfyui_path: str = ""  # ComfyUI checkout; "" = COMFYUI_PATH or a sibling folder
+    auth: bool = True  # False only with the explicit --no-auth flag
+    state_dir: str = ""  # token + settings folder; "" = default_state_dir()
+    max_clients: int = MAX_CLIENTS  # concurrent connections (GPU work is serialized)
+    idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent client is dropped
+    read_timeout_s: float = READ_TIMEOUT_S  # seconds to finish receiving a started frame
+    const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
+    loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
+
+    def __post_init__(self) -> None:
+        _check_port(self.port)
+        if self.n_blocks < 0:
+            raise LocalError(f"n_blocks must be >= 0, got {self.n_blocks}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise LocalError(f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir) if self.state_dir else default_state_dir()
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_path / "token"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ServerConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise LocalError(f"unknown server settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**d)

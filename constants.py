@@ -1,0 +1,52 @@
+"""Every number the wire, the client and the server agree on, in one place.
+
+Sizes are bytes, times are seconds unless the name says otherwise.
+"""
+
+from __future__ import annotations
+
+PACKAGE_NAME = "comfyui-mesh"
+PACKAGE_VERSION = "0.2.0"
+
+# ---------------------------------------------------------------------------- wire
+MAGIC = b"MESH"
+# Bumped on any change to the frame layout or to a message's required fields.
+# Both sides must speak the same version; the handshake names both on mismatch.
+PROTOCOL_VERSION = 2
+
+# Frame prefix: magic(4) version(u16) kind(u16) header_len(u32) body_len(u64) crc32(u32).
+PREFIX_SIZE = 24
+# A header is JSON describing the message and its tensors; even an LTX request with
+# 40 tensors and LoRA metadata stays far below this.
+MAX_HEADER_BYTES = 1 << 20
+# Largest body we will allocate for one frame. An LTX-AV 1280x704x121 seam with CFG is
+# ~230 MB raw plus per-generation constants; 3 GiB leaves room without letting a
+# garbage length field make us allocate without bound.
+MAX_BODY_BYTES = 3 << 30
+# Limits on tensor descriptors, checked before anything is allocated.
+MAX_TENSORS_PER_FRAME = 256
+MAX_TENSOR_NDIM = 8
+MAX_NAME_LEN = 128
+
+# ---------------------------------------------------------------------------- network
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_BIND = "127.0.0.1"
+DEFAULT_PORT = 7777
+CONNECT_TIMEOUT_S = 5.0
+# A back-half forward of FLUX.2 Dev on a slow card plus a big first LoRA upload can take
+# tens of seconds; a read that waits longer than this means the server is stuck.
+READ_TIMEOUT_S = 300.0
+HANDSHAKE_TIMEOUT_S = 10.0
+SOCKET_CHUNK = 1 << 20  # recv/send granularity
+# The server drops a connection that sends nothing for this long (frees its slot).
+SERVER_IDLE_TIMEOUT_S = 3600.0
+MAX_CLIENTS = 16
+
+# ---------------------------------------------------------------------------- auth
+TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)
+NONCE_BYTES = 32
+TOKEN_ENV = "COMFYUI_MESH_TOKEN"
+
+# ---------------------------------------------------------------------------- caches
+# Per-connection cache of per-generation constants (RoPE tables, masks) on the server.
+SERVER_CONST_CACHE_BYTES = 2 << 30

@@ -1,0 +1,52 @@
+"""Error kinds.
+
+Two families, so a message can say whose fault it is:
+
+* ``LocalError``: we (or the user's settings) misused something: a bad argument, an
+  unsupported model, a tensor we cannot encode, a wrong token typed into the node.
+* ``RemoteProtocolError``: the peer sent bytes that break the protocol: bad magic, a
+  length over the limits, a checksum that does not match, a payload a codec cannot
+  decode. We stop reading that connection; the process stays up.
+
+``RemoteFailure`` is neither: the peer understood us and reported an error of its own
+(an error frame). ``ConnectFailed`` covers the socket never coming up.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base of every error raised by ComfyUI-Mesh."""
+
+
+class LocalError(MeshError):
+    """Our misuse: wrong argument, unsupported model or dtype, bad configuration."""
+
+
+class RemoteProtocolError(MeshError):
+    """The peer sent bytes that violate the protocol."""
+
+
+class CodecError(RemoteProtocolError):
+    """A payload that does not decode (truncated, corrupted, inconsistent header)."""
+
+
+class VersionMismatch(LocalError):
+    """Both sides work, but they disagree on a version, model or configuration."""
+
+
+class AuthError(MeshError):
+    """The token check failed (wrong or missing token)."""
+
+
+class ConnectFailed(MeshError):
+    """The TCP connection could not be opened or broke mid-request."""
+
+
+class RemoteFailure(MeshError):
+    """The peer answered with an error frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message

@@ -1,0 +1,39 @@
+"""Fingerprint of the back half: names, shapes, dtypes and sampled weight bytes.
+
+Both sides compute it over the same full-model key names (the client from its own copy
+before stripping, the server from its slim copy mapped back to the original names), so
+a different checkpoint, a different block count or a different weight dtype shows up in
+the handshake instead of as a wrong image.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+SAMPLES_PER_TENSOR = 16
+
+
+def _sample_bytes(t: Any) -> bytes:
+    try:
+        flat = t.detach().reshape(-1)
+        n = flat.numel()
+        if n == 0:
+            return b""
+        idx = torch.linspace(0, n - 1, min(SAMPLES_PER_TENSOR, n)).round().long().unique().to(flat.device)
+        s = flat[idx].cpu().contiguous()
+        return s.view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
+        # Quantized tensor subclasses that can't be indexed: names/shapes/dtypes still count.
+        return b"?"
+
+
+def fingerprint(items: Iterable[tuple[str, Any]]) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(items, key=lambda kv: kv[0]):
+        h.update(f"{name}|{tuple(t.shape)}|{str(t.dtype).replace('torch.', '')}|".encode())
+        h.update(_sample_bytes(t))
+    return h.hexdigest()[:32]

@@ -1,0 +1,293 @@
+"""Icarus's ComfyUI glue: turn a MODEL into one whose back half runs on Daedalus.
+
+Done the way ComfyUI patches models, on a clone (the input MODEL is never touched):
+
+* object patches swap every remote block, and the head modules, for parameterless stubs,
+  so their weights never reach this GPU (and come back when the clone is unloaded);
+* ``patches_replace["dit"]`` hooks: the first remote block sends the seam state to the
+  server, the other remote blocks pass through;
+* a keyed ``DIFFUSION_MODEL`` wrapper scopes the per-call state (the captured time vector,
+  the server's answer) to one model call and checks what cannot cross the split.
+
+The stubbed head returns the server's output, so the rest of ComfyUI sees a normal model.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arch, codec
+from .auth import TokenStore
+from .config import ClientConfig
+from .errors import LocalError
+from .fingerprint import fingerprint
+from .transport import MeshClient, StepStats, pooled_client
+
+log = logging.getLogger("comfyui_mesh")
+
+WRAPPER_KEY = "comfyui_mesh"
+
+
+def comfyui_version() -> str:
+    try:
+        import comfyui_version as v
+
+        return str(v.__version__)
+    except ImportError:
+        return ""
+
+
+def token_store() -> TokenStore:
+    try:
+        import folder_paths
+
+        return TokenStore(Path(folder_paths.get_user_directory()) / "comfyui-mesh" / "tokens.json")
+    except (ImportError, AttributeError):
+        return TokenStore(None)
+
+
+def check_comfy_contract() -> None:
+    """Fail at node execution, with the version named, if ComfyUI lacks what we rely on."""
+    import comfy.model_patcher as mp
+    import comfy.patcher_extension as pe
+
+    missing = [
+        name
+        for name, ok in (
+            ("ModelPatcher.clone", hasattr(mp.ModelPatcher, "clone")),
+            ("ModelPatcher.add_object_patch", hasattr(mp.ModelPatcher, "add_object_patch")),
+            ("ModelPatcher.set_model_patch_replace", hasattr(mp.ModelPatcher, "set_model_patch_replace")),
+            ("ModelPatcher.add_wrapper_with_key", hasattr(mp.ModelPatcher, "add_wrapper_with_key")),
+            ("WrappersMP.DIFFUSION_MODEL", hasattr(pe.WrappersMP, "DIFFUSION_MODEL")),
+        )
+        if not ok
+    ]
+    if missing:
+        raise LocalError(
+            f"ComfyUI {comfyui_version() or '(unknown version)'} lacks {', '.join(missing)}, which ComfyUI-Mesh "
+            "needs: update ComfyUI (tested with 0.28)"
+        )
+
+
+class RemoteStub(torch.nn.Module):
+    """Stands in for a block that runs on the server; holds no weights."""
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.stub_name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise LocalError(
+            f"ComfyUI-Mesh: {self.stub_name} runs on Daedalus but was called locally — another node replaced "
+            "Icarus's block hook; put Icarus last before the sampler"
+        )
+
+
+class HeadStub(torch.nn.Module):
+    """Stands in for the output head: returns what the server computed for this call."""
+
+    def __init__(self, run: SplitRun):
+        super().__init__()
+        self.run = run
+
+    def forward(self, img: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        call = self.run.current()
+        out = call.get("out")
+        if out is None:
+            raise LocalError(
+                "ComfyUI-Mesh: the model finished without calling the remote half (was the seam hook replaced?)"
+            )
+        if out.shape[1] < img.shape[1]:  # reference-image tokens: discarded by the model anyway
+            pad = out.new_zeros((out.shape[0], img.shape[1] - out.shape[1], *out.shape[2:]))
+            out = torch.cat([out, pad], dim=1)
+        return out
+
+
+@dataclass
+class SplitSettings:
+    n_remote: int
+    client: ClientConfig
+    codec_name: str = "raw"
+    codec_params: dict[str, Any] = field(default_factory=dict)
+    reply_codec: str = "raw"
+    forward_loras: bool = True
+    node_id: str = ""
+
+
+class SplitRun:
+    """State for one configured clone: plan, client, per-call scratch, last stats."""
+
+    def __init__(self, adapter: arch.Adapter, plan: arch.SplitPlan, settings: SplitSettings, fp: str):
+        self.adapter = adapter
+        self.plan = plan
+        self.settings = settings
+        self.fingerprint = fp
+        self.seam = plan.seam(adapter.block_groups)
+        self._tls = threading.local()
+        self.last_stats: StepStats | None = None
+        self.calls = 0
+
+    def expect(self) -> dict[str, Any]:
+        return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
+
+    def client(self) -> MeshClient:
+        return pooled_client(self.settings.client, self.expect(), comfyui_version())
+
+    def current(self) -> dict[str, Any]:
+        call = getattr(self._tls, "call", None)
+        if call is None:
+            raise LocalError("ComfyUI-Mesh: model called outside its wrapper (unsupported sampler path)")
+        return call
+
+    # ------------------------------------------------------------------ wrapper
+    def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        dm = executor.class_obj
+        control = args[6] if len(args) > 6 else kwargs.get("control")
+        self._check_control(control)
+        call: dict[str, Any] = {"vec": None, "out": None}
+        capture = getattr(dm, self.adapter.extra.get("capture", ""), None)
+        handle = None
+        if capture is not None:
+
+            def grab(_module: Any, inputs: tuple[Any, ...]) -> None:
+                if call["vec"] is None:
+                    call["vec"] = inputs[0]
+
+            handle = capture.register_forward_pre_hook(grab)
+        self._tls.call = call
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._tls.call = None
+            if handle is not None:
+                handle.remove()
+
+    def _check_control(self, control: Any) -> None:
+        if not control:
+            return
+        for group, key in self.adapter.extra.get("control_keys", {}).items():
+            residuals = control.get(key) or []
+            for i in self.plan.remote_indices(group):
+                if i < len(residuals) and residuals[i] is not None:
+                    raise LocalError(
+                        f"a ControlNet adds residuals to {group}.{i}, which runs on Daedalus; ControlNet across "
+                        "the split is not supported: lower n_blocks_remote so the controlled blocks run locally, "
+                        "or run this ControlNet without Icarus"
+                    )
+
+    # ------------------------------------------------------------------ hooks
+    def seam_hook(self, args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+        call = self.current()
+        dm_single_mod = extra.get("single_mod")
+        coded, exact, consts, scalars = self.adapter.extra["client_payload"](
+            args, self.plan, self.seam[0], call["vec"], dm_single_mod
+        )
+        s = self.settings
+        device = next(iter(coded.values())).device
+        out, stats = self.client().forward(
+            arch=self.adapter.family,
+            n_blocks=self.plan.n_remote,
+            coded=coded,
+            exact=exact,
+            consts=consts,
+            scalars=scalars,
+            codec_name=s.codec_name,
+            codec_params=s.codec_params,
+            reply_codec=s.reply_codec,
+            device=device,
+        )
+        call["out"] = out["out"]
+        self.last_stats = stats
+        self.calls += 1
+        log.info("ComfyUI-Mesh %s call %d: %s", s.client.address, self.calls, stats.line())
+        return passthrough(args)
+
+
+def passthrough(args: dict[str, Any]) -> dict[str, Any]:
+    out = {"img": args["img"]}
+    if "txt" in args:
+        out["txt"] = args["txt"]
+    return out
+
+
+def _original_state(model: Any, adapter: arch.Adapter, plan: arch.SplitPlan) -> list[tuple[str, torch.Tensor]]:
+    """(full-model key, original weight) for every tensor the server should hold."""
+    items = []
+    backups = getattr(model, "backup", {}) or {}
+    names = [f"{g}.{i}" for g in adapter.block_groups for i in plan.remote_indices(g)] + list(adapter.heads)
+    for name in names:
+        module = model.get_model_object(f"diffusion_model.{name}")
+        for k, v in module.state_dict().items():
+            full = f"{name}.{k}"
+            b = backups.get(f"diffusion_model.{full}")
+            items.append((full, b.weight if b is not None else v))
+    return items
+
+
+def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
+    """Clone ``model`` and patch it so its last ``settings.n_remote`` blocks run on Daedalus."""
+    import comfy.patcher_extension as pe
+
+    check_comfy_contract()
+    dm = model.get_model_object("diffusion_model")
+    adapter = arch.for_model(dm)
+    counts = {g: len(getattr(dm, g)) for g in adapter.block_groups}
+    plan = adapter.plan(counts, settings.n_remote)
+    codec.by_name(settings.codec_name)  # fail now on an unknown codec name
+    fp = fingerprint(_original_state(model, adapter, plan))
+    run = SplitRun(adapter, plan, settings, fp)
+
+    m = model.clone()
+    remote_prefixes = []
+    freed = 0
+    seam_group, seam_index = run.seam
+    single_mod = getattr(dm, adapter.extra.get("single_mod", ""), None)
+    for g in adapter.block_groups:
+        hook = adapter.hook_names[g]
+        for i in plan.remote_indices(g):
+            name = f"diffusion_model.{g}.{i}"
+            freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())
+            m.add_object_patch(name, RemoteStub(f"{g}.{i}"))
+            remote_prefixes.append(name + ".")
+            if (g, i) == (seam_group, seam_index):
+
+                def fn(args: dict[str, Any], extra: dict[str, Any], _run: SplitRun = run) -> dict[str, Any]:
+                    return _run.seam_hook(args, {**extra, "single_mod": single_mod})
+
+            else:
+
+                def fn(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+                    return passthrough(args)
+
+            m.set_model_patch_replace(fn, "dit", hook, i)
+    for head in adapter.heads:
+        name = f"diffusion_model.{head}"
+        freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())
+        m.add_object_patch(name, HeadStub(run))
+        remote_prefixes.append(name + ".")
+    remote_patches = [k for k in m.patches if any(str(k).startswith(p) for p in remote_prefixes)]
+    if remote_patches and settings.forward_loras:
+        raise LocalError(
+            f"a LoRA (or other weight patch) placed before Icarus patches {len(remote_patches)} weights of blocks "
+            "that run on Daedalus, and forwarding client LoRAs is not available in this release: place the "
+            "LoraLoader after Icarus (front half only) and load the LoRA on the server too, or turn "
+            "forward_client_loras off to run the back half without it"
+        )
+    for k in remote_patches:  # forwarding off: the back half runs without them, by request
+        m.patches.pop(k)
+    if remote_patches:
+        log.warning(
+            "ComfyUI-Mesh: %d patched weights of remote blocks are not forwarded (forward_client_loras off)",
+            len(remote_patches),
+        )
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, run.diffusion_model_wrapper)
+    m.patches_uuid = uuid.uuid4()
+    m.size = max(int(model.model_size()) - freed, 1)
+    return m, run

@@ -1,0 +1,493 @@
+"""The Icarus <-> Daedalus wire protocol, sans-IO.
+
+Bytes in, typed messages out; typed messages in, bytes out. No sockets, no torch: the
+same objects serve the ComfyUI node, the server, the GUI probe and the tests. The frame
+layout is documented in docs/PROTOCOL.md.
+
+    prefix  (24 bytes, little-endian)
+        magic       4  b"MESH"
+        version     u16 PROTOCOL_VERSION
+        kind        u16 MsgKind
+        header_len  u32 <= MAX_HEADER_BYTES
+        body_len    u64 <= MAX_BODY_BYTES
+        crc32       u32 over header + body
+    header  JSON object (UTF-8): the message's fields, plus "tensors": a list of
+            {name, dtype, shape, codec, meta, nbytes}
+    body    the tensors' payloads, back to back, in header order
+
+Every length is checked against its limit before a byte is allocated for it.
+"""
+
+import dataclasses
+import enum
+import json
+import struct
+import types
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union, get_args, get_origin
+
+from .constants import (
+    MAGIC,
+    MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
+    MAX_NAME_LEN,
+    MAX_TENSOR_NDIM,
+    MAX_TENSORS_PER_FRAME,
+    PREFIX_SIZE,
+    PROTOCOL_VERSION,
+)
+from .errors import LocalError, RemoteProtocolError
+
+_PREFIX = struct.Struct("<4sHHIQI")
+assert _PREFIX.size == PREFIX_SIZE
+
+Buffer = Union[bytes, bytearray, memoryview]
+
+
+class MsgKind(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    WELCOME = 4
+    FORWARD = 5
+    RESULT = 6
+    ERROR = 7
+    RECONFIGURE = 8
+    RECONFIGURED = 9
+    PING = 10
+    PONG = 11
+    BYE = 12
+
+
+# Element types a tensor descriptor may name. Codecs decide what they accept; the
+# protocol only refuses names outside this list.
+DTYPES = frozenset(
+    {
+        "float64",
+        "float32",
+        "float16",
+        "bfloat16",
+        "float8_e4m3fn",
+        "float8_e5m2",
+        "int64",
+        "int32",
+        "int16",
+        "int8",
+        "uint8",
+        "bool",
+    }
+)
+
+
+@dataclass(frozen=True)
+class WireTensor:
+    """One tensor on the wire: how to rebuild it (dtype, shape, codec + meta) and its bytes."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    codec: int
+    data: Buffer
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return memoryview(self.data).nbytes
+
+
+@dataclass(frozen=True)
+class Message:
+    """Base of every message. Subclasses declare their header fields as dataclass fields."""
+
+    KIND: ClassVar[MsgKind]
+    tensors: tuple[WireTensor, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Client -> server, first frame. Says who the client is and what it expects."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.HELLO
+    nonce: str = ""  # hex, NONCE_BYTES random bytes for the HMAC challenge
+    package_version: str = ""
+    comfyui_version: str = ""
+    torch_version: str = ""
+    arch: str = ""  # adapter family, e.g. "flux2"; "" when only probing status
+    n_blocks: int = 0  # back-half blocks the client expects the server to hold; 0 = any
+    fingerprint: str = ""  # hash of the back half as the client has it; "" = don't check
+    codecs: list = field(default_factory=list)  # wire ids the client can decode
+    client_name: str = ""
+
+
+@dataclass(frozen=True)
+class Challenge(Message):
+    """Server -> client. Carries the server's nonce and everything the client checks."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.CHALLENGE
+    nonce: str = ""
+    auth: str = "hmac-sha256"  # or "none" when the server runs with --no-auth
+    package_version: str = ""
+    comfyui_version: str = ""
+    torch_version: str = ""
+    arch: str = ""
+    model: str = ""  # checkpoint file name, for messages
+    n_blocks: int = 0
+    n_blocks_max: int = 0
+    fingerprint: str = ""
+    codecs: list = field(default_factory=list)
+    device: str = ""
+
+
+@dataclass(frozen=True)
+class Auth(Message):
+    """Client -> server: HMAC(token, client proof) in hex."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.AUTH
+    mac: str = ""
+
+
+@dataclass(frozen=True)
+class Welcome(Message):
+    """Server -> client: the session is open. ``mac`` proves the server knows the token."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.WELCOME
+    mac: str = ""
+    session: str = ""
+
+
+@dataclass(frozen=True)
+class Forward(Message):
+    """Client -> server: run the back half for one model call.
+
+    ``consts`` maps an argument name to the content hash of a per-generation constant;
+    tensors named ``const:<hash>`` carry the ones the server has not been sent yet.
+    """
+
+    KIND: ClassVar[MsgKind] = MsgKind.FORWARD
+    seq: int = 0
+    arch: str = ""
+    n_blocks: int = 0
+    scalars: dict = field(default_factory=dict)
+    consts: dict = field(default_factory=dict)
+    reply_codec: int = 0
+    stream: dict = field(default_factory=dict)  # codec state keys (temporal coding)
+
+
+@dataclass(frozen=True)
+class Result(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.RESULT
+    seq: int = 0
+    timings: dict = field(default_factory=dict)  # ms: decode, forward, encode
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """Either side: the request failed. ``code`` is machine-readable (see PROTOCOL.md)."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.ERROR
+    code: str = "error"
+    message: str = ""
+    detail: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reconfigure(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.RECONFIGURE
+    n_blocks: int = 0
+
+
+@dataclass(frozen=True)
+class Reconfigured(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.RECONFIGURED
+    n_blocks: int = 0
+    fingerprint: str = ""
+    no_op: bool = False
+
+
+@dataclass(frozen=True)
+class Ping(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.PING
+    seq: int = 0
+    echo_bytes: int = 0  # the server answers with this many payload bytes (link probe)
+
+
+@dataclass(frozen=True)
+class Pong(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.PONG
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class Bye(Message):
+    KIND: ClassVar[MsgKind] = MsgKind.BYE
+    reason: str = ""
+
+
+MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
+    cls.KIND: cls
+    for cls in (
+        Hello,
+        Challenge,
+        Auth,
+        Welcome,
+        Forward,
+        Result,
+        Error,
+        Reconfigure,
+        Reconfigured,
+        Ping,
+        Pong,
+        Bye,
+    )
+}
+assert len(MESSAGE_TYPES) == len(MsgKind), "every MsgKind needs exactly one message class"
+
+
+# ---------------------------------------------------------------------------- encoding
+
+
+def _fields(cls: type[Message]) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.name != "tensors"]
+
+
+def encode(msg: Message) -> list[Buffer]:
+    """Serialize ``msg`` into buffers to be written in order (tensor data is not copied)."""
+    tensors = msg.tensors
+    if len(tensors) > MAX_TENSORS_PER_FRAME:
+        raise LocalError(f"{len(tensors)} tensors in one frame; the limit is {MAX_TENSORS_PER_FRAME}")
+    header: dict[str, Any] = {f.name: getattr(msg, f.name) for f in _fields(type(msg))}
+    descs = []
+    body_len = 0
+    for t in tensors:
+        _check_descriptor(t.name, t.dtype, t.shape, t.codec, t.meta, LocalError)
+        n = t.nbytes
+        descs.append(
+            {
+                "name": t.name,
+                "dtype": t.dtype,
+                "shape": list(t.shape),
+                "codec": t.codec,
+                "meta": t.meta,
+                "nbytes": n,
+            }
+        )
+        body_len += n
+    header["tensors"] = descs
+    try:
+        hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    except (TypeError, ValueError) as e:
+        raise LocalError(f"{type(msg).__name__} header is not JSON-serializable: {e}") from e
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise LocalError(f"header of {len(hbytes)} bytes exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+    if body_len > MAX_BODY_BYTES:
+        raise LocalError(f"frame body of {body_len} bytes exceeds MAX_BODY_BYTES={MAX_BODY_BYTES}")
+    crc = zlib.crc32(hbytes)
+    for t in tensors:
+        crc = zlib.crc32(t.data, crc)
+    prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(msg.KIND), len(hbytes), body_len, crc)
+    return [prefix + hbytes, *(t.data for t in tensors if memoryview(t.data).nbytes)]
+
+
+def encode_bytes(msg: Message) -> bytes:
+    """Whole frame as one bytes object (tests, small messages)."""
+    return b"".join(bytes(b) for b in encode(msg))
+
+
+def _check_descriptor(name: Any, dtype: Any, shape: Any, codec: Any, meta: Any, exc: type[Exception]) -> None:
+    if not isinstance(name, str) or not (0 < len(name) <= MAX_NAME_LEN):
+        raise exc(f"tensor name {name!r} must be a string of 1..{MAX_NAME_LEN} characters")
+    if dtype not in DTYPES:
+        raise exc(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
+    if not isinstance(shape, (list, tuple)) or len(shape) > MAX_TENSOR_NDIM:
+        raise exc(f"tensor {name!r}: shape {shape!r} must be a list of at most {MAX_TENSOR_NDIM} sizes")
+    for s in shape:
+        if not isinstance(s, int) or isinstance(s, bool) or s < 0 or s > MAX_BODY_BYTES:
+            raise exc(f"tensor {name!r}: bad dimension {s!r} in shape {shape!r}")
+    if not isinstance(codec, int) or isinstance(codec, bool) or not (0 <= codec < 65536):
+        raise exc(f"tensor {name!r}: codec id {codec!r} must be an integer 0..65535")
+    if not isinstance(meta, dict):
+        raise exc(f"tensor {name!r}: codec meta must be an object")
+
+
+# ---------------------------------------------------------------------------- decoding
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Any = _NeedData()
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_type_ok(value, a) for a in get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    base = origin or annotation
+    if base is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if base is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, base)
+
+
+def _build(kind: MsgKind, header: dict[str, Any], tensors: tuple[WireTensor, ...]) -> Message:
+    cls = MESSAGE_TYPES[kind]
+    kwargs: dict[str, Any] = {}
+    for f in _fields(cls):
+        if f.name not in header:
+            continue  # every field has a default; absent means default
+        v = header[f.name]
+        if not _type_ok(v, f.type):
+            raise RemoteProtocolError(f"{cls.__name__}.{f.name}: expected {f.type}, got {type(v).__name__}")
+        kwargs[f.name] = v
+    return cls(tensors=tensors, **kwargs)
+
+
+class FrameDecoder:
+    """Incremental decoder: ``feed()`` bytes in any chunking, ``next_message()`` until NEED_DATA.
+
+    After a RemoteProtocolError the stream is out of sync and the decoder refuses further use:
+    the connection must be closed.
+    """
+
+    def __init__(self, max_body: int = MAX_BODY_BYTES):
+        self._buf = bytearray()
+        self._max_body = max_body
+        self._prefix: tuple[int, int, int, int] | None = None  # kind, hlen, blen, crc
+        self._broken: RemoteProtocolError | None = None
+
+    def feed(self, data: Buffer) -> None:
+        if self._broken:
+            raise self._broken
+        self._buf += data
+
+    @property
+    def buffered(self) -> int:
+        return len(self._buf)
+
+    def bytes_needed(self) -> int:
+        """How many more bytes complete the frame being read (at least 1 while waiting)."""
+        if self._prefix is None:
+            return max(PREFIX_SIZE - len(self._buf), 1)
+        _, hlen, blen, _ = self._prefix
+        return max(PREFIX_SIZE + hlen + blen - len(self._buf), 1)
+
+    def _fail(self, msg: str) -> RemoteProtocolError:
+        self._broken = RemoteProtocolError(msg)
+        return self._broken
+
+    def _parse_prefix(self) -> None:
+        magic, version, kind, hlen, blen, crc = _PREFIX.unpack_from(self._buf, 0)
+        if magic != MAGIC:
+            raise self._fail(f"not a ComfyUI-Mesh peer (magic {bytes(magic)!r}, expected {MAGIC!r})")
+        if version != PROTOCOL_VERSION:
+            raise self._fail(
+                f"peer speaks ComfyUI-Mesh protocol v{version}, this side v{PROTOCOL_VERSION}: "
+                "install the same ComfyUI-Mesh release on both machines"
+            )
+        try:
+            kind = MsgKind(kind)
+        except ValueError:
+            raise self._fail(f"unknown message kind {kind}") from None
+        if hlen > MAX_HEADER_BYTES:
+            raise self._fail(f"header length {hlen} exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+        if blen > self._max_body:
+            raise self._fail(f"body length {blen} exceeds the limit of {self._max_body} bytes")
+        self._prefix = (kind, hlen, blen, crc)
+
+    def next_message(self) -> Message | Any:
+        if self._broken:
+            raise self._broken
+        if self._prefix is None:
+            if len(self._buf) < PREFIX_SIZE:
+                return NEED_DATA
+            self._parse_prefix()
+        assert self._prefix is not None
+        kind, hlen, blen, crc = self._prefix
+        total = PREFIX_SIZE + hlen + blen
+        if len(self._buf) < total:
+            return NEED_DATA
+        # Detach this frame's bytes so tensors can be zero-copy views into them.
+        frame = self._buf
+        self._buf = bytearray(frame[total:])
+        del frame[total:]
+        self._prefix = None
+        view = memoryview(frame)
+        header_bytes = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
+        body = view[PREFIX_SIZE + hlen : total]
+        try:
+            if zlib.crc32(body, zlib.crc32(header_bytes)) != crc:
+                raise self._fail("frame checksum mismatch (corrupted in transit?)")
+            try:
+                header = json.loads(bytes(header_bytes))
+            except (UnicodeDecodeError, ValueError) as e:
+                raise self._fail(f"header is not valid JSON: {e}") from None
+            if not isinstance(header, dict):
+                raise self._fail("header must be a JSON object")
+            tensors = self._tensors(header.pop("tensors", []), body)
+            msg = _build(kind, header, tensors)
+        except RemoteProtocolError as e:
+            self._broken = e
+            raise
+        return msg
+
+    def _tensors(self, descs: Any, body: memoryview) -> tuple[WireTensor, ...]:
+        if not isinstance(descs, list) or len(descs) > MAX_TENSORS_PER_FRAME:
+            raise self._fail(f"'tensors' must be a list of at most {MAX_TENSORS_PER_FRAME} descriptors")
+        out = []
+        offset = 0
+        for d in descs:
+            if not isinstance(d, dict):
+                raise self._fail("tensor descriptor must be an object")
+            name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
+            codec, meta, nbytes = d.get("codec"), d.get("meta", {}), d.get("nbytes")
+            _check_descriptor(name, dtype, shape, codec, meta, RemoteProtocolError)
+            if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
+                raise self._fail(f"tensor {name!r}: bad nbytes {nbytes!r}")
+            if offset + nbytes > body.nbytes:
+                raise self._fail(f"tensor {name!r} runs past the end of the frame body")
+            out.append(
+                WireTensor(
+                    name=name,
+                    dtype=dtype,
+                    shape=tuple(shape),
+                    codec=codec,
+                    meta=meta,
+                    data=body[offset : offset + nbytes],
+                )
+            )
+            offset += nbytes
+        if offset != body.nbytes:
+            raise self._fail(f"tensor sizes add up to {offset} bytes but the body has {body.nbytes}")
+        return tuple(out)
+
+
+def decode_all(data: Buffer) -> list[Message]:
+    """Decode every complete frame in ``data``; raise if bytes are left over."""
+    dec = FrameDecoder()
+    dec.feed(data)
+    out = []
+    while (m := dec.next_message()) is not NEED_DATA:
+        out.append(m)
+    if dec.buffered:
+        raise RemoteProtocolError(f"{dec.buffered} trailing bytes do not form a complete frame")
+    return out
+
+
+def tensor_map(tensors: Iterable[WireTensor]) -> dict[str, WireTensor]:
+    out: dict[str, WireTensor] = {}
+    for t in tensors:
+        if t.name in out:
+            raise RemoteProtocolError(f"tensor name {t.name!r} appears twice in one frame")
+        out[t.name] = t
+    return out
+
+
+def names(tensors: Sequence[WireTensor]) -> list[str]:
+    return [t.name for t in tensors]

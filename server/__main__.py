@@ -1,0 +1,122 @@
+"""Daedalus command line: ``python -m comfyui_mesh.server --weights F --n-blocks N``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from .. import auth
+from ..config import ServerConfig
+from ..constants import DEFAULT_BIND, DEFAULT_PORT, PACKAGE_VERSION
+from ..errors import MeshError
+
+_PKG_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _guard_sys_path() -> None:
+    """Never let our checkout's folder sit on sys.path: its server/ and protocol.py would
+    shadow ComfyUI's top-level modules of the same names. Our code is imported through the
+    installed package only."""
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _PKG_ROOT]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m comfyui_mesh.server", description="Daedalus: ComfyUI-Mesh back-half server"
+    )
+    p.add_argument("--weights", help="model checkpoint (.safetensors), the same file the ComfyUI loader uses")
+    p.add_argument("--n-blocks", type=int, default=4, help="blocks to serve, counted from the end of the model")
+    p.add_argument("--bind", default=DEFAULT_BIND, help="listen address; 0.0.0.0 to accept LAN clients")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--device", default="cuda:0", help="cuda:N or cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    p.add_argument("--comfyui", default="", help="ComfyUI checkout (default: $COMFYUI_PATH or a sibling folder)")
+    p.add_argument("--no-auth", action="store_true", help="accept clients without a token (trusted networks only)")
+    p.add_argument("--state-dir", default="", help="folder for the token and settings")
+    p.add_argument("--regenerate-token", action="store_true", help="make a new token (old clients must update)")
+    p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
+    p.add_argument("--max-clients", type=int, default=16)
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        weights=a.weights or "",
+        n_blocks=a.n_blocks,
+        bind=a.bind,
+        port=a.port,
+        device=a.device,
+        dtype=a.dtype,
+        comfyui_path=a.comfyui,
+        auth=not a.no_auth,
+        state_dir=a.state_dir,
+        max_clients=a.max_clients,
+    )
+
+
+def make_factory(cfg: ServerConfig, toy: bool):
+    if toy:
+        from .toy import ToyBackend
+
+        return lambda n: ToyBackend(n, device=cfg.device)
+    from .loader import ComfyBackend
+
+    return lambda n: ComfyBackend(cfg, n)
+
+
+def main(argv: list[str] | None = None) -> int:
+    _guard_sys_path()
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if a.verbose else logging.INFO,
+        format="[daedalus] %(message)s",
+        stream=sys.stdout,
+    )
+    log = logging.getLogger("daedalus")
+    try:
+        cfg = config_from_args(a)
+        if not a.toy and not cfg.weights:
+            raise MeshError("--weights is required (or --toy for a model-free test server)")
+        token = None
+        if cfg.auth:
+            if a.regenerate_token:
+                token = auth.regenerate_server_token(cfg.token_path)
+                log.info("new token written to %s", cfg.token_path)
+            else:
+                token, created = auth.load_or_create_server_token(cfg.token_path)
+                if created:
+                    log.info("first start: made a new token in %s", cfg.token_path)
+            log.info("token: %s  (paste it into the Icarus node, or set COMFYUI_MESH_TOKEN)", token)
+        else:
+            log.warning("authentication is OFF (--no-auth): anyone who can reach this port can use the GPU")
+        from .core import DaedalusServer, ServerState
+
+        log.info("ComfyUI-Mesh %s: loading the back half...", PACKAGE_VERSION)
+        state = ServerState(cfg, make_factory(cfg, a.toy), token)
+        server = DaedalusServer(state)
+        host, port = server.start()
+        b = state.backend
+        print(
+            f"[daedalus] READY listening on {host}:{port} | {b.arch} {b.model_name} | last {b.n_blocks} of "
+            f"{b.n_blocks_max} blocks on {b.device} | auth {'on' if token else 'OFF'}",
+            flush=True,
+        )
+        signal.signal(signal.SIGTERM, lambda *_: server._stop.set())
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:
+            pass
+        log.info("stopped")
+        return 0
+    except MeshError as e:
+        log.error("%s", e)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""Daedalus as a library: protocol sessions, constants cache, and the TCP server.
+
+``Session.handle(msg) -> replies`` is sans-IO and holds one connection's state; the
+``DaedalusServer`` only moves bytes. The back half itself is a ``Backend`` (a model
+loaded through ComfyUI, or the model-free ``ToyBackend`` used by tests and demos).
+GPU work from all connections is serialized by one lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import traceback
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from .. import auth, codec
+from ..config import ServerConfig
+from ..constants import PACKAGE_VERSION
+from ..errors import LocalError, MeshError, RemoteProtocolError
+from ..protocol import (
+    Auth,
+    Bye,
+    Challenge,
+    Error,
+    Forward,
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reconfigure,
+    Reconfigured,
+    Result,
+    Welcome,
+    WireTensor,
+)
+from ..transport import recv_message, send_message, tune_socket
+
+log = logging.getLogger("daedalus")
+
+
+class Backend(Protocol):
+    arch: str
+    model_name: str
+    n_blocks: int
+    n_blocks_max: int
+    fingerprint: str
+    device: torch.device
+    comfyui_version: str
+
+    def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+BackendFactory = Callable[[int], Backend]
+
+
+@dataclass
+class ServerStats:
+    clients: int = 0
+    steps: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_step: dict[str, Any] = field(default_factory=dict)
+    errors: int = 0
+
+
+class ServerState:
+    """What every connection shares: config, token, backend, GPU lock, stats."""
+
+    def __init__(
+        self,
+        cfg: ServerConfig,
+        factory: BackendFactory,
+        token: str | None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+    ):
+        if cfg.auth and not token:
+            raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
+        self.cfg = cfg
+        self.factory = factory
+        self.token = token if cfg.auth else None
+        self.gpu_lock = threading.Lock()
+        self.stats = ServerStats()
+        self.on_event = on_event
+        self.backend: Backend = factory(cfg.n_blocks)
+
+    def emit(self, **event: Any) -> None:
+        if self.on_event is not None:
+            try:
+                self.on_event(event)
+            except Exception:  # a GUI callback must never take the server down
+                log.exception("event callback failed")
+
+    def reconfigure(self, n_blocks: int) -> tuple[Backend, bool]:
+        with self.gpu_lock:
+            old = self.backend
+            if n_blocks == old.n_blocks:
+                return old, True
+            if not (1 <= n_blocks <= old.n_blocks_max):
+                raise LocalError(f"n_blocks={n_blocks} is out of range 1..{old.n_blocks_max} for {old.model_name}")
+            log.info("reconfiguring: n_blocks %d -> %d", old.n_blocks, n_blocks)
+            old.close()
+            try:
+                self.backend = self.factory(n_blocks)
+            except Exception:
+                log.exception("reconfigure to n_blocks=%d failed; restoring n_blocks=%d", n_blocks, old.n_blocks)
+                self.backend = self.factory(old.n_blocks)
+                raise
+            self.emit(kind="reconfigured", n_blocks=n_blocks)
+            return self.backend, False
+
+
+class ConstCache:
+    """Per-connection LRU of per-generation constants, bounded in bytes."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._d: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.bytes = 0
+
+    def get(self, h: str) -> torch.Tensor | None:
+        t = self._d.get(h)
+        if t is not None:
+            self._d.move_to_end(h)
+        return t
+
+    def put(self, h: str, t: torch.Tensor) -> None:
+        if h in self._d:
+            return
+        n = t.numel() * t.element_size()
+        self._d[h] = t
+        self.bytes += n
+        while self.bytes > self.max_bytes and len(self._d) > 1:
+            _, old = self._d.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+
+def _err(code: str, message: str, **detail: Any) -> Error:
+    return Error(code=code, message=message, detail=detail)
+
+
+class Session:
+    """One connection's protocol state. ``handle`` never raises for bad client input."""
+
+    def __init__(self, state: ServerState, peer: str):
+        self.state = state
+        self.peer = peer
+        self.phase = "hello"
+        self.closed = False
+        self.nonce = auth.new_nonce()
+        self.client_nonce = ""
+        self.hello: Hello | None = None
+        self.consts = ConstCache(state.cfg.const_cache_bytes)
+
+    def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
+        try:
+            return self._handle(msg, bytes_in)
+        except (RemoteProtocolError, LocalError) as e:
+            self.state.stats.errors += 1
+            log.warning("%s: bad request: %s", self.peer, e)
+            return [_err("bad_request", str(e))]
+        except Exception as e:  # a failing step must not take the server down
+            self.state.stats.errors += 1
+            log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
+            return [_err("forward_failed", f"{type(e).__name__}: {e}")]
+
+    def _challenge(self) -> Challenge:
+        b = self.state.backend
+        return Challenge(
+            nonce=self.nonce,
+            auth="hmac-sha256" if self.state.token else "none",
+            package_version=PACKAGE_VERSION,
+            comfyui_version=b.comfyui_version,
+            torch_version=torch.__version__,
+            arch=b.arch,
+            model=b.model_name,
+            n_blocks=b.n_blocks,
+            n_blocks_max=b.n_blocks_max,
+            fingerprint=b.fingerprint,
+            codecs=codec.available_ids(),
+            device=str(b.device),
+        )
+
+    def _handle(self, msg: Message, bytes_in: int) -> list[Message]:
+        if isinstance(msg, Bye):
+            self.closed = True
+            return []
+        if self.phase == "hello":
+            if not isinstance(msg, Hello):
+                self.closed = True
+                return [_err("bad_request", f"expected hello, got {type(msg).__name__}")]
+            self.hello = msg
+            self.client_nonce = msg.nonce
+            self.phase = "auth"
+            return [self._challenge()]
+        if self.phase == "auth":
+            if not isinstance(msg, Auth):
+                self.closed = True
+                return [_err("bad_request", f"expected auth, got {type(msg).__name__}")]
+            token = self.state.token
+            if token:
+                if not msg.mac or not auth.check(auth.client_proof(token, self.client_nonce, self.nonce), msg.mac):
+                    self.closed = True
+                    log.warning("%s: authentication failed (wrong or missing token)", self.peer)
+                    self.state.emit(kind="auth_failed", peer=self.peer)
+                    return [_err("auth_failed", "wrong token")]
+                mac = auth.server_proof(token, self.client_nonce, self.nonce)
+            else:
+                mac = ""
+            self.phase = "ready"
+            name = self.hello.client_name if self.hello else "?"
+            log.info("%s: client '%s' connected", self.peer, name)
+            self.state.emit(kind="client", peer=self.peer, connected=True)
+            return [Welcome(mac=mac, session=self.nonce[:16])]
+        if isinstance(msg, Ping):
+            payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
+            tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
+            return [Pong(seq=msg.seq, tensors=tensors)]
+        if isinstance(msg, Reconfigure):
+            b, no_op = self.state.reconfigure(msg.n_blocks)
+            return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
+        if isinstance(msg, Forward):
+            return [self._forward(msg, bytes_in)]
+        return [_err("bad_request", f"unexpected {type(msg).__name__} after the handshake")]
+
+    def _forward(self, msg: Forward, bytes_in: int) -> Message:
+        st = self.state
+        b = st.backend
+        if msg.arch != b.arch or msg.n_blocks != b.n_blocks:
+            return _err(
+                "config_mismatch",
+                f"this server holds the last {b.n_blocks} blocks of a {b.arch} model ({b.model_name}); "
+                f"the request is for {msg.n_blocks} blocks of {msg.arch}: reconfigure the server or change "
+                "n_blocks_remote",
+                n_blocks=b.n_blocks,
+                arch=b.arch,
+            )
+        t0 = time.perf_counter()
+        incoming: dict[str, WireTensor] = {}
+        for wt in msg.tensors:
+            if wt.name in incoming:
+                raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
+            incoming[wt.name] = wt
+        for name, wt in list(incoming.items()):
+            if name.startswith("const:"):
+                h = name[6:]
+                if self.consts.get(h) is None:
+                    self.consts.put(h, codec.decode(wt, b.device))
+                del incoming[name]
+        tensors: dict[str, torch.Tensor] = {}
+        missing = []
+        for arg, h in msg.consts.items():
+            if not isinstance(h, str):
+                raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
+            t = self.consts.get(h)
+            if t is None:
+                missing.append(h)
+            else:
+                tensors[arg] = t
+        if missing:
+            return _err("missing_consts", f"{len(missing)} constants not cached here; resend them", missing=missing)
+        for name, wt in incoming.items():
+            tensors[name] = codec.decode(wt, b.device)
+        if b.device.type == "cuda":
+            torch.cuda.synchronize(b.device)
+        t_dec = time.perf_counter()
+        with st.gpu_lock:
+            b = st.backend
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                out = b.forward(tensors, dict(msg.scalars))
+            if b.device.type == "cuda":
+                torch.cuda.synchronize(b.device)
+        t2 = time.perf_counter()
+        reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+        t3 = time.perf_counter()
+        bytes_out = sum(w.nbytes for w in reply)
+        timings = {"decode": (t_dec - t0) * 1e3, "forward": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3}
+        st.stats.steps += 1
+        st.stats.bytes_in += bytes_in
+        st.stats.bytes_out += bytes_out
+        st.stats.last_step = {"peer": self.peer, "bytes_in": bytes_in, "bytes_out": bytes_out, **timings}
+        log.info(
+            "step %d %s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
+            msg.seq,
+            self.peer,
+            bytes_in / 1e6,
+            bytes_out / 1e6,
+            timings["decode"],
+            timings["forward"],
+            timings["encode"],
+        )
+        st.emit(kind="step", **st.stats.last_step)
+        return Result(seq=msg.seq, timings=timings, tensors=reply)
+
+
+class DaedalusServer:
+    """Accepts several connections; one thread each; GPU work serialized by ServerState."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+        self._sock: socket.socket | None = None
+        self._threads: set[threading.Thread] = set()
+        self._conns: set[socket.socket] = set()
+        self._stop = threading.Event()
+        self._accept_thread: threading.Thread | None = None
+        self.address: tuple[str, int] = ("", 0)
+
+    def start(self) -> tuple[str, int]:
+        cfg = self.state.cfg
+        try:
+            s = socket.create_server((cfg.bind, cfg.port), reuse_port=False, backlog=cfg.max_clients)
+        except OSError as e:
+            raise LocalError(
+                f"cannot listen on {cfg.bind}:{cfg.port}: {e} — is another Daedalus running? Use --port"
+            ) from e
+        self._sock = s
+        self.address = s.getsockname()[:2]
+        self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
+        self._accept_thread.start()
+        return self.address
+
+    def serve_forever(self) -> None:
+        if self._sock is None:
+            self.start()
+        try:
+            while not self._stop.wait(0.5):
+                pass
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._sock is not None:
+            try:
+                self._sock.close()
+            except OSError:
+                pass
+        for c in list(self._conns):
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for t in list(self._threads):
+            t.join(timeout=5)
+        if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
+            self._accept_thread.join(timeout=5)
+
+    def _accept_loop(self) -> None:
+        assert self._sock is not None
+        self._sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, addr = self._sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            peer = f"{addr[0]}:{addr[1]}"
+            if len(self._conns) >= self.state.cfg.max_clients:
+                try:
+                    send_message(conn, _err("busy", f"server has {len(self._conns)} clients, the limit"))
+                finally:
+                    conn.close()
+                continue
+            t = threading.Thread(target=self._serve_conn, args=(conn, peer), name=f"daedalus-{peer}", daemon=True)
+            self._threads.add(t)
+            self._conns.add(conn)
+            t.start()
+
+    def _serve_conn(self, conn: socket.socket, peer: str) -> None:
+        st = self.state
+        session = Session(st, peer)
+        dec = FrameDecoder()
+        st.stats.clients += 1
+        try:
+            tune_socket(conn)
+            conn.settimeout(st.cfg.idle_timeout_s)
+            while not session.closed and not self._stop.is_set():
+                try:
+                    msg, n = recv_message(conn, dec)
+                except RemoteProtocolError as e:
+                    log.warning("%s: protocol error, closing: %s", peer, e)
+                    st.stats.errors += 1
+                    try:
+                        send_message(conn, _err("bad_frame", str(e)))
+                    except OSError:
+                        pass
+                    break
+                except (TimeoutError, ConnectionError, OSError):
+                    break
+                for reply in session.handle(msg, n):
+                    try:
+                        send_message(conn, reply)
+                    except (MeshError, OSError) as e:
+                        log.warning("%s: cannot send reply: %s", peer, e)
+                        session.closed = True
+                        break
+        finally:
+            st.stats.clients -= 1
+            if session.phase == "ready":
+                log.info("%s: disconnected", peer)
+                st.emit(kind="client", peer=peer, connected=False)
+            self._conns.discard(conn)
+            self._threads.discard(threading.current_thread())
+            conn.close()

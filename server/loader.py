@@ -1,0 +1,255 @@
+"""Slim-load the back half through ComfyUI's own model code (the only server module that
+imports ``comfy``).
+
+Detection runs on the checkpoint's full key set as meta tensors (shapes only), so ComfyUI
+picks the same model class, dtype and quantization handling it would for the whole
+model; then the block counts are cut to the back half and only the kept tensors are read
+from disk. Non-block modules the back half never uses are replaced by empty stubs before
+anything reaches the GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import arch
+from ..config import ServerConfig
+from ..errors import LocalError
+from ..fingerprint import fingerprint
+
+log = logging.getLogger("daedalus")
+
+_REPO = Path(__file__).resolve().parent.parent
+_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
+_ST_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def find_comfyui(explicit: str = "") -> Path:
+    candidates = [explicit, os.environ.get("COMFYUI_PATH", "")]
+    # The usual installs: this pack inside ComfyUI/custom_nodes, or ComfyUI beside it.
+    candidates += [str(_REPO.parent.parent), str(_REPO.parent / "ComfyUI"), str(_REPO / "ComfyUI")]
+    for c in candidates:
+        if c and (Path(c) / "comfy" / "sd.py").is_file():
+            return Path(c).resolve()
+    raise LocalError(
+        "cannot find ComfyUI: pass --comfyui /path/to/ComfyUI or set COMFYUI_PATH "
+        f"(looked in: {', '.join(c for c in candidates if c)})"
+    )
+
+
+class Empty(torch.nn.Module):
+    """Parameterless placeholder for a module the back half never calls."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("ComfyUI-Mesh: a stubbed module was called on the server")
+
+
+_COMFY: dict[str, Any] = {}
+
+
+def import_comfy(path: Path, device: str) -> dict[str, Any]:
+    """Import ComfyUI's model code once, configured for ``device``."""
+    if _COMFY:
+        return _COMFY
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    if device == "cpu":
+        comfy.cli_args.args.cpu = True
+    elif device.startswith("cuda"):
+        idx = int(device.split(":")[1]) if ":" in device else 0
+        if torch.cuda.is_available():
+            torch.cuda.set_device(idx)
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.sd
+    import comfy.utils
+
+    try:
+        import comfyui_version
+
+        version = str(comfyui_version.__version__)
+    except ImportError:
+        version = "unknown"
+    _COMFY.update(
+        detection=comfy.model_detection,
+        mm=comfy.model_management,
+        patcher=comfy.model_patcher,
+        utils=comfy.utils,
+        version=version,
+    )
+    return _COMFY
+
+
+def read_header(path: str) -> tuple[dict[str, tuple[list[int], torch.dtype]], dict[str, str]]:
+    from safetensors import safe_open
+
+    if not Path(path).is_file():
+        raise LocalError(f"model file not found: {path}")
+    out: dict[str, tuple[list[int], torch.dtype]] = {}
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata() or {}
+        for k in f.keys():
+            sl = f.get_slice(k)
+            dt = _ST_DTYPES.get(sl.get_dtype())
+            if dt is None:
+                raise LocalError(f"{path}: tensor {k} has unsupported dtype {sl.get_dtype()}")
+            out[k] = (list(sl.get_shape()), dt)
+    return out, meta
+
+
+def _strip(keys: list[str]) -> str:
+    for p in _PREFIXES:
+        if p and sum(k.startswith(p) for k in keys) > 5:
+            return p
+    return ""
+
+
+def _remap_quant_metadata(
+    meta: dict[str, str], prefix: str, adapter: arch.Adapter, plan: arch.SplitPlan
+) -> dict[str, str]:
+    if "_quantization_metadata" not in meta:
+        return meta
+    q = json.loads(meta["_quantization_metadata"])
+    layers = {}
+    for name, conf in q.get("layers", {}).items():
+        bare = name[len(prefix) :] if prefix and name.startswith(prefix) else name
+        new = adapter.remote_key(bare + ".weight", plan)
+        if new is not None:
+            layers[(prefix if name.startswith(prefix) else "") + new[: -len(".weight")]] = conf
+    return {**meta, "_quantization_metadata": json.dumps({**q, "layers": layers})}
+
+
+class ComfyBackend:
+    """The back half of a real checkpoint, loaded with ComfyUI's classes."""
+
+    def __init__(self, cfg: ServerConfig, n_blocks: int):
+        c = import_comfy(find_comfyui(cfg.comfyui_path), cfg.device)
+        self.comfyui_version = c["version"]
+        self.model_name = Path(cfg.weights).name
+        header, meta = read_header(cfg.weights)
+        prefix = _strip(list(header))
+        bare = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
+        self.adapter = arch.for_keys(set(bare))
+        self.arch = self.adapter.family
+        counts = self.adapter.count_blocks(bare)
+        self.n_blocks_max = sum(counts.values())
+        n = n_blocks if 0 < n_blocks <= self.n_blocks_max else self.n_blocks_max
+        self.plan = self.adapter.plan(counts, n)
+        self.n_blocks = n
+        self.device = torch.device(cfg.device)
+        utils, mm = c["utils"], c["mm"]
+
+        # 1) detection on the whole model, shapes only
+        meta_sd: dict[str, torch.Tensor] = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in bare.items()}
+        from safetensors import safe_open
+
+        with safe_open(cfg.weights, framework="pt") as f:
+            for k in bare:
+                if k.endswith("comfy_quant") or k.endswith("scaled_fp8"):
+                    meta_sd[k] = f.get_tensor(prefix + k)  # tiny tensors detection reads by value
+            meta_sd, meta_full = utils.convert_old_quants(meta_sd, "", metadata=dict(meta))
+            model_config = c["detection"].model_config_from_unet(meta_sd, "", metadata=meta_full)
+            if model_config is None:
+                raise LocalError(f"ComfyUI {self.comfyui_version} does not recognise {self.model_name}")
+            parameters = utils.calculate_parameters(meta_sd)
+            weight_dtype = utils.weight_dtype(meta_sd)
+            # 2) cut the block counts to the back half
+            for g, key in self.adapter.config_keys.items():
+                model_config.unet_config[key] = self.plan.remote[g]
+            # 3) read only the kept tensors, renamed to the slim model's indices
+            sd: dict[str, torch.Tensor] = {}
+            for k in bare:
+                new = self.adapter.remote_key(k, self.plan)
+                if new is not None:
+                    sd[new] = f.get_tensor(prefix + k)
+        slim_meta = _remap_quant_metadata(dict(meta), "", self.adapter, self.plan) if not prefix else meta
+        if prefix and "_quantization_metadata" in meta:
+            slim_meta = _remap_quant_metadata(dict(meta), prefix, self.adapter, self.plan)
+            slim_meta = {
+                **slim_meta,
+                "_quantization_metadata": slim_meta["_quantization_metadata"].replace(f'"{prefix}', '"'),
+            }
+        sd, _ = utils.convert_old_quants(sd, "", metadata=slim_meta)
+
+        # 4) dtype exactly as ComfyUI's loader would choose it for the whole model
+        load_device = self.device
+        offload_device = mm.unet_offload_device()
+        supported = list(model_config.supported_inference_dtypes)
+        if model_config.quant_config is not None:
+            weight_dtype = None
+        if cfg.dtype == "auto":
+            unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported, weight_dtype=weight_dtype)
+        else:
+            unet_dtype = getattr(torch, cfg.dtype)
+        if model_config.quant_config is not None:
+            manual_cast = mm.unet_manual_cast(None, load_device, supported)
+        else:
+            manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
+        model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+
+        # 5) build, drop what the back half never runs, load the kept weights
+        model = model_config.get_model(sd, "")
+        dm = model.diffusion_model
+        for name in self.adapter.server_drops:
+            if getattr(dm, name, None) is not None and isinstance(getattr(dm, name), torch.nn.Module):
+                setattr(dm, name, Empty())
+        gc.collect()
+        patcher = c["patcher"].ModelPatcher(model, load_device=load_device, offload_device=offload_device)
+        model.load_model_weights(sd, "")
+        del sd
+        mm.load_models_gpu([patcher], force_full_load=True)
+        self.patcher = patcher
+        self.dm = patcher.model.diffusion_model
+        self.fingerprint = fingerprint(
+            (self.adapter.original_key(k, self.plan), v)
+            for k, v in self.dm.state_dict().items()
+            if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
+        )
+        log.info(
+            "loaded %s: %s, %s, %.2f GB on %s (dtype %s)",
+            self.model_name,
+            self.adapter.display,
+            ", ".join(f"{v}/{counts[g]} {g}" for g, v in self.plan.remote.items()),
+            sum(p.numel() * p.element_size() for p in self.dm.parameters()) / 1e9,
+            self.device,
+            unet_dtype,
+        )
+
+    def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+        return self.adapter.server_forward(self.dm, self.plan, tensors, scalars)
+
+    def close(self) -> None:
+        c = _COMFY
+        try:
+            c["mm"].unload_all_models()
+        except Exception:  # unloading must not block a reconfigure
+            log.exception("unload failed")
+        self.patcher = None
+        self.dm = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()

@@ -1,0 +1,57 @@
+"""A model-free back half for tests, demos and the GUI smoke test.
+
+``ToyModel`` is a stack of deterministic residual blocks on [B, L, C] tensors. The
+server holds its last N blocks (``ToyBackend``); the client runs the first ones and
+compares with the whole stack, exactly like the real split but with no ComfyUI.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..fingerprint import fingerprint
+
+
+class ToyModel:
+    def __init__(self, total: int = 8, width: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.weights = [torch.randn(width, width, generator=g) / width**0.5 for _ in range(total)]
+        self.total, self.width = total, width
+
+    @staticmethod
+    def block(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return x + torch.tanh(x @ w.to(x)) * 0.5 + bias.to(x)
+
+    def run(self, x: torch.Tensor, bias: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        for w in self.weights[start:stop]:
+            x = self.block(x, w, bias)
+        return x
+
+    def named_blocks(self, first: int) -> list[tuple[str, torch.Tensor]]:
+        return [(f"blocks.{i}.weight", self.weights[i]) for i in range(first, self.total)]
+
+
+class ToyBackend:
+    arch = "toy"
+    comfyui_version = ""
+
+    def __init__(self, n_blocks: int, total: int = 8, width: int = 64, device: str = "cpu", seed: int = 0):
+        self.model = ToyModel(total, width, seed)
+        self.n_blocks_max = total
+        self.n_blocks = max(1, min(n_blocks, total))
+        self.first = total - self.n_blocks
+        self.device = torch.device(device)
+        self.model_name = f"toy-{total}x{width}"
+        self.fingerprint = fingerprint(self.model.named_blocks(self.first))
+
+    def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+        x, bias = tensors["x"], tensors["bias"]
+        if x.ndim != 3 or x.shape[-1] != self.model.width:
+            raise ValueError(f"toy model expects x of shape [B, L, {self.model.width}], got {list(x.shape)}")
+        out = self.model.run(x, bias, self.first)
+        return {"out": out * float(scalars.get("scale", 1.0))}
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,716 @@
+"""Sans-IO frame encoder/decoder: round trips, chunking, and every rejection path."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import struct
+import tracemalloc
+import zlib
+
+import pytest
+from comfyui_mesh import constants, errors, protocol
+from comfyui_mesh.protocol import NEED_DATA, FrameDecoder, MsgKind, WireTensor
+
+PREFIX = struct.Struct("<4sHHIQI")
+V = constants.PROTOCOL_VERSION
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def forge(
+    kind: int,
+    header: dict | list | bytes,
+    body: bytes = b"",
+    *,
+    magic: bytes = constants.MAGIC,
+    version: int = V,
+    hlen: int | None = None,
+    blen: int | None = None,
+    crc: int | None = None,
+) -> bytes:
+    """A frame built by hand (valid unless told otherwise)."""
+    hb = header if isinstance(header, bytes) else json.dumps(header).encode()
+    if crc is None:
+        crc = zlib.crc32(hb + body)
+    prefix = PREFIX.pack(
+        magic, version, kind, len(hb) if hlen is None else hlen, len(body) if blen is None else blen, crc
+    )
+    return prefix + hb + body
+
+
+def desc(name="t", dtype="float32", shape=(2,), codec=0, nbytes=8, meta=None) -> dict:
+    d = {"name": name, "dtype": dtype, "shape": list(shape), "codec": codec, "nbytes": nbytes}
+    if meta is not None:
+        d["meta"] = meta
+    return d
+
+
+def decode_one(frame: bytes, **kw) -> protocol.Message:
+    dec = FrameDecoder(**kw)
+    dec.feed(frame)
+    return dec.next_message()
+
+
+def header_fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name != "tensors"]
+
+
+def assert_same_message(got: protocol.Message, sent: protocol.Message) -> None:
+    assert type(got) is type(sent)
+    for name in header_fields(type(sent)):
+        assert getattr(got, name) == getattr(sent, name), name
+        assert type(getattr(got, name)) is type(getattr(sent, name)), name
+    assert len(got.tensors) == len(sent.tensors)
+    for g, s in zip(got.tensors, sent.tensors, strict=True):
+        assert g.name == s.name
+        assert g.dtype == s.dtype
+        assert g.shape == tuple(s.shape)
+        assert isinstance(g.shape, tuple)
+        assert g.codec == s.codec
+        assert g.meta == s.meta
+        assert g.nbytes == s.nbytes
+        assert bytes(g.data) == bytes(s.data)
+
+
+# Non-default values for every header field of every message class.
+NON_DEFAULT: dict[type, dict] = {
+    protocol.Hello: dict(
+        nonce="ab" * 32,
+        package_version="0.2.0",
+        comfyui_version="0.3.40",
+        torch_version="2.5.1+cu124",
+        arch="flux2",
+        n_blocks=8,
+        fingerprint="f" * 64,
+        codecs=[0, 1],
+        client_name="icarus-test",
+    ),
+    protocol.Challenge: dict(
+        nonce="cd" * 32,
+        auth="none",
+        package_version="0.2.0",
+        comfyui_version="0.3.41",
+        torch_version="2.6.0",
+        arch="ltxv",
+        model="ltx-video-2b.safetensors",
+        n_blocks=12,
+        n_blocks_max=28,
+        fingerprint="0123abcd",
+        codecs=[1, 0],
+        device="NVIDIA GeForce RTX 4090 (cuda:0)",
+    ),
+    protocol.Auth: dict(mac="e" * 64),
+    protocol.Welcome: dict(mac="9" * 64, session="sess-42"),
+    protocol.Forward: dict(
+        seq=123456789012,
+        arch="flux2",
+        n_blocks=6,
+        scalars={"timestep": 0.625, "guidance": 3.5, "flag": True, "none": None, "nested": {"a": [1, 2.5, "x"]}},
+        consts={"pe": "c0ffee", "mask": "deadbeef"},
+        reply_codec=1,
+        stream={"key": "abc", "step": 3},
+    ),
+    protocol.Result: dict(seq=77, timings={"decode": 1.5, "forward": 42.0, "encode": 0.25}),
+    protocol.Error: dict(code="oom", message="CUDA out of memory – ünïcödé ✓", detail={"free": 123, "need": [1, 2]}),
+    protocol.Reconfigure: dict(n_blocks=3),
+    protocol.Reconfigured: dict(n_blocks=5, fingerprint="beef", no_op=True),
+    protocol.Ping: dict(seq=-1, echo_bytes=1 << 20),
+    protocol.Pong: dict(seq=99),
+    protocol.Bye: dict(reason="shutting down"),
+}
+
+TENSOR_SETS = {
+    "none": (),
+    "one": (WireTensor("x", "float32", (2, 3), 0, bytes(range(24))),),
+    "several": (
+        WireTensor("img", "bfloat16", (1, 7, 13), 0, bytes(i % 251 for i in range(2 * 7 * 13))),
+        WireTensor("empty", "float16", (0, 4), 0, b""),
+        WireTensor("scalar", "int64", (), 0, struct.pack("<q", -5)),
+        WireTensor("q", "float16", (3, 2), 1, bytearray(b"\x01" * 14), {"raw": False, "scale": [1.5, 2]}),
+        WireTensor("const:abc", "uint8", (4,), 0, memoryview(b"\xff\x00\x7f\x80")),
+        WireTensor("empty_tail", "bool", (0,), 0, b""),
+    ),
+}
+
+
+def test_every_kind_has_a_class_in_the_table():
+    assert set(NON_DEFAULT) == set(protocol.MESSAGE_TYPES.values())
+    assert {cls.KIND for cls in NON_DEFAULT} == set(MsgKind)
+
+
+@pytest.mark.parametrize("cls", list(NON_DEFAULT), ids=lambda c: c.__name__)
+def test_fixture_values_are_not_defaults(cls):
+    # Otherwise a decoder that dropped the field would still pass the round trip.
+    defaults = cls()
+    kwargs = NON_DEFAULT[cls]
+    assert set(kwargs) == set(header_fields(cls))
+    for name, value in kwargs.items():
+        assert value != getattr(defaults, name), name
+
+
+@pytest.mark.parametrize("tset", list(TENSOR_SETS))
+@pytest.mark.parametrize("cls", list(NON_DEFAULT), ids=lambda c: c.__name__)
+def test_round_trip_every_message(cls, tset):
+    sent = cls(tensors=TENSOR_SETS[tset], **NON_DEFAULT[cls])
+    frame = protocol.encode_bytes(sent)
+    kind = PREFIX.unpack_from(frame)[2]
+    assert kind == int(cls.KIND)
+    (got,) = protocol.decode_all(frame)
+    assert_same_message(got, sent)
+    if tset == "none":
+        assert got == sent
+
+
+@pytest.mark.parametrize("cls", list(NON_DEFAULT), ids=lambda c: c.__name__)
+def test_round_trip_defaults(cls):
+    sent = cls()
+    (got,) = protocol.decode_all(protocol.encode_bytes(sent))
+    assert got == sent
+
+
+def test_encode_prefix_layout():
+    msg = protocol.Forward(seq=1, tensors=TENSOR_SETS["several"])
+    frame = protocol.encode_bytes(msg)
+    magic, version, kind, hlen, blen, crc = PREFIX.unpack_from(frame)
+    assert magic == b"MESH"
+    assert version == V
+    assert kind == MsgKind.FORWARD
+    assert blen == sum(t.nbytes for t in msg.tensors)
+    assert len(frame) == constants.PREFIX_SIZE + hlen + blen
+    assert zlib.crc32(frame[constants.PREFIX_SIZE :]) == crc
+    header = json.loads(frame[constants.PREFIX_SIZE : constants.PREFIX_SIZE + hlen])
+    assert [d["name"] for d in header["tensors"]] == [t.name for t in msg.tensors]
+    assert [d["nbytes"] for d in header["tensors"]] == [t.nbytes for t in msg.tensors]
+
+
+def test_encode_does_not_copy_tensor_data():
+    data = bytearray(b"abcdefgh")
+    bufs = protocol.encode(protocol.Result(tensors=(WireTensor("o", "float32", (2,), 0, data),)))
+    assert len(bufs) == 2
+    assert bufs[1] is data
+
+
+def test_encode_skips_empty_payload_buffers():
+    tensors = (WireTensor("a", "float32", (0,), 0, b""), WireTensor("b", "uint8", (1,), 0, b"z"))
+    bufs = protocol.encode(protocol.Result(tensors=tensors))
+    assert len(bufs) == 2
+    assert bytes(bufs[1]) == b"z"
+
+
+def test_absent_fields_take_defaults_and_unknown_fields_are_ignored():
+    msg = decode_one(forge(MsgKind.FORWARD, {"seq": 3, "future_field": {"x": 1}}))
+    assert msg == protocol.Forward(seq=3)
+
+
+def test_header_without_tensors_key_has_no_tensors():
+    msg = decode_one(forge(MsgKind.PONG, {"seq": 4}))
+    assert msg == protocol.Pong(seq=4)
+    assert msg.tensors == ()
+
+
+def test_descriptor_meta_defaults_to_empty_dict():
+    msg = decode_one(forge(MsgKind.RESULT, {"tensors": [desc(nbytes=8)]}, b"\x00" * 8))
+    assert msg.tensors[0].meta == {}
+
+
+# ---------------------------------------------------------------------------- chunking
+
+
+def _frames():
+    a = protocol.Forward(tensors=TENSOR_SETS["several"], **NON_DEFAULT[protocol.Forward])
+    b = protocol.Pong(seq=5)
+    c = protocol.Result(seq=9, tensors=TENSOR_SETS["one"])
+    return [a, b, c], [protocol.encode_bytes(m) for m in (a, b, c)]
+
+
+def test_frame_fed_whole():
+    msgs, frames = _frames()
+    dec = FrameDecoder()
+    dec.feed(frames[0])
+    got = dec.next_message()
+    assert_same_message(got, msgs[0])
+    assert dec.next_message() is NEED_DATA
+    assert dec.buffered == 0
+
+
+def test_frame_fed_one_byte_at_a_time():
+    msgs, frames = _frames()
+    frame = frames[0]
+    dec = FrameDecoder()
+    assert dec.bytes_needed() == constants.PREFIX_SIZE
+    for i in range(len(frame) - 1):
+        dec.feed(frame[i : i + 1])
+        assert dec.next_message() is NEED_DATA, i
+        fed = i + 1
+        expected = constants.PREFIX_SIZE - fed if fed < constants.PREFIX_SIZE else len(frame) - fed
+        assert dec.bytes_needed() == expected, i
+    dec.feed(frame[-1:])
+    got = dec.next_message()
+    assert_same_message(got, msgs[0])
+    assert dec.next_message() is NEED_DATA
+    assert dec.buffered == 0
+    assert dec.bytes_needed() == constants.PREFIX_SIZE
+
+
+def test_bytes_needed_is_at_least_one_after_prefix_only_frame():
+    frame = protocol.encode_bytes(protocol.Pong(seq=1))
+    dec = FrameDecoder()
+    dec.feed(frame[:-1])
+    assert dec.next_message() is NEED_DATA
+    assert dec.bytes_needed() == 1
+
+
+def test_two_frames_in_one_feed():
+    msgs, frames = _frames()
+    dec = FrameDecoder()
+    dec.feed(frames[0] + frames[1])
+    assert_same_message(dec.next_message(), msgs[0])
+    assert dec.next_message() == msgs[1]
+    assert dec.next_message() is NEED_DATA
+    assert dec.buffered == 0
+
+
+def test_frame_then_trailing_partial_bytes():
+    msgs, frames = _frames()
+    dec = FrameDecoder()
+    tail = frames[2][:10]
+    dec.feed(frames[1] + tail)
+    assert dec.next_message() == msgs[1]
+    assert dec.next_message() is NEED_DATA
+    assert dec.buffered == len(tail) > 0
+    dec.feed(frames[2][10:])
+    assert_same_message(dec.next_message(), msgs[2])
+    assert dec.buffered == 0
+
+
+def test_frame_then_trailing_partial_beyond_prefix():
+    msgs, frames = _frames()
+    dec = FrameDecoder()
+    cut = constants.PREFIX_SIZE + 5
+    dec.feed(frames[1] + frames[0][:cut])
+    assert dec.next_message() == msgs[1]
+    assert dec.next_message() is NEED_DATA
+    assert dec.buffered == cut
+    assert dec.bytes_needed() == len(frames[0]) - cut
+
+
+def test_random_chunking_of_many_frames():
+    msgs, frames = _frames()
+    stream = b"".join(frames * 3)
+    rng = random.Random(1234)
+    dec = FrameDecoder()
+    got = []
+    pos = 0
+    while pos < len(stream):
+        n = rng.randint(1, 97)
+        dec.feed(memoryview(stream)[pos : pos + n])
+        pos += n
+        while (m := dec.next_message()) is not NEED_DATA:
+            got.append(m)
+    assert len(got) == 9
+    for g, s in zip(got, msgs * 3, strict=True):
+        assert_same_message(g, s)
+    assert dec.buffered == 0
+
+
+def test_decoded_tensor_survives_later_feeds():
+    # Tensors are zero-copy views into the frame; feeding more must not disturb them.
+    msgs, frames = _frames()
+    dec = FrameDecoder()
+    dec.feed(frames[2])
+    first = dec.next_message()
+    before = bytes(first.tensors[0].data)
+    dec.feed(frames[2])
+    dec.feed(b"\x00" * 5)
+    second = dec.next_message()
+    assert bytes(first.tensors[0].data) == before == bytes(second.tensors[0].data)
+
+
+def test_decode_all_multiple_frames():
+    msgs, frames = _frames()
+    got = protocol.decode_all(b"".join(frames))
+    assert len(got) == 3
+    for g, s in zip(got, msgs, strict=True):
+        assert_same_message(g, s)
+    assert protocol.decode_all(b"") == []
+
+
+@pytest.mark.parametrize("extra", [1, 23, 24, 30])
+def test_decode_all_rejects_trailing_bytes(extra):
+    msgs, frames = _frames()
+    with pytest.raises(errors.RemoteProtocolError, match=f"{extra} trailing bytes"):
+        protocol.decode_all(frames[1] + frames[0][:extra])
+
+
+def test_decode_all_rejects_a_lone_partial_frame():
+    frame = protocol.encode_bytes(protocol.Ping(seq=1))
+    with pytest.raises(errors.RemoteProtocolError, match="trailing bytes"):
+        protocol.decode_all(frame[:-1])
+
+
+# ---------------------------------------------------------------------------- prefix errors
+
+
+def assert_broken(dec: FrameDecoder, exc: errors.RemoteProtocolError) -> None:
+    """After an error the decoder refuses both feeding and reading, with the same error."""
+    with pytest.raises(errors.RemoteProtocolError) as e1:
+        dec.feed(protocol.encode_bytes(protocol.Ping(seq=1)))
+    assert e1.value is exc
+    with pytest.raises(errors.RemoteProtocolError) as e2:
+        dec.next_message()
+    assert e2.value is exc
+
+
+def expect_error(frame: bytes, match: str, **kw) -> FrameDecoder:
+    dec = FrameDecoder(**kw)
+    dec.feed(frame)
+    with pytest.raises(errors.RemoteProtocolError, match=match) as ei:
+        dec.next_message()
+    assert type(ei.value) is errors.RemoteProtocolError
+    assert_broken(dec, ei.value)
+    return dec
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n",
+        b"\x00" * 24,
+        bytes(range(64)),
+        b"mesh" + bytes(40),
+    ],
+)
+def test_bad_magic(garbage):
+    expect_error(garbage, "not a ComfyUI-Mesh peer")
+
+
+def test_bad_magic_is_detected_from_the_prefix_alone():
+    dec = FrameDecoder()
+    dec.feed(b"SSH-2.0-OpenSSH_9.6\r\n")  # 21 bytes: not a full prefix yet
+    assert dec.next_message() is NEED_DATA
+    dec.feed(b"xyz")
+    with pytest.raises(errors.RemoteProtocolError, match="magic"):
+        dec.next_message()
+
+
+@pytest.mark.parametrize("version", [0, 1, V + 1, 0xFFFF])
+def test_wrong_protocol_version(version):
+    frame = bytearray(protocol.encode_bytes(protocol.Hello(nonce="00")))
+    struct.pack_into("<H", frame, 4, version)
+    expect_error(bytes(frame), rf"protocol v{version}, this side v{V}")
+
+
+@pytest.mark.parametrize("kind", [0, 13, 255, 0xFFFF])
+def test_unknown_kind(kind):
+    expect_error(forge(kind, {}), rf"unknown message kind {kind}\b")
+
+
+def test_header_len_over_limit_rejected_from_prefix():
+    prefix = forge(MsgKind.PING, b"", hlen=constants.MAX_HEADER_BYTES + 1)
+    assert len(prefix) == constants.PREFIX_SIZE
+    expect_error(prefix, "MAX_HEADER_BYTES")
+
+
+def test_header_len_at_limit_is_accepted():
+    dec = FrameDecoder()
+    dec.feed(forge(MsgKind.PING, b"", hlen=constants.MAX_HEADER_BYTES))
+    assert dec.next_message() is NEED_DATA
+    assert dec.bytes_needed() == constants.MAX_HEADER_BYTES
+
+
+def test_body_len_over_small_limit():
+    body = b"\x00" * 11
+    expect_error(
+        forge(MsgKind.RESULT, {"tensors": [desc(dtype="uint8", shape=(11,), nbytes=11)]}, body),
+        "body length 11 exceeds the limit of 10 bytes",
+        max_body=10,
+    )
+
+
+def test_body_len_at_small_limit_is_accepted():
+    body = b"\x01" * 10
+    msg = decode_one(
+        forge(MsgKind.RESULT, {"tensors": [desc(dtype="uint8", shape=(10,), nbytes=10)]}, body), max_body=10
+    )
+    assert bytes(msg.tensors[0].data) == body
+
+
+def test_huge_body_rejected_after_prefix_only_without_allocating():
+    prefix = forge(MsgKind.FORWARD, b"", blen=constants.MAX_BODY_BYTES + 1)
+    assert len(prefix) == constants.PREFIX_SIZE
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.feed(prefix)
+        with pytest.raises(errors.RemoteProtocolError, match=f"body length {constants.MAX_BODY_BYTES + 1} exceeds"):
+            dec.next_message()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert dec.buffered == constants.PREFIX_SIZE
+
+
+@pytest.mark.parametrize("blen", [2**63, 2**64 - 1])
+def test_absurd_body_len_rejected(blen):
+    expect_error(forge(MsgKind.FORWARD, b"", blen=blen), "body length")
+
+
+def test_body_at_default_limit_waits_without_allocating():
+    dec = FrameDecoder()
+    tracemalloc.start()
+    try:
+        dec.feed(forge(MsgKind.FORWARD, b"", blen=constants.MAX_BODY_BYTES))
+        assert dec.next_message() is NEED_DATA
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert dec.bytes_needed() == constants.MAX_BODY_BYTES
+
+
+# ---------------------------------------------------------------------------- frame content errors
+
+
+def test_checksum_mismatch_on_flipped_body_byte():
+    frame = bytearray(protocol.encode_bytes(protocol.Result(seq=1, tensors=TENSOR_SETS["one"])))
+    frame[-3] ^= 0x01
+    expect_error(bytes(frame), "checksum mismatch")
+
+
+def test_checksum_mismatch_on_flipped_header_byte():
+    frame = bytearray(protocol.encode_bytes(protocol.Pong(seq=12345)))
+    i = frame.index(b"12345")
+    frame[i] = ord("9")
+    expect_error(bytes(frame), "checksum mismatch")
+
+
+def test_checksum_mismatch_on_wrong_crc_field():
+    frame = protocol.encode_bytes(protocol.Pong(seq=1))
+    crc = PREFIX.unpack_from(frame)[5]
+    expect_error(forge(MsgKind.PONG, frame[constants.PREFIX_SIZE :], crc=crc ^ 1), "checksum")
+
+
+@pytest.mark.parametrize("hb", [b"not json", b"{", b"\xff\xfe\xfd", b"", b"{'seq': 1}"])
+def test_header_not_json(hb):
+    expect_error(forge(MsgKind.PONG, hb), "header is not valid JSON")
+
+
+@pytest.mark.parametrize("hb", [b"[1, 2]", b"42", b'"seq"', b"null", b"true"])
+def test_header_json_but_not_object(hb):
+    expect_error(forge(MsgKind.PONG, hb), "header must be a JSON object")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=RecursionError,
+    reason="BUG: deeply nested JSON header raises RecursionError (not RemoteProtocolError) "
+    "from json.loads in FrameDecoder.next_message; decoder is not marked broken",
+)
+def test_deeply_nested_header_is_a_protocol_error():
+    hb = b"[" * 200_000  # well below MAX_HEADER_BYTES
+    dec = FrameDecoder()
+    dec.feed(forge(MsgKind.PONG, hb))
+    with pytest.raises(errors.RemoteProtocolError):
+        dec.next_message()
+
+
+@pytest.mark.parametrize(
+    "kind, header, match",
+    [
+        (MsgKind.FORWARD, {"seq": "5"}, r"Forward\.seq"),
+        (MsgKind.FORWARD, {"seq": 5.0}, r"Forward\.seq"),
+        (MsgKind.FORWARD, {"seq": True}, r"Forward\.seq"),
+        (MsgKind.FORWARD, {"scalars": []}, r"Forward\.scalars"),
+        (MsgKind.HELLO, {"codecs": {"0": 1}}, r"Hello\.codecs"),
+        (MsgKind.HELLO, {"nonce": 7}, r"Hello\.nonce"),
+        (MsgKind.RECONFIGURED, {"no_op": 1}, r"Reconfigured\.no_op"),
+        (MsgKind.ERROR, {"message": None}, r"Error\.message"),
+        (MsgKind.PING, {"echo_bytes": "1"}, r"Ping\.echo_bytes"),
+    ],
+)
+def test_wrong_field_type(kind, header, match):
+    expect_error(forge(kind, header), match)
+
+
+# ---------------------------------------------------------------------------- tensor descriptors
+
+
+@pytest.mark.parametrize(
+    "tensors, body, match",
+    [
+        ([desc(dtype="complex64")], b"\x00" * 8, "dtype 'complex64'"),
+        ([desc(dtype="float")], b"\x00" * 8, "dtype 'float'"),
+        ([desc(dtype=None)], b"\x00" * 8, "dtype None"),
+        ([desc(shape=(2, -1))], b"\x00" * 8, "bad dimension -1"),
+        ([desc(shape=(2, 1.5))], b"\x00" * 8, "bad dimension 1.5"),
+        ([desc(shape=(True,))], b"\x00" * 8, "bad dimension True"),
+        ([desc(shape=(constants.MAX_BODY_BYTES + 1,))], b"\x00" * 8, "bad dimension"),
+        ([desc(shape=(1,) * (constants.MAX_TENSOR_NDIM + 1))], b"\x00" * 8, "at most 8 sizes"),
+        ([{**desc(), "shape": "2"}], b"\x00" * 8, "must be a list"),
+        ([{**desc(), "shape": None}], b"\x00" * 8, "must be a list"),
+        ([desc(nbytes=9)], b"\x00" * 8, "runs past the end"),
+        ([desc(name="a", nbytes=4), desc(name="b", nbytes=5)], b"\x00" * 8, "'b' runs past the end"),
+        ([desc(nbytes=4)], b"\x00" * 8, "add up to 4 bytes but the body has 8"),
+        ([], b"\x00" * 3, "add up to 0 bytes but the body has 3"),
+        ([desc(nbytes=-1)], b"", "bad nbytes -1"),
+        ([desc(nbytes=8.0)], b"\x00" * 8, "bad nbytes 8.0"),
+        ([desc(nbytes=True)], b"\x00", "bad nbytes True"),
+        ([{k: v for k, v in desc().items() if k != "nbytes"}], b"\x00" * 8, "bad nbytes None"),
+        ([desc(name="")], b"\x00" * 8, "must be a string"),
+        ([desc(name=7)], b"\x00" * 8, "must be a string"),
+        ([desc(name="n" * (constants.MAX_NAME_LEN + 1))], b"\x00" * 8, "must be a string"),
+        ([desc(codec=-1)], b"\x00" * 8, "codec id -1"),
+        ([desc(codec=65536)], b"\x00" * 8, "codec id 65536"),
+        ([desc(codec="0")], b"\x00" * 8, "codec id '0'"),
+        ([desc(codec=False)], b"\x00" * 8, "codec id False"),
+        ([desc(meta=[1])], b"\x00" * 8, "meta must be an object"),
+        (["not an object"], b"", "descriptor must be an object"),
+        ({"t": desc()}, b"\x00" * 8, "'tensors' must be a list"),
+        ([desc(nbytes=0, shape=(0,))] * (constants.MAX_TENSORS_PER_FRAME + 1), b"", "at most 256 descriptors"),
+    ],
+)
+def test_bad_tensor_descriptor(tensors, body, match):
+    expect_error(forge(MsgKind.FORWARD, {"tensors": tensors}, body), match)
+
+
+def test_descriptor_limits_at_boundary_are_accepted():
+    tensors = [desc(name="n" * constants.MAX_NAME_LEN, shape=(1,) * constants.MAX_TENSOR_NDIM, codec=65535, nbytes=1)]
+    tensors += [desc(name=f"e{i}", shape=(0,), nbytes=0) for i in range(constants.MAX_TENSORS_PER_FRAME - 1)]
+    msg = decode_one(forge(MsgKind.FORWARD, {"tensors": tensors}, b"\x07"))
+    assert len(msg.tensors) == constants.MAX_TENSORS_PER_FRAME
+    assert msg.tensors[0].codec == 65535
+    assert bytes(msg.tensors[0].data) == b"\x07"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=TypeError,
+    reason="BUG: protocol._check_descriptor does `dtype not in DTYPES` on an unhashable value "
+    "(JSON list/object) and raises TypeError instead of RemoteProtocolError; the decoder is not marked broken",
+)
+@pytest.mark.parametrize("dtype", [[], {"a": 1}])
+def test_unhashable_dtype_is_a_protocol_error(dtype):
+    expect_error(forge(MsgKind.FORWARD, {"tensors": [desc(dtype=dtype)]}, b"\x00" * 8), "dtype")
+
+
+def test_decoder_accepts_duplicate_names_but_tensor_map_rejects_them():
+    tensors = [desc(name="x", nbytes=4), desc(name="y", nbytes=0), desc(name="x", nbytes=4)]
+    msg = decode_one(forge(MsgKind.FORWARD, {"tensors": tensors}, b"\x01" * 4 + b"\x02" * 4))
+    assert protocol.names(msg.tensors) == ["x", "y", "x"]
+    with pytest.raises(errors.RemoteProtocolError, match="'x' appears twice"):
+        protocol.tensor_map(msg.tensors)
+
+
+def test_tensor_map_of_unique_names():
+    ts = TENSOR_SETS["several"]
+    m = protocol.tensor_map(ts)
+    assert list(m) == [t.name for t in ts]
+    assert all(m[t.name] is t for t in ts)
+
+
+def test_tensor_payloads_are_split_in_header_order():
+    tensors = [desc(name="a", nbytes=3), desc(name="b", nbytes=0), desc(name="c", nbytes=2)]
+    msg = decode_one(forge(MsgKind.RESULT, {"tensors": tensors}, b"AAACC"))
+    assert [bytes(t.data) for t in msg.tensors] == [b"AAA", b"", b"CC"]
+
+
+def test_error_in_second_frame_keeps_first_message_and_breaks_decoder():
+    good = protocol.encode_bytes(protocol.Pong(seq=1))
+    bad = forge(MsgKind.PONG, {"seq": "x"})
+    dec = FrameDecoder()
+    dec.feed(good + bad)
+    assert dec.next_message() == protocol.Pong(seq=1)
+    with pytest.raises(errors.RemoteProtocolError, match=r"Pong\.seq") as ei:
+        dec.next_message()
+    assert_broken(dec, ei.value)
+
+
+def test_prefix_error_breaks_decoder_even_when_fed_more_later():
+    dec = FrameDecoder()
+    dec.feed(b"XXXX" + bytes(20))
+    with pytest.raises(errors.RemoteProtocolError, match="magic") as ei:
+        dec.next_message()
+    with pytest.raises(errors.RemoteProtocolError) as again:
+        dec.feed(protocol.encode_bytes(protocol.Pong()))
+    assert again.value is ei.value
+
+
+# ---------------------------------------------------------------------------- encode-side errors
+
+
+def test_encode_header_too_large():
+    big = protocol.Error(message="x" * constants.MAX_HEADER_BYTES)
+    with pytest.raises(errors.LocalError, match="MAX_HEADER_BYTES"):
+        protocol.encode(big)
+
+
+def test_encode_header_just_below_limit_round_trips():
+    overhead = len(protocol.encode_bytes(protocol.Error(message=""))) - constants.PREFIX_SIZE
+    msg = protocol.Error(message="y" * (constants.MAX_HEADER_BYTES - overhead))
+    frame = protocol.encode_bytes(msg)
+    assert PREFIX.unpack_from(frame)[3] == constants.MAX_HEADER_BYTES
+    assert protocol.decode_all(frame) == [msg]
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        protocol.Forward(scalars={"x": object()}),
+        protocol.Forward(scalars={"x": float("nan")}),
+        protocol.Result(timings={"forward": float("inf")}),
+        protocol.Error(detail={"b": b"bytes"}),
+        protocol.Hello(codecs=[{1, 2}]),
+    ],
+)
+def test_encode_non_json_field(msg):
+    with pytest.raises(errors.LocalError, match=f"{type(msg).__name__} header is not JSON-serializable"):
+        protocol.encode(msg)
+
+
+def test_encode_too_many_tensors():
+    n = constants.MAX_TENSORS_PER_FRAME + 1
+    tensors = tuple(WireTensor(f"t{i}", "uint8", (0,), 0, b"") for i in range(n))
+    with pytest.raises(errors.LocalError, match=f"{n} tensors in one frame"):
+        protocol.encode(protocol.Forward(tensors=tensors))
+
+
+def test_encode_max_tensors_round_trips():
+    n = constants.MAX_TENSORS_PER_FRAME
+    tensors = tuple(WireTensor(f"t{i}", "uint8", (1,), 0, bytes([i % 256])) for i in range(n))
+    (got,) = protocol.decode_all(protocol.encode_bytes(protocol.Forward(tensors=tensors)))
+    assert [bytes(t.data) for t in got.tensors] == [bytes([i % 256]) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    "wt, match",
+    [
+        (WireTensor("", "float32", (1,), 0, b"\x00" * 4), "must be a string"),
+        (WireTensor("t", "complex64", (1,), 0, b"\x00" * 8), "dtype 'complex64'"),
+        (WireTensor("t", "float32", (-1,), 0, b""), "bad dimension -1"),
+        (WireTensor("t", "float32", (1,) * 9, 0, b"\x00" * 4), "at most 8 sizes"),
+        (WireTensor("t", "float32", (1,), 70000, b"\x00" * 4), "codec id 70000"),
+        (WireTensor("t", "float32", (1,), 0, b"\x00" * 4, meta=None), "meta must be an object"),
+    ],
+)
+def test_encode_bad_descriptor_is_local_error(wt, match):
+    with pytest.raises(errors.LocalError, match=match):
+        protocol.encode(protocol.Forward(tensors=(wt,)))
+
+
+def test_need_data_repr_and_identity():
+    assert repr(NEED_DATA) == "NEED_DATA"
+    assert FrameDecoder().next_message() is NEED_DATA
+
+
+def test_error_messages_are_helpful_for_version_mismatch():
+    frame = bytearray(protocol.encode_bytes(protocol.Hello()))
+    struct.pack_into("<H", frame, 4, V + 7)
+    dec = FrameDecoder()
+    dec.feed(bytes(frame))
+    with pytest.raises(errors.RemoteProtocolError, match=re.escape("install the same ComfyUI-Mesh release")):
+        dec.next_message()

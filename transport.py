@@ -1,0 +1,466 @@
+"""Blocking TCP transport: socket pumps around protocol.py, and the Icarus client.
+
+The client is used from inside ComfyUI sampling, so it is plain blocking I/O with
+timeouts and errors that name host:port and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from . import auth, codec
+from .config import ClientConfig
+from .constants import PACKAGE_VERSION, SOCKET_CHUNK
+from .errors import (
+    AuthError,
+    ConnectFailed,
+    LocalError,
+    MeshError,
+    RemoteFailure,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from .protocol import (
+    NEED_DATA,
+    Auth,
+    Bye,
+    Challenge,
+    Error,
+    Forward,
+    FrameDecoder,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    Reconfigure,
+    Reconfigured,
+    Result,
+    Welcome,
+    WireTensor,
+    encode,
+)
+
+log = logging.getLogger("comfyui_mesh")
+
+SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
+
+
+def tune_socket(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
+        except OSError:
+            pass
+
+
+def send_message(sock: socket.socket, msg: Message) -> int:
+    """Write one frame; returns bytes written."""
+    n = 0
+    for buf in encode(msg):
+        sock.sendall(buf)
+        n += memoryview(buf).nbytes
+    return n
+
+
+def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
+    """Read until one whole frame is decoded; returns (message, bytes read). EOF -> ConnectionError."""
+    got = 0
+    while True:
+        msg = dec.next_message()
+        if msg is not NEED_DATA:
+            return msg, got
+        want = min(max(dec.bytes_needed(), 1), SOCKET_CHUNK * 16)
+        chunk = sock.recv(want)
+        if not chunk:
+            raise ConnectionError("peer closed the connection")
+        got += len(chunk)
+        dec.feed(chunk)
+
+
+def content_hash(t: torch.Tensor) -> str:
+    """Hash of dtype, shape and every byte: the key of a per-generation constant."""
+    h = hashlib.sha256()
+    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(codec.to_bytes(t))
+    return h.hexdigest()[:32]
+
+
+def _major_minor(v: str) -> str:
+    return ".".join(v.split("+")[0].split(".")[:2])
+
+
+@dataclass
+class StepStats:
+    bytes_out: int = 0
+    bytes_in: int = 0
+    encode_ms: float = 0.0
+    wait_ms: float = 0.0  # send + server work + receive
+    decode_ms: float = 0.0
+    server: dict[str, float] = field(default_factory=dict)
+    consts_sent: int = 0
+
+    def line(self) -> str:
+        s = self.server
+        return (
+            f"out {self.bytes_out / 1e6:.2f} MB in {self.bytes_in / 1e6:.2f} MB | "
+            f"encode {self.encode_ms:.1f} ms, round trip {self.wait_ms:.1f} ms "
+            f"(server decode {s.get('decode', 0):.1f} / forward {s.get('forward', 0):.1f} / "
+            f"encode {s.get('encode', 0):.1f} ms), decode {self.decode_ms:.1f} ms"
+        )
+
+
+class MeshClient:
+    """One authenticated connection to a Daedalus server. Thread-safe (one request at a time)."""
+
+    def __init__(
+        self,
+        cfg: ClientConfig,
+        *,
+        expect: dict[str, Any] | None = None,
+        comfyui_version: str = "",
+    ):
+        self.cfg = cfg
+        self.expect = dict(expect or {})  # arch / n_blocks / fingerprint the caller needs
+        self.comfyui_version = comfyui_version
+        self.server: Challenge | None = None
+        self._sock: socket.socket | None = None
+        self._dec = FrameDecoder()
+        self._lock = threading.RLock()
+        self._sent_consts: set[str] = set()
+        self._seq = 0
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None
+
+    def _where(self) -> str:
+        return f"Daedalus at {self.cfg.address}"
+
+    def connect(self) -> Challenge:
+        with self._lock:
+            if self._sock is not None:
+                assert self.server is not None
+                return self.server
+            try:
+                sock = socket.create_connection((self.cfg.host, self.cfg.port), timeout=self.cfg.connect_timeout_s)
+            except ConnectionRefusedError:
+                raise ConnectFailed(
+                    f"cannot reach {self._where()}: connection refused — is it running? "
+                    f"Start it with: python -m comfyui_mesh.server --weights <model> --port {self.cfg.port}"
+                ) from None
+            except TimeoutError:
+                raise ConnectFailed(
+                    f"cannot reach {self._where()}: no answer within {self.cfg.connect_timeout_s:.0f} s — "
+                    "check the address, the firewall and that the server binds 0.0.0.0 for LAN use"
+                ) from None
+            except OSError as e:
+                raise ConnectFailed(f"cannot reach {self._where()}: {e}") from None
+            tune_socket(sock)
+            self._dec = FrameDecoder()
+            try:
+                sock.settimeout(self.cfg.handshake_timeout_s)
+                self.server = self._handshake(sock)
+            except BaseException:
+                sock.close()
+                raise
+            sock.settimeout(self.cfg.read_timeout_s)
+            self._sock = sock
+            self._sent_consts.clear()
+            return self.server
+
+    def _recv(self, sock: socket.socket) -> tuple[Message, int]:
+        try:
+            msg, n = recv_message(sock, self._dec)
+        except TimeoutError:
+            raise ConnectFailed(
+                f"{self._where()} did not answer within {sock.gettimeout():.0f} s — is the server stuck or overloaded?"
+            ) from None
+        except (ConnectionError, OSError) as e:
+            raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
+        if isinstance(msg, Error):
+            if msg.code == "auth_failed":
+                raise AuthError(
+                    f"{self._where()} rejected the token: {msg.message}. Copy the token shown by the "
+                    "Daedalus window/console into the Icarus node's token field (or COMFYUI_MESH_TOKEN)"
+                )
+            raise RemoteFailure(msg.code, f"{self._where()}: {msg.message}")
+        return msg, n
+
+    def _handshake(self, sock: socket.socket) -> Challenge:
+        cn = auth.new_nonce()
+        hello = Hello(
+            nonce=cn,
+            package_version=PACKAGE_VERSION,
+            comfyui_version=self.comfyui_version,
+            torch_version=torch.__version__,
+            arch=str(self.expect.get("arch", "")),
+            n_blocks=int(self.expect.get("n_blocks", 0)),
+            fingerprint=str(self.expect.get("fingerprint", "")),
+            codecs=codec.available_ids(),
+            client_name=self.cfg.client_name,
+        )
+        try:
+            send_message(sock, hello)
+            ch, _ = self._recv(sock)
+        except (ConnectionError, OSError) as e:
+            raise ConnectFailed(f"handshake with {self._where()} failed: {e}") from None
+        if not isinstance(ch, Challenge):
+            raise RemoteProtocolError(f"{self._where()} answered hello with {type(ch).__name__}")
+        if ch.auth == "none":
+            send_message(sock, Auth(mac=""))
+        elif ch.auth == "hmac-sha256":
+            token = self.cfg.token
+            if not token:
+                send_message(sock, Bye(reason="no token"))
+                raise AuthError(
+                    f"{self._where()} requires a token and none is saved for it. Copy the token that "
+                    "Daedalus printed at start (also in its settings folder, file 'token') into the "
+                    "Icarus node's token field, or set COMFYUI_MESH_TOKEN"
+                )
+            send_message(sock, Auth(mac=auth.client_proof(token, cn, ch.nonce)))
+        else:
+            raise RemoteProtocolError(f"{self._where()} asks for unknown auth scheme {ch.auth!r}")
+        w, _ = self._recv(sock)
+        if not isinstance(w, Welcome):
+            raise RemoteProtocolError(f"{self._where()} answered auth with {type(w).__name__}")
+        if ch.auth != "none":
+            assert self.cfg.token
+            if not auth.check(auth.server_proof(self.cfg.token, cn, ch.nonce), w.mac):
+                raise AuthError(f"{self._where()} could not prove it knows the token: is something else on that port?")
+        self._check_server(ch)
+        return ch
+
+    def _check_server(self, ch: Challenge) -> None:
+        where = self._where()
+        if ch.package_version != PACKAGE_VERSION:
+            raise VersionMismatch(
+                f"{where} runs ComfyUI-Mesh {ch.package_version}, this ComfyUI has {PACKAGE_VERSION}: "
+                "install the same release on both machines (git pull on both)"
+            )
+        skew_ok = os.environ.get(SKEW_ENV) == "1"
+        if not skew_ok:
+            if self.comfyui_version and ch.comfyui_version and ch.comfyui_version != self.comfyui_version:
+                raise VersionMismatch(
+                    f"{where} loads its model with ComfyUI {ch.comfyui_version}, this ComfyUI is "
+                    f"{self.comfyui_version}: the halves may compute different math. Update the server's "
+                    f"ComfyUI to the same release, or set {SKEW_ENV}=1 to accept the difference"
+                )
+            if _major_minor(ch.torch_version) != _major_minor(torch.__version__):
+                raise VersionMismatch(
+                    f"{where} runs torch {ch.torch_version}, this side torch {torch.__version__}: "
+                    f"install the same torch minor release on both, or set {SKEW_ENV}=1 to accept it"
+                )
+        arch = self.expect.get("arch")
+        if arch and ch.arch and ch.arch != arch:
+            raise VersionMismatch(
+                f"{where} serves a {ch.arch} model ({ch.model}) but this node splits a {arch} model: "
+                "start Daedalus with the same checkpoint the ComfyUI loader uses"
+            )
+        n = self.expect.get("n_blocks")
+        if n and ch.n_blocks != n:
+            raise VersionMismatch(
+                f"{where} holds the last {ch.n_blocks} blocks but n_blocks_remote is {n}: press Confirm on "
+                f"the node to reconfigure the server, set n_blocks_remote to {ch.n_blocks}, or restart "
+                f"Daedalus with --n-blocks {n}"
+            )
+        fp = self.expect.get("fingerprint")
+        if fp and ch.fingerprint and ch.fingerprint != fp:
+            raise VersionMismatch(
+                f"{where} holds different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]}) "
+                f"than this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint file with the "
+                "same weight dtype on both machines"
+            )
+
+    def close(self, reason: str = "") -> None:
+        with self._lock:
+            sock, self._sock = self._sock, None
+            self._sent_consts.clear()
+            if sock is not None:
+                try:
+                    sock.settimeout(1.0)
+                    send_message(sock, Bye(reason=reason))
+                except OSError:
+                    pass
+                sock.close()
+
+    # ------------------------------------------------------------------ requests
+    def _roundtrip(self, msg: Message) -> tuple[Message, int, int]:
+        sock = self._sock
+        assert sock is not None
+        try:
+            sent = send_message(sock, msg)
+        except TimeoutError:
+            self.close()
+            raise ConnectFailed(f"sending to {self._where()} timed out") from None
+        except OSError as e:
+            self.close()
+            raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
+        try:
+            reply, got = self._recv(sock)
+        except (ConnectFailed, RemoteProtocolError):
+            self.close()
+            raise
+        return reply, sent, got
+
+    def request(self, msg: Message, retry: bool = True) -> tuple[Message, int, int]:
+        """Send one request, reconnecting once if the connection had dropped."""
+        with self._lock:
+            for attempt in (0, 1):
+                try:
+                    self.connect()
+                    return self._roundtrip(msg)
+                except ConnectFailed:
+                    if attempt or not retry:
+                        raise
+                    log.info("ComfyUI-Mesh: reconnecting to %s", self.cfg.address)
+            raise AssertionError("unreachable")
+
+    def ping(self, echo_bytes: int = 0) -> tuple[float, int]:
+        """Round-trip time in ms and bytes received (link probe)."""
+        t0 = time.perf_counter()
+        reply, _, got = self.request(Ping(seq=self._next_seq(), echo_bytes=echo_bytes))
+        if not isinstance(reply, Pong):
+            raise RemoteProtocolError(f"{self._where()} answered ping with {type(reply).__name__}")
+        return (time.perf_counter() - t0) * 1e3, got
+
+    def reconfigure(self, n_blocks: int) -> Reconfigured:
+        reply, _, _ = self.request(Reconfigure(n_blocks=int(n_blocks)))
+        if not isinstance(reply, Reconfigured):
+            raise RemoteProtocolError(f"{self._where()} answered reconfigure with {type(reply).__name__}")
+        if self.server is not None:
+            self.server = Challenge(
+                **{**self.server.__dict__, "n_blocks": reply.n_blocks, "fingerprint": reply.fingerprint}
+            )
+        return reply
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    def forward(
+        self,
+        *,
+        arch: str,
+        n_blocks: int,
+        coded: dict[str, torch.Tensor],
+        exact: dict[str, torch.Tensor],
+        consts: dict[str, torch.Tensor],
+        scalars: dict[str, Any],
+        codec_name: str = "raw",
+        codec_params: dict[str, Any] | None = None,
+        reply_codec: str = "raw",
+        stream: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        on_encoded: Callable[[StepStats], None] | None = None,
+    ) -> tuple[dict[str, torch.Tensor], StepStats]:
+        """Run the back half. ``coded`` go through ``codec_name``; ``exact`` and ``consts`` raw.
+
+        Constants are sent once per connection (by content hash) and resent automatically
+        when the server says it lacks them (restart, eviction).
+        """
+        stats = StepStats()
+        t0 = time.perf_counter()
+        tensors: list[WireTensor] = []
+        for name, t in coded.items():
+            tensors.append(codec.encode(t, name, codec_name, codec_params))
+        for name, t in exact.items():
+            tensors.append(codec.encode(t, name, "raw"))
+        const_keys = {name: content_hash(t) for name, t in consts.items()}
+        const_data = {h: consts[n] for n, h in const_keys.items()}
+        stats.encode_ms = (time.perf_counter() - t0) * 1e3
+        if on_encoded:
+            on_encoded(stats)
+        with self._lock:
+            for attempt in (0, 1, 2):
+                self.connect()
+                missing = [h for h in const_data if h not in self._sent_consts]
+                extra = [codec.encode(const_data[h], "const:" + h, "raw") for h in dict.fromkeys(missing)]
+                msg = Forward(
+                    tensors=tuple(tensors + extra),
+                    seq=self._next_seq(),
+                    arch=arch,
+                    n_blocks=n_blocks,
+                    scalars=scalars,
+                    consts=const_keys,
+                    reply_codec=codec.by_name(reply_codec).wire_id,
+                    stream=stream or {},
+                )
+                t1 = time.perf_counter()
+                try:
+                    reply, sent, got = self._roundtrip(msg)
+                except ConnectFailed:
+                    if attempt:
+                        raise
+                    log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
+                    continue
+                except RemoteFailure as e:
+                    if e.code == "missing_consts" and attempt < 2:
+                        self._sent_consts.clear()
+                        continue
+                    raise
+                stats.wait_ms = (time.perf_counter() - t1) * 1e3
+                stats.bytes_out, stats.bytes_in = sent, got
+                stats.consts_sent = len(extra)
+                self._sent_consts.update(missing)
+                break
+        if not isinstance(reply, Result):
+            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
+        stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
+        t2 = time.perf_counter()
+        out = {wt.name: codec.decode(wt, device) for wt in reply.tensors}
+        stats.decode_ms = (time.perf_counter() - t2) * 1e3
+        return out, stats
+
+
+# ---------------------------------------------------------------------------- pool
+
+_POOL: dict[tuple[str, int], MeshClient] = {}
+_POOL_LOCK = threading.Lock()
+
+
+def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: str = "") -> MeshClient:
+    """One client per host:port for the whole ComfyUI process; re-handshakes when expectations change."""
+    key = (cfg.host.strip().lower(), cfg.port)
+    with _POOL_LOCK:
+        c = _POOL.get(key)
+        if c is not None and (c.cfg != cfg or c.expect != expect):
+            c.close("settings changed")
+            c = None
+        if c is None:
+            c = MeshClient(cfg, expect=expect, comfyui_version=comfyui_version)
+            _POOL[key] = c
+        return c
+
+
+def drop_pooled(host: str, port: int) -> None:
+    with _POOL_LOCK:
+        c = _POOL.pop((host.strip().lower(), port), None)
+    if c is not None:
+        c.close("dropped")
+
+
+__all__ = [
+    "MeshClient",
+    "StepStats",
+    "pooled_client",
+    "drop_pooled",
+    "send_message",
+    "recv_message",
+    "tune_socket",
+    "content_hash",
+    "MeshError",
+    "LocalError",
+]
