@@ -125,8 +125,8 @@ class Int8Codec(Codec):
 
     def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
         dname = dtype_name(t.dtype)
-        if dname not in FLOAT_DTYPES:
-            raise LocalError(f"int8 codec needs a float tensor; {name!r} is {dname}")
+        if dname not in FLOAT_DTYPES or dname == "float64":
+            raise LocalError(f"int8 codec needs a float tensor (float16/bfloat16/float32); {name!r} is {dname}: send it raw")
         shape = tuple(t.shape)
         if t.ndim == 0 or t.numel() == 0:
             raw = RawCodec().encode(t, name, params)

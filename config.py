@@ -22,7 +22,7 @@ from .errors import LocalError
 
 
 def _check_port(port: int) -> int:
-    if not isinstance(port, int) or not (0 <= port <= 65535):
+    if not isinstance(port, int) or isinstance(port, bool) or not (0 <= port <= 65535):
         raise LocalError(f"port {port!r} must be an integer 0..65535")
     return port
 

@@ -298,7 +298,7 @@ def encode_bytes(msg: Message) -> bytes:
 def _check_descriptor(name: Any, dtype: Any, shape: Any, codec: Any, meta: Any, exc: type[Exception]) -> None:
     if not isinstance(name, str) or not (0 < len(name) <= MAX_NAME_LEN):
         raise exc(f"tensor name {name!r} must be a string of 1..{MAX_NAME_LEN} characters")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise exc(f"tensor {name!r}: dtype {dtype!r} is not one of {sorted(DTYPES)}")
     if not isinstance(shape, (list, tuple)) or len(shape) > MAX_TENSOR_NDIM:
         raise exc(f"tensor {name!r}: shape {shape!r} must be a list of at most {MAX_TENSOR_NDIM} sizes")
@@ -426,8 +426,8 @@ class FrameDecoder:
                 raise self._fail("frame checksum mismatch (corrupted in transit?)")
             try:
                 header = json.loads(bytes(header_bytes))
-            except (UnicodeDecodeError, ValueError) as e:
-                raise self._fail(f"header is not valid JSON: {e}") from None
+            except (UnicodeDecodeError, ValueError, RecursionError) as e:
+                raise self._fail(f"header is not valid JSON: {type(e).__name__}") from None
             if not isinstance(header, dict):
                 raise self._fail("header must be a JSON object")
             tensors = self._tensors(header.pop("tensors", []), body)

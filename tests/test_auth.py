@@ -136,13 +136,6 @@ def test_regenerate_server_token(tmp_path):
     assert auth.load_or_create_server_token(path) == (new, False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: auth._write_private opens '<name>.tmp' with O_CREAT|O_TRUNC and mode 0o600, but the mode "
-    "only applies when the file is created; a stale world-readable .tmp (e.g. left by a crash) keeps "
-    "its permissions and is then renamed onto the token file",
-)
 def test_token_file_is_private_even_with_stale_tmp(tmp_path):
     path = tmp_path / "token"
     stale = tmp_path / "token.tmp"
@@ -242,12 +235,6 @@ def test_client_config_rejects_bad_port(port):
         config.ClientConfig(host="10.0.0.2", port=port)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG: config._check_port accepts bools (isinstance(True, int)), so port=True passes and "
-    "ClientConfig.address becomes '127.0.0.1:True'",
-)
 def test_client_config_rejects_bool_port():
     try:
         cfg = config.ClientConfig(port=True)

@@ -1,0 +1,139 @@
+"""FLUX.2 split through a real Daedalus process, with ComfyUI's own model classes (CPU).
+
+Skipped without COMFYUI_PATH. One server process serves every case; ``reconfigure``
+moves the cut, which also exercises the server's in-process reload.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from comfy_support import COMFY, import_comfy, make_flux2, needs_comfy
+
+pytestmark = needs_comfy
+
+
+class Daedalus:
+    def __init__(self, weights: Path, n_blocks: int, state_dir: Path):
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "comfyui_mesh.server", "--weights", str(weights), "--n-blocks", str(n_blocks),
+             "--port", "0", "--device", "cpu", "--comfyui", COMFY, "--state-dir", str(state_dir)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "READY listening on" in line:
+                self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+                break
+        else:
+            raise RuntimeError("Daedalus did not start:\n" + "".join(self.lines))
+        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
+        self.token = (state_dir / "token").read_text().strip()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("flux2")
+    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
+    other = make_flux2(d / "other_flux2.safetensors", seed=1)
+    comfy = import_comfy()
+    import comfy.sample  # noqa: F401
+
+    srv = Daedalus(weights, 3, d / "state")
+    yield comfy, weights, other, srv
+    srv.stop()
+
+
+def sample(comfy, model, cfg=2.5, steps=3):
+    noise = torch.randn(1, 128, 4, 6, generator=torch.Generator().manual_seed(1))
+    pos = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2)), {}]]
+    neg = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3)), {}]]
+    return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, torch.zeros(1, 128, 4, 6), seed=0)
+
+
+def split(model, srv, n, codec="raw"):
+    from comfyui_mesh.config import ClientConfig
+    from comfyui_mesh.icarus import SplitSettings, split_model
+    from comfyui_mesh.transport import MeshClient, pooled_client
+
+    cfg = ClientConfig(port=srv.port, token=srv.token)
+    probe = MeshClient(cfg)  # no expectations: what the UI's Confirm button does
+    probe.reconfigure(n)
+    probe.close()
+    m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=codec))
+    pooled_client(cfg, run.expect()).close()  # fresh handshake against the expectations
+    run.client().connect()  # what the node does at queue time: checks arch, n_blocks, fingerprint
+    return m, run
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 5])  # one single, all singles, into the doubles, every block
+def test_raw_split_is_bit_identical_with_cfg(setup, n):
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    m, run = split(model, srv, n)
+    out = sample(comfy, m)
+    assert run.calls == 3
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+    # The seam state went over the wire, the constants only on the first call.
+    assert run.last_stats is not None and run.last_stats.consts_sent == 0
+
+
+def test_int8_within_tolerance(setup):
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    m, _ = split(model, srv, 4, codec="int8")
+    out = sample(comfy, m)
+    # Stated budget: int8 per-channel at the seam keeps the 3-step sample within 1% relative L2.
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert 0 < rel < 1e-2, rel
+
+
+def test_raising_and_lowering_n_without_restart_leaves_the_input_model_intact(setup):
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    for n in (5, 2, 4):
+        m, _ = split(model, srv, n)
+        assert torch.equal(sample(comfy, m), ref)
+    assert torch.equal(sample(comfy, model), ref), "the unsplit input MODEL must be unaffected"
+    assert sum(1 for _ in model.model.diffusion_model.single_blocks[2].parameters()) > 0
+
+
+def test_remote_weights_leave_the_client(setup):
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    m, _ = split(model, srv, 4)
+    sample(comfy, m, steps=1)
+    assert m.model_size() < model.model_size()
+    comfy.model_management.load_models_gpu([m])
+    dm = m.model.diffusion_model
+    assert sum(p.numel() for p in dm.single_blocks.parameters()) == 0
+    assert sum(p.numel() for p in dm.double_blocks[1].parameters()) == 0
+    assert sum(p.numel() for p in dm.double_blocks[0].parameters()) > 0
+
+
+def test_other_checkpoint_is_refused_by_fingerprint(setup):
+    from comfyui_mesh.errors import VersionMismatch
+
+    comfy, _, other, srv = setup
+    model = comfy.sd.load_diffusion_model(str(other))
+    with pytest.raises(VersionMismatch, match="different back-half weights"):
+        split(model, srv, 3)
+
+
+def test_server_logged_steps(setup):
+    *_, srv = setup
+    steps = [ln for ln in srv.lines if " step " in ln]
+    assert steps and "forward" in steps[-1] and "MB" in steps[-1]

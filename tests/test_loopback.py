@@ -1,0 +1,190 @@
+"""A real client <-> server session on 127.0.0.1 port 0 with the model-free toy back half."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import pytest
+import torch
+from comfyui_mesh import protocol
+from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.errors import AuthError, ConnectFailed, RemoteFailure, VersionMismatch
+from comfyui_mesh.server.core import DaedalusServer, ServerState
+from comfyui_mesh.server.toy import ToyBackend, ToyModel
+from comfyui_mesh.transport import MeshClient, recv_message, send_message
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture
+def server():
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3)
+    st = ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN)
+    srv = DaedalusServer(st)
+    host, port = srv.start()
+    yield srv, host, port
+    srv.shutdown()
+
+
+def _client(host, port, token=TOKEN, **expect):
+    return MeshClient(ClientConfig(host=host, port=port, token=token), expect=expect or {"arch": "toy", "n_blocks": 3})
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(2, 11, 64, generator=g), torch.randn(64, generator=g)
+
+
+def test_split_equals_whole_with_raw_and_int8_within_budget(server):
+    _, host, port = server
+    model = ToyModel()
+    x, bias = _inputs()
+    whole = model.run(x, bias)
+    front = model.run(x, bias, 0, 5)
+    c = _client(host, port)
+    out, stats = c.forward(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
+    assert torch.equal(out["out"], whole)
+    assert stats.consts_sent == 1 and stats.bytes_out > front.numel() * 4
+    out8, stats8 = c.forward(
+        arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={}, codec_name="int8"
+    )
+    assert stats8.consts_sent == 0, "a constant already sent on this connection must not be resent"
+    assert stats8.bytes_out < stats.bytes_out / 2
+    rel = (out8["out"] - whole).norm() / whole.norm()
+    assert 0 < rel < 0.02
+    c.close()
+
+
+def test_constants_are_resent_after_a_server_restart():
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3)
+    st = ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN)
+    srv = DaedalusServer(st)
+    host, port = srv.start()
+    model = ToyModel()
+    x, bias = _inputs()
+    front = model.run(x, bias, 0, 5)
+    c = _client(host, port)
+    c.forward(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
+    srv.shutdown()
+    cfg2 = ServerConfig(port=port, device="cpu", n_blocks=3)
+    srv2 = DaedalusServer(ServerState(cfg2, lambda n: ToyBackend(n), token=TOKEN))
+    srv2.start()
+    try:
+        out, stats = c.forward(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
+        assert torch.equal(out["out"], model.run(x, bias))
+        assert stats.consts_sent == 1, "after reconnecting, the constants must travel again"
+    finally:
+        c.close()
+        srv2.shutdown()
+
+
+def test_wrong_token_is_rejected_and_server_stays_up(server):
+    _, host, port = server
+    with pytest.raises(AuthError, match="rejected the token"):
+        _client(host, port, token="not-the-token-000000").connect()
+    with pytest.raises(AuthError, match="requires a token"):
+        _client(host, port, token=None).connect()
+    c = _client(host, port)
+    assert c.connect().arch == "toy"
+    c.close()
+
+
+def test_server_proves_it_knows_the_token(server):
+    """A server without the token cannot fake the WELCOME proof."""
+    srv, host, port = server
+    srv.state.token = "another-token-aaaaaaaaaaaa"  # server now checks against a different secret
+    with pytest.raises(AuthError):
+        _client(host, port).connect()
+
+
+def test_mismatches_name_both_values(server):
+    _, host, port = server
+    with pytest.raises(VersionMismatch, match="holds the last 3 blocks but n_blocks_remote is 4"):
+        _client(host, port, arch="toy", n_blocks=4).connect()
+    with pytest.raises(VersionMismatch, match="serves a toy model"):
+        _client(host, port, arch="flux2", n_blocks=3).connect()
+    with pytest.raises(VersionMismatch, match="different back-half weights"):
+        _client(host, port, arch="toy", n_blocks=3, fingerprint="f" * 32).connect()
+
+
+def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):
+    _, host, port = server
+    c = _client(host, port)
+    x, bias = _inputs()
+    with pytest.raises(RemoteFailure) as e:
+        c.forward(arch="toy", n_blocks=3, coded={"x": x[..., :10]}, exact={}, consts={"bias": bias}, scalars={})
+    assert e.value.code == "forward_failed" and "expects x of shape" in e.value.message
+    with pytest.raises(RemoteFailure) as e:
+        c.forward(arch="toy", n_blocks=5, coded={"x": x}, exact={}, consts={"bias": bias}, scalars={})
+    assert e.value.code == "config_mismatch"
+    out, _ = c.forward(arch="toy", n_blocks=3, coded={"x": x}, exact={}, consts={"bias": bias}, scalars={})
+    assert out["out"].shape == x.shape
+    c.close()
+
+
+def test_garbage_bytes_get_bad_frame_and_server_survives(server):
+    _, host, port = server
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + b"\0" * 32)
+        msg, _ = recv_message(s, protocol.FrameDecoder())
+        assert isinstance(msg, protocol.Error) and msg.code == "bad_frame"
+    with socket.create_connection((host, port), timeout=5) as s:  # forward before the handshake
+        send_message(s, protocol.Forward(seq=1))
+        msg, _ = recv_message(s, protocol.FrameDecoder())
+        assert isinstance(msg, protocol.Error) and "expected hello" in msg.message
+    c = _client(host, port)
+    assert c.ping()[0] > 0
+    c.close()
+
+
+def test_several_clients_interleave(server):
+    _, host, port = server
+    model = ToyModel()
+    errors = []
+
+    def work(seed):
+        try:
+            g = torch.Generator().manual_seed(seed)
+            x, bias = torch.randn(1, 5 + seed, 64, generator=g), torch.randn(64, generator=g)
+            c = _client(host, port)
+            for _ in range(5):
+                out, _ = c.forward(
+                    arch="toy",
+                    n_blocks=3,
+                    coded={"x": model.run(x, bias, 0, 5)},
+                    exact={},
+                    consts={"bias": bias},
+                    scalars={},
+                )
+                assert torch.equal(out["out"], model.run(x, bias))
+            c.close()
+        except Exception as e:  # collected and re-raised in the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+
+
+def test_reconfigure_changes_the_served_blocks(server):
+    srv, host, port = server
+    c = _client(host, port)
+    r = c.reconfigure(5)
+    assert r.n_blocks == 5 and not r.no_op and srv.state.backend.n_blocks == 5
+    assert c.reconfigure(5).no_op
+    with pytest.raises(RemoteFailure, match="out of range"):
+        c.reconfigure(99)
+    assert srv.state.backend.n_blocks == 5
+    c.close()
+
+
+def test_unreachable_server_names_host_and_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConnectFailed, match=rf"cannot reach Daedalus at 127.0.0.1:{port}: connection refused"):
+        _client("127.0.0.1", port).connect()
