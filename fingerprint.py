@@ -23,7 +23,9 @@ def _sample_bytes(t: Any) -> bytes:
         n = flat.numel()
         if n == 0:
             return b""
-        idx = torch.linspace(0, n - 1, min(SAMPLES_PER_TENSOR, n)).round().long().unique().to(flat.device)
+        k = min(SAMPLES_PER_TENSOR, n)
+        # Integer arithmetic: float linspace rounds n - 1 up past the end for n > 2**24.
+        idx = torch.tensor(sorted({i * (n - 1) // max(k - 1, 1) for i in range(k)}), device=flat.device)
         s = flat[idx].cpu().contiguous()
         return s.view(torch.uint8).numpy().tobytes()
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):

@@ -37,8 +37,23 @@ FLUX2_TINY: dict[str, Any] = dict(
 )
 
 # FLUX.2 Klein 9B / Dev shapes (for full-size random-weight speed runs).
-FLUX2_KLEIN_9B = {**FLUX2_TINY, "context_in_dim": 12288, "hidden_size": 4096, "num_heads": 32, "depth": 8, "depth_single_blocks": 24}
-FLUX2_DEV = {**FLUX2_TINY, "context_in_dim": 15360, "hidden_size": 6144, "num_heads": 48, "depth": 8, "depth_single_blocks": 48, "guidance_embed": True}
+FLUX2_KLEIN_9B = {
+    **FLUX2_TINY,
+    "context_in_dim": 12288,
+    "hidden_size": 4096,
+    "num_heads": 32,
+    "depth": 8,
+    "depth_single_blocks": 24,
+}
+FLUX2_DEV = {
+    **FLUX2_TINY,
+    "context_in_dim": 15360,
+    "hidden_size": 6144,
+    "num_heads": 48,
+    "depth": 8,
+    "depth_single_blocks": 48,
+    "guidance_embed": True,
+}
 
 
 def import_comfy(path: str | Path, cpu: bool = True) -> Any:
@@ -57,23 +72,31 @@ def import_comfy(path: str | Path, cpu: bool = True) -> Any:
     return comfy
 
 
-def make_flux2(path: str | Path, seed: int = 0, config: dict[str, Any] | None = None, dtype: torch.dtype = torch.float32) -> Path:
-    """Save a random FLUX.2 checkpoint with ComfyUI key names (ComfyUI must be importable)."""
+def make_flux2(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random FLUX.2 checkpoint with ComfyUI key names (ComfyUI must be importable).
+
+    ``device`` is where the random numbers are drawn (a GPU makes full-size models fast)."""
     import comfy.ldm.flux.model
     import comfy.ops
     from safetensors.torch import save_file
 
     cfg = dict(config or FLUX2_TINY)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
     sd = {}
     for k, v in model.state_dict().items():
         if v.ndim > 1:  # ~unit-variance activations through the residual stream
-            t = torch.randn(v.shape, generator=g) * (1.0 / v.shape[-1] ** 0.5)
+            t = torch.randn(v.shape, generator=g, device=device) * (1.0 / v.shape[-1] ** 0.5)
         else:
-            t = 1.0 + 0.1 * torch.randn(v.shape, generator=g)
-        sd[k] = t.to(dtype).contiguous()
+            t = 1.0 + 0.1 * torch.randn(v.shape, generator=g, device=device)
+        sd[k] = t.to(dtype).cpu().contiguous()
     save_file(sd, str(path))
     return Path(path)
 

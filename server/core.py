@@ -8,6 +8,7 @@ GPU work from all connections is serialized by one lock.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -162,8 +163,12 @@ class Session:
         self.consts = ConstCache(state.cfg.const_cache_bytes)
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
+        dev = self.state.backend.device
+        # The current CUDA device is per thread: make it the backend's in this connection thread.
+        on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         try:
-            return self._handle(msg, bytes_in)
+            with on_device:
+                return self._handle(msg, bytes_in)
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
             log.warning("%s: bad request: %s", self.peer, e)
@@ -232,18 +237,26 @@ class Session:
             return [self._forward(msg, bytes_in)]
         return [_err("bad_request", f"unexpected {type(msg).__name__} after the handshake")]
 
+    @staticmethod
+    def _mismatch(msg: Forward, b: Backend) -> Error | None:
+        if msg.arch == b.arch and msg.n_blocks == b.n_blocks:
+            return None
+        return _err(
+            "config_mismatch",
+            f"this server holds the last {b.n_blocks} blocks of a {b.arch} model ({b.model_name}); "
+            f"the request is for {msg.n_blocks} blocks of {msg.arch}: reconfigure the server or change "
+            "n_blocks_remote",
+            n_blocks=b.n_blocks,
+            arch=b.arch,
+        )
+
     def _forward(self, msg: Forward, bytes_in: int) -> Message:
         st = self.state
         b = st.backend
-        if msg.arch != b.arch or msg.n_blocks != b.n_blocks:
-            return _err(
-                "config_mismatch",
-                f"this server holds the last {b.n_blocks} blocks of a {b.arch} model ({b.model_name}); "
-                f"the request is for {msg.n_blocks} blocks of {msg.arch}: reconfigure the server or change "
-                "n_blocks_remote",
-                n_blocks=b.n_blocks,
-                arch=b.arch,
-            )
+        mismatch = self._mismatch(msg, b)
+        if mismatch:
+            return mismatch
+        codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
         for wt in msg.tensors:
@@ -275,6 +288,9 @@ class Session:
         t_dec = time.perf_counter()
         with st.gpu_lock:
             b = st.backend
+            mismatch = self._mismatch(msg, b)  # another client may have reconfigured meanwhile
+            if mismatch:
+                return mismatch
             t1 = time.perf_counter()
             with torch.inference_mode():
                 out = b.forward(tensors, dict(msg.scalars))
