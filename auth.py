@@ -1,8 +1,9 @@
 """Shared-token authentication: HMAC-SHA256 challenge-response, token files.
 
 The token never crosses the wire. Client and server each send a random nonce; the
-client proves it knows the token with HMAC(token, "icarus" | client nonce | server nonce)
-and the server answers with HMAC(token, "daedalus" | ...), so both sides are checked.
+client proves it knows the token with HMAC-SHA256(token, b"comfyui-mesh|icarus|" + client
+nonce + b"|" + server nonce) and the server answers with the same over b"comfyui-mesh|daedalus|...",
+so both sides are checked.
 """
 
 from __future__ import annotations

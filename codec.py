@@ -11,12 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 from typing import Any, ClassVar
 
 import torch
 
 from .errors import CodecError, LocalError
 from .protocol import WireTensor
+
+if sys.byteorder != "little":  # payloads are the host's bytes; every supported platform is little-endian
+    raise ImportError("ComfyUI-Mesh supports little-endian machines only")
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     "float64": torch.float64,

@@ -68,7 +68,6 @@ class ServerConfig:
     state_dir: str = ""  # token + settings folder; "" = default_state_dir()
     max_clients: int = MAX_CLIENTS  # concurrent connections (GPU work is serialized)
     idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent client is dropped
-    read_timeout_s: float = READ_TIMEOUT_S  # seconds to finish receiving a started frame
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
 

@@ -11,7 +11,7 @@ PACKAGE_VERSION = "0.2.0"
 # ---------------------------------------------------------------------------- wire
 MAGIC = b"MESH"
 # Bumped on any change to the frame layout or to a message's required fields.
-# Both sides must speak the same version; the handshake names both on mismatch.
+# Both sides must speak the same version; the frame decoder names both on mismatch.
 PROTOCOL_VERSION = 2
 
 # Frame prefix: magic(4) version(u16) kind(u16) header_len(u32) body_len(u64) crc32(u32).
@@ -23,6 +23,8 @@ MAX_HEADER_BYTES = 1 << 20
 # ~230 MB raw plus per-generation constants; 3 GiB leaves room without letting a
 # garbage length field make us allocate without bound.
 MAX_BODY_BYTES = 3 << 30
+# Before a client has authenticated it may only send small frames (hello/auth/bye).
+PRE_AUTH_MAX_BODY = 64 << 10
 # Limits on tensor descriptors, checked before anything is allocated.
 MAX_TENSORS_PER_FRAME = 256
 MAX_TENSOR_NDIM = 8

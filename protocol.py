@@ -358,7 +358,7 @@ class FrameDecoder:
 
     def __init__(self, max_body: int = MAX_BODY_BYTES):
         self._buf = bytearray()
-        self._max_body = max_body
+        self.max_body = max_body  # may be raised after the handshake (small before auth)
         self._prefix: tuple[int, int, int, int] | None = None  # kind, hlen, blen, crc
         self._broken: RemoteProtocolError | None = None
 
@@ -397,8 +397,8 @@ class FrameDecoder:
             raise self._fail(f"unknown message kind {kind}") from None
         if hlen > MAX_HEADER_BYTES:
             raise self._fail(f"header length {hlen} exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
-        if blen > self._max_body:
-            raise self._fail(f"body length {blen} exceeds the limit of {self._max_body} bytes")
+        if blen > self.max_body:
+            raise self._fail(f"body length {blen} exceeds the limit of {self.max_body} bytes")
         self._prefix = (kind, hlen, blen, crc)
 
     def next_message(self) -> Message | Any:

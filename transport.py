@@ -6,6 +6,7 @@ timeouts and errors that name host:port and the fix.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ from .protocol import (
     Welcome,
     WireTensor,
     encode,
+    tensor_map,
 )
 
 log = logging.getLogger("comfyui_mesh")
@@ -89,12 +91,18 @@ def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
         dec.feed(chunk)
 
 
-def content_hash(t: torch.Tensor) -> str:
-    """Hash of dtype, shape and every byte: the key of a per-generation constant."""
+def content_hash(wt: WireTensor) -> str:
+    """Key of a per-generation constant: sha256 over wire dtype, shape and the raw bytes.
+
+    Computed from the raw-coded wire tensor, so the server can verify what it caches."""
     h = hashlib.sha256()
-    h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(codec.to_bytes(t))
+    h.update(f"{wt.dtype}|{list(wt.shape)}|".encode())
+    h.update(wt.data)
     return h.hexdigest()[:32]
+
+
+class ServerTimeout(ConnectFailed):
+    """The server accepted the request but did not answer in time (not retried: it may still be working)."""
 
 
 def _major_minor(v: str) -> str:
@@ -185,7 +193,7 @@ class MeshClient:
         try:
             msg, n = recv_message(sock, self._dec)
         except TimeoutError:
-            raise ConnectFailed(
+            raise ServerTimeout(
                 f"{self._where()} did not answer within {sock.gettimeout():.0f} s — is the server stuck or overloaded?"
             ) from None
         except (ConnectionError, OSError) as e:
@@ -220,6 +228,13 @@ class MeshClient:
         if not isinstance(ch, Challenge):
             raise RemoteProtocolError(f"{self._where()} answered hello with {type(ch).__name__}")
         if ch.auth == "none":
+            if self.cfg.token:
+                send_message(sock, Bye(reason="auth downgrade refused"))
+                raise AuthError(
+                    f"{self._where()} runs without authentication (--no-auth) but a token is saved for it here; "
+                    "refusing, since anything could be answering on that port. Remove the saved token for this "
+                    "server, or start Daedalus without --no-auth"
+                )
             send_message(sock, Auth(mac=""))
         elif ch.auth == "hmac-sha256":
             token = self.cfg.token
@@ -322,8 +337,8 @@ class MeshClient:
                 try:
                     self.connect()
                     return self._roundtrip(msg)
-                except ConnectFailed:
-                    if attempt or not retry:
+                except ConnectFailed as e:
+                    if attempt or not retry or isinstance(e, ServerTimeout):
                         raise
                     log.info("ComfyUI-Mesh: reconnecting to %s", self.cfg.address)
             raise AssertionError("unreachable")
@@ -378,8 +393,9 @@ class MeshClient:
             tensors.append(codec.encode(t, name, codec_name, codec_params))
         for name, t in exact.items():
             tensors.append(codec.encode(t, name, "raw"))
-        const_keys = {name: content_hash(t) for name, t in consts.items()}
-        const_data = {h: consts[n] for n, h in const_keys.items()}
+        const_wire = {name: codec.encode(t, "const", "raw") for name, t in consts.items()}
+        const_keys = {name: content_hash(wt) for name, wt in const_wire.items()}
+        const_data = {h: const_wire[n] for n, h in const_keys.items()}
         stats.encode_ms = (time.perf_counter() - t0) * 1e3
         if on_encoded:
             on_encoded(stats)
@@ -387,7 +403,7 @@ class MeshClient:
             for attempt in (0, 1, 2):
                 self.connect()
                 missing = [h for h in const_data if h not in self._sent_consts]
-                extra = [codec.encode(const_data[h], "const:" + h, "raw") for h in dict.fromkeys(missing)]
+                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in dict.fromkeys(missing)]
                 msg = Forward(
                     tensors=tuple(tensors + extra),
                     seq=self._next_seq(),
@@ -401,8 +417,8 @@ class MeshClient:
                 t1 = time.perf_counter()
                 try:
                     reply, sent, got = self._roundtrip(msg)
-                except ConnectFailed:
-                    if attempt:
+                except ConnectFailed as e:
+                    if attempt or isinstance(e, ServerTimeout):
                         raise
                     log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
                     continue
@@ -420,7 +436,7 @@ class MeshClient:
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
         stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
         t2 = time.perf_counter()
-        out = {wt.name: codec.decode(wt, device) for wt in reply.tensors}
+        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
         stats.decode_ms = (time.perf_counter() - t2) * 1e3
         return out, stats
 

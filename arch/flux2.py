@@ -109,6 +109,10 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
         raise RemoteProtocolError(f"FLUX.2 request lacks {e}") from None
     mask = t.get("attn_mask")
     nd, ns = plan.remote[DOUBLE], plan.remote[SINGLE]
+    need = (["img", "txt", "mod_img", "mod_txt"] if nd else ["x"]) + (["mod_single"] if ns else [])
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise RemoteProtocolError(f"FLUX.2 request lacks tensors {missing}")
     expected = DOUBLE if nd else SINGLE
     if seam != expected:
         raise RemoteProtocolError(f"request cuts at {seam} but this server's first block is in {expected}")

@@ -23,7 +23,7 @@ import torch
 
 from .. import auth, codec
 from ..config import ServerConfig
-from ..constants import PACKAGE_VERSION
+from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import LocalError, MeshError, RemoteProtocolError
 from ..protocol import (
     Auth,
@@ -42,7 +42,7 @@ from ..protocol import (
     Welcome,
     WireTensor,
 )
-from ..transport import recv_message, send_message, tune_socket
+from ..transport import content_hash, recv_message, send_message, tune_socket
 
 log = logging.getLogger("daedalus")
 
@@ -231,7 +231,13 @@ class Session:
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
             return [Pong(seq=msg.seq, tensors=tensors)]
         if isinstance(msg, Reconfigure):
-            b, no_op = self.state.reconfigure(msg.n_blocks)
+            try:
+                b, no_op = self.state.reconfigure(msg.n_blocks)
+            except LocalError as e:
+                return [_err("bad_request", str(e))]
+            except Exception as e:  # the reload failed; the previous configuration was restored
+                log.error("%s: reconfigure failed:\n%s", self.peer, traceback.format_exc())
+                return [_err("reconfigure_failed", f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
         if isinstance(msg, Forward):
             return [self._forward(msg, bytes_in)]
@@ -267,6 +273,8 @@ class Session:
             if name.startswith("const:"):
                 h = name[6:]
                 if self.consts.get(h) is None:
+                    if wt.codec != 0 or content_hash(wt) != h:
+                        raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
                     self.consts.put(h, codec.decode(wt, b.device))
                 del incoming[name]
         tensors: dict[str, torch.Tensor] = {}
@@ -396,12 +404,16 @@ class DaedalusServer:
     def _serve_conn(self, conn: socket.socket, peer: str) -> None:
         st = self.state
         session = Session(st, peer)
-        dec = FrameDecoder()
+        # Until the client has authenticated: small frames only, and a short deadline.
+        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY)
         st.stats.clients += 1
         try:
             tune_socket(conn)
-            conn.settimeout(st.cfg.idle_timeout_s)
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
             while not session.closed and not self._stop.is_set():
+                if session.phase == "ready" and dec.max_body != MAX_BODY_BYTES:
+                    dec.max_body = MAX_BODY_BYTES
+                    conn.settimeout(st.cfg.idle_timeout_s)
                 try:
                     msg, n = recv_message(conn, dec)
                 except RemoteProtocolError as e:

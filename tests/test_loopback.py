@@ -188,3 +188,40 @@ def test_unreachable_server_names_host_and_port():
         port = s.getsockname()[1]
     with pytest.raises(ConnectFailed, match=rf"cannot reach Daedalus at 127.0.0.1:{port}: connection refused"):
         _client("127.0.0.1", port).connect()
+
+
+def test_client_with_token_refuses_a_no_auth_server():
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, auth=False)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=None))
+    host, port = srv.start()
+    try:
+        with pytest.raises(AuthError, match="runs without authentication"):
+            _client(host, port).connect()
+        assert _client(host, port, token=None).connect().auth == "none"
+    finally:
+        srv.shutdown()
+
+
+def test_big_frames_are_refused_before_authentication(server):
+    _, host, port = server
+    with socket.create_connection((host, port), timeout=5) as s:
+        big = protocol.Hello(tensors=(protocol.WireTensor("x", "uint8", (100_000,), 0, b"\0" * 100_000),))
+        send_message(s, big)
+        msg, _ = recv_message(s, protocol.FrameDecoder())
+        assert isinstance(msg, protocol.Error) and msg.code == "bad_frame" and "exceeds the limit" in msg.message
+
+
+def test_constant_must_match_its_hash(server):
+    _, host, port = server
+    c = _client(host, port)
+    c.connect()
+    x, bias = _inputs()
+    from comfyui_mesh import codec
+
+    fake = codec.encode(bias, "const:" + "0" * 32, "raw")
+    msg = protocol.Forward(
+        seq=1, arch="toy", n_blocks=3, consts={"bias": "0" * 32}, tensors=(codec.encode(x, "x"), fake)
+    )
+    with pytest.raises(RemoteFailure, match="does not match its content hash"):
+        c.request(msg)
+    c.close()
