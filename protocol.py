@@ -361,6 +361,7 @@ class FrameDecoder:
         self.max_body = max_body  # may be raised after the handshake (small before auth)
         self._prefix: tuple[int, int, int, int] | None = None  # kind, hlen, blen, crc
         self._broken: RemoteProtocolError | None = None
+        self._reserved: int | None = None
 
     def feed(self, data: Buffer) -> None:
         if self._broken:
@@ -370,6 +371,27 @@ class FrameDecoder:
     @property
     def buffered(self) -> int:
         return len(self._buf)
+
+    def reserve(self, n: int) -> memoryview:
+        """Zero-copy receive: a writable view of ``n`` new bytes at the end of the buffer.
+
+        Fill it (e.g. ``sock.recv_into``), release the view, then ``commit(written)``.
+        Equivalent to ``feed()`` of the written bytes, without copying them again."""
+        if self._broken:
+            raise self._broken
+        start = len(self._buf)
+        grown = bytearray(start + n)
+        grown[:start] = self._buf
+        self._buf = grown
+        self._reserved = start
+        return memoryview(self._buf)[start:]
+
+    def commit(self, written: int) -> None:
+        start = self._reserved
+        if start is None:
+            raise LocalError("commit() without reserve()")
+        self._reserved = None
+        del self._buf[start + max(0, written) :]
 
     def bytes_needed(self) -> int:
         """How many more bytes complete the frame being read (at least 1 while waiting)."""

@@ -83,8 +83,22 @@ def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
         msg = dec.next_message()
         if msg is not NEED_DATA:
             return msg, got
-        want = min(max(dec.bytes_needed(), 1), SOCKET_CHUNK * 16)
-        chunk = sock.recv(want)
+        need = dec.bytes_needed()
+        if need >= SOCKET_CHUNK:  # the rest of a big frame: receive straight into its buffer
+            view = dec.reserve(need)
+            k = 0
+            try:
+                while k < need:
+                    r = sock.recv_into(view[k:], min(need - k, SOCKET_CHUNK * 16))
+                    if not r:
+                        raise ConnectionError("peer closed the connection")
+                    k += r
+            finally:
+                view.release()
+                dec.commit(k)
+            got += k
+            continue
+        chunk = sock.recv(min(need, SOCKET_CHUNK))
         if not chunk:
             raise ConnectionError("peer closed the connection")
         got += len(chunk)

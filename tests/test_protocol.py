@@ -702,3 +702,24 @@ def test_error_messages_are_helpful_for_version_mismatch():
     dec.feed(bytes(frame))
     with pytest.raises(errors.RemoteProtocolError, match=re.escape("install the same ComfyUI-Mesh release")):
         dec.next_message()
+
+
+def test_reserve_commit_is_equivalent_to_feed():
+    msg = protocol.Forward(seq=9, tensors=(protocol.WireTensor("x", "uint8", (5000,), 0, bytes(range(250)) * 20),))
+    frame = protocol.encode_bytes(msg) + protocol.encode_bytes(protocol.Ping(seq=2))
+    dec = protocol.FrameDecoder()
+    dec.feed(frame[:30])
+    view = dec.reserve(10_000)
+    view[:4000] = frame[30:4030]
+    view.release()
+    dec.commit(4000)  # partial fill: only what was written counts
+    assert dec.next_message() is protocol.NEED_DATA
+    view = dec.reserve(len(frame))
+    n = len(frame) - 4030
+    view[:n] = frame[4030:]
+    view.release()
+    dec.commit(n)
+    got = dec.next_message()
+    assert isinstance(got, protocol.Forward) and bytes(got.tensors[0].data) == bytes(msg.tensors[0].data)
+    assert isinstance(dec.next_message(), protocol.Ping)
+    assert dec.buffered == 0 and dec.next_message() is protocol.NEED_DATA
