@@ -66,7 +66,8 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    arr: Any = t.view(torch.uint8).numpy()
+    return memoryview(arr)
 
 
 def from_bytes(data: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -130,7 +131,9 @@ class Int8Codec(Codec):
     def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
         dname = dtype_name(t.dtype)
         if dname not in FLOAT_DTYPES or dname == "float64":
-            raise LocalError(f"int8 codec needs a float tensor (float16/bfloat16/float32); {name!r} is {dname}: send it raw")
+            raise LocalError(
+                f"int8 codec needs a float tensor (float16/bfloat16/float32); {name!r} is {dname}: send it raw"
+            )
         shape = tuple(t.shape)
         if t.ndim == 0 or t.numel() == 0:
             raw = RawCodec().encode(t, name, params)

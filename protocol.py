@@ -359,7 +359,7 @@ class FrameDecoder:
     def __init__(self, max_body: int = MAX_BODY_BYTES):
         self._buf = bytearray()
         self.max_body = max_body  # may be raised after the handshake (small before auth)
-        self._prefix: tuple[int, int, int, int] | None = None  # kind, hlen, blen, crc
+        self._prefix: tuple[MsgKind, int, int, int] | None = None  # kind, hlen, blen, crc
         self._broken: RemoteProtocolError | None = None
         self._reserved: int | None = None
 
@@ -414,14 +414,14 @@ class FrameDecoder:
                 "install the same ComfyUI-Mesh release on both machines"
             )
         try:
-            kind = MsgKind(kind)
+            mkind = MsgKind(kind)
         except ValueError:
             raise self._fail(f"unknown message kind {kind}") from None
         if hlen > MAX_HEADER_BYTES:
             raise self._fail(f"header length {hlen} exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
         if blen > self.max_body:
             raise self._fail(f"body length {blen} exceeds the limit of {self.max_body} bytes")
-        self._prefix = (kind, hlen, blen, crc)
+        self._prefix = (mkind, hlen, blen, crc)
 
     def next_message(self) -> Message | Any:
         if self._broken:
@@ -469,6 +469,7 @@ class FrameDecoder:
                 raise self._fail("tensor descriptor must be an object")
             name, dtype, shape = d.get("name"), d.get("dtype"), d.get("shape")
             codec, meta, nbytes = d.get("codec"), d.get("meta", {}), d.get("nbytes")
+            shape = shape if isinstance(shape, list) else None
             _check_descriptor(name, dtype, shape, codec, meta, RemoteProtocolError)
             if not isinstance(nbytes, int) or isinstance(nbytes, bool) or nbytes < 0:
                 raise self._fail(f"tensor {name!r}: bad nbytes {nbytes!r}")
@@ -476,10 +477,10 @@ class FrameDecoder:
                 raise self._fail(f"tensor {name!r} runs past the end of the frame body")
             out.append(
                 WireTensor(
-                    name=name,
-                    dtype=dtype,
-                    shape=tuple(shape),
-                    codec=codec,
+                    name=str(name),
+                    dtype=str(dtype),
+                    shape=tuple(int(s) for s in shape or ()),
+                    codec=int(codec or 0),
                     meta=meta,
                     data=body[offset : offset + nbytes],
                 )

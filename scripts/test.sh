@@ -13,6 +13,9 @@ python -m pip install -q --upgrade pip
 # CPU torch is enough for the tests (on this project's machines 2.13.0 comes from local disk).
 python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[codecs,test]"
+ruff check .                 # lint
+ruff format --check .        # formatting
+mypy                         # type-check the core (files listed in pyproject.toml)
 set +e
 python -m pytest tests -q "$@"
 rc=$?

@@ -16,6 +16,7 @@ needs_comfy = pytest.mark.skipif(
     not HAVE_COMFY, reason="needs a ComfyUI checkout: set COMFYUI_PATH (see README, 'Tests with ComfyUI')"
 )
 
+
 def import_comfy():
     """Import ComfyUI on the CPU (once per process)."""
     from comfyui_mesh.tiny import import_comfy as _imp
