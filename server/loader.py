@@ -28,6 +28,7 @@ from ..fingerprint import fingerprint
 log = logging.getLogger("daedalus")
 
 _REPO = Path(__file__).resolve().parent.parent
+TESTED_COMFYUI = "0.28.0"
 _PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _ST_DTYPES = {
     "F64": torch.float64,
@@ -94,6 +95,18 @@ def import_comfy(path: Path, device: str) -> dict[str, Any]:
         version = str(comfyui_version.__version__)
     except ImportError:
         version = "unknown"
+    needed = {
+        comfy.model_detection: ("model_config_from_unet",),
+        comfy.utils: ("convert_old_quants", "calculate_parameters", "weight_dtype"),
+        comfy.model_management: ("unet_dtype", "unet_manual_cast", "unet_offload_device", "load_models_gpu"),
+        comfy.model_patcher: ("ModelPatcher",),
+    }
+    missing = [f"{m.__name__}.{a}" for m, names in needed.items() for a in names if not hasattr(m, a)]
+    if missing:
+        raise LocalError(
+            f"ComfyUI {version} at {path} lacks {', '.join(missing)}, which Daedalus's loader needs "
+            f"(tested with ComfyUI {TESTED_COMFYUI}): use that release or report the version"
+        )
     _COMFY.update(
         detection=comfy.model_detection,
         mm=comfy.model_management,
