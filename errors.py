@@ -31,6 +31,24 @@ class CodecError(RemoteProtocolError):
     """A payload that does not decode (truncated, corrupted, inconsistent header)."""
 
 
+class StreamStateError(CodecError):
+    """A temporal (P-frame) payload whose reference state this side does not hold.
+
+    Not corruption: the peers' codec state diverged (reconnect, eviction, restart). The
+    server answers ``stream_reset``; the client drops its state and resends keyframes."""
+
+
+class BackendUnavailable(CodecError):
+    """A payload coded with an entropy backend this side cannot run (e.g. nvCOMP ANS on a CPU).
+
+    The server answers ``codec_unavailable`` with ``detail.backend``; the client re-encodes
+    with the CPU backend (zstd) for the rest of the connection."""
+
+    def __init__(self, message: str, backend: str = ""):
+        super().__init__(message)
+        self.backend = backend
+
+
 class VersionMismatch(LocalError):
     """Both sides work, but they disagree on a version, model or configuration."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from . import arch, codec
+from . import arch, codec, lora_io
 from .auth import TokenStore
 from .config import ClientConfig
 from .errors import LocalError
@@ -133,6 +133,7 @@ class SplitRun:
         self._tls = threading.local()
         self.last_stats: StepStats | None = None
         self.calls = 0
+        self.lora: tuple[str, torch.Tensor] | None = None  # (patch-set hash, safetensors blob)
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
@@ -190,6 +191,8 @@ class SplitRun:
             args, self.plan, self.seam[0], call["vec"], dm_single_mod
         )
         s = self.settings
+        if self.lora is not None:
+            scalars["lora"], consts["lora"] = self.lora
         device = next(iter(coded.values())).device
         out, stats = self.client().forward(
             arch=self.adapter.family,
@@ -215,6 +218,34 @@ def passthrough(args: dict[str, Any]) -> dict[str, Any]:
     if "txt" in args:
         out["txt"] = args["txt"]
     return out
+
+
+def bypass_patches(m: Any, remote_prefixes: list[str]) -> dict[str, list[tuple[Any, ...]]]:
+    """Bypass-mode LoRAs (``injections["bypass_lora"]``) on remote modules, as weight patches.
+
+    Their hooks sit on modules that never run here once stubbed, so they are handed to the
+    server, which applies them as weight patches (the same math, computed on the weights)."""
+    injections = getattr(m, "injections", {}) or {}
+    found: dict[str, list[tuple[Any, ...]]] = {}
+    if not injections.get("bypass_lora"):
+        return found
+    names = {id(mod): name for name, mod in m.model.named_modules()}
+    for inj in injections["bypass_lora"]:
+        managers = [
+            c.cell_contents
+            for c in (getattr(inj.inject, "__closure__", None) or ())
+            if hasattr(c.cell_contents, "hooks")
+        ]
+        if not managers:
+            raise LocalError(
+                "a bypass-mode LoRA is loaded before Icarus, and this ComfyUI's bypass injections cannot be read: "
+                "load it with a regular LoraLoader, or place it after Icarus"
+            )
+        for hook in managers[0].hooks:
+            name = names.get(id(hook.module))
+            if name and (name + ".").startswith(tuple(remote_prefixes)):
+                found.setdefault(name + ".weight", []).append((float(hook.multiplier), hook.adapter, 1.0, None, None))
+    return found
 
 
 def _original_state(model: Any, adapter: arch.Adapter, plan: arch.SplitPlan) -> list[tuple[str, torch.Tensor]]:
@@ -272,17 +303,17 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
         freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())
         m.add_object_patch(name, HeadStub(run))
         remote_prefixes.append(name + ".")
-    remote_patches = [k for k in m.patches if any(str(k).startswith(p) for p in remote_prefixes)]
+    remote_patches = {k: m.patches.pop(k) for k in list(m.patches) if str(k).startswith(tuple(remote_prefixes))}
+    remote_patches.update(bypass_patches(m, remote_prefixes))
     if remote_patches and settings.forward_loras:
-        raise LocalError(
-            f"a LoRA (or other weight patch) placed before Icarus patches {len(remote_patches)} weights of blocks "
-            "that run on Daedalus, and forwarding client LoRAs is not available in this release: place the "
-            "LoraLoader after Icarus (front half only) and load the LoRA on the server too, or turn "
-            "forward_client_loras off to run the back half without it"
+        # LoRAs loaded before Icarus cover the whole model: their remote part travels once per
+        # change (content-hashed), and the server applies it to this client's steps only.
+        blob, digest = lora_io.pack(remote_patches)
+        run.lora = (digest, torch.frombuffer(bytearray(blob), dtype=torch.uint8))
+        log.info(
+            "ComfyUI-Mesh: forwarding %d patched weights (%.1f MB) to Daedalus", len(remote_patches), len(blob) / 1e6
         )
-    for k in remote_patches:  # forwarding off: the back half runs without them, by request
-        m.patches.pop(k)
-    if remote_patches:
+    elif remote_patches:
         log.warning(
             "ComfyUI-Mesh: %d patched weights of remote blocks are not forwarded (forward_client_loras off)",
             len(remote_patches),

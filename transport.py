@@ -161,6 +161,7 @@ class MeshClient:
         self._dec = FrameDecoder()
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
+        self._memo: dict[int, tuple[torch.Tensor, int, str, WireTensor]] = {}
         self._seq = 0
 
     # ------------------------------------------------------------------ connection
@@ -375,6 +376,19 @@ class MeshClient:
             )
         return reply
 
+    def _hashed(self, t: torch.Tensor) -> tuple[str, WireTensor]:
+        """(content hash, raw wire tensor) of a constant; memoized while the same tensor object
+        is unchanged (a LoRA blob is hashed once, not every step)."""
+        memo = self._memo.get(id(t))
+        if memo is not None and memo[0] is t and memo[1] == t._version:
+            return memo[2], memo[3]
+        wt = codec.encode(t, "const", "raw")
+        h = content_hash(wt)
+        self._memo[id(t)] = (t, t._version, h, wt)
+        while len(self._memo) > 16:
+            self._memo.pop(next(iter(self._memo)))
+        return h, wt
+
     def _next_seq(self) -> int:
         self._seq += 1
         return self._seq
@@ -407,8 +421,9 @@ class MeshClient:
             tensors.append(codec.encode(t, name, codec_name, codec_params))
         for name, t in exact.items():
             tensors.append(codec.encode(t, name, "raw"))
-        const_wire = {name: codec.encode(t, "const", "raw") for name, t in consts.items()}
-        const_keys = {name: content_hash(wt) for name, wt in const_wire.items()}
+        const_wire, const_keys = {}, {}
+        for name, t in consts.items():
+            const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         stats.encode_ms = (time.perf_counter() - t0) * 1e3
         if on_encoded:

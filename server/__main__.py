@@ -38,6 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-auth", action="store_true", help="accept clients without a token (trusted networks only)")
     p.add_argument("--state-dir", default="", help="folder for the token and settings")
     p.add_argument("--regenerate-token", action="store_true", help="make a new token (old clients must update)")
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:STRENGTH]",
+        help="server-side LoRA slot applied to the back half (repeatable; strength default 1.0)",
+    )
     p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
     p.add_argument("--max-clients", type=int, default=16)
     p.add_argument("-v", "--verbose", action="store_true")
@@ -56,7 +63,18 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         auth=not a.no_auth,
         state_dir=a.state_dir,
         max_clients=a.max_clients,
+        loras=tuple(_lora_arg(s) for s in a.lora),
     )
+
+
+def _lora_arg(s: str) -> tuple[str, float]:
+    path, sep, strength = s.rpartition(":")
+    if sep and path and not path.endswith(("\\", "/")):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass  # a Windows drive letter or a colon in the name: no strength given
+    return s, 1.0
 
 
 def make_factory(cfg: ServerConfig, toy: bool):

@@ -10,11 +10,13 @@ anything reaches the GPU.
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import logging
 import os
 import sys
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 
 from .. import arch
 from ..config import ServerConfig
-from ..errors import LocalError
+from ..errors import LocalError, RemoteProtocolError
 from ..fingerprint import fingerprint
 
 log = logging.getLogger("daedalus")
@@ -190,6 +192,8 @@ class ComfyBackend:
                 raise LocalError(f"ComfyUI {self.comfyui_version} does not recognise {self.model_name}")
             parameters = utils.calculate_parameters(meta_sd)
             weight_dtype = utils.weight_dtype(meta_sd)
+            # LoRA key map of the WHOLE model (original block indices), for the server's LoRA slots
+            full_key_map = self._full_key_map(model_config, meta_sd) if cfg.loras else {}
             # 2) cut the block counts to the back half
             for g, key in self.adapter.config_keys.items():
                 model_config.unet_config[key] = self.plan.remote[g]
@@ -234,14 +238,19 @@ class ComfyBackend:
         patcher = c["patcher"].ModelPatcher(model, load_device=load_device, offload_device=offload_device)
         model.load_model_weights(sd, "")
         del sd
-        mm.load_models_gpu([patcher], force_full_load=True)
-        self.patcher = patcher
-        self.dm = patcher.model.diffusion_model
+        self.dm = model.diffusion_model
+        # Fingerprint of the checkpoint's weights, before any server LoRA is merged.
         self.fingerprint = fingerprint(
             (self.adapter.original_key(k, self.plan), v)
             for k, v in self.dm.state_dict().items()
             if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
         )
+        for path, strength in cfg.loras:
+            self._add_slot_lora(patcher, full_key_map, str(path), float(strength))
+        mm.load_models_gpu([patcher], force_full_load=True)
+        self.patcher = patcher
+        self.dm = patcher.model.diffusion_model
+        self._lora_cache: OrderedDict[str, list[tuple[torch.nn.Module, str, str, list]]] = OrderedDict()
         log.info(
             "loaded %s: %s, %s, %.2f GB on %s (dtype %s)",
             self.model_name,
@@ -252,8 +261,101 @@ class ComfyBackend:
             unet_dtype,
         )
 
+    # ------------------------------------------------------------------ LoRA
+    def _slim(self, full_key: str) -> str | None:
+        """'diffusion_model.single_blocks.20.linear1.weight' -> slim-model key, or None if not held here."""
+        bare = full_key[len("diffusion_model.") :] if full_key.startswith("diffusion_model.") else full_key
+        return self.adapter.remote_key(bare, self.plan)
+
+    def _full_key_map(self, model_config: Any, meta_sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """LoRA key spellings (Kohya, diffusers, PEFT, ...) -> slim-model keys, by ORIGINAL block index."""
+        import comfy.lora
+
+        full = model_config.get_model(meta_sd, "", device="meta")  # shapes only, no memory
+        out: dict[str, Any] = {}
+        for lora_key, target in comfy.lora.model_lora_keys_unet(full, {}).items():
+            key, rest = (target[0], target[1:]) if isinstance(target, tuple) else (target, ())
+            slim = self._slim(key)
+            if slim is not None:
+                out[lora_key] = ("diffusion_model." + slim, *rest) if rest else "diffusion_model." + slim
+        del full
+        return out
+
+    def _add_slot_lora(self, patcher: Any, key_map: dict[str, Any], path: str, strength: float) -> None:
+        import comfy.lora
+        import comfy.lora_convert
+        import comfy.utils
+
+        if not Path(path).is_file():
+            raise LocalError(f"server LoRA not found: {path}")
+        lora = comfy.lora_convert.convert_lora(comfy.utils.load_torch_file(path, safe_load=True))
+        loaded = comfy.lora.load_lora(lora, key_map, log_missing=False)
+        applied = patcher.add_patches(loaded, strength)
+        log.info("server LoRA %s (strength %.2f): %d layers of the back half", Path(path).name, strength, len(applied))
+
+    def _client_lora(self, h: str, blob: torch.Tensor) -> list[tuple[torch.nn.Module, str, str, list]]:
+        """Unpack (once per hash) a forwarded patch set into (module, param, full key, patches)."""
+        hit = self._lora_cache.get(h)
+        if hit is not None:
+            self._lora_cache.move_to_end(h)
+            return hit
+        import comfy.weight_adapter
+
+        from .. import lora_io
+
+        adapters = {cls.name: cls for cls in comfy.weight_adapter.adapters}
+        patches, digest = lora_io.unpack(blob.cpu().numpy().tobytes(), adapters, self.device)
+        if digest != h:
+            raise RemoteProtocolError("forwarded LoRA set does not match its hash")
+        plan = []
+        for full_key, entries in patches.items():
+            slim = self._slim(full_key)
+            if slim is None:
+                raise RemoteProtocolError(f"forwarded LoRA patches {full_key}, which this server does not hold")
+            module_path, param = slim.rsplit(".", 1)
+            if param not in ("weight", "bias"):
+                raise RemoteProtocolError(f"forwarded LoRA patches {full_key}: only weights and biases can be patched")
+            plan.append((self.dm.get_submodule(module_path), param, full_key, entries))
+        self._lora_cache[h] = plan
+        while len(self._lora_cache) > 8:
+            self._lora_cache.popitem(last=False)
+        return plan
+
+    @staticmethod
+    def _merge(patches: list, key: str, weight: torch.Tensor) -> torch.Tensor:
+        """The same math ComfyUI uses when it merges a LoRA at load (fp32, stochastic rounding)."""
+        import comfy.float
+        import comfy.lora
+        import comfy.utils
+
+        out = comfy.lora.calculate_weight(patches, weight.to(torch.float32, copy=True), key)
+        if out.dtype != weight.dtype:
+            out = comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.utils.string_to_seed(key))
+        return out
+
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return self.adapter.server_forward(self.dm, self.plan, tensors, scalars)
+        h = scalars.get("lora") or ""
+        blob = tensors.pop("lora", None)
+        if not h:
+            return self.adapter.server_forward(self.dm, self.plan, tensors, scalars)
+        if blob is None:
+            raise RemoteProtocolError("request names a LoRA set but carries none")
+        plan = self._client_lora(str(h), blob)
+        # Per request: this client's patches are applied while its step runs (weights are
+        # merged on the fly by ComfyUI's cast path), then removed, so clients never leak into
+        # each other. The GPU lock serializes requests.
+        fn_attr = {"weight": "weight_function", "bias": "bias_function"}
+        touched = []
+        try:
+            for module, param, key, entries in plan:
+                attr = fn_attr[param]
+                setattr(module, attr, [functools.partial(self._merge, entries, key)])
+                touched.append((module, attr))
+            return self.adapter.server_forward(self.dm, self.plan, tensors, scalars)
+        finally:
+            for module, attr in touched:
+                if attr in module.__dict__:
+                    delattr(module, attr)  # back to the class default (no functions)
 
     def close(self) -> None:
         c = _COMFY

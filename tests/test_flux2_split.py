@@ -6,39 +6,11 @@ moves the cut, which also exercises the server's in-process reload.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import threading
-from pathlib import Path
-
 import pytest
 import torch
-from comfy_support import COMFY, import_comfy, make_flux2, needs_comfy
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy
 
 pytestmark = needs_comfy
-
-
-class Daedalus:
-    def __init__(self, weights: Path, n_blocks: int, state_dir: Path):
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "comfyui_mesh.server", "--weights", str(weights), "--n-blocks", str(n_blocks),
-             "--port", "0", "--device", "cpu", "--comfyui", COMFY, "--state-dir", str(state_dir)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "READY listening on" in line:
-                self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-                break
-        else:
-            raise RuntimeError("Daedalus did not start:\n" + "".join(self.lines))
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True).start()
-        self.token = (state_dir / "token").read_text().strip()
-
-    def stop(self):
-        self.proc.terminate()
-        self.proc.wait(20)
 
 
 @pytest.fixture(scope="module")
