@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -304,6 +305,7 @@ class ComfyBackend:
         from .. import lora_io
 
         adapters = {cls.name: cls for cls in comfy.weight_adapter.adapters}
+        t0 = time.perf_counter()
         patches, digest = lora_io.unpack(blob.cpu().numpy().tobytes(), adapters, self.device)
         if digest != h:
             raise RemoteProtocolError("forwarded LoRA set does not match its hash")
@@ -317,21 +319,30 @@ class ComfyBackend:
                 raise RemoteProtocolError(f"forwarded LoRA patches {full_key}: only weights and biases can be patched")
             plan.append((self.dm.get_submodule(module_path), param, full_key, entries))
         self._lora_cache[h] = plan
+        log.info(
+            "client LoRA set %s: %d weights, %.1f MB, unpacked in %.1f ms",
+            h[:12],
+            len(plan),
+            blob.numel() / 1e6,
+            (time.perf_counter() - t0) * 1e3,
+        )
         while len(self._lora_cache) > 8:
             self._lora_cache.popitem(last=False)
         return plan
 
     @staticmethod
     def _merge(patches: list, key: str, weight: torch.Tensor) -> torch.Tensor:
-        """The same math ComfyUI uses when it merges a LoRA at load (fp32, stochastic rounding)."""
+        """Exactly what ComfyUI does when it merges a LoRA into a weight at load
+        (ModelPatcher.patch_weight_to_device): its LoRA compute dtype, then stochastic
+        rounding seeded by the full-model key, so the result matches an unsplit run."""
         import comfy.float
         import comfy.lora
+        import comfy.model_management as mm
         import comfy.utils
 
-        out = comfy.lora.calculate_weight(patches, weight.to(torch.float32, copy=True), key)
-        if out.dtype != weight.dtype:
-            out = comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.utils.string_to_seed(key))
-        return out
+        temp = mm.cast_to_device(weight, weight.device, mm.lora_compute_dtype(weight.device), copy=True)
+        out = comfy.lora.calculate_weight(patches, temp, key)
+        return comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.utils.string_to_seed(key))
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
         h = scalars.get("lora") or ""
