@@ -7,6 +7,7 @@ without it.
 """
 
 import importlib.util
+import sys
 
 from .constants import PACKAGE_VERSION as __version__
 
@@ -28,5 +29,21 @@ if _comfy_present():
 
     NODE_CLASS_MAPPINGS.update(_flux_nodes)
     NODE_DISPLAY_NAME_MAPPINGS.update(_flux_names)
+    from .mesh_node_ltx import NODE_CLASS_MAPPINGS as _ltx_nodes
+    from .mesh_node_ltx import NODE_DISPLAY_NAME_MAPPINGS as _ltx_names
+
+    NODE_CLASS_MAPPINGS.update(_ltx_nodes)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_ltx_names)
+
+
+def _prompt_server():
+    """ComfyUI's running PromptServer, looked up without importing anything (None outside ComfyUI)."""
+    return getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+
+
+if _comfy_present() and _prompt_server() is not None:
+    from . import routes as _routes
+
+    _routes.register(_prompt_server())
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY", "__version__"]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -85,11 +85,19 @@ def from_bytes(data: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.T
 
 
 class Codec:
-    """Base class. Subclasses set ``wire_id``, ``name``, ``lossless`` and implement the pair."""
+    """Base class. Subclasses set ``wire_id``, ``name``, ``lossless`` and implement the pair.
+
+    A codec with ``stateful = True`` (temporal coding) adds a keyword argument ``state=None``
+    to both methods: a dict owned by the caller, one per connection and stream (see
+    ``codec_temporal.stream_state``), kept identically by the encoding and the decoding side.
+    ``state=None`` means "no history": a stateful encoder then sends a self-contained
+    keyframe. Stateless codecs never see it.
+    """
 
     wire_id: ClassVar[int]
     name: ClassVar[str]
     lossless: ClassVar[bool]
+    stateful: ClassVar[bool] = False
 
     def available(self) -> str | None:
         """None when usable here, else a sentence naming what to install."""
@@ -203,19 +211,34 @@ def available_ids() -> list[int]:
     return sorted(i for i, c in CODECS.items() if c.available() is None)
 
 
-def encode(t: torch.Tensor, name: str, codec: str | int = "raw", params: dict[str, Any] | None = None) -> WireTensor:
+def encode(
+    t: torch.Tensor,
+    name: str,
+    codec: str | int = "raw",
+    params: dict[str, Any] | None = None,
+    state: dict[Any, Any] | None = None,
+) -> WireTensor:
+    """``state``: the caller's per-connection, per-stream dict, used only by stateful codecs."""
     c = by_name(codec) if isinstance(codec, str) else by_id(codec)
     why = c.available()
     if why:
         raise LocalError(f"codec {c.name!r} is not usable here: {why}")
+    if c.stateful:
+        return cast(Any, c).encode(t, name, params or {}, state=state)
     return c.encode(t, name, params or {})
 
 
-def decode(wt: WireTensor, device: torch.device | str = "cpu") -> torch.Tensor:
+def decode(wt: WireTensor, device: torch.device | str = "cpu", state: dict[Any, Any] | None = None) -> torch.Tensor:
     c = by_id(wt.codec)
     try:
+        if c.stateful:
+            return cast(Any, c).decode(wt, device, state=state)
         return c.decode(wt, device)
     except CodecError:
         raise
     except (RuntimeError, ValueError, TypeError) as e:
         raise CodecError(f"cannot decode {wt.name!r} with codec {c.name}: {e}") from e
+
+
+# Entropy-coded, quantized, temporal and auto codecs (wire ids 2..15) register themselves.
+from . import codec_entropy  # noqa: E402,F401

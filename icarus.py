@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,15 +92,16 @@ class RemoteStub(torch.nn.Module):
 
 
 class HeadStub(torch.nn.Module):
-    """Stands in for the output head: returns what the server computed for this call."""
+    """Stands in for an output head: returns the server's output ``key`` for this call."""
 
-    def __init__(self, run: SplitRun):
+    def __init__(self, run: SplitRun, key: str = "out"):
         super().__init__()
         self.run = run
+        self.key = key
 
     def forward(self, img: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         call = self.run.current()
-        out = call.get("out")
+        out = (call.get("out") or {}).get(self.key)
         if out is None:
             raise LocalError(
                 "ComfyUI-Mesh: the model finished without calling the remote half (was the seam hook replaced?)"
@@ -119,6 +121,7 @@ class SplitSettings:
     reply_codec: str = "raw"
     forward_loras: bool = True
     node_id: str = ""
+    on_step: Callable[[int, StepStats], None] | None = None  # (call number, stats) after each remote step
 
 
 class SplitRun:
@@ -134,6 +137,7 @@ class SplitRun:
         self.last_stats: StepStats | None = None
         self.calls = 0
         self.lora: tuple[str, torch.Tensor] | None = None  # (patch-set hash, safetensors blob)
+        self.adapter_state: dict[str, Any] = {}  # the adapter's own per-run caches (client_payload ctx["state"])
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
@@ -150,24 +154,38 @@ class SplitRun:
     # ------------------------------------------------------------------ wrapper
     def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj
-        control = args[6] if len(args) > 6 else kwargs.get("control")
-        self._check_control(control)
-        call: dict[str, Any] = {"vec": None, "out": None}
-        capture = getattr(dm, self.adapter.extra.get("capture", ""), None)
-        handle = None
-        if capture is not None:
+        if self.adapter.extra.get("control_keys"):
+            self._check_control(args[6] if len(args) > 6 else kwargs.get("control"))
+        call: dict[str, Any] = {"out": None}
+        call_info = self.adapter.extra.get("call_info")  # facts of this call the hook args lack
+        if call_info is not None:
+            call.update(call_info(args, kwargs))
+        handles = []
+        # captures: {name: (module attribute, "in" | "out", index)}: the first value that module
+        # receives (in) or returns (out) in this model call, for the adapter's client_payload.
+        for name, (attr, where, index) in self.adapter.extra.get("captures", {}).items():
+            call[name] = None
+            module = getattr(dm, attr, None)
+            if not isinstance(module, torch.nn.Module):
+                continue
 
-            def grab(_module: Any, inputs: tuple[Any, ...]) -> None:
-                if call["vec"] is None:
-                    call["vec"] = inputs[0]
+            def grab(
+                _module: Any, inputs: Any, output: Any = None, _n: str = name, _w: str = where, _i: int = index
+            ) -> None:
+                if call[_n] is None:
+                    value = inputs if _w == "in" else output
+                    call[_n] = value[_i] if isinstance(value, (tuple, list)) else value
 
-            handle = capture.register_forward_pre_hook(grab)
+            if where == "in":
+                handles.append(module.register_forward_pre_hook(grab))
+            else:
+                handles.append(module.register_forward_hook(grab))
         self._tls.call = call
         try:
             return executor(*args, **kwargs)
         finally:
             self._tls.call = None
-            if handle is not None:
+            for handle in handles:
                 handle.remove()
 
     def _check_control(self, control: Any) -> None:
@@ -186,9 +204,8 @@ class SplitRun:
     # ------------------------------------------------------------------ hooks
     def seam_hook(self, args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         call = self.current()
-        dm_single_mod = extra.get("single_mod")
         coded, exact, consts, scalars = self.adapter.extra["client_payload"](
-            args, self.plan, self.seam[0], call["vec"], dm_single_mod
+            args, self.plan, self.seam[0], call, {**extra, "state": self.adapter_state}
         )
         s = self.settings
         if self.lora is not None:
@@ -206,10 +223,15 @@ class SplitRun:
             reply_codec=s.reply_codec,
             device=device,
         )
-        call["out"] = out["out"]
+        call["out"] = out
         self.last_stats = stats
         self.calls += 1
         log.info("ComfyUI-Mesh %s call %d: %s", s.client.address, self.calls, stats.line())
+        if s.on_step is not None:
+            try:
+                s.on_step(self.calls, stats)
+            except Exception:  # stats are for the UI: never fail a step over them
+                log.debug("ComfyUI-Mesh: on_step callback failed", exc_info=True)
         return passthrough(args)
 
 
@@ -255,6 +277,10 @@ def _original_state(model: Any, adapter: arch.Adapter, plan: arch.SplitPlan) -> 
     names = [f"{g}.{i}" for g in adapter.block_groups for i in plan.remote_indices(g)] + list(adapter.heads)
     for name in names:
         module = model.get_model_object(f"diffusion_model.{name}")
+        if isinstance(module, torch.Tensor):  # a bare parameter the server uses (LTX scale_shift_table)
+            b = backups.get(f"diffusion_model.{name}")
+            items.append((name, b.weight if b is not None else module))
+            continue
         for k, v in module.state_dict().items():
             full = f"{name}.{k}"
             b = backups.get(f"diffusion_model.{full}")
@@ -298,10 +324,10 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
                     return passthrough(args)
 
             m.set_model_patch_replace(fn, "dit", hook, i)
-    for head in adapter.heads:
+    for head, key in adapter.client_heads().items():
         name = f"diffusion_model.{head}"
         freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())
-        m.add_object_patch(name, HeadStub(run))
+        m.add_object_patch(name, HeadStub(run, key))
         remote_prefixes.append(name + ".")
     remote_patches = {k: m.patches.pop(k) for k in list(m.patches) if str(k).startswith(tuple(remote_prefixes))}
     remote_patches.update(bypass_patches(m, remote_prefixes))

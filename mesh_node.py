@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import routes as ui
 from .config import ClientConfig
 from .constants import DEFAULT_HOST, DEFAULT_PORT
 from .errors import LocalError, MeshError
@@ -75,6 +76,7 @@ class MeshSplitFlux:
     ) -> tuple[Any]:
         if n_blocks_remote == 0:
             log.info("ComfyUI-Mesh: n_blocks_remote=0, the whole model runs locally")
+            ui.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
             return (model,)
         if codec_mode == "nvenc":
             raise LocalError(
@@ -89,12 +91,21 @@ class MeshSplitFlux:
             codec_params={"qp": codec_qp, "lossless": codec_lossless, "tile_dim": int(codec_tile_dim)},
             forward_loras=bool(forward_client_loras),
             node_id=str(unique_id),
+            on_step=ui.step_reporter(unique_id, codec_mode),
         )
-        m, run = split_model(model, settings)
         try:
-            run.client().connect()  # fail at queue time with a clear message, not mid-sampling
+            m, run = split_model(model, settings)
         except MeshError as e:
+            ui.send_banner(unique_id, "error", str(e))
+            raise
+        try:
+            server = run.client().connect()  # fail at queue time with a clear message, not mid-sampling
+        except MeshError as e:
+            ui.send_banner(unique_id, "error", str(e))
             raise LocalError(f"ComfyUI Mesh : Icarus (node {unique_id}): {e}") from e
+        ui.send_banner(
+            unique_id, "ok", f"{cfg.address}: {server.model}, last {server.n_blocks} blocks on {server.device}"
+        )
         return (m,)
 
 

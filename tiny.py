@@ -113,3 +113,165 @@ def flux2_inputs(batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int 
         "negative": [[rnd(1, txt, ctx, s=seed + 2), {}]],
         "latent_image": torch.zeros(batch, 128, h, w),
     }
+
+
+# ---------------------------------------------------------------------------- LTX-AV
+
+# Tiny LTX-AV in the LTX-2 style: video 2 heads x 32, audio 2 heads x 16, 3 blocks, text width 64
+# (the connectors' width must equal caption_channels). Detection needs this as metadata "config".
+LTXAV2_TINY: dict[str, Any] = dict(
+    num_attention_heads=2,
+    attention_head_dim=32,
+    cross_attention_dim=64,
+    audio_num_attention_heads=2,
+    audio_attention_head_dim=16,
+    audio_cross_attention_dim=32,
+    caption_channels=64,
+    num_layers=3,
+    rope_type="split",
+    frequencies_precision="float64",
+    connector_num_attention_heads=2,
+    connector_attention_head_dim=32,
+    connector_num_layers=1,
+    connector_num_learnable_registers=8,
+)
+# LTX-2.3 style: gated attention, prompt AdaLN (9 AdaLN rows + prompt tables), the caption
+# projection before the connectors (connector widths = stream widths), gated connectors.
+LTXAV23_TINY: dict[str, Any] = {
+    **LTXAV2_TINY,
+    "apply_gated_attention": True,
+    "cross_attention_adaln": True,
+    "caption_proj_before_connector": True,
+    "caption_projection_first_linear": False,
+    "connector_apply_gated_attention": True,
+    "audio_connector_num_attention_heads": 2,
+    "audio_connector_attention_head_dim": 16,
+}
+# LTX-2.3-style flags at the released widths: 48 blocks of 32x128 video / 32x64 audio,
+# 8-layer connectors; about 21 B parameters in the DiT (42 GB in bf16).
+LTXAV23_FULL: dict[str, Any] = {
+    **LTXAV23_TINY,
+    "num_attention_heads": 32,
+    "attention_head_dim": 128,
+    "cross_attention_dim": 4096,
+    "audio_num_attention_heads": 32,
+    "audio_attention_head_dim": 64,
+    "audio_cross_attention_dim": 2048,
+    "caption_channels": 3840,
+    "num_layers": 48,
+    "connector_num_attention_heads": 32,
+    "connector_attention_head_dim": 128,
+    "audio_connector_num_attention_heads": 32,
+    "audio_connector_attention_head_dim": 64,
+    "connector_num_layers": 8,
+    "connector_num_learnable_registers": 128,
+}
+
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def ltxav_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an LTXAVModel with ``config`` (built on the meta device: no memory)."""
+    import comfy.ldm.lightricks.av_model
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = comfy.ldm.lightricks.av_model.LTXAVModel(
+            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **config
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _ltx_random(name: str, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
+    """Random weights that keep 48 blocks of activations finite in bf16."""
+    if len(shape) > 1:
+        return torch.randn(shape, generator=g, device=device) * (1.0 / shape[-1] ** 0.5)
+    if name.endswith(".bias"):
+        return 0.05 * torch.randn(shape, generator=g, device=device)
+    return 1.0 + 0.1 * torch.randn(shape, generator=g, device=device)
+
+
+def write_safetensors_streaming(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]],
+    make: Any,
+    dtype: torch.dtype,
+    metadata: dict[str, str],
+) -> Path:
+    """Write a safetensors file one tensor at a time (``make(name, shape)`` -> tensor), so a
+    model larger than host memory can be written; the layout is the format's own."""
+    import json
+    import struct
+
+    header: dict[str, Any] = {"__metadata__": metadata}
+    item = torch.empty((), dtype=dtype).element_size()
+    offset = 0
+    for name, shape in shapes.items():
+        n = item
+        for s in shape:
+            n *= s
+        header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    hb = json.dumps(header, separators=(",", ":")).encode()
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shape in shapes.items():
+            t = make(name, shape).to(dtype).cpu().contiguous().reshape(-1)
+            if t.numel():
+                f.write(memoryview(t.view(torch.uint8).numpy()))
+    return Path(path)
+
+
+def make_ltxav(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random LTX-AV checkpoint with ComfyUI key names and the metadata "config" that
+    ComfyUI's detection reads (ComfyUI must be importable). Streams to disk; ``device`` is
+    where the random numbers are drawn (a GPU makes full-size models fast)."""
+    import json
+
+    cfg = dict(config or LTXAV2_TINY)
+    g = torch.Generator(device=device).manual_seed(seed)
+    meta = {"config": json.dumps({"transformer": cfg})}
+    return write_safetensors_streaming(path, ltxav_shapes(cfg), lambda n, s: _ltx_random(n, s, g, device), dtype, meta)
+
+
+def ltxav_inputs(
+    batch: int = 1,
+    frames: int = 2,
+    h: int = 2,
+    w: int = 3,
+    audio: int = 5,
+    txt: int = 7,
+    ctx: int = 64,
+    seed: int = 1,
+    cond: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent for comfy.sample.sample on an LTX-AV model.
+
+    Latent video [B, 128, frames, h, w] and audio [B, 8, audio, 16] as ComfyUI's NestedTensor
+    (audio=0: a video-only latent, which ComfyUI runs with an empty audio stream)."""
+    from comfy.nested_tensor import NestedTensor
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    video = (batch, 128, frames, h, w)
+    out = {
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), dict(cond or {})]],
+        "negative": [[rnd(1, txt, ctx, s=seed + 2), dict(cond or {})]],
+    }
+    if audio:
+        a = (batch, 8, audio, 16)
+        out["noise"] = NestedTensor([rnd(*video, s=seed), rnd(*a, s=seed + 3)])
+        out["latent_image"] = NestedTensor([torch.zeros(video), torch.zeros(a)])
+    else:
+        out["noise"] = rnd(*video, s=seed)
+        out["latent_image"] = torch.zeros(video)
+    return out

@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-from . import auth, codec
+from . import auth, codec, codec_auto
+from .codec_temporal import stream_state
 from .config import ClientConfig
 from .constants import PACKAGE_VERSION, SOCKET_CHUNK
 from .errors import (
@@ -132,6 +133,7 @@ class StepStats:
     decode_ms: float = 0.0
     server: dict[str, float] = field(default_factory=dict)
     consts_sent: int = 0
+    codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
 
     def line(self) -> str:
         s = self.server
@@ -163,6 +165,10 @@ class MeshClient:
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, int, str, WireTensor]] = {}
         self._seq = 0
+        # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
+        self._codec_state: dict[str, Any] = {}
+        self._codec_override: dict[str, Any] = {}
+        self._conn_gen = 0
 
     # ------------------------------------------------------------------ connection
     @property
@@ -202,6 +208,9 @@ class MeshClient:
             sock.settimeout(self.cfg.read_timeout_s)
             self._sock = sock
             self._sent_consts.clear()
+            self._codec_state.clear()  # a new server session: the next coded frames must be keyframes
+            self._codec_override.clear()
+            self._conn_gen += 1
             return self.server
 
     def _recv(self, sock: socket.socket) -> tuple[Message, int]:
@@ -318,6 +327,7 @@ class MeshClient:
         with self._lock:
             sock, self._sock = self._sock, None
             self._sent_consts.clear()
+            self._codec_state.clear()
             if sock is not None:
                 try:
                     sock.settimeout(1.0)
@@ -393,6 +403,44 @@ class MeshClient:
         self._seq += 1
         return self._seq
 
+    def end_stream(self) -> None:
+        """Drop this connection's temporal codec state (generation end); the next frames are keyframes.
+        Passing a new ``stream["gen"]`` does the same on both sides."""
+        with self._lock:
+            self._codec_state.clear()
+
+    def _encode_coded(
+        self,
+        coded: dict[str, torch.Tensor],
+        codec_name: str,
+        codec_params: dict[str, Any] | None,
+        stream: dict[str, Any] | None,
+        stats: StepStats,
+    ) -> list[WireTensor]:
+        """Encode ``coded`` with this connection's codec state (lock held, connected)."""
+        params = dict(codec_params or {})
+        if codec_name == "auto":
+            stats.codec = codec_auto.for_client(self, coded, params)
+            codec_name, params = stats.codec["codec"], dict(stats.codec["params"])
+        if self._codec_override and 2 <= codec.by_name(codec_name).wire_id <= 15:
+            params.update(self._codec_override)
+        stats.codec = {**stats.codec, "codec": codec_name, "params": params}
+        sub = stream_state(self._codec_state, stream)
+        return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
+
+    def _codec_retry(self, e: RemoteFailure) -> bool:
+        """After ``stream_reset`` / ``codec_unavailable``: adjust so a re-encode can succeed."""
+        if e.code == "stream_reset":
+            log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
+            self._codec_state.clear()
+            return True
+        if e.code == "codec_unavailable" and self._codec_override.get("backend") != "zstd":
+            log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
+            self._codec_override["backend"] = "zstd"
+            self._codec_state.clear()
+            return True
+        return False
+
     def forward(
         self,
         *,
@@ -417,24 +465,27 @@ class MeshClient:
         stats = StepStats()
         t0 = time.perf_counter()
         tensors: list[WireTensor] = []
-        for name, t in coded.items():
-            tensors.append(codec.encode(t, name, codec_name, codec_params))
         for name, t in exact.items():
             tensors.append(codec.encode(t, name, "raw"))
         const_wire, const_keys = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
-        stats.encode_ms = (time.perf_counter() - t0) * 1e3
-        if on_encoded:
-            on_encoded(stats)
         with self._lock:
+            self.connect()  # coded tensors may depend on this connection's codec state
+            coded_wire, enc_gen = self._encode_coded(coded, codec_name, codec_params, stream, stats), self._conn_gen
+            stats.encode_ms = (time.perf_counter() - t0) * 1e3
+            if on_encoded:
+                on_encoded(stats)
             for attempt in (0, 1, 2):
                 self.connect()
+                if enc_gen != self._conn_gen:  # reconnected: re-encode against the new (empty) state
+                    coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                    enc_gen = self._conn_gen
                 missing = [h for h in const_data if h not in self._sent_consts]
                 extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in dict.fromkeys(missing)]
                 msg = Forward(
-                    tensors=tuple(tensors + extra),
+                    tensors=tuple(coded_wire + tensors + extra),
                     seq=self._next_seq(),
                     arch=arch,
                     n_blocks=n_blocks,
@@ -454,6 +505,9 @@ class MeshClient:
                 except RemoteFailure as e:
                     if e.code == "missing_consts" and attempt < 2:
                         self._sent_consts.clear()
+                        continue
+                    if attempt < 2 and self._codec_retry(e):
+                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
                         continue
                     raise
                 stats.wait_ms = (time.perf_counter() - t1) * 1e3

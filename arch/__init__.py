@@ -51,7 +51,7 @@ class Adapter:
     block_groups: tuple[str, ...]  # ModuleList attribute names, in execution order
     hook_names: dict[str, str]  # block group -> patches_replace["dit"] block name
     config_keys: dict[str, str]  # block group -> unet_config key holding its depth
-    heads: tuple[str, ...]  # modules the server runs after the blocks (returned output)
+    heads: tuple[str, ...]  # modules (or bare parameters) the server runs/uses after the blocks
     # Non-block modules the server never needs (stubbed after loading to free memory).
     server_drops: tuple[str, ...]
     detect_keys: Callable[[set[str]], bool]  # checkpoint keys (prefix stripped) -> is this family
@@ -59,6 +59,13 @@ class Adapter:
     server_forward: Callable[..., dict[str, Any]]  # (model, plan, tensors, scalars) -> outputs
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Head modules the client swaps for stubs returning the server's output of that name.
+    # Empty: every head returns the output "out" (one head, one output).
+    head_outputs: dict[str, str] = field(default_factory=dict)
+
+    def client_heads(self) -> dict[str, str]:
+        """Head module -> name of the server output its client stub returns."""
+        return dict(self.head_outputs) or {h: "out" for h in self.heads}
 
     # ------------------------------------------------------------------ cutting
     def plan(self, counts: dict[str, int], n_remote: int) -> SplitPlan:
@@ -91,7 +98,7 @@ class Adapter:
             g, i, rest = parts
             first = plan.first_remote(g)
             return f"{g}.{i - first}.{rest}" if i >= first else None
-        if any(key.startswith(h + ".") for h in self.heads):
+        if any(key == h or key.startswith(h + ".") for h in self.heads):
             return key
         return None
 
@@ -158,4 +165,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import flux2  # noqa: E402,F401
+from . import flux2, ltxav  # noqa: E402,F401

@@ -59,13 +59,16 @@ def detect_model(dm: Any) -> bool:
 
 
 def client_payload(
-    args: dict[str, Any], plan: SplitPlan, seam: str, vec: torch.Tensor | None, single_mod: Any
+    args: dict[str, Any], plan: SplitPlan, seam: str, call: dict[str, Any], ctx: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
     """Split one block-hook call at the seam into (coded, exact, consts, scalars).
 
-    ``vec`` is the un-modulated vector the model fed its modulation layers; ``single_mod``
-    computes the single-stream modulation from it (needed when the seam is in the doubles).
+    ``call["vec"]`` is the un-modulated vector the model fed its modulation layers (captured);
+    ``ctx["single_mod"]`` computes the single-stream modulation from it (needed when the seam
+    is in the doubles).
     """
+    vec: torch.Tensor | None = call.get("vec")
+    single_mod: Any = ctx.get("single_mod")
     if vec is None:
         raise LocalError("FLUX.2 split: the time vector was not captured (unexpected model code path)")
     if vec.ndim != 2:
@@ -170,7 +173,8 @@ ADAPTER = register(
         notes="Dev 8+48 blocks, Klein 9B 8+24, Klein 4B 5+20",
         extra={
             "client_payload": client_payload,
-            "capture": "double_stream_modulation_img",  # its input is the un-modulated time vector
+            # the input of double_stream_modulation_img is the un-modulated time vector
+            "captures": {"vec": ("double_stream_modulation_img", "in", 0)},
             "single_mod": "single_stream_modulation",
             "control_keys": {DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
         },

@@ -22,9 +22,10 @@ from typing import Any, Protocol
 import torch
 
 from .. import auth, codec
+from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
-from ..errors import LocalError, MeshError, RemoteProtocolError
+from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
 from ..protocol import (
     Auth,
     Bye,
@@ -161,6 +162,7 @@ class Session:
         self.client_nonce = ""
         self.hello: Hello | None = None
         self.consts = ConstCache(state.cfg.const_cache_bytes)
+        self.codec_state: dict[str, Any] = {}  # temporal codec references (codec_temporal.stream_state)
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         dev = self.state.backend.device
@@ -289,8 +291,15 @@ class Session:
                 tensors[arg] = t
         if missing:
             return _err("missing_consts", f"{len(missing)} constants not cached here; resend them", missing=missing)
-        for name, wt in incoming.items():
-            tensors[name] = codec.decode(wt, b.device)
+        sub = stream_state(self.codec_state, msg.stream, RemoteProtocolError)
+        try:
+            for name, wt in incoming.items():
+                tensors[name] = codec.decode(wt, b.device, state=sub)
+        except StreamStateError as e:  # the client drops its state and resends keyframes
+            self.codec_state.clear()
+            return _err("stream_reset", str(e))
+        except BackendUnavailable as e:  # the client falls back to the CPU entropy coder
+            return _err("codec_unavailable", str(e), backend=e.backend)
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()
@@ -325,6 +334,19 @@ class Session:
         )
         st.emit(kind="step", **st.stats.last_step)
         return Result(seq=msg.seq, timings=timings, tensors=reply)
+
+
+def _linger(conn: socket.socket, limit: int = 4 << 20) -> None:
+    """Close politely after an error frame: stop writing, then drain what the peer is still
+    sending, so the kernel doesn't answer with a reset that destroys our error frame unread."""
+    conn.shutdown(socket.SHUT_WR)
+    conn.settimeout(1.0)
+    drained = 0
+    while drained < limit:
+        chunk = conn.recv(1 << 16)
+        if not chunk:
+            break
+        drained += len(chunk)
 
 
 class DaedalusServer:
@@ -421,6 +443,7 @@ class DaedalusServer:
                     st.stats.errors += 1
                     try:
                         send_message(conn, _err("bad_frame", str(e)))
+                        _linger(conn)
                     except OSError:
                         pass
                     break

@@ -206,7 +206,10 @@ def test_big_frames_are_refused_before_authentication(server):
     _, host, port = server
     with socket.create_connection((host, port), timeout=5) as s:
         big = protocol.Hello(tensors=(protocol.WireTensor("x", "uint8", (100_000,), 0, b"\0" * 100_000),))
-        send_message(s, big)
+        try:
+            send_message(s, big)
+        except OSError:
+            pass  # the server may stop reading once it saw the length; its answer is what counts
         msg, _ = recv_message(s, protocol.FrameDecoder())
         assert isinstance(msg, protocol.Error) and msg.code == "bad_frame" and "exceeds the limit" in msg.message
 

@@ -1,0 +1,597 @@
+"""Entropy stage for activation codecs: zstd on the CPU, nvCOMP ANS on the GPU; the ``lossless`` codec.
+
+Wire ids of this codec family (stable; never reused or renumbered):
+
+    ==  ============  ==========================================================  ================
+    id  name          what                                                        module
+    ==  ============  ==========================================================  ================
+    2   lossless      byte planes (high/low byte of 16-bit values) + entropy      codec_entropy
+    3   quant         one shared quantizer step for a cosine target + entropy     codec_quant
+    4   q4            4-bit, one scale per group of tokens in a channel + entropy codec_quant
+    5   clip-sparse   0.5 %/99.5 % per-channel clip, 8 bits, exact sparse         codec_quant
+                      outliers (the original's "Nvenc LTX" quantization) + entropy
+    6   lossless-t    temporal lossless: difference to the previous step          codec_temporal
+    7   quant-t       temporal ``quant``: residual to the previous reconstruction codec_temporal
+    8-14              reserved for this family
+    15  auto          picks one of the above per link/GPU/fidelity; never on the  codec_auto
+                      wire (it encodes with the codec it picked)
+    ==  ============  ==========================================================  ================
+
+Payload container shared by ids 2..7: ``meta`` holds small JSON parameters plus
+``be`` (the entropy backend that coded the payload: ``"zstd"`` or ``"ans"``) and ``s``,
+the section table ``[[kind, raw_len, stored_len], ...]``; the payload is the sections
+back to back. ``kind`` 0 = stored as is, 1 = coded by ``be``. Every length is checked
+against what the shape implies before anything is allocated. A zstd section is one
+zstd frame with its content size and a checksum; an ANS section is one nvCOMP native
+ANS bitstream (``|u1`` symbols). A payload coded by ``ans`` decodes only where nvCOMP
+and CUDA are present: elsewhere ``BackendUnavailable`` (a ``CodecError``) names the fix,
+and a section that did not compress is stored, so it decodes anywhere.
+
+Non-finite values: ``lossless`` carries NaN/Inf bit-exactly; the lossy codecs apply the
+policy of ``codec.py`` (NaN -> 0, +-Inf -> +-largest finite magnitude of the channel).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib
+import math
+import sys
+import threading
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from .codec import Codec, RawCodec, dtype_name, numel, register, to_bytes, torch_dtype
+from .constants import MAX_BODY_BYTES
+from .errors import BackendUnavailable, CodecError, LocalError
+from .protocol import WireTensor
+
+# Largest tensor (in bytes) a payload may expand to: what could have been sent raw.
+MAX_DECODED_BYTES = MAX_BODY_BYTES
+BACKENDS = ("zstd", "ans")
+LOSSY_DTYPES = ("float32", "float16", "bfloat16")
+
+ZSTD_HINT = "pip install zstandard (or: pip install 'comfyui-mesh[codecs]')"
+NVCOMP_HINT = (
+    "pip install nvidia-nvcomp-cu12 nvidia-libnvcomp-cu12 (-cu13 for a CUDA 13 torch) on a machine with an NVIDIA GPU"
+)
+
+# ---------------------------------------------------------------------------- untrusted meta
+
+
+def meta_int(meta: dict[str, Any], key: str, lo: int, hi: int) -> int:
+    v = meta.get(key)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise CodecError(f"codec meta {key!r} = {v!r} is not an integer in {lo}..{hi}")
+    return v
+
+
+def meta_float(meta: dict[str, Any], key: str, positive: bool = False) -> float:
+    v = meta.get(key)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or (positive and v <= 0):
+        raise CodecError(f"codec meta {key!r} = {v!r} is not a finite{' positive' if positive else ''} number")
+    return float(v)
+
+
+def meta_str(meta: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    v = meta.get(key)
+    if v not in allowed:
+        raise CodecError(f"codec meta {key!r} = {v!r} is not one of {list(allowed)}")
+    return str(v)
+
+
+def param_float(params: dict[str, Any], key: str, default: float, lo: float, hi: float) -> float:
+    """A caller's codec parameter (our side: misuse is a LocalError)."""
+    v = params.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (lo <= v <= hi):
+        raise LocalError(f"codec parameter {key}={v!r} must be a number in [{lo}, {hi}]")
+    return float(v)
+
+
+def param_int(params: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+    v = params.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not (lo <= v <= hi):
+        raise LocalError(f"codec parameter {key}={v!r} must be an integer in {lo}..{hi}")
+    return v
+
+
+# ---------------------------------------------------------------------------- backends
+
+
+class Backend:
+    name: ClassVar[str]
+
+    def available(self) -> str | None:
+        raise NotImplementedError
+
+    def compress(self, u8: torch.Tensor) -> Any:
+        """1-D uint8 tensor -> compressed bytes (zstd: a bytes object; ans: a CUDA uint8 tensor)."""
+        raise NotImplementedError
+
+    def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
+        """Compressed bytes -> 1-D uint8 tensor of exactly ``n`` bytes on ``device``."""
+        raise NotImplementedError
+
+
+class ZstdBackend(Backend):
+    """zstd, one frame per section, tuned for symbol streams (little LZ, Huffman literals).
+
+    ``min_match=7`` and a tiny hash table keep the match finder from spending bits on the
+    short accidental matches that noise-like quantized data is full of (measured: 0.1-0.15
+    bit/value less than level 1 at the same speed). The frame carries a checksum."""
+
+    name = "zstd"
+
+    def __init__(self) -> None:
+        self._tls = threading.local()
+        self._mod: Any = None
+
+    def _zstd(self) -> Any:
+        if self._mod is None:
+            try:
+                self._mod = importlib.import_module("zstandard")
+            except ImportError:
+                return None
+        return self._mod
+
+    def available(self) -> str | None:
+        return None if self._zstd() is not None else f"the zstd entropy coder is not installed: {ZSTD_HINT}"
+
+    def _ctx(self) -> tuple[Any, Any]:
+        ctx = getattr(self._tls, "ctx", None)
+        if ctx is None:
+            zs = self._zstd()
+            p = zs.ZstdCompressionParameters.from_level(
+                1,
+                min_match=7,
+                search_log=1,
+                hash_log=6,
+                window_log=17,
+                strategy=zs.STRATEGY_FAST,
+                write_checksum=True,
+                write_content_size=True,
+            )
+            ctx = (zs.ZstdCompressor(compression_params=p), zs.ZstdDecompressor())
+            self._tls.ctx = ctx
+        return ctx
+
+    def compress(self, u8: torch.Tensor) -> Any:
+        return self._ctx()[0].compress(to_bytes(u8))
+
+    def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
+        zs = self._zstd()
+        if zs is None:
+            raise BackendUnavailable(f"payload is zstd-coded but {ZSTD_HINT.split(' (')[0]} first", "zstd")
+        try:
+            size = zs.frame_content_size(comp)
+        except zs.ZstdError as e:
+            raise CodecError(f"zstd section is not a zstd frame: {e}") from None
+        if size != n:
+            raise CodecError(f"zstd section declares {size} bytes, the header says {n}")
+        try:
+            out = self._ctx()[1].decompress(comp, max_output_size=n)
+        except zs.ZstdError as e:
+            raise CodecError(f"zstd section does not decode: {e}") from None
+        if len(out) != n:
+            raise CodecError(f"zstd section decoded to {len(out)} bytes, expected {n}")
+        t = torch.frombuffer(bytearray(out), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
+        return t.to(device)
+
+
+_NV: dict[str, Any] = {}
+
+
+def _import_nvcomp() -> tuple[Any, str | None]:
+    """(module, None) or (None, why). The libnvcomp wheel's .so must be loadable first."""
+    if "mod" in _NV or "why" in _NV:
+        return _NV.get("mod"), _NV.get("why")
+    err: BaseException | None = None
+    for attempt in (0, 1):
+        try:
+            mod = importlib.import_module("nvidia.nvcomp")
+            _NV["mod"] = mod
+            return mod, None
+        except (ImportError, OSError) as e:
+            err = e
+            if attempt == 0 and not _preload_libnvcomp():
+                break
+    _NV["why"] = f"nvCOMP is not importable ({type(err).__name__}: {err}); {NVCOMP_HINT}"
+    return None, _NV["why"]
+
+
+def _preload_libnvcomp() -> bool:
+    """Load libnvcomp.so.* from the nvidia-libnvcomp wheel (its lib64/ is not on the loader path)."""
+    for base in sys.path:
+        lib = Path(base or ".") / "nvidia" / "libnvcomp" / "lib64"
+        if not lib.is_dir():
+            continue
+        for so in sorted(lib.glob("libnvcomp.so*")):
+            try:
+                ctypes.CDLL(str(so), mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            importlib.invalidate_caches()
+            return True
+    return False
+
+
+class AnsBackend(Backend):
+    """nvCOMP ANS (``|u1`` symbols, native bitstream with per-chunk frequency tables) on CUDA.
+
+    Runs on the caller's current CUDA stream, so it orders with torch work. UNVERIFIED on a
+    GPU from this codebase's CI: written from nvCOMP 6.0's Python API (docs/research)."""
+
+    name = "ans"
+
+    def __init__(self) -> None:
+        self._tls = threading.local()  # nvCOMP codec objects are not shared between threads
+
+    def available(self) -> str | None:
+        if not torch.cuda.is_available():
+            return f"nvCOMP ANS needs a CUDA GPU and torch with CUDA (none here); {NVCOMP_HINT}"
+        return _import_nvcomp()[1]
+
+    @staticmethod
+    def _device(device: torch.device) -> torch.device:
+        return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+    def _codec(self, dev: torch.device) -> tuple[Any, Any, int]:
+        nv = _import_nvcomp()[0]
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        stream = torch.cuda.current_stream(idx).cuda_stream
+        codecs = self._tls.__dict__.setdefault("codecs", {})
+        c = codecs.get((idx, stream))
+        if c is None:
+            c = nv.Codec(algorithm="ANS", device_id=idx, cuda_stream=stream, data_type="|u1")
+            codecs[(idx, stream)] = c
+        return nv, c, stream
+
+    def compress(self, u8: torch.Tensor) -> Any:
+        dev = self._device(u8.device)
+        src = u8.to(dev).contiguous().reshape(-1)
+        if src.data_ptr() % 16:  # nvCOMP wants aligned buffers; a fresh allocation is
+            src = src.clone()
+        nv, c, stream = self._codec(dev)
+        enc = c.encode(nv.as_array(src, stream))
+        out = torch.from_dlpack(enc).reshape(-1)
+        if out.dtype != torch.uint8:
+            out = out.view(torch.uint8)
+        return out[: int(enc.buffer_size)]
+
+    def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
+        why = self.available()
+        if why:
+            raise BackendUnavailable(
+                f"payload was coded with nvCOMP ANS on a GPU; this side cannot decode it: {why}", "ans"
+            )
+        dev = self._device(device)
+        src = torch.frombuffer(bytearray(comp), dtype=torch.uint8).to(dev)
+        nv, c, stream = self._codec(dev)
+        arr = nv.as_array(src, stream)
+        try:
+            declared = int(c.get_uncomp_buffer_size(arr))
+        except (RuntimeError, ValueError) as e:
+            raise CodecError(f"ANS section is not an nvCOMP bitstream: {e}") from None
+        if declared != n:
+            raise CodecError(f"ANS section declares {declared} bytes, the header says {n}")
+        out = torch.from_dlpack(c.decode(arr, data_type="|u1")).reshape(-1)
+        if out.dtype != torch.uint8:
+            out = out.view(torch.uint8)
+        if out.numel() != n:
+            raise CodecError(f"ANS section decoded to {out.numel()} bytes, expected {n}")
+        return out.to(device)
+
+
+ZSTD = ZstdBackend()
+ANS = AnsBackend()
+_BACKENDS: dict[str, Backend] = {"zstd": ZSTD, "ans": ANS}
+
+
+def backend(name: str) -> Backend:
+    return _BACKENDS[name]
+
+
+def pick_backend(params: dict[str, Any], device: torch.device) -> Backend:
+    """``params["backend"]``: "auto" (default: ANS for a CUDA tensor when nvCOMP works, else
+    zstd), "zstd" or "ans". Refuses (LocalError) a backend that cannot run here."""
+    want = params.get("backend", "auto")
+    if want not in ("auto", *BACKENDS):
+        raise LocalError(f"codec parameter backend={want!r} must be one of auto, zstd, ans")
+    if want == "auto":
+        want = "ans" if device.type == "cuda" and ANS.available() is None else "zstd"
+    b = _BACKENDS[want]
+    why = b.available()
+    if why:
+        raise LocalError(f"entropy backend {want!r} is not usable here: {why}")
+    return b
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+class SectionWriter:
+    """Collects a payload's sections: ``raw`` (side info, stored) and ``coded`` (entropy-coded)."""
+
+    def __init__(self, be: Backend):
+        self.be = be
+        self.on_device = be is ANS  # ANS parts stay on the GPU until one copy at the end
+        self.parts: list[Any] = []
+        self.table: list[list[int]] = []
+
+    def _put(self, u8: torch.Tensor) -> None:
+        if self.on_device:
+            self.parts.append(u8.to(ANS._device(u8.device)))
+        else:
+            self.parts.append(to_bytes(u8))
+
+    def raw(self, t: torch.Tensor) -> None:
+        u8 = t.detach().contiguous().reshape(-1).view(torch.uint8)
+        self._put(u8)
+        self.table.append([0, u8.numel(), u8.numel()])
+
+    def coded(self, u8: torch.Tensor) -> None:
+        u8 = u8.detach().contiguous().reshape(-1)
+        if u8.dtype != torch.uint8:
+            u8 = u8.view(torch.uint8)
+        n = u8.numel()
+        comp = self.be.compress(u8) if n >= 64 else None
+        m = (comp.numel() if isinstance(comp, torch.Tensor) else len(comp)) if comp is not None else n
+        if comp is None or m >= n:
+            self._put(u8)
+            self.table.append([0, n, n])
+            return
+        self.parts.append(comp if isinstance(comp, torch.Tensor) else memoryview(comp))
+        self.table.append([1, n, m])
+
+    def finish(self, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        meta = {**meta, "be": self.be.name, "s": self.table}
+        if self.on_device:
+            parts = [p for p in self.parts if p.numel()]
+            data: Any = to_bytes(torch.cat(parts)) if parts else b""
+        else:
+            data = b"".join(self.parts)
+        return data, meta
+
+
+class SectionReader:
+    """Reads sections back in order, each checked against the size the caller expects."""
+
+    def __init__(self, wt: WireTensor, device: torch.device | str):
+        self.device = torch.device(device)
+        self.data = memoryview(wt.data).cast("B") if memoryview(wt.data).nbytes else memoryview(b"")
+        self.be_name = meta_str(wt.meta, "be", BACKENDS)
+        table = wt.meta.get("s")
+        if not isinstance(table, list) or len(table) > 64:
+            raise CodecError(f"codec meta 's' of {wt.name!r} must be a list of at most 64 sections")
+        total = 0
+        for e in table:
+            if (
+                not isinstance(e, list)
+                or len(e) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in e)
+                or e[0] not in (0, 1)
+                or e[1] > MAX_DECODED_BYTES
+                or (e[0] == 0 and e[1] != e[2])
+            ):
+                raise CodecError(f"bad section entry {e!r} in the payload of {wt.name!r}")
+            total += e[2]
+        if total != self.data.nbytes:
+            raise CodecError(f"sections of {wt.name!r} add up to {total} bytes but the payload has {self.data.nbytes}")
+        self.table = table
+        self.name = wt.name
+        self.i = 0
+        self.off = 0
+
+    def _next(self, n: int, what: str) -> tuple[int, memoryview]:
+        if self.i >= len(self.table):
+            raise CodecError(f"payload of {self.name!r} lacks its {what} section")
+        kind, raw, stored = self.table[self.i]
+        if raw != n:
+            raise CodecError(f"{what} section of {self.name!r} holds {raw} bytes, expected {n}")
+        chunk = self.data[self.off : self.off + stored]
+        self.i += 1
+        self.off += stored
+        return kind, chunk
+
+    def raw(self, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kind, chunk = self._next(count * itemsize, what)
+        if kind != 0:
+            raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
+        if count == 0:
+            return torch.empty(0, dtype=dtype, device=self.device)
+        return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dtype).to(self.device)
+
+    def coded(self, n: int, what: str) -> torch.Tensor:
+        kind, chunk = self._next(n, what)
+        if kind == 0:
+            if n == 0:
+                return torch.empty(0, dtype=torch.uint8, device=self.device)
+            return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).to(self.device)
+        return _BACKENDS[self.be_name].decompress(chunk, n, self.device)
+
+    def done(self) -> None:
+        if self.i != len(self.table):
+            raise CodecError(f"payload of {self.name!r} has {len(self.table) - self.i} unexpected extra sections")
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def planes(t: torch.Tensor, host_numpy: bool = True) -> list[torch.Tensor]:
+    """Byte planes of a tensor's values: plane j holds byte j (little-endian) of every value.
+
+    A 16-bit value gives [low byte, high byte]: the high byte of bf16/fp16 is the sign and
+    the exponent, the compressible part. Arithmetic shifts on the GPU, numpy strided copies
+    on the CPU (both far faster than a uint8 transpose in torch)."""
+    k = t.element_size()
+    u8 = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if k == 1:
+        return [u8]
+    if u8.device.type == "cpu" and host_numpy:
+        a = u8.numpy().reshape(-1, k)
+        return [torch.from_numpy(a[:, j].copy()) for j in range(k)]
+    v = u8.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[k])
+    return [(v >> (8 * j)).to(torch.uint8) for j in range(k)]
+
+
+def unplanes(rows: list[torch.Tensor], dtype: torch.dtype, host_numpy: bool = True) -> torch.Tensor:
+    """Inverse of ``planes``: 1-D tensor of ``dtype``."""
+    k = len(rows)
+    if k == 1:
+        return rows[0].view(dtype)
+    n = rows[0].numel()
+    if rows[0].device.type == "cpu" and host_numpy:
+        out = torch.empty(n * k, dtype=torch.uint8)
+        a = out.numpy().reshape(-1, k)
+        for j, r in enumerate(rows):
+            a[:, j] = r.numpy()
+        return out.view(dtype)
+    it = {2: torch.int16, 4: torch.int32, 8: torch.int64}[k]
+    v = rows[k - 1].to(it)
+    for j in range(k - 2, -1, -1):
+        v.bitwise_left_shift_(8).bitwise_or_(rows[j].to(it))
+    return v.view(dtype)
+
+
+def put_planes(w: SectionWriter, t: torch.Tensor) -> None:
+    """Entropy-code a tensor exactly, one section per byte plane (16-bit: low byte, high byte)."""
+    for row in planes(t):
+        w.coded(row)
+
+
+def get_planes(r: SectionReader, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
+    k = torch.empty((), dtype=dtype).element_size()
+    if k == 1:
+        return r.coded(count, what).view(dtype)
+    return unplanes([r.coded(count, f"{what} byte {j}") for j in range(k)], dtype)
+
+
+def sanitize(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """The lossy non-finite policy on a float32 2-D tensor whose channels run along the other
+    axis than ``dim`` (tokens): NaN -> 0, +-Inf -> +-the channel's largest finite magnitude."""
+    if bool(torch.isfinite(x.sum(dim)).all()):  # one cheap reduction; an overflow only costs the slow path
+        return x
+    finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+    absmax = finite.abs().amax(dim=dim, keepdim=True).expand_as(x)
+    out = torch.where(torch.isposinf(x), absmax, finite)
+    return torch.where(torch.isneginf(x), -absmax, out)
+
+
+def channel_major(t: torch.Tensor) -> torch.Tensor:
+    """A fresh float32 [C, N] copy of ``t`` viewed as [N, C] (C = last axis), with the lossy
+    non-finite policy applied: the layout every quantizer works in (safe to modify)."""
+    x = t.detach().reshape(-1, t.shape[-1])
+    if x.dtype in (torch.float16, torch.bfloat16):  # transpose 16-bit words, then widen: 2x faster
+        xt = x.view(torch.int16).t().contiguous().view(x.dtype).float()
+    else:
+        xt = torch.empty((x.shape[1], x.shape[0]), dtype=torch.float32, device=x.device).copy_(x.t())
+    return sanitize(xt, dim=1)
+
+
+def float_input(t: torch.Tensor, name: str, codec: str) -> str:
+    dname = dtype_name(t.dtype)
+    if dname not in LOSSY_DTYPES:
+        raise LocalError(
+            f"{codec} codec needs a float16/bfloat16/float32 tensor; {name!r} is {dname}: send it raw or lossless"
+        )
+    return dname
+
+
+def check_shape(wt: WireTensor) -> int:
+    """Elements of ``wt``'s shape, refusing tensors larger than a frame could carry raw."""
+    n = numel(wt.shape)
+    if n * torch.empty((), dtype=torch_dtype(wt.dtype)).element_size() > MAX_DECODED_BYTES:
+        raise CodecError(f"{wt.name!r}: shape {list(wt.shape)} x {wt.dtype} exceeds {MAX_DECODED_BYTES} bytes")
+    return n
+
+
+class EntropyCodec(Codec):
+    """Base of ids 2..7: 0-d and empty tensors go raw (``meta {"raw": true}``); decode
+    turns anything a malformed payload can raise into ``CodecError``."""
+
+    lossless = False
+
+    def available(self) -> str | None:
+        return ZSTD.available()
+
+    def raw_fallback(self, t: torch.Tensor, name: str) -> WireTensor | None:
+        if t.ndim == 0 or t.numel() == 0:
+            raw = RawCodec().encode(t, name, {})
+            return dataclasses.replace(raw, codec=self.wire_id, meta={"raw": True})
+        return None
+
+    def decode(self, wt: WireTensor, device: torch.device | str, state: dict[Any, Any] | None = None) -> torch.Tensor:
+        if wt.meta.get("raw") is True:
+            return RawCodec().decode(wt, device)
+        if len(wt.shape) == 0:
+            raise CodecError(f"{self.name} payload for {wt.name!r} has a 0-d shape but is not raw")
+        check_shape(wt)
+        try:
+            return self._decode(wt, torch.device(device), state)
+        except CodecError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError, OverflowError, KeyError) as e:
+            raise CodecError(f"cannot decode {wt.name!r} with codec {self.name}: {type(e).__name__}: {e}") from e
+
+    def _decode(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------- lossless
+
+
+class LosslessCodec(EntropyCodec):
+    """Exact, any dtype: the values' bytes split into planes (bf16/fp16: high byte = sign +
+    exponent, low byte = mantissa), each plane entropy-coded (zstd or nvCOMP ANS).
+
+    ``meta``: ``be``, ``s``, ``l`` (layout: ``"r"`` row-major as given, ``"c"`` channel-major,
+    i.e. the last axis first, which groups each channel's exponents). Error budget: none,
+    bit-exact including NaN payloads and -0.0. Gains come from the exponent byte: expect
+    ~1.3-1.5x on bf16 activations, ~1.1x on fp32."""
+
+    wire_id = 2
+    name = "lossless"
+    lossless = True
+
+    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
+        dname = dtype_name(t.dtype)
+        fb = self.raw_fallback(t, name)
+        if fb is not None:
+            return fb
+        layout = params.get("layout", "c")
+        if layout not in ("r", "c"):
+            raise LocalError(f"lossless layout={layout!r} must be 'r' (row-major) or 'c' (channel-major)")
+        x = t.detach()
+        if layout == "c" and x.ndim >= 2:
+            x = x.reshape(-1, x.shape[-1]).t()
+        else:
+            layout = "r"
+        w = SectionWriter(pick_backend(params, t.device))
+        if layout == "c" and x.element_size() == 2:
+            x = x.view(torch.int16)  # transposing 16-bit words is much faster than half floats
+        put_planes(w, x.contiguous())
+        data, meta = w.finish({"l": layout})
+        return WireTensor(name, dname, tuple(t.shape), self.wire_id, data, meta)
+
+    def _decode(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None) -> torch.Tensor:
+        dtype = torch_dtype(wt.dtype)
+        n = numel(wt.shape)
+        layout = meta_str(wt.meta, "l", ("r", "c"))
+        r = SectionReader(wt, device)
+        flat = get_planes(r, dtype, n, "value")
+        r.done()
+        if layout == "c" and len(wt.shape) >= 2 and wt.shape[-1]:
+            c = wt.shape[-1]
+            words = flat.view(torch.int16) if flat.element_size() == 2 else flat
+            return words.reshape(c, n // c).t().contiguous().view(dtype).reshape(wt.shape)
+        return flat.reshape(wt.shape)
+
+
+register(LosslessCodec())
+
+# The other members of the family register themselves on import.
+from . import codec_auto, codec_quant, codec_temporal  # noqa: E402,F401

@@ -1,0 +1,392 @@
+"""ComfyUI routes and websocket events behind the Icarus node UI (``web/mesh.js``).
+
+Node-side glue: registered from ``__init__.py`` only when ComfyUI's ``PromptServer.instance``
+exists, so importing the pack anywhere else registers nothing. Every Icarus node type shares
+these routes; nothing here is specific to one model family.
+
+``GET  /mesh/status?host=H&port=P``  probe a Daedalus (cached ``STATUS_TTL_S``, one probe per
+                                      address in flight): light state, the server's model and
+                                      n_blocks, whether a token is needed / saved.
+``POST /mesh/reconfigure``           ``{host, port, n_blocks}``: ask that Daedalus to hold
+                                      ``n_blocks`` (the node's Confirm button).
+``POST /mesh/token``                 ``{host, port, token}``: save (or, empty, delete) the token for
+                                      host:port in ComfyUI's user folder; tokens are never returned.
+
+Websocket events sent during a run: ``mesh-banner`` ``{node_id, level, text}`` and
+``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``.
+
+The probe is the protocol's pre-authentication half: Hello -> Challenge -> Bye. It needs no
+token, reads the server's model and n_blocks from the Challenge, and leaves no trace in the
+server's log or client list (a full login every few seconds from every open browser tab would).
+
+Security (SSRF): these routes make ComfyUI open TCP connections to a host:port named in the
+request, like the original's reconfigure route did. What limits it: the address is validated
+(a host name or IP and a port, no URL), only ComfyUI-Mesh frames are sent, nothing a non-Daedalus
+peer answers is passed back (only "not a Daedalus server"), probes are rate-limited by the cache
+and a small worker pool, and reconfiguring needs the token saved for that server. Whoever can
+reach ComfyUI's HTTP port can already queue arbitrary workflows, so ComfyUI must not be exposed
+to untrusted networks anyway; to pin the reachable servers set ``COMFYUI_MESH_ALLOWED_HOSTS``
+(comma-separated host names/IPs) and every other address is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from . import codec
+from .auth import new_nonce
+from .config import ClientConfig
+from .constants import PACKAGE_VERSION, PRE_AUTH_MAX_BODY, TOKEN_ENV
+from .errors import LocalError, MeshError
+from .protocol import Bye, Challenge, Error, FrameDecoder, Hello
+from .transport import SKEW_ENV, MeshClient, drop_pooled, recv_message, send_message
+
+log = logging.getLogger("comfyui_mesh")
+
+STATUS_TTL_S = 3.0  # a status answer is reused this long (the UI polls every 3 s per address)
+PROBE_TIMEOUT_S = 2.0  # connect + Hello/Challenge; the UI must not hang on a dead host
+MAX_CACHED = 64  # distinct addresses remembered (bounds memory whatever the requests name)
+ALLOWED_HOSTS_ENV = "COMFYUI_MESH_ALLOWED_HOSTS"
+_HOSTNAME_RE = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?$")
+_EXECUTOR = ThreadPoolExecutor(max_workers=4, thread_name_prefix="mesh-ui")
+
+
+# ---------------------------------------------------------------------------- validation
+def parse_address(host: Any, port: Any) -> tuple[str, int]:
+    """A host name or IP and a port, or LocalError. No URLs, paths, user@ or whitespace."""
+    h = str(host or "").strip()
+    if h.startswith("[") and h.endswith("]"):
+        h = h[1:-1]
+    if not h:
+        raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
+    try:
+        ipaddress.ip_address(h)
+    except ValueError:
+        if not _HOSTNAME_RE.match(h) or ".." in h:
+            raise LocalError(f"remote_host {h[:80]!r} is not a host name or IP address") from None
+    try:
+        p = int(str(port).strip())
+    except ValueError:
+        raise LocalError(f"remote_port {str(port)[:20]!r} is not a number") from None
+    if not 1 <= p <= 65535:
+        raise LocalError(f"remote_port {p} must be 1..65535")
+    allowed = [a.strip().lower() for a in os.environ.get(ALLOWED_HOSTS_ENV, "").split(",") if a.strip()]
+    if allowed and h.lower() not in allowed:
+        raise LocalError(f"{h} is not in {ALLOWED_HOSTS_ENV} ({', '.join(allowed)})")
+    return h, p
+
+
+def _token_store():
+    from .icarus import token_store
+
+    return token_store()
+
+
+def _comfyui_version() -> str:
+    from .icarus import comfyui_version
+
+    return comfyui_version()
+
+
+def _major_minor(v: str) -> str:
+    return ".".join(v.split("+")[0].split(".")[:2])
+
+
+# ---------------------------------------------------------------------------- probe
+def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
+    """Hello -> Challenge -> Bye against host:port; a JSON-able status (never raises)."""
+    address = f"{host}:{port}"
+    out: dict[str, Any] = {"address": address, "state": "red", "reachable": False, "error": None}
+    try:
+        store = _token_store()
+        out["token_saved"] = store.has(host, port)
+        out["token_env"] = bool(os.environ.get(TOKEN_ENV, "").strip())
+    except MeshError as e:
+        out["token_saved"], out["token_env"] = False, False
+        out["error"] = str(e)
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        out["error"] = f"nothing listens on {address}: is Daedalus running?"
+        return out
+    except TimeoutError:
+        out["error"] = f"no answer from {address} within {timeout:.0f} s: check the address and firewall"
+        return out
+    except OSError as e:
+        out["error"] = f"cannot reach {address}: {e.strerror or e}"
+        return out
+    try:
+        sock.settimeout(timeout)
+        hello = Hello(
+            nonce=new_nonce(),
+            package_version=PACKAGE_VERSION,
+            comfyui_version=_comfyui_version(),
+            torch_version=torch.__version__,
+            codecs=codec.available_ids(),
+            client_name="icarus-status",
+        )
+        send_message(sock, hello)
+        ch, _ = recv_message(sock, FrameDecoder(max_body=PRE_AUTH_MAX_BODY))
+        try:
+            send_message(sock, Bye(reason="status probe"))
+        except OSError:
+            pass
+    except (MeshError, OSError, ValueError) as e:
+        out["error"] = f"{address} did not answer like a Daedalus server ({type(e).__name__})"
+        return out
+    finally:
+        sock.close()
+    if isinstance(ch, Error):
+        out["reachable"] = True
+        out["error"] = f"{address}: {ch.message}"
+        return out
+    if not isinstance(ch, Challenge):
+        out["error"] = f"{address} answered hello with {type(ch).__name__}"
+        return out
+    out.update(
+        reachable=True,
+        arch=ch.arch,
+        model=ch.model,
+        n_blocks=ch.n_blocks,
+        n_blocks_max=ch.n_blocks_max,
+        device=ch.device,
+        auth=ch.auth,
+        auth_needed=ch.auth != "none",
+        server_version=ch.package_version,
+    )
+    out["error"] = _problem(ch, out["token_saved"] or out["token_env"])
+    out["state"] = "red" if out["error"] else "green"
+    return out
+
+
+def _problem(ch: Challenge, have_token: bool) -> str | None:
+    """Why a run against this server would fail at once (n_blocks aside: the Confirm flow handles it)."""
+    if ch.package_version != PACKAGE_VERSION:
+        return f"server runs ComfyUI-Mesh {ch.package_version}, this ComfyUI {PACKAGE_VERSION}: update both"
+    if os.environ.get(SKEW_ENV) != "1":
+        ours = _comfyui_version()
+        if ours and ch.comfyui_version and ours != ch.comfyui_version:
+            return f"server's ComfyUI is {ch.comfyui_version}, this one {ours}: update one (or set {SKEW_ENV}=1)"
+        if _major_minor(ch.torch_version) != _major_minor(torch.__version__):
+            return f"server runs torch {ch.torch_version}, this side {torch.__version__} (or set {SKEW_ENV}=1)"
+    if ch.auth != "none" and not have_token:
+        return "token needed: press Token… and paste the token the Daedalus window shows"
+    if ch.auth == "none" and have_token:
+        return "server runs without authentication but a token is saved for it: remove the token (Token…, empty)"
+    return None
+
+
+class Prober:
+    """Cached, deduplicated probes: at most one in flight per address, answers reused for ``ttl``."""
+
+    def __init__(self, ttl: float = STATUS_TTL_S, max_cached: int = MAX_CACHED, probe_fn=probe):
+        self.ttl = ttl
+        self.max_cached = max_cached
+        self.probe_fn = probe_fn
+        self._cache: dict[tuple[str, int], tuple[float, dict[str, Any]]] = {}
+        self._inflight: dict[tuple[str, int], asyncio.Future] = {}
+
+    def forget(self, host: str, port: int) -> None:
+        self._cache.pop((host.lower(), port), None)
+
+    async def status(self, host: str, port: int, refresh: bool = False) -> dict[str, Any]:
+        key = (host.lower(), port)
+        hit = self._cache.get(key)
+        if hit and not refresh and time.monotonic() - hit[0] < self.ttl:
+            return {**hit[1], "cached": True}
+        fut = self._inflight.get(key)
+        if fut is None:
+            fut = asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.probe_fn, host, port)
+            self._inflight[key] = fut
+            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+        result = await asyncio.shield(fut)  # a client that goes away must not cancel the others' probe
+        return {**result, "cached": False}
+
+    def _done(self, key: tuple[str, int], fut: asyncio.Future) -> None:
+        self._inflight.pop(key, None)
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        self._cache[key] = (time.monotonic(), fut.result())
+        while len(self._cache) > self.max_cached:  # drop the oldest
+            oldest = min(self._cache, key=lambda k: self._cache[k][0])
+            del self._cache[oldest]
+
+
+# ---------------------------------------------------------------------------- actions
+def _client(host: str, port: int) -> MeshClient:
+    token = _token_store().get(host, port)
+    cfg = ClientConfig(host=host, port=port, token=token, client_name="icarus-ui")
+    return MeshClient(cfg, comfyui_version=_comfyui_version())
+
+
+def reconfigure(host: str, port: int, n_blocks: int) -> dict[str, Any]:
+    """Ask Daedalus at host:port to hold ``n_blocks``; the node's pooled connection is dropped."""
+    c = _client(host, port)
+    try:
+        r = c.reconfigure(n_blocks)
+    finally:
+        c.close("reconfigured from the node UI")
+    drop_pooled(host, port)  # the next run re-handshakes and sees the new n_blocks
+    log.info("ComfyUI-Mesh: %s:%d now holds %d blocks (from the node's Confirm button)", host, port, r.n_blocks)
+    return {"ok": True, "n_blocks": r.n_blocks, "no_op": r.no_op}
+
+
+def save_token(host: str, port: int, token: str) -> dict[str, Any]:
+    """Save (or delete, when empty) the token for host:port, then try it if the server is up."""
+    token = token.strip()
+    if len(token) > 512 or any(c.isspace() for c in token):
+        raise LocalError("that does not look like a Daedalus token (one line of letters and digits)")
+    _token_store().set(host, port, token)
+    drop_pooled(host, port)
+    out: dict[str, Any] = {"ok": True, "saved": bool(token), "verified": None, "message": "token removed"}
+    if os.environ.get(TOKEN_ENV, "").strip():
+        out["message"] = f"saved, but {TOKEN_ENV} is set in ComfyUI's environment and overrides it"
+        return out
+    if not token:
+        return out
+    c = _client(host, port)
+    try:
+        c.connect()
+        out.update(verified=True, message=f"saved; {host}:{port} accepted it")
+    except MeshError as e:
+        out.update(verified=False, message=f"saved, but the check failed: {e}")
+    finally:
+        c.close("token check")
+    return out
+
+
+# ---------------------------------------------------------------------------- websocket events
+def _prompt_server() -> Any:
+    """ComfyUI's PromptServer instance if this process is a running ComfyUI, else None (imports nothing)."""
+    srv = sys.modules.get("server")
+    return getattr(getattr(srv, "PromptServer", None), "instance", None)
+
+
+def _send(event: str, data: dict[str, Any]) -> None:
+    ps = _prompt_server()
+    if ps is None:
+        return
+    try:
+        ps.send_sync(event, data, getattr(ps, "client_id", None))
+    except Exception:  # the UI is a courtesy: never fail a run over it
+        log.debug("ComfyUI-Mesh: could not send %s", event, exc_info=True)
+
+
+def send_banner(node_id: Any, level: str, text: str) -> None:
+    """Show ``text`` under the node (level: ok, info, warn, error); node_id may be a subgraph path 'a:b'."""
+    _send("mesh-banner", {"node_id": str(node_id), "level": level, "text": text})
+
+
+def step_reporter(node_id: Any, codec_name: str):
+    """A callback(call, StepStats) that sends ``mesh-stats`` for one node after every remote step."""
+
+    def report(call: int, stats: Any) -> None:
+        s = stats.server
+        chosen = getattr(stats, "codec", None) or {}  # what was used (codec "auto" picks one per link)
+        _send(
+            "mesh-stats",
+            {
+                "node_id": str(node_id),
+                "call": call,
+                "codec": str(chosen.get("codec") or codec_name),
+                "bytes_out": stats.bytes_out,
+                "bytes_in": stats.bytes_in,
+                "encode_ms": round(stats.encode_ms, 2),
+                "round_trip_ms": round(stats.wait_ms, 2),
+                "decode_ms": round(stats.decode_ms, 2),
+                "server_forward_ms": round(float(s.get("forward", 0.0)), 2),
+            },
+        )
+
+    return report
+
+
+# ---------------------------------------------------------------------------- registration
+_REGISTERED = False
+PROBER = Prober()
+
+
+def register(prompt_server: Any) -> bool:
+    """Add the routes to ComfyUI's table (at import time: ComfyUI adds the table to its app later)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return False
+    from aiohttp import web
+
+    routes = prompt_server.routes
+
+    def fail(status: int, message: str) -> web.Response:
+        return web.json_response({"ok": False, "error": message}, status=status)
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except ValueError:
+            raise LocalError("the request body must be JSON") from None
+        if not isinstance(data, dict):
+            raise LocalError("the request body must be a JSON object")
+        return data
+
+    @routes.get("/mesh/status")
+    async def status(request: web.Request) -> web.Response:
+        try:
+            host, port = parse_address(request.query.get("host"), request.query.get("port"))
+        except LocalError as e:
+            return fail(400, str(e))
+        refresh = request.query.get("refresh") == "1"
+        return web.json_response(await PROBER.status(host, port, refresh))
+
+    @routes.post("/mesh/reconfigure")
+    async def reconfigure_route(request: web.Request) -> web.Response:
+        try:
+            data = await body(request)
+            host, port = parse_address(data.get("host"), data.get("port"))
+            n = data.get("n_blocks")
+            if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                raise LocalError("n_blocks must be a whole number >= 1")
+        except LocalError as e:
+            return fail(400, str(e))
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(_EXECUTOR, reconfigure, host, port, n)
+        except MeshError as e:
+            return fail(502, str(e))
+        PROBER.forget(host, port)
+        result["status"] = await PROBER.status(host, port, refresh=True)
+        return web.json_response(result)
+
+    @routes.post("/mesh/token")
+    async def token_route(request: web.Request) -> web.Response:
+        try:
+            data = await body(request)
+            host, port = parse_address(data.get("host"), data.get("port"))
+            token = data.get("token", "")
+            if not isinstance(token, str):
+                raise LocalError("token must be a string")
+        except LocalError as e:
+            return fail(400, str(e))
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(_EXECUTOR, save_token, host, port, token)
+        except MeshError as e:
+            return fail(400, str(e))
+        PROBER.forget(host, port)
+        return web.json_response(result)
+
+    _REGISTERED = True
+    log.info("ComfyUI-Mesh: node UI routes registered (/mesh/status, /mesh/reconfigure, /mesh/token)")
+    return True
+
+
+__all__ = ["PROBER", "Prober", "parse_address", "probe", "register", "send_banner", "step_reporter"]

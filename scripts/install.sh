@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Install (or repair) everything Daedalus needs, then check it. Safe to run again.
+#   bash scripts/install.sh
+# Steps: virtualenv (MESH_VENV, default .venv) -> torch (CUDA build with an NVIDIA driver, else CPU;
+# kept if already installed) -> ComfyUI (COMFYUI_PATH, or the ComfyUI this pack sits in, or a clone
+# of release $COMFYUI_TAG into .vendor/ComfyUI) -> ComfyUI's requirements -> this package
+# (pip install -e) -> python -m comfyui_mesh.server.check.
+# Options (environment): PYTHON (python3), MESH_TORCH=cpu|cuda, MESH_TORCH_INDEX (a wheel index URL),
+# MESH_DRY_RUN=1 (print the commands instead of running them).
+set -euo pipefail
+# shellcheck source=_common.sh source-path=SCRIPTDIR
+. "$(dirname "$0")/_common.sh"
+BASE_PY=${PYTHON:-python3}
+
+say "1/6 virtual environment: $MESH_VENV"
+if [ -x "$MESH_VENV/bin/python" ]; then
+  say "    exists, kept"
+else
+  command -v "$BASE_PY" >/dev/null || dry || die "$BASE_PY not found: install Python 3.10+ (or set PYTHON)"
+  run "$BASE_PY" -m venv "$MESH_VENV"
+fi
+PY=$(mesh_python)
+run "$PY" -m pip install --upgrade pip wheel
+
+say "2/6 torch"
+if [ -x "$PY" ] && "$PY" -c "import torch" >/dev/null 2>&1 && [ -z "${MESH_TORCH:-}${MESH_TORCH_INDEX:-}" ]; then
+  say "    kept: $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  want=${MESH_TORCH:-}
+  if [ -z "$want" ]; then
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then want=cuda; else want=cpu; fi
+  fi
+  index=${MESH_TORCH_INDEX:-}
+  if [ -z "$index" ] && [ "$want" = cpu ] && [ "$(uname -s)" = Linux ]; then
+    index=https://download.pytorch.org/whl/cpu # Linux's default wheel is the large CUDA build
+  fi
+  say "    installing the $want build"
+  if [ -n "$index" ]; then
+    run "$PY" -m pip install torch torchvision torchaudio --index-url "$index"
+  else
+    run "$PY" -m pip install torch torchvision torchaudio
+  fi
+fi
+
+say "3/6 ComfyUI"
+COMFY=$(mesh_comfyui)
+if [ -n "$COMFY" ]; then
+  say "    using $COMFY"
+else
+  COMFY="$MESH_REPO/.vendor/ComfyUI"
+  command -v git >/dev/null || dry || die "git not found: install git, or set COMFYUI_PATH to an existing ComfyUI"
+  say "    cloning ComfyUI $COMFYUI_TAG into $COMFY"
+  run git clone --depth 1 --branch "$COMFYUI_TAG" "$MESH_COMFYUI_URL" "$COMFY"
+fi
+
+say "4/6 ComfyUI's requirements (torch kept as installed)"
+REQS="$MESH_VENV/comfyui-requirements.txt"
+if dry; then
+  echo "+ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|\$)' $COMFY/requirements.txt > $REQS"
+else
+  grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$COMFY/requirements.txt" >"$REQS"
+fi
+run "$PY" -m pip install -r "$REQS"
+
+say "5/6 ComfyUI-Mesh (editable) and its codecs"
+run "$PY" -m pip install -e "${MESH_REPO}[codecs]"
+if dry; then echo "+ echo $COMFY > $MESH_VENV/comfyui-path.txt"; else echo "$COMFY" >"$MESH_VENV/comfyui-path.txt"; fi
+
+say "6/6 install check"
+run "$PY" -m comfyui_mesh.server.check --comfyui "$COMFY"
+say "done. Start the server: scripts/daedalus_gui.sh (window) or MESH_WEIGHTS=<model> scripts/daedalus.sh"

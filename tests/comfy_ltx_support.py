@@ -1,0 +1,93 @@
+"""Tiny LTX-AV models and sampling for tests with a real ComfyUI (COMFYUI_PATH); see comfy_support.
+
+Two styles, both built with ComfyUI's own LTXAVModel and saved with the metadata "config"
+ComfyUI's detection needs: "ltx2" (LTX-2: plain attention, 6 AdaLN rows, caption projection
+after the connectors) and "ltx23" (LTX-2.3: gated attention, prompt AdaLN with 9 rows,
+projection before the connectors).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from comfy_support import import_comfy
+
+STYLES = ("ltx2", "ltx23")
+
+
+def style_config(style: str) -> tuple[dict, int, dict]:
+    """(transformer config, text-context width, conditioning options) of a tiny style."""
+    from comfyui_mesh.tiny import LTXAV2_TINY, LTXAV23_TINY
+
+    if style == "ltx2":
+        return dict(LTXAV2_TINY), 64, {}
+    # 2.3: the context is the (video | audio) text features; run it through the connectors
+    return dict(LTXAV23_TINY), 96, {"unprocessed_ltxav_embeds": True}
+
+
+def make_ltx(path: Path, style: str = "ltx2", seed: int = 0, **overrides) -> Path:
+    from comfyui_mesh.tiny import make_ltxav
+
+    import_comfy()
+    cfg, _, _ = style_config(style)
+    return make_ltxav(path, seed=seed, config={**cfg, **overrides})
+
+
+def ltx_sample(
+    comfy,
+    model,
+    style: str,
+    audio: int = 5,
+    cfg: float = 2.5,
+    steps: int = 2,
+    extra_cond: dict | None = None,
+    video: tuple[int, int, int] = (2, 2, 3),
+    noise_mask: torch.Tensor | None = None,
+) -> list[torch.Tensor]:
+    """Sample the tiny model (CFG > 1: cond and uncond batched); returns [video] or [video, audio].
+
+    Under ``torch.inference_mode`` as ComfyUI runs every node (execution.py) and Daedalus every
+    step: fp8 weights take a different (equally deterministic) path outside it."""
+    from comfyui_mesh.tiny import ltxav_inputs
+
+    _, ctx, cond = style_config(style)
+    f, h, w = video
+    i = ltxav_inputs(ctx=ctx, cond={**cond, **(extra_cond or {})}, audio=audio, frames=f, h=h, w=w)
+    with torch.inference_mode():
+        out = comfy.sample.sample(
+            model, i["noise"], steps, cfg, "euler", "simple", i["positive"], i["negative"], i["latent_image"],
+            seed=0, disable_pbar=True, noise_mask=noise_mask,
+        )  # fmt: skip
+    return list(out.unbind()) if getattr(out, "is_nested", False) else [out]
+
+
+def make_ltx_fp8(path: Path, style: str = "ltx2", seed: int = 0) -> Path:
+    """A tiny LTX-AV whose block linears are fp8 (e4m3, per-tensor scale) named in the file's
+    ``_quantization_metadata``, the layout of ComfyUI's fp8 checkpoints."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = make_ltx(path.with_suffix(".bf.safetensors"), style=style, seed=seed)
+    with safe_open(str(src), framework="pt") as f:
+        meta = dict(f.metadata())
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    layers = {}
+    for k in list(sd):
+        if k.startswith("transformer_blocks.") and k.endswith(".weight") and sd[k].ndim == 2:
+            w = sd[k].float()
+            scale = w.abs().max() / 448.0
+            sd[k] = (w / scale).to(torch.float8_e4m3fn)
+            sd[k[: -len("weight")] + "weight_scale"] = scale.reshape(())
+            layers[k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+    meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+    save_file(sd, str(path), metadata=meta)
+    return path
+
+
+def load(comfy, path: Path):
+    """comfy.sd.load_diffusion_model as a loader node runs it: under torch.inference_mode."""
+    with torch.inference_mode():
+        return comfy.sd.load_diffusion_model(str(path))

@@ -1,0 +1,119 @@
+// Unit tests of the node UI's logic: node --test tests/js/
+import assert from "node:assert/strict";
+import { test } from "node:test";
+import * as L from "../../web/mesh_logic.js";
+
+const green = { state: "green", reachable: true, n_blocks: 4, n_blocks_max: 8, model: "toy-8x64", arch: "toy",
+  device: "cpu", auth_needed: true, server_version: "0.2.0" };
+const node = (over = {}) => ({ n_blocks_remote: 4, remote_host: "127.0.0.1", remote_port: 7777, ...over });
+
+test("addressOf validates host and port", () => {
+  assert.deepEqual(L.addressOf(node()), { host: "127.0.0.1", port: 7777, key: "127.0.0.1:7777" });
+  assert.equal(L.addressOf(node({ remote_host: "  " })), null);
+  assert.equal(L.addressOf(node({ remote_port: 0 })), null);
+  assert.equal(L.addressOf(node({ remote_port: 70000 })), null);
+  assert.equal(L.addressOf(node({ remote_host: " GPU-Box " })).key, "gpu-box:7777");
+  assert.equal(L.statusUrl({ host: "a b", port: 1 }), "/mesh/status?host=a%20b&port=1");
+});
+
+test("light: grey when local, unknown or unaddressed; green; red with the reason", () => {
+  assert.equal(L.lightFor(node({ n_blocks_remote: 0 }), green).state, "grey");
+  assert.equal(L.lightFor(node({ remote_host: "" }), undefined).state, "grey");
+  assert.match(L.lightFor(node(), undefined).text, /checking/);
+  const g = L.lightFor(node(), green);
+  assert.equal(g.state, "green");
+  assert.equal(g.text, "127.0.0.1:7777 · server n=4/8");
+  assert.match(g.title, /toy-8x64/);
+  const r = L.lightFor(node(), { state: "red", reachable: false, error: "nothing listens on 127.0.0.1:7777" });
+  assert.equal(r.state, "red");
+  assert.match(r.text, /nothing listens/);
+  const rr = L.lightFor(node(), { ...green, state: "red", error: "token needed" });
+  assert.match(rr.text, /server n=4 · token needed/);
+});
+
+test("mismatch: confirm when the server differs, range when the model is too small, none otherwise", () => {
+  assert.equal(L.mismatch(node(), green), null);
+  assert.equal(L.mismatch(node({ n_blocks_remote: 0 }), green), null);
+  assert.equal(L.mismatch(node({ n_blocks_remote: 6 }), undefined), null);
+  assert.equal(L.mismatch(node({ n_blocks_remote: 6 }), { state: "red", reachable: false }), null);
+  assert.deepEqual(L.mismatch(node({ n_blocks_remote: 6 }), green), { kind: "confirm", wanted: 6, server: 4, max: 8 });
+  assert.equal(L.mismatch(node({ n_blocks_remote: 9 }), green).kind, "range");
+  // a red light with a known n_blocks (e.g. token missing) still shows the Confirm flow
+  assert.equal(L.mismatch(node({ n_blocks_remote: 6 }), { ...green, state: "red" }).kind, "confirm");
+  assert.match(L.mismatchText(L.mismatch(node({ n_blocks_remote: 6 }), green), "h:1"), /press Confirm.*set n_blocks_remote to 4/);
+  assert.match(L.mismatchText(L.mismatch(node({ n_blocks_remote: 9 }), green)), /choose 1..8/);
+});
+
+test("blockingProblems judges only Icarus nodes with literal inputs and a fresh status", () => {
+  const now = 1_000_000;
+  const statuses = new Map([["127.0.0.1:7777", { status: green, at: now - 1000 }]]);
+  const output = {
+    "1": { class_type: "UNETLoader", inputs: { unet_name: "x" } },
+    "2": { class_type: "MeshSplitFlux", inputs: { model: ["1", 0], ...node({ n_blocks_remote: 6 }) } },
+    "3": { class_type: "MeshSplitFlux", inputs: { model: ["1", 0], ...node() } },
+    "4": { class_type: "MeshSplitFlux", inputs: { model: ["1", 0], ...node({ n_blocks_remote: ["9", 0] }) } },
+    "5:7": { class_type: "MeshSplitLTX", inputs: { ...node({ n_blocks_remote: 2 }) } },
+    "6": { class_type: "MeshSplitFlux", inputs: { ...node({ remote_port: 7778, n_blocks_remote: 2 }) } },
+  };
+  const p = L.blockingProblems(output, statuses, L.MESH_NODE_TYPES, now);
+  assert.deepEqual(p.map((x) => x.nodeId), ["2", "5:7"]);
+  assert.match(p[0].text, /^Icarus node 2: 127.0.0.1:7777 holds 4 blocks, this node asks for 6/);
+  assert.deepEqual(L.blockingProblems(output, statuses, L.MESH_NODE_TYPES, now + L.STALE_MS + 2000), []);
+  assert.deepEqual(L.blockingProblems(undefined, statuses), []);
+});
+
+test("resolveExecutionId walks subgraph paths", () => {
+  const inner = { id: 5, name: "inner" };
+  const sub = { getNodeById: (id) => (id === 5 ? inner : null) };
+  const outer = { id: 12, subgraph: sub };
+  const plain = { id: 3 };
+  const root = { getNodeById: (id) => ({ 12: outer, 3: plain })[id] ?? null };
+  assert.equal(L.resolveExecutionId(root, "3"), plain);
+  assert.equal(L.resolveExecutionId(root, 3), plain);
+  assert.equal(L.resolveExecutionId(root, "12:5"), inner);
+  assert.equal(L.resolveExecutionId(root, "12:6"), null);
+  assert.equal(L.resolveExecutionId(root, "3:5"), null); // not a subgraph node
+  assert.equal(L.resolveExecutionId(root, "99"), null);
+  assert.equal(L.resolveExecutionId(null, "3"), null);
+  assert.equal(L.resolveExecutionId(root, undefined), null);
+});
+
+test("stats and byte formatting", () => {
+  assert.equal(L.formatBytes(512), "512 B");
+  assert.equal(L.formatBytes(2048), "2.0 kB");
+  assert.equal(L.formatBytes(5_240_000), "5.24 MB");
+  assert.equal(L.formatBytes(3.2e9), "3.20 GB");
+  const s = L.formatStats({ call: 3, codec: "raw", bytes_out: 5_240_000, bytes_in: 5_000_000, round_trip_ms: 131.4,
+    server_forward_ms: 80.2, encode_ms: 1.2 });
+  assert.equal(s, "step 3 · raw · ↑5.24 MB ↓5.00 MB · round trip 131 ms (server 80 ms) · encode 1 ms");
+  assert.equal(L.formatStats(null), "");
+});
+
+test("last-used values: only existing widgets, same type, allowed combo values", () => {
+  assert.equal(L.lastUsedKey("MeshSplitFlux"), "comfyui-mesh.lastUsed.MeshSplitFlux");
+  const v = { n_blocks_remote: 6, remote_host: "10.0.0.2", codec_mode: "int8", extra: 1 };
+  assert.deepEqual(L.pickRemembered(v, ["n_blocks_remote", "remote_host", "codec_mode", "missing"]),
+    { n_blocks_remote: 6, remote_host: "10.0.0.2", codec_mode: "int8" });
+  const widgets = [
+    { name: "n_blocks_remote", value: 4 },
+    { name: "remote_host", value: "127.0.0.1" },
+    { name: "codec_mode", value: "raw", options: { values: ["raw", "int8"] } },
+    { name: "codec_tile_dim", value: 8, options: { values: [1, 2, 4, 8] } },
+  ];
+  const stored = { n_blocks_remote: "6", remote_host: "10.0.0.2", codec_mode: "int8", codec_tile_dim: 3, gone: 1 };
+  assert.deepEqual(L.applicableRemembered(stored, widgets), { remote_host: "10.0.0.2", codec_mode: "int8" });
+  assert.deepEqual(L.applicableRemembered(null, widgets), {});
+  assert.equal(L.parseStored("{bad"), null);
+  assert.equal(L.parseStored("[1]"), null);
+  assert.deepEqual(L.parseStored('{"a":1}'), { a: 1 });
+});
+
+test("banner levels and help", () => {
+  assert.equal(L.bannerLevel("error"), "error");
+  assert.equal(L.bannerLevel("bogus"), "info");
+  assert.equal(L.BANNER_LEVELS.error.persist, true);
+  assert.equal(L.BANNER_LEVELS.ok.persist, false);
+  const titles = L.HELP_SECTIONS.map(([t]) => t);
+  assert.deepEqual(titles, ["Connection", "n_blocks_remote", "LoRA order", "Codecs"]);
+  assert.ok(L.MESH_NODE_TYPES.includes("MeshSplitFlux"));
+});

@@ -1,0 +1,236 @@
+"""The node UI against a real headless ComfyUI with this pack loaded (skipped without COMFYUI_PATH):
+
+* the pack's routes (/mesh/status, /mesh/token, /mesh/reconfigure) against a running toy Daedalus;
+* every node, input and widget value of the example workflows exists in ComfyUI's /object_info;
+* a real browser (Debian's chromium driven by playwright-core; skipped without them): the example
+  workflow loads, the Icarus node's light turns green, the Confirm flow reconfigures the server,
+  queueing is blocked meanwhile, and a banner sent from Python shows under the node. Screenshots
+  go to the artifacts folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+from comfy_support import COMFY, needs_comfy
+
+pytestmark = needs_comfy
+
+REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+ARTIFACTS = Path(os.environ.get("MESH_ARTIFACTS_DIR", REPO / "artifacts"))
+FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # nodes the frontend defines itself
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+TINY_MODEL = "tiny_flux2.safetensors"
+MODEL_FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "ckpt_name"}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    from comfy_support import make_flux2
+    from comfyui_proc import ComfyUI, ToyDaedalus
+
+    tmp = tmp_path_factory.mktemp("ui")
+    models = tmp / "models"
+    models.mkdir()
+    make_flux2(models / TINY_MODEL, seed=0)  # for the banner test: a real FLUX.2 the toy server won't match
+    daedalus = comfy = None
+    try:
+        daedalus = ToyDaedalus(tmp / "state", n_blocks=3)
+        comfy = ComfyUI(COMFY, tmp, models=models)
+        comfy.wait_ready()
+        yield daedalus, comfy
+    finally:
+        if comfy is not None:
+            comfy.stop()
+        if daedalus is not None:
+            daedalus.stop()
+
+
+def status(comfy, port: int, host: str = "127.0.0.1", refresh: bool = True) -> tuple[int, dict]:
+    from urllib.parse import quote
+
+    return comfy.request(f"/mesh/status?host={quote(host)}&port={port}" + ("&refresh=1" if refresh else ""))
+
+
+def test_routes_probe_save_the_token_and_reconfigure(stack):
+    daedalus, comfy = stack
+    p = daedalus.port
+    code, s = status(comfy, p)
+    assert code == 200 and s["reachable"] and s["state"] == "red", s
+    assert (s["arch"], s["n_blocks"], s["n_blocks_max"], s["auth_needed"], s["token_saved"]) == (
+        "toy",
+        3,
+        8,
+        True,
+        False,
+    )
+    assert "token needed" in s["error"]
+    assert status(comfy, p, refresh=False)[1]["cached"] is True
+
+    code, s = comfy.request(f"/api/mesh/status?host=127.0.0.1&port={p}")  # the frontend's prefix works too
+    assert code == 200 and s["n_blocks"] == 3
+
+    for bad in ("http://evil/", "a b", "", "x/../y"):
+        assert status(comfy, p, host=bad)[0] == 400, bad
+    assert comfy.request("/mesh/status?host=127.0.0.1&port=0")[0] == 400
+    from comfyui_proc import free_port
+
+    code, s = status(comfy, free_port())
+    assert code == 200 and s["state"] == "red" and not s["reachable"] and "nothing listens" in s["error"]
+
+    code, r = comfy.request("/mesh/token", {"host": "127.0.0.1", "port": p, "token": "f" * 64})
+    assert code == 200 and r["saved"] and r["verified"] is False and "rejected" in r["message"], r
+    assert "f" * 64 not in json.dumps(r)
+    code, r = comfy.request("/mesh/token", {"host": "127.0.0.1", "port": p, "token": daedalus.token})
+    assert code == 200 and r["verified"] is True, r
+    assert daedalus.token not in json.dumps(r)
+    stored = json.loads((comfy.user_dir / "comfyui-mesh" / "tokens.json").read_text())
+    assert stored == {f"127.0.0.1:{p}": daedalus.token}
+    code, s = status(comfy, p)
+    assert s["state"] == "green" and s["token_saved"] and s["error"] is None, s
+
+    code, r = comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": 5})
+    assert code == 200 and r["ok"] and r["n_blocks"] == 5 and r["status"]["n_blocks"] == 5, r
+    code, r = comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": 99})
+    assert code == 502 and "out of range" in r["error"], r
+    assert comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": "5"})[0] == 400
+    assert comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": 3})[1]["n_blocks"] == 3
+    assert comfy.request("/mesh/token", {"host": "127.0.0.1", "port": p, "token": "two words"})[0] == 400
+
+
+def _widget_inputs(info: dict) -> list[tuple[str, object, dict]]:
+    """(name, type, options) of the inputs the frontend shows as widgets, in widgets_values order."""
+    out = []
+    order = info.get("input_order", {})
+    for section in ("required", "optional"):
+        specs = info["input"].get(section, {})
+        for name in order.get(section, list(specs)):
+            spec = specs[name]
+            t, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
+            if isinstance(t, list) or t in WIDGET_TYPES:
+                out.append((name, t, opts))
+    return out
+
+
+def _check_value(where: str, name: str, t: object, opts: dict, v: object) -> None:
+    if isinstance(t, list) or t == "COMBO":
+        allowed = t if isinstance(t, list) else opts.get("options", [])
+        if name in MODEL_FILE_INPUTS:  # model files: whatever the user has installed
+            assert isinstance(v, str) and v.endswith((".safetensors", ".sft", ".gguf")), f"{where}: {v!r}"
+        else:
+            assert v in allowed, f"{where}: {v!r} not in {allowed}"
+    elif t == "INT":
+        assert isinstance(v, int) and not isinstance(v, bool), f"{where}: {v!r} is not an INT"
+        assert opts.get("min", v) <= v <= opts.get("max", v), (
+            f"{where}: {v} outside {opts.get('min')}..{opts.get('max')}"
+        )
+    elif t == "FLOAT":
+        assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{where}: {v!r} is not a FLOAT"
+        assert opts.get("min", v) <= v <= opts.get("max", v), (
+            f"{where}: {v} outside {opts.get('min')}..{opts.get('max')}"
+        )
+    elif t == "BOOLEAN":
+        assert isinstance(v, bool), f"{where}: {v!r} is not a BOOLEAN"
+    elif t == "STRING":
+        assert isinstance(v, str), f"{where}: {v!r} is not a STRING"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
+def test_example_workflow_matches_object_info(stack, path):
+    _, comfy = stack
+    wf = json.loads(path.read_text())
+    code, info = comfy.request("/object_info", timeout=60)
+    assert code == 200
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert any(n["type"] == "MeshSplitFlux" for n in nodes.values()), "an example without Icarus"
+    for n in nodes.values():
+        where = f"{path.name} node {n['id']} {n['type']}"
+        if n["type"] in FRONTEND_ONLY:
+            continue
+        assert n["type"] in info, f"{where}: ComfyUI has no such node"
+        spec = info[n["type"]]
+        all_inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        for inp in n.get("inputs", []):
+            assert inp["name"] in all_inputs, f"{where}: no input {inp['name']!r}"
+            if inp.get("link") is not None:
+                t = all_inputs[inp["name"]][0]
+                assert t == "*" or inp["type"] == t or inp["type"] in str(t).split(","), f"{where}.{inp['name']}"
+        required_links = [k for k, s in spec["input"].get("required", {}).items() if not _widget_inputs(
+            {"input": {"required": {k: s}}, "input_order": {"required": [k]}})]  # fmt: skip
+        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
+        assert set(required_links) <= linked, f"{where}: unconnected {set(required_links) - linked}"
+        values = list(n.get("widgets_values", []))
+        for name, t, opts in _widget_inputs(spec):
+            if not values:
+                break
+            _check_value(f"{where}.{name}", name, t, opts, values.pop(0))
+            if opts.get("control_after_generate"):
+                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), f"{where}.{name} control"
+        assert not values, f"{where}: {len(values)} widget values more than the node has widgets"
+        for slot, out in enumerate(n.get("outputs", [])):
+            assert spec["output"][slot] == out["type"], f"{where}: output {slot} is {spec['output'][slot]}"
+    for lid, src, src_slot, dst, dst_slot, t in wf["links"]:
+        assert nodes[src]["outputs"][src_slot]["type"] == t and lid in nodes[src]["outputs"][src_slot]["links"]
+        assert nodes[dst]["inputs"][dst_slot]["link"] == lid
+
+
+def _browser_missing() -> str | None:
+    if not shutil.which("node"):
+        return "node is not installed"
+    if not (REPO / "node_modules" / "playwright-core").is_dir():
+        return "playwright-core is not installed: run npm ci in the repository root"
+    if not Path(os.environ.get("CHROMIUM", "/usr/bin/chromium")).exists():
+        return "chromium is not installed (Debian: apt-get install chromium)"
+    return None
+
+
+def test_browser_icarus_node_light_confirm_queue_block_and_banner(stack, tmp_path):
+    missing = _browser_missing()
+    if missing:
+        print(f"\nSKIP browser test: {missing}")
+        pytest.skip(missing)
+    daedalus, comfy = stack
+    p = daedalus.port
+    comfy.request("/mesh/token", {"host": "127.0.0.1", "port": p, "token": daedalus.token})
+    assert comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": 3})[0] == 200
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    banner_prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL, "weight_dtype": "default"}},
+        "ICARUS": {
+            "class_type": "MeshSplitFlux",
+            "inputs": {"model": ["1", 0], "n_blocks_remote": 2, "remote_host": "127.0.0.1", "remote_port": p,
+                       "codec_mode": "raw", "codec_qp": 18, "codec_lossless": False, "codec_tile_dim": 8,
+                       "forward_client_loras": True},
+        },
+        "3": {"class_type": "ModelSave", "inputs": {"model": ["ICARUS", 0], "filename_prefix": "mesh_ui/never"}},
+    }  # fmt: skip
+    env = {
+        **os.environ,
+        "COMFY_URL": comfy.url,
+        "DAEDALUS_PORT": str(p),
+        "WORKFLOW": str(REPO / "workflows" / "flux2-klein-9b.json"),
+        "BANNER_PROMPT": json.dumps(banner_prompt),
+        "ARTIFACTS": str(ARTIFACTS),
+        "CLIENT_ID": uuid.uuid4().hex,
+    }
+    r = subprocess.run(
+        ["node", str(REPO / "tests" / "browser" / "icarus_node.mjs")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    print(r.stdout[-4000:])
+    assert r.returncode == 0, f"browser script failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}\n{comfy.log(40)}"
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["light"] == "green" and f"127.0.0.1:{p} · server n=3/8" in result["text"], result
+    assert result["confirm_visible"] and "n_blocks=5" in result["confirm_button"], result
+    assert "Queueing is blocked" in result["queue_error"], result
+    assert result["after_confirm_text"].endswith("server n=5/8") and not result["confirm_visible_after"], result
+    assert "serves a toy model" in result["banner"] and result["banner_level_color"], result
+    for shot in result["screenshots"]:
+        assert Path(shot).stat().st_size > 10_000, shot

@@ -1,0 +1,374 @@
+"""Temporal codecs (ids 6, 7): closed-loop residuals over sampler steps, keyframes, state loss and
+recovery, stream state; plus the transport plumbing (stream_reset, codec_unavailable, auto)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+from comfyui_mesh import codec, codec_entropy, errors
+from comfyui_mesh.codec_temporal import MAX_STREAMS, stream_state
+from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.server import core
+from comfyui_mesh.server.core import DaedalusServer, ServerState
+from comfyui_mesh.server.toy import ToyBackend, ToyModel
+from comfyui_mesh.transport import MeshClient
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def wire_copy(wt):
+    return dataclasses.replace(wt, data=bytes(wt.data), meta=json.loads(json.dumps(wt.meta)))
+
+
+def sequence(steps, shape=(1, 64, 48), r=0.2, dtype=torch.bfloat16, seed=0):
+    """Correlated steps: AR(1) with relative residual ~r around per-channel means and scales."""
+    g = torch.Generator().manual_seed(seed)
+    c = shape[-1]
+    sig = torch.exp(torch.randn(c, generator=g))
+    mu = torch.randn(c, generator=g) * sig
+    rho = 1 - r * r / 2
+    z = torch.randn(shape, generator=g)
+    out = []
+    for _ in range(steps):
+        out.append((mu + sig * z).to(dtype))
+        z = rho * z + math.sqrt(1 - rho * rho) * torch.randn(shape, generator=g)
+    return out
+
+
+def slack(dtype, x, y):
+    mag = torch.maximum(x.double().abs(), y.double().abs())
+    return {torch.bfloat16: mag * 2**-8, torch.float16: mag * 2**-11 + 2**-24}.get(dtype, mag * 2**-23)
+
+
+def exact(a, b):
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.view(BITS[a.dtype]), b.view(BITS[b.dtype]))
+
+
+# ---------------------------------------------------------------------------- stream state
+
+
+def test_stream_state_keys_generations_and_lru():
+    conn: dict = {}
+    a = stream_state(conn, {"cond_or_uncond": [0, 1]})
+    a["k"] = 1
+    assert stream_state(conn, {"cond_or_uncond": [0, 1]}) is a
+    b = stream_state(conn, {"cond_or_uncond": [1]})
+    assert b is not a and b == {}
+    assert stream_state(conn, None) is not a
+    a2 = stream_state(conn, {"cond_or_uncond": [0, 1], "gen": 7})  # a new generation drops everything
+    assert a2 == {} and a2 is not a
+    assert stream_state(conn, {"gen": 7, "cond_or_uncond": [0, 1]}) is a2
+    for i in range(MAX_STREAMS + 3):
+        stream_state(conn, {"gen": 7, "row": i})
+    assert len(conn["_streams"]) == MAX_STREAMS
+    with pytest.raises(errors.LocalError, match="limit"):
+        stream_state(conn, {"k": "x" * 1000})
+    with pytest.raises(errors.RemoteProtocolError):
+        stream_state(conn, {"k": float("nan")}, errors.RemoteProtocolError)
+
+
+# ---------------------------------------------------------------------------- lossless-t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_lossless_t_is_exact_over_100_steps(dtype):
+    seq = sequence(100, dtype=dtype, r=0.05)
+    seq[40].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -0.0], dtype=dtype)
+    enc, dec = {}, {}
+    frames = []
+    for x in seq:
+        wt = codec.encode(x, "x", "lossless-t", {"keyint": 32}, state=enc)
+        frames.append(wt.meta["f"])
+        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+        assert exact(y, x)
+    assert frames[0] == "i" and frames.count("p") > 80
+    assert [i for i, f in enumerate(frames) if f == "i"][:4] == [0, 32, 64, 96]
+    p = codec.encode(seq[-1] + 0, "x", "lossless-t", {}, state=enc)
+    intra = codec.encode(seq[-1], "x", "lossless", {})
+    assert p.meta["f"] == "p" and p.nbytes < intra.nbytes
+
+
+def test_lossless_t_picks_a_keyframe_when_the_difference_is_not_cheaper():
+    g = torch.Generator().manual_seed(3)
+    enc = {}
+    codec.encode(torch.randn(64, 32, generator=g).to(torch.bfloat16), "x", "lossless-t", {}, state=enc)
+    wt = codec.encode(torch.randn(64, 32, generator=g).to(torch.bfloat16) * 1e6, "x", "lossless-t", {}, state=enc)
+    assert wt.meta["f"] == "i"
+
+
+# ---------------------------------------------------------------------------- quant-t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_quant_t_error_is_bounded_and_does_not_drift(dtype):
+    seq = sequence(100, dtype=dtype, r=0.1)
+    enc, dec = {}, {}
+    errs, bits = [], []
+    for i, x in enumerate(seq):
+        wt = codec.encode(x, "x", "quant-t", {"cosine": 0.999, "keyint": 0}, state=enc)
+        assert wt.meta["f"] == ("i" if i == 0 else "p")
+        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+        err = (x.double() - y.double()).abs()
+        assert bool((err <= wt.meta["st"] / 2 * (1 + 1e-5) + slack(dtype, x, y)).all())
+        # the decoder's reference is what the encoder predicted from: bit for bit
+        assert exact(enc[("enc", 7, "x")]["ref"], dec[("dec", 7, "x")]["ref"])
+        errs.append(float((x.double() - y.double()).norm() / x.double().norm()))
+        bits.append(8 * wt.nbytes / x.numel())
+    assert max(errs[90:]) <= 1.2 * errs[0]  # closed loop: step 100 no worse than step 1
+    assert sum(bits[1:]) / 99 < 0.75 * bits[0]  # P-frames are cheaper than the keyframe
+
+
+def test_quant_t_matches_intra_quant_fidelity_with_fewer_bytes():
+    seq = sequence(6, shape=(1, 256, 64), r=0.1, seed=4)
+    enc, dec = {}, {}
+    for x in seq:
+        wt = codec.encode(x, "x", "quant-t", {"cosine": 0.995}, state=enc)
+        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+    intra = codec.encode(seq[-1], "x", "quant", {"cosine": 0.995})
+    yi = codec.decode(wire_copy(intra))
+    err_t = float((seq[-1].double() - y.double()).norm())
+    err_i = float((seq[-1].double() - yi.double()).norm())
+    assert err_t <= 1.3 * err_i
+    assert wt.nbytes < 0.7 * intra.nbytes
+
+
+@pytest.mark.parametrize("name", ["quant-t", "lossless-t"])
+def test_keyframes_on_shape_dtype_keyint_and_request(name):
+    enc = {}
+    x = sequence(1, shape=(1, 16, 8))[0]
+
+    def frame(t, **p):
+        return codec.encode(t, "x", name, p, state=enc).meta["f"]
+
+    assert [frame(x), frame(x)] == ["i", "p"]
+    assert frame(sequence(1, shape=(1, 17, 8))[0]) == "i"  # shape change
+    assert frame(sequence(1, shape=(1, 17, 8), dtype=torch.float16)[0]) == "i"  # dtype change
+    y = sequence(1, shape=(1, 17, 8), dtype=torch.float16)[0]
+    assert [frame(y, keyint=3) for _ in range(4)] == ["p", "p", "i", "p"]  # GOPs of 3: I P P
+    assert frame(y, keyframe=True) == "i"
+    assert codec.encode(y, "x", name, {}, state=None).meta["f"] == "i"  # no state: always a keyframe
+
+
+@pytest.mark.parametrize("name", ["quant-t", "lossless-t"])
+def test_p_frame_without_matching_state_raises_stream_state_error(name):
+    seq = sequence(4)
+    enc, dec = {}, {}
+    wts = [codec.encode(x, "x", name, {}, state=enc) for x in seq]
+    codec.decode(wire_copy(wts[0]), "cpu", state=dec)
+    with pytest.raises(errors.StreamStateError, match="keyframe"):  # skipped frame 1
+        codec.decode(wire_copy(wts[2]), "cpu", state=dec)
+    assert dec == {}  # the stale reference is dropped
+    with pytest.raises(errors.StreamStateError):
+        codec.decode(wire_copy(wts[1]), "cpu", state=None)
+    with pytest.raises(errors.StreamStateError):
+        codec.decode(wire_copy(wts[1]), "cpu", state={})
+    other = {}
+    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state={})), "cpu", state=other)
+    with pytest.raises(errors.StreamStateError):  # same index, another GOP
+        codec.decode(wire_copy(wts[1]), "cpu", state=other)
+    assert isinstance(errors.StreamStateError("x"), errors.CodecError)
+
+
+@pytest.mark.parametrize("name", ["quant-t", "lossless-t"])
+def test_decoder_output_is_not_its_reference(name):
+    seq = sequence(3)
+    enc, dec = {}, {}
+    for x in seq[:2]:
+        y = codec.decode(wire_copy(codec.encode(x, "x", name, {}, state=enc)), "cpu", state=dec)
+    y.mul_(0)  # a model that works in place must not corrupt the next step
+    wt = codec.encode(seq[2], "x", name, {}, state=enc)
+    y2 = codec.decode(wire_copy(wt), "cpu", state=dec)
+    assert float((y2.double() - seq[2].double()).norm() / seq[2].double().norm()) < 0.05
+
+
+@pytest.mark.parametrize("name", ["quant-t", "lossless-t"])
+def test_temporal_truncated_p_frame_raises_and_drops_state(name):
+    seq = sequence(2)
+    enc, dec = {}, {}
+    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state=enc)), "cpu", state=dec)
+    wt = wire_copy(codec.encode(seq[1], "x", name, {}, state=enc))
+    with pytest.raises(errors.CodecError):
+        codec.decode(dataclasses.replace(wt, data=bytes(wt.data)[:-3]), "cpu", state=dec)
+    assert dec == {}
+    for patch in ({"f": "b"}, {"g": -1}, {"i": "1"}, {"f": "i"}):
+        with pytest.raises(errors.CodecError):
+            codec.decode(dataclasses.replace(wt, meta={**wt.meta, **patch}), "cpu", state={})
+
+
+# ---------------------------------------------------------------------------- through a real connection
+
+
+class RecordingSession(core.Session):
+    made: list[core.Session] = []
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        RecordingSession.made.append(self)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    RecordingSession.made = []
+    monkeypatch.setattr(core, "Session", RecordingSession)
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    yield srv, host, port
+    srv.shutdown()
+
+
+def _client(host, port):
+    return MeshClient(ClientConfig(host=host, port=port, token=TOKEN), expect={"arch": "toy", "n_blocks": 3})
+
+
+def _steps(n, r=0.05):
+    g = torch.Generator().manual_seed(0)
+    model, bias = ToyModel(), torch.randn(64, generator=g)
+    return model, bias, [model.run(x, bias, 0, 5) for x in sequence(n, shape=(2, 11, 64), r=r, dtype=torch.float32)]
+
+
+def _fwd(c, front, bias, name, stream=None, params=None):
+    return c.forward(
+        arch="toy",
+        n_blocks=3,
+        coded={"x": front},
+        exact={},
+        consts={"bias": bias},
+        scalars={},
+        codec_name=name,
+        codec_params=params,
+        stream=stream,
+    )
+
+
+def test_loopback_lossless_t_is_bit_identical_and_shrinks(server):
+    _, host, port = server
+    model, bias, fronts = _steps(5, r=0.002)
+    c = _client(host, port)
+    for i, front in enumerate(fronts):
+        out, stats = _fwd(c, front, bias, "lossless-t", {"cond_or_uncond": [0, 1]})
+        assert torch.equal(out["out"], model.run(front, bias, 5))
+        assert stats.codec["codec"] == "lossless-t"
+        assert c._codec_state["_streams"]['{"cond_or_uncond":[0,1]}'][("enc", 6, "x")]["i"] == i
+    _, intra = _fwd(c, fronts[-1], bias, "lossless")
+    assert stats.bytes_out < intra.bytes_out
+    c.close()
+
+
+def test_loopback_state_loss_recovers_with_a_keyframe(server):
+    _, host, port = server
+    model, bias, fronts = _steps(6)
+    c = _client(host, port)
+    for front in fronts[:3]:
+        _fwd(c, front, bias, "quant-t", params={"cosine": 0.9999})
+    (session,) = RecordingSession.made
+    session.codec_state.clear()  # the server forgets (eviction, restart of the state)
+    out, stats = _fwd(c, fronts[3], bias, "quant-t", params={"cosine": 0.9999})
+    rel = float((out["out"] - model.run(fronts[3], bias, 5)).norm() / model.run(fronts[3], bias, 5).norm())
+    assert rel < 0.01
+    ref = c._codec_state["_streams"]["{}"][("enc", 7, "x")]
+    assert ref["i"] == 0  # the client dropped its state and sent a keyframe
+    out, _ = _fwd(c, fronts[4], bias, "quant-t", params={"cosine": 0.9999})
+    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 1  # and the stream goes on
+    assert len(RecordingSession.made) == 1  # no reconnect was needed
+    c.close()
+
+
+def test_loopback_reconnect_starts_with_keyframes(server):
+    srv, host, port = server
+    model, bias, fronts = _steps(4)
+    c = _client(host, port)
+    for front in fronts[:2]:
+        _fwd(c, front, bias, "lossless-t")
+    c._sock.close()  # the connection drops under the client
+    out, _ = _fwd(c, fronts[2], bias, "lossless-t")
+    assert torch.equal(out["out"], model.run(fronts[2], bias, 5))
+    assert len(RecordingSession.made) == 2
+    assert c._codec_state["_streams"]["{}"][("enc", 6, "x")]["i"] == 0
+    c.close()
+
+
+def test_loopback_generation_change_drops_both_sides(server):
+    _, host, port = server
+    _, bias, fronts = _steps(3)
+    c = _client(host, port)
+    _fwd(c, fronts[0], bias, "quant-t", {"gen": 1})
+    _fwd(c, fronts[1], bias, "quant-t", {"gen": 1})
+    (session,) = RecordingSession.made
+    assert session.codec_state["_gen"] == 1
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
+    assert session.codec_state["_gen"] == 2
+    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 0
+    c.end_stream()
+    assert c._codec_state == {}
+    c.close()
+
+
+def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):
+    _, host, port = server
+    model, bias, fronts = _steps(2)
+    real = codec_entropy.ZstdBackend.decompress
+    calls = []
+
+    def refuse_once(self, comp, n, device):
+        calls.append(n)
+        if len(calls) == 1:
+            raise errors.BackendUnavailable("pretend this payload is ANS and the server has no GPU", "ans")
+        return real(self, comp, n, device)
+
+    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse_once)
+    c = _client(host, port)
+    out, stats = _fwd(c, fronts[0], bias, "quant", params={"cosine": 0.9999})
+    assert c._codec_override == {"backend": "zstd"}
+    assert stats.codec["params"]["backend"] == "zstd"
+    assert float((out["out"] - model.run(fronts[0], bias, 5)).norm() / out["out"].norm()) < 0.01
+    c.close()
+
+
+def test_loopback_unrecoverable_codec_errors_still_raise(server, monkeypatch):
+    _, host, port = server
+    _, bias, fronts = _steps(1)
+
+    def refuse(self, comp, n, device):
+        raise errors.BackendUnavailable("no zstd here", "zstd")
+
+    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse)
+    c = _client(host, port)
+    with pytest.raises(errors.RemoteFailure) as e:
+        _fwd(c, fronts[0], bias, "lossless")
+    assert e.value.code == "codec_unavailable"
+    c.close()
+
+
+def test_loopback_auto_reports_its_choice(server):
+    _, host, port = server
+    model, bias, fronts = _steps(2)
+    c = _client(host, port)
+    out, stats = _fwd(c, fronts[0], bias, "auto", params={"cosine": 0.999})
+    assert stats.codec["codec"] in ("raw", "int8", "lossless", "quant-t")
+    assert "link" in stats.codec and stats.codec["link"]["how"] == "measured"
+    assert "reason" in stats.codec and "fidelity floor cosine 0.999" in stats.codec["reason"]
+    rel = float((out["out"] - model.run(fronts[0], bias, 5)).norm() / out["out"].norm())
+    assert rel < 0.05
+    out, stats = _fwd(c, fronts[0], bias, "auto", params={"lossless": True})
+    assert stats.codec["codec"] in ("raw", "lossless")
+    assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+    c.close()
+
+
+def test_auto_choice_follows_the_link():
+    from comfyui_mesh.codec_auto import choose
+
+    mb = 37_748_736
+    slow = choose(mb, 2, True, "cuda:0", 12e6, {"cosine": 0.999})
+    assert slow["codec"] == "quant-t"
+    fast_cpu = choose(mb, 2, False, "cpu", 20e9, {"cosine": 0.999})
+    assert fast_cpu["codec"] == "raw"
+    exact_only = choose(mb, 2, False, "cpu", 12e6, {"lossless": True})
+    assert exact_only["codec"] == "lossless" and exact_only["params"]["backend"] == "zstd"
+    assert choose(mb, 2, False, "cpu", 12e6, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
