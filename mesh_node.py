@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import codec
 from . import routes as ui
 from .config import ClientConfig
 from .constants import DEFAULT_HOST, DEFAULT_PORT
@@ -17,18 +18,22 @@ from .icarus import SplitSettings, split_model, token_store
 
 log = logging.getLogger("comfyui_mesh")
 
-CODEC_MODES = ["raw", "int8", "nvenc"]
+# "nvenc" stays listed: it was the original project's default, so its saved workflows still load.
+CODEC_MODES = ["raw", "auto", "lossless", "quant", "quant-t", "int8", "q4", "clip-sparse", "lossless-t", "nvenc"]
 
 TOOLTIPS = {
     "n_blocks_remote": "Blocks run on Daedalus, counted from the END of the model (single blocks first, then "
     "double blocks). Must match the server's --n-blocks. 0 = run everything locally.",
     "remote_host": "Address of the Daedalus machine (127.0.0.1 for a second GPU in this PC).",
     "remote_port": "Daedalus port (default 7777).",
-    "codec_mode": "How the seam state crosses the wire. raw: exact bytes (bit-identical output, best on fast "
-    "links). int8: per-channel 8-bit, ~2x fewer bytes than bf16, tiny error. nvenc: HEVC video coding "
-    "(needs the codec extension; falls back with an error until then).",
+    "codec_mode": "How the seam state crosses the wire. raw: exact bytes (bit-identical, best on fast links). "
+    "auto: picks from the measured link speed and the GPUs. lossless: exact, entropy-coded (~1.4x smaller). "
+    "quant: one shared quantizer step for cosine 0.999 + entropy coding (~4x smaller, near the rate-distortion "
+    "bound). quant-t: quant on the change since the previous step (fewer bytes as sampling converges). "
+    "int8 / q4: per-channel 8-bit / 4-bit. clip-sparse: percentile clip + exact outliers (the original's "
+    "LTX mode). lossless-t: exact, temporal. nvenc: HEVC video coding (NVENC where the card has it, else x265).",
     "codec_qp": "HEVC quantizer for codec_mode=nvenc (lower = better quality, more bytes).",
-    "codec_lossless": "HEVC lossless for codec_mode=nvenc.",
+    "codec_lossless": "nvenc: HEVC lossless. auto: consider exact codecs only.",
     "codec_tile_dim": "Channels per HEVC plane side for codec_mode=nvenc.",
     "forward_client_loras": "Send LoRAs loaded BEFORE this node to the server so the whole model gets them. "
     "LoRAs loaded AFTER this node stay local (front half only).",
@@ -78,17 +83,24 @@ class MeshSplitFlux:
             log.info("ComfyUI-Mesh: n_blocks_remote=0, the whole model runs locally")
             ui.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
             return (model,)
-        if codec_mode == "nvenc":
-            raise LocalError(
-                "codec_mode 'nvenc' is not available in this ComfyUI-Mesh release; choose raw (exact) or int8"
-            )
+        try:
+            why = codec.by_name(codec_mode).available()
+        except LocalError:
+            why = "it is not part of this ComfyUI-Mesh release"
+        if why:
+            raise LocalError(f"codec_mode {codec_mode!r} cannot be used here: {why}; choose raw, lossless or quant")
         host = remote_host.strip()
         cfg = ClientConfig(host=host, port=int(remote_port), token=token_store().get(host, int(remote_port)))
         settings = SplitSettings(
             n_remote=int(n_blocks_remote),
             client=cfg,
             codec_name=codec_mode,
-            codec_params={"qp": codec_qp, "lossless": codec_lossless, "tile_dim": int(codec_tile_dim)},
+            codec_params={
+                "qp": codec_qp,
+                "lossless": codec_lossless,
+                "tile_dim": int(codec_tile_dim),
+                "cosine": 0.999,  # fidelity target of the quant family and auto
+            },
             forward_loras=bool(forward_client_loras),
             node_id=str(unique_id),
             on_step=ui.step_reporter(unique_id, codec_mode),
