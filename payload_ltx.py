@@ -21,8 +21,11 @@ per generation (``consts``: content-hashed by the transport, sent once per conne
   ``a_cross_pe``, each as one [2, b, ...] tensor (cos, sin) with b = 1 when all batch rows
   are equal (CFG batches cond and uncond at the same positions; the server expands a view).
 scalars
-  the layout (kind, ints, RoPE split flag of every argument), the batch size, and the four
-  ``transformer_options`` flags a block reads: run_vx, run_ax, a2v_cross_attn, v2a_cross_attn.
+  the layout (kind, ints, RoPE split flag of every argument), the batch size, the four
+  ``transformer_options`` flags a block reads (run_vx, run_ax, a2v_cross_attn, v2a_cross_attn),
+  and the number of leading reference-audio tokens (ID-LoRA) the audio head drops.
+
+Sizes per step and per generation are tabulated in docs/PROTOCOL.md (section 7b).
 
 ComfyUI recomputes the RoPE tables every step: new tensors, same values. ``ConstMemo``
 hands the transport the SAME packed tensor while the values are unchanged (checked on the

@@ -163,7 +163,7 @@ class MeshClient:
         self._dec = FrameDecoder()
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
-        self._memo: dict[int, tuple[torch.Tensor, int, str, WireTensor]] = {}
+        self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
         self._seq = 0
         # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
@@ -317,11 +317,14 @@ class MeshClient:
             )
         fp = self.expect.get("fingerprint")
         if fp and ch.fingerprint and ch.fingerprint != fp:
-            raise VersionMismatch(
+            msg = (
                 f"{where} holds different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]}) "
                 f"than this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint file with the "
                 "same weight dtype on both machines"
             )
+            if not skew_ok:
+                raise VersionMismatch(msg + f" (or set {SKEW_ENV}=1 to accept it)")
+            log.warning("ComfyUI-Mesh: %s — accepted because %s=1", msg, SKEW_ENV)
 
     def close(self, reason: str = "") -> None:
         with self._lock:
@@ -389,12 +392,15 @@ class MeshClient:
     def _hashed(self, t: torch.Tensor) -> tuple[str, WireTensor]:
         """(content hash, raw wire tensor) of a constant; memoized while the same tensor object
         is unchanged (a LoRA blob is hashed once, not every step)."""
+        # Inference-mode tensors (everything ComfyUI makes while a node runs) keep no version
+        # counter; they are matched by identity and storage (ComfyUI never edits such a constant).
+        version = -1 if t.is_inference() else t._version
         memo = self._memo.get(id(t))
-        if memo is not None and memo[0] is t and memo[1] == t._version:
+        if memo is not None and memo[0] is t and memo[1] == (version, t.data_ptr()):
             return memo[2], memo[3]
         wt = codec.encode(t, "const", "raw")
         h = content_hash(wt)
-        self._memo[id(t)] = (t, t._version, h, wt)
+        self._memo[id(t)] = (t, (version, t.data_ptr()), h, wt)
         while len(self._memo) > 16:
             self._memo.pop(next(iter(self._memo)))
         return h, wt

@@ -67,7 +67,7 @@ def serve(argv: list[str]) -> int:
 
 class Server:
     def __init__(self, weights: Path, n: int, device: str, comfyui: str, state: Path):
-        cmd = [sys.executable, __file__, "--serve", "--weights", str(weights), "--n-blocks", str(n), "--port", "0",
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--serve", "--weights", str(weights), "--n-blocks", str(n), "--port", "0",
                "--device", device, "--comfyui", comfyui, "--state-dir", str(state), "--no-auth"]  # fmt: skip
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         self.lines: list[str] = []
@@ -414,7 +414,7 @@ def main() -> None:
             continue
         split_row = "out" in r
         print(
-            f"| {r['run']} | {r['res']} | {r.get('calls', 1):g} | {r['step']:.2f} | {r['total']:.1f} | "
+            f"| {r['run']} | {r['res']} | {format(r['calls'], 'g') if split_row else '-'} | {r['step']:.2f} | {r['total']:.1f} | "
             + (
                 f"{r['out'] / 1e6:.1f} / {r['in'] / 1e6:.2f} | {r['first'] / 1e6:.1f} ({r['consts']}) | "
                 if split_row

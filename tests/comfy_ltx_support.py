@@ -62,9 +62,10 @@ def ltx_sample(
     return list(out.unbind()) if getattr(out, "is_nested", False) else [out]
 
 
-def make_ltx_fp8(path: Path, style: str = "ltx2", seed: int = 0) -> Path:
+def make_ltx_fp8(path: Path, style: str = "ltx2", seed: int = 0, prefix: str = "") -> Path:
     """A tiny LTX-AV whose block linears are fp8 (e4m3, per-tensor scale) named in the file's
-    ``_quantization_metadata``, the layout of ComfyUI's fp8 checkpoints."""
+    ``_quantization_metadata``, the layout of ComfyUI's fp8 checkpoints. ``prefix``: key prefix of a
+    full checkpoint ("model.diffusion_model.")."""
     import json
 
     from safetensors import safe_open
@@ -81,9 +82,9 @@ def make_ltx_fp8(path: Path, style: str = "ltx2", seed: int = 0) -> Path:
             scale = w.abs().max() / 448.0
             sd[k] = (w / scale).to(torch.float8_e4m3fn)
             sd[k[: -len("weight")] + "weight_scale"] = scale.reshape(())
-            layers[k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+            layers[prefix + k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
     meta["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
-    save_file(sd, str(path), metadata=meta)
+    save_file({prefix + k: v for k, v in sd.items()}, str(path), metadata=meta)
     return path
 
 

@@ -237,9 +237,10 @@ def test_server_logged_steps(setup):
         assert steps and "forward" in steps[-1]
 
 
-def test_fp8_checkpoint_quant_metadata_is_remapped_for_the_slim_load(setup, tmp_path):
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["unet", "full-checkpoint-keys"])
+def test_fp8_checkpoint_quant_metadata_is_remapped_for_the_slim_load(setup, tmp_path, prefix):
     comfy, *_ = setup
-    weights = make_ltx_fp8(tmp_path / "tiny_ltx2_fp8.safetensors")
+    weights = make_ltx_fp8(tmp_path / "tiny_ltx2_fp8.safetensors", prefix=prefix)
     model = load(comfy, weights)
     assert model.model.diffusion_model.transformer_blocks[2].attn1.to_q.quant_format == "float8_e4m3fn"
     ref = ltx_sample(comfy, model, "ltx2")
@@ -250,3 +251,48 @@ def test_fp8_checkpoint_quant_metadata_is_remapped_for_the_slim_load(setup, tmp_
     finally:
         srv.stop()
     assert any("quantization" in ln.lower() for ln in srv.lines), "the server did not load the file as quantized"
+
+
+def test_forwarded_lora_matches_unsplit(setup):
+    """A LoRA loaded before Icarus LTX covers remote blocks and a remote head: forwarded, it gives the
+    unsplit model's output (the server merges with ComfyUI's own math)."""
+    comfy, weights, servers, _ = setup
+    base = load(comfy, weights["ltx2"])
+    sd = base.model.diffusion_model.state_dict()
+    layers = ["transformer_blocks.2.attn1.to_q", "transformer_blocks.1.audio_attn2.to_v",
+              "transformer_blocks.2.ff.net.2", "proj_out", "audio_proj_out", "transformer_blocks.0.attn2.to_k"]  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    lora = {}
+    for x in layers:
+        out, inp = sd[x + ".weight"].shape
+        lora[f"diffusion_model.{x}.lora_up.weight"] = torch.randn(out, 4, generator=g) * 0.1
+        lora[f"diffusion_model.{x}.lora_down.weight"] = torch.randn(4, inp, generator=g) * 0.1
+    patched = comfy.sd.load_lora_for_models(base, None, lora, 0.8, 0)[0]
+    ref = ltx_sample(comfy, patched, "ltx2")
+    assert not torch.equal(ref[0], reference(comfy, weights, "ltx2", audio=5)[0]), "the LoRA must change the output"
+    m, run = split(patched, servers["ltx2"], 2)
+    assert run.lora is not None
+    assert_identical(ltx_sample(comfy, m, "ltx2"), ref)
+
+
+# relative L2 budget of the 2-step sample per lossy codec: int8-class codecs 1%; the quant family
+# targets cosine 0.999 at the seam (about 4.5% relative error there), so 5%
+LOSSY_BUDGET = {"clip-sparse": 1e-2, "quant": 5e-2, "quant-t": 5e-2}
+
+
+@pytest.mark.parametrize("codec", ["lossless", "lossless-t", "quant", "quant-t", "clip-sparse"])
+def test_other_codecs_carry_both_streams(setup, codec):
+    """Exact codecs stay bit-identical, lossy ones within their budget. Both seam streams (vx, ax)
+    go through the codec; the temporal ones keep one state per stream."""
+    comfy, weights, servers, _ = setup
+    ref = reference(comfy, weights, "ltx2", audio=5)
+    model = load(comfy, weights["ltx2"])
+    m, _ = split(model, servers["ltx2"], 2, codec=codec)
+    out = ltx_sample(comfy, m, "ltx2", audio=5)
+    from comfyui_mesh import codec as codecs
+
+    if codecs.by_name(codec).lossless:
+        assert_identical(out, ref)
+    else:
+        for o, r in zip(out, ref, strict=True):
+            assert 0 < ((o - r).norm() / r.norm()).item() < LOSSY_BUDGET[codec]
