@@ -489,15 +489,27 @@ def parse_header(data: memoryview, name: str, n: int, c: int) -> tuple[Header, m
 
 
 def _x265_params(s: Settings, frames: int) -> str:
+    """One QP for I and P frames (NVENC's constqp semantics), no B-frames, no psycho-visual or
+    adaptive quantization (they trade MSE for looks), no chroma QP offsets (the U and V planes
+    are channels like Y), a decoded-picture MD5 SEI per frame (~40 bytes: the CPU decoder
+    verifies it), no encoder-info SEI."""
     rc = "lossless=1" if s.lossless else f"qp={s.qp}:ipratio=1:pbratio=1"  # one QP for I and P, like NVENC constqp
     return (
         f"{rc}:bframes=0:keyint={max(frames, 1) + 1}:min-keyint=1:scenecut=0:open-gop=0"
-        ":aq-mode=0:psy-rd=0:psy-rdoq=0:cbqpoffs=0:crqpoffs=0:info=0:hash=0:log-level=error"
+        ":aq-mode=0:psy-rd=0:psy-rdoq=0:cbqpoffs=0:crqpoffs=0:info=0:hash=1:log-level=error"
     )
 
 
 def encode_x265(frames: torch.Tensor, s: Settings) -> bytes:
     """uint8 [F, 3, H, W] -> one HEVC elementary stream (IDR then P-frames)."""
+    packets = x265_packets(frames, s)
+    if len(packets) != frames.shape[0]:
+        raise LocalError(f"libx265 returned {len(packets)} packets for {frames.shape[0]} frames")
+    return b"".join(packets)
+
+
+def x265_packets(frames: torch.Tensor, s: Settings) -> list[bytes]:
+    """uint8 [F, 3, H, W] -> libx265's packets (one per frame, Annex B, headers in the first)."""
     av, why = pyav()
     if why or x265_status():
         raise LocalError(x265_status() or str(why))
@@ -520,9 +532,7 @@ def encode_x265(frames: torch.Tensor, s: Settings) -> bytes:
         vf.pts = i
         packets.extend(ctx.encode(vf))
     packets.extend(ctx.encode(None))
-    if len(packets) != nf:
-        raise LocalError(f"libx265 returned {len(packets)} packets for {nf} frames")
-    return b"".join(bytes(p) for p in packets)
+    return [bytes(p) for p in packets]
 
 
 def decode_pyav(bits: memoryview, g: Geometry) -> torch.Tensor:
@@ -557,6 +567,8 @@ def decode_pyav(bits: memoryview, g: Geometry) -> torch.Tensor:
     try:
         ctx = av.CodecContext.create("hevc", "r")
         ctx.thread_type = "AUTO"
+        # raise instead of concealing; verify x265's MD5 picture-hash SEI (libavcodec checks MD5 only)
+        ctx.options = {"err_detect": "crccheck+explode"}
         packets = list(ctx.parse(bytes(bits)))
         try:
             packets += ctx.parse(None)  # flush the parser: the last frame's packet (PyAV >= 14)
@@ -892,7 +904,7 @@ def decode_nvdec(bits: memoryview, g: Geometry, device: torch.device, nvc: Any =
                 pkt.decode_flag = eop
             for fr in dec.Decode(pkt):
                 take(fr)
-        if got < g.frames and hasattr(nvc, "PacketData"):  # flush, in case the demuxer sent no EOS
+        if got < g.frames and getattr(nvc, "PacketData", None) is not None:  # flush, in case no EOS came
             for fr in dec.Decode(nvc.PacketData()):
                 take(fr)
     except CodecError:
@@ -972,7 +984,9 @@ class HevcCodec(Codec):
         why = g.problem()
         if why:
             hint = " (the original's 1 x N strip for this token count)" if s.original and h == 1 else ""
-            raise LocalError(f"codec {self.name} cannot code {name!r}: {why}{hint}; use a smaller tile_dim or send it raw")
+            raise LocalError(
+                f"codec {self.name} cannot code {name!r}: {why}{hint}; use a smaller tile_dim or send it raw"
+            )
         enc = self._pick_encoder(s, t.device)
         xt = channel_major(t)  # quantized and packed on the tensor's device, whichever encoder runs
         q, center, step = quantize(xt, s.quant, s.share_q)
@@ -1014,7 +1028,9 @@ class HevcCodec(Codec):
             g = head.geom
             sidet = torch.frombuffer(bytearray(side), dtype=torch.uint8).view(torch.float32)
             center, step = sidet[:c], sidet[c:]
-            if not (bool(torch.isfinite(center).all()) and bool(torch.isfinite(step).all()) and bool((step >= 0).all())):
+            if not (
+                bool(torch.isfinite(center).all()) and bool(torch.isfinite(step).all()) and bool((step >= 0).all())
+            ):
                 raise CodecError(f"HEVC payload of {wt.name!r} has non-finite or negative scales")
             planes = self._planes(bits, g, dev)
             q = unpack(planes, g)
@@ -1031,7 +1047,9 @@ class HevcCodec(Codec):
                 return decode_nvdec(bits, g, dev)
             except NvdecFailed as e:
                 _NVDEC_STATE["broken"] = f"NVDEC decode failed ({e})"
-                _log_once("nvdec-broken", f"ComfyUI-Mesh: {_NVDEC_STATE['broken']}; decoding HEVC on the CPU from now on")
+                _log_once(
+                    "nvdec-broken", f"ComfyUI-Mesh: {_NVDEC_STATE['broken']}; decoding HEVC on the CPU from now on"
+                )
         planes = decode_pyav(bits, g)
         return planes.to(dev) if dev.type != "cpu" else planes
 

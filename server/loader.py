@@ -239,18 +239,24 @@ class ComfyBackend:
         patcher = c["patcher"].ModelPatcher(model, load_device=load_device, offload_device=offload_device)
         model.load_model_weights(sd, "")
         del sd
-        self.dm = model.diffusion_model
-        # Fingerprint of the checkpoint's weights, before any server LoRA is merged.
-        self.fingerprint = fingerprint(
-            (self.adapter.original_key(k, self.plan), v)
-            for k, v in self.dm.state_dict().items()
-            if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
-        )
         for path, strength in cfg.loras:
             self._add_slot_lora(patcher, full_key_map, str(path), float(strength))
         mm.load_models_gpu([patcher], force_full_load=True)
         self.patcher = patcher
         self.dm = patcher.model.diffusion_model
+        # Fingerprint of the checkpoint's weights as loaded (the client does the same on its
+        # side); a server LoRA slot is merged into the weights, so read its backups.
+        backups = getattr(patcher, "backup", {}) or {}
+
+        def original(k: str, v: torch.Tensor) -> torch.Tensor:
+            b = backups.get("diffusion_model." + k)
+            return b.weight if b is not None else v
+
+        self.fingerprint = fingerprint(
+            (self.adapter.original_key(k, self.plan), original(k, v))
+            for k, v in self.dm.state_dict().items()
+            if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
+        )
         self._lora_cache: OrderedDict[str, list[tuple[torch.nn.Module, str, str, list]]] = OrderedDict()
         log.info(
             "loaded %s: %s, %s, %.2f GB on %s (dtype %s)",
