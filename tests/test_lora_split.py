@@ -52,6 +52,13 @@ def lora_tensors(kind: str, layer: str, seed: int, scale: float = 0.05) -> dict[
         }
     if kind == "lokr":
         return {f"{x}.lokr_w1": r(4, 4), f"{x}.lokr_w2": r(out // 4, inp // 4)}
+    if kind == "glora":
+        return {
+            f"{x}.a1.weight": r(inp, 4),
+            f"{x}.a2.weight": r(4, inp),
+            f"{x}.b1.weight": r(out, 4),
+            f"{x}.b2.weight": r(4, inp),
+        }
     if kind == "oft":
         return {f"{x}.oft_blocks": r(out // 16, 16, 16)}
     if kind == "boft":
@@ -80,6 +87,17 @@ def env(tmp_path_factory):
 
     slot = make_lora("lora", REMOTE + LOCAL, seed=99)
     save_file(slot, str(d / "slot.safetensors"))
+    # The same LoRA in Kohya key style: the server maps it by ORIGINAL block index.
+    kohya = {}
+    for k, v in slot.items():
+        layer, suffix = (
+            k[len("diffusion_model.") :].split(".lora_")
+            if ".lora_" in k
+            else k[len("diffusion_model.") :].rsplit(".", 1)
+        )
+        suffix = "lora_" + suffix if ".lora_" in k else suffix
+        kohya["lora_unet_" + layer.replace(".", "_") + "." + suffix] = v
+    save_file(kohya, str(d / "slot_kohya.safetensors"))
     srv = Daedalus(weights, N, d / "state")
     yield comfy, weights, srv, d
     srv.stop()
@@ -105,7 +123,7 @@ def split(model, srv, forward=True):
     return split_model(model, SplitSettings(n_remote=N, client=cfg, forward_loras=forward))
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "oft", "boft", "diff", "set"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "loha", "lokr", "glora", "oft", "boft", "diff", "set"])
 def test_forwarded_lora_matches_unsplit(env, kind):
     comfy, weights, srv, _ = env
     base = comfy.sd.load_diffusion_model(str(weights))
@@ -116,6 +134,22 @@ def test_forwarded_lora_matches_unsplit(env, kind):
     assert run.lora is not None
     out = sample(comfy, m)
     assert torch.equal(out, ref), f"{kind}: max diff {(out - ref).abs().max()}"
+
+
+def test_bypass_mode_lora_is_forwarded(env):
+    """A LoRA loaded in bypass mode (activation side) before Icarus reaches the server too."""
+    comfy, weights, srv, _ = env
+    base = comfy.sd.load_diffusion_model(str(weights))
+    lora = make_lora("lora", REMOTE + LOCAL, seed=5)
+    patched = comfy.sd.load_bypass_lora_for_models(base, None, lora, 0.8, 0)[0]
+    ref = sample(comfy, patched)
+    assert not torch.equal(ref, sample(comfy, base))
+    m, run = split(patched, srv)
+    assert run.lora is not None, "the bypass adapters on remote blocks must be forwarded"
+    out = sample(comfy, m)
+    # The server applies them as weight patches (same math, different rounding order).
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 1e-4, rel
 
 
 def test_same_shapes_different_values_are_told_apart(env):
@@ -165,14 +199,14 @@ def test_server_lora_slot_two_sided_pattern(env):
     from safetensors.torch import load_file
 
     slot = load_file(str(d / "slot.safetensors"))
-    srv = Daedalus(weights, N, d / "state2", extra=["--lora", f"{d / 'slot.safetensors'}:0.7"])
+    srv = Daedalus(weights, N, d / "state2", extra=["--lora", f"{d / 'slot_kohya.safetensors'}:0.7"])
     try:
         base = comfy.sd.load_diffusion_model(str(weights))
         ref = sample(comfy, with_lora(comfy, base, slot, 0.7))
         m, _ = split(base, srv)
         out = sample(comfy, with_lora(comfy, m, slot, 0.7))
         assert torch.equal(out, ref)
-        assert any("server LoRA slot.safetensors" in ln for ln in srv.lines)
+        assert any("server LoRA slot_kohya.safetensors" in ln and " 3 layers" in ln for ln in srv.lines), srv.lines
     finally:
         srv.stop()
 
