@@ -9,6 +9,7 @@ the handshake instead of as a wrong image.
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,9 +34,24 @@ def _sample_bytes(t: Any) -> bytes:
         return b"?"
 
 
+# Debugging a mismatch: set this to a path prefix on both machines; each process writes one line
+# per tensor (name|shape|dtype|sampled bytes) to <prefix>-<pid>.txt, so `diff` names the culprit.
+DUMP_ENV = "COMFYUI_MESH_FINGERPRINT_DUMP"
+
+
 def fingerprint(items: Iterable[tuple[str, Any]]) -> str:
     h = hashlib.sha256()
+    dump = os.environ.get(DUMP_ENV)
+    lines = []
     for name, t in sorted(items, key=lambda kv: kv[0]):
-        h.update(f"{name}|{tuple(t.shape)}|{str(t.dtype).replace('torch.', '')}|".encode())
-        h.update(_sample_bytes(t))
-    return h.hexdigest()[:32]
+        head = f"{name}|{tuple(t.shape)}|{str(t.dtype).replace('torch.', '')}|"
+        sample = _sample_bytes(t)
+        h.update(head.encode())
+        h.update(sample)
+        if dump:
+            lines.append(head + sample.hex())
+    digest = h.hexdigest()[:32]
+    if dump:
+        with open(f"{dump}-{os.getpid()}.txt", "a") as f:
+            f.write(f"# fingerprint {digest}\n" + "\n".join(lines) + "\n")
+    return digest
