@@ -74,3 +74,15 @@ mesh_comfyui() {
 mesh_default_device() {
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then echo cuda:0; else echo cpu; fi
 }
+
+# comfy_requirements PYTHON COMFY: install ComfyUI's requirements.txt, keeping the torch build
+# already installed (its CUDA variant was chosen for this machine).
+comfy_requirements() {
+  local reqs="$MESH_VENV/comfyui-requirements.txt"
+  if dry; then
+    echo "+ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|\$)' $2/requirements.txt > $reqs"
+  else
+    grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$2/requirements.txt" >"$reqs"
+  fi
+  run "$1" -m pip install -r "$reqs"
+}

@@ -27,7 +27,8 @@ fi
 export COMFYUI_PATH
 # ComfyUI needs torchvision and torchaudio next to torch.
 python -c "import torch, torchvision, torchaudio" 2>/dev/null || python -m pip install -q torch torchvision torchaudio
-grep -vE '^(torch|torchvision|torchaudio)$|^comfyui-(frontend|workflow|embedded)' "$COMFYUI_PATH/requirements.txt" > "$VENV/comfy-req.txt"
-python -m pip install -q -r "$VENV/comfy-req.txt"
+# shellcheck source=scripts/_common.sh
+. scripts/_common.sh
+comfy_requirements python "$COMFYUI_PATH"
 python -m pip install -q -e ".[codecs]"
 exec python -m comfyui_mesh.demo --comfyui "$COMFYUI_PATH" "$@"

@@ -54,13 +54,7 @@ else
 fi
 
 say "4/6 ComfyUI's requirements (torch kept as installed)"
-REQS="$MESH_VENV/comfyui-requirements.txt"
-if dry; then
-  echo "+ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|\$)' $COMFY/requirements.txt > $REQS"
-else
-  grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$COMFY/requirements.txt" >"$REQS"
-fi
-run "$PY" -m pip install -r "$REQS"
+comfy_requirements "$PY" "$COMFY"
 
 say "5/6 ComfyUI-Mesh (editable) and its codecs"
 run "$PY" -m pip install -e "${MESH_REPO}[codecs]"

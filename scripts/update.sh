@@ -20,12 +20,6 @@ if [ "$COMFY" = "$MESH_REPO/.vendor/ComfyUI" ] && [ -d "$COMFY/.git" ]; then
 else
   say "ComfyUI at ${COMFY:-?} is yours: update it your usual way (this pack is tested with $COMFYUI_TAG)"
 fi
-REQS="$MESH_VENV/comfyui-requirements.txt"
-if dry; then
-  echo "+ grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|\$)' $COMFY/requirements.txt > $REQS"
-else
-  grep -vE '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$COMFY/requirements.txt" >"$REQS"
-fi
-run "$PY" -m pip install -r "$REQS"
+comfy_requirements "$PY" "$COMFY"
 run "$PY" -m pip install -e "${MESH_REPO}[codecs]"
 run "$PY" -m comfyui_mesh.server.check --comfyui "$COMFY"
