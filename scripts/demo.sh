@@ -2,7 +2,8 @@
 # Loopback demo: Daedalus + Icarus on this machine with a tiny random FLUX.2.
 #   bash scripts/demo.sh            (uses $COMFYUI_PATH, else clones a pinned ComfyUI)
 set -euo pipefail
-cd "$(dirname "$0")/.."
+HERE=$(cd "$(dirname "$0")" && pwd)
+cd "$HERE/.."
 COMFYUI_TAG=${COMFYUI_TAG:-v0.28.0}
 VENV=${MESH_VENV:-.venv}
 PY=${PYTHON:-python3}
@@ -27,8 +28,8 @@ fi
 export COMFYUI_PATH
 # ComfyUI needs torchvision and torchaudio next to torch.
 python -c "import torch, torchvision, torchaudio" 2>/dev/null || python -m pip install -q torch torchvision torchaudio
-# shellcheck source=scripts/_common.sh
-. scripts/_common.sh
+# shellcheck source=_common.sh source-path=SCRIPTDIR
+. "$HERE/_common.sh"
 comfy_requirements python "$COMFYUI_PATH"
 python -m pip install -q -e ".[codecs]"
 exec python -m comfyui_mesh.demo --comfyui "$COMFYUI_PATH" "$@"
