@@ -43,6 +43,7 @@ TOOLTIPS = {
 class MeshSplitFlux:
     """Split a FLUX.2 model: the last n_blocks_remote blocks and the final layer run on Daedalus."""
 
+    DISPLAY = "ComfyUI Mesh : Icarus"  # the node's name in the UI, its banners and its errors
     CATEGORY = "ComfyUI-Mesh"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "configure"
@@ -79,33 +80,34 @@ class MeshSplitFlux:
         forward_client_loras: bool = True,
         unique_id: str = "",
     ) -> tuple[Any]:
-        if n_blocks_remote == 0:
-            log.info("ComfyUI-Mesh: n_blocks_remote=0, the whole model runs locally")
-            ui.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
-            return (model,)
         try:
-            why = codec.by_name(codec_mode).available()
-        except LocalError:
-            why = "it is not part of this ComfyUI-Mesh release"
-        if why:
-            raise LocalError(f"codec_mode {codec_mode!r} cannot be used here: {why}; choose raw, lossless or quant")
-        host = remote_host.strip()
-        cfg = ClientConfig(host=host, port=int(remote_port), token=token_store().get(host, int(remote_port)))
-        settings = SplitSettings(
-            n_remote=int(n_blocks_remote),
-            client=cfg,
-            codec_name=codec_mode,
-            codec_params={
-                "qp": codec_qp,
-                "lossless": codec_lossless,
-                "tile_dim": int(codec_tile_dim),
-                "cosine": 0.999,  # fidelity target of the quant family and auto
-            },
-            forward_loras=bool(forward_client_loras),
-            node_id=str(unique_id),
-            on_step=ui.step_reporter(unique_id, codec_mode),
-        )
-        try:
+            self.check_model(model)
+            if n_blocks_remote == 0:
+                log.info("ComfyUI-Mesh: n_blocks_remote=0, the whole model runs locally")
+                ui.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
+                return (model,)
+            try:
+                why = codec.by_name(codec_mode).available()
+            except LocalError:
+                why = "it is not part of this ComfyUI-Mesh release"
+            if why:
+                raise LocalError(f"codec_mode {codec_mode!r} cannot be used here: {why}; choose raw, lossless or quant")
+            host = remote_host.strip()
+            cfg = ClientConfig(host=host, port=int(remote_port), token=token_store().get(host, int(remote_port)))
+            settings = SplitSettings(
+                n_remote=int(n_blocks_remote),
+                client=cfg,
+                codec_name=codec_mode,
+                codec_params={
+                    "qp": codec_qp,
+                    "lossless": codec_lossless,
+                    "tile_dim": int(codec_tile_dim),
+                    "cosine": 0.999,  # fidelity target of the quant family and auto
+                },
+                forward_loras=bool(forward_client_loras),
+                node_id=str(unique_id),
+                on_step=ui.step_reporter(unique_id, codec_mode),
+            )
             m, run = split_model(model, settings)
         except MeshError as e:
             ui.send_banner(unique_id, "error", str(e))
@@ -114,12 +116,15 @@ class MeshSplitFlux:
             server = run.client().connect()  # fail at queue time with a clear message, not mid-sampling
         except MeshError as e:
             ui.send_banner(unique_id, "error", str(e))
-            raise LocalError(f"ComfyUI Mesh : Icarus (node {unique_id}): {e}") from e
+            raise LocalError(f"{self.DISPLAY} (node {unique_id}): {e}") from e
         ui.send_banner(
             unique_id, "ok", f"{cfg.address}: {server.model}, last {server.n_blocks} blocks on {server.device}"
         )
         return (m,)
 
+    def check_model(self, model: Any) -> None:
+        """Raise a LocalError, naming the fix, for a model this node does not split (subclasses narrow it)."""
+
 
 NODE_CLASS_MAPPINGS = {"MeshSplitFlux": MeshSplitFlux}
-NODE_DISPLAY_NAME_MAPPINGS = {"MeshSplitFlux": "ComfyUI Mesh : Icarus"}
+NODE_DISPLAY_NAME_MAPPINGS = {"MeshSplitFlux": MeshSplitFlux.DISPLAY}

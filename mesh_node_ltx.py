@@ -1,10 +1,11 @@
 """Icarus for LTX-AV: the "ComfyUI Mesh : Icarus LTX" node (id MeshSplitLTX).
 
 The same node as Icarus for FLUX.2 (``mesh_node.MeshSplitFlux``: clone, stubs, seam hook,
-one Daedalus connection) with the original LTX node's inputs: model, n_blocks_remote
-(default 8 of 48), remote_host, remote_port, codec_mode, forward_client_loras (default off:
-LTX LoRAs are often hundreds of MB; load big ones on the server instead). Only LTX-AV
-(LTX-2 / LTX-2.3 audio+video) models are accepted.
+one Daedalus connection, banners and per-step stats in the UI, its own name in errors) with
+the original LTX node's inputs: model, n_blocks_remote (default 8 of 48), remote_host,
+remote_port, codec_mode, forward_client_loras (default off: LTX LoRAs are often hundreds of
+MB; load big ones on the server instead). Only LTX-AV (LTX-2 / LTX-2.3 audio+video) models
+are accepted.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class MeshSplitLTX(MeshSplitFlux):
     """Split an LTX-AV model (LTX-2 / LTX-2.3 audio+video): its last n_blocks_remote blocks and both output
     heads run on Daedalus."""
 
+    DISPLAY = DISPLAY
     DESCRIPTION = __doc__
 
     @classmethod
@@ -78,7 +80,6 @@ class MeshSplitLTX(MeshSplitFlux):
         forward_client_loras: bool = False,
         **hidden: Any,
     ) -> tuple[Any]:
-        check_ltxav(model)
         return super().configure(
             model,
             n_blocks_remote,
@@ -89,6 +90,9 @@ class MeshSplitLTX(MeshSplitFlux):
             **hidden,
         )
 
+    def check_model(self, model: Any) -> None:
+        check_ltxav(model)  # inside MeshSplitFlux.configure: a refusal shows as a banner under the node too
+
 
 NODE_CLASS_MAPPINGS = {"MeshSplitLTX": MeshSplitLTX}
-NODE_DISPLAY_NAME_MAPPINGS = {"MeshSplitLTX": DISPLAY}
+NODE_DISPLAY_NAME_MAPPINGS = {"MeshSplitLTX": MeshSplitLTX.DISPLAY}

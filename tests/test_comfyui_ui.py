@@ -26,9 +26,10 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 ARTIFACTS = Path(os.environ.get("MESH_ARTIFACTS_DIR", REPO / "artifacts"))
 FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # nodes the frontend defines itself
+ICARUS_NODES = {"MeshSplitFlux", "MeshSplitLTX"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TINY_MODEL = "tiny_flux2.safetensors"
-MODEL_FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "ckpt_name"}
+MODEL_FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "ckpt_name", "text_encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_example_workflow_matches_object_info(stack, path):
     code, info = comfy.request("/object_info", timeout=60)
     assert code == 200
     nodes = {n["id"]: n for n in wf["nodes"]}
-    assert any(n["type"] == "MeshSplitFlux" for n in nodes.values()), "an example without Icarus"
+    assert any(n["type"] in ICARUS_NODES for n in nodes.values()), "an example without Icarus"
     for n in nodes.values():
         where = f"{path.name} node {n['id']} {n['type']}"
         if n["type"] in FRONTEND_ONLY:

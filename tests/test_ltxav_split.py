@@ -206,10 +206,12 @@ def test_comfyui_compressed_timestep_round_trips_without_recompressing():
 
 
 def test_node_accepts_ltxav_and_refuses_other_models(setup, monkeypatch):
+    from comfyui_mesh import routes
     from comfyui_mesh.config import ClientConfig
     from comfyui_mesh.errors import LocalError
     from comfyui_mesh.mesh_node_ltx import MeshSplitLTX
     from comfyui_mesh.transport import MeshClient
+    from comfyui_proc import free_port
 
     comfy, weights, servers, d = setup
     inputs = MeshSplitLTX.INPUT_TYPES()["required"]
@@ -223,11 +225,18 @@ def test_node_accepts_ltxav_and_refuses_other_models(setup, monkeypatch):
     probe = MeshClient(ClientConfig(port=srv.port, token=srv.token))
     probe.reconfigure(2)
     probe.close()
+    banners = []
+    monkeypatch.setattr(routes, "send_banner", lambda node_id, level, text: banners.append((node_id, level, text)))
     (m,) = MeshSplitLTX().configure(model, 2, "127.0.0.1", srv.port, "raw", False, unique_id="7")
     assert m is not model
+    assert banners[-1][:2] == ("7", "ok"), banners  # MeshSplitFlux's UI hooks, inherited
     flux = comfy.sd.load_diffusion_model(str(make_flux2(d / "flux.safetensors")))
     with pytest.raises(LocalError, match="use the 'ComfyUI Mesh : Icarus' node"):
-        MeshSplitLTX().configure(flux, 2, "127.0.0.1", srv.port)
+        MeshSplitLTX().configure(flux, 2, "127.0.0.1", srv.port, unique_id="8")
+    assert banners[-1][:2] == ("8", "error") and "Icarus LTX splits LTX-AV" in banners[-1][2], banners
+    with pytest.raises(LocalError, match=r"^ComfyUI Mesh : Icarus LTX \(node 9\): "):
+        MeshSplitLTX().configure(model, 2, "127.0.0.1", free_port(), unique_id="9")
+    assert banners[-1][:2] == ("9", "error"), banners
 
 
 def test_server_logged_steps(setup):

@@ -71,6 +71,14 @@ class Workflow:
         }
 
 
+def icarus_ltx(w: Workflow, pos: tuple[int, int], n_blocks: int) -> int:
+    d = ICARUS_DEFAULTS
+    # n_blocks_remote, remote_host, remote_port, codec_mode, forward_client_loras (MeshSplitLTX's input order)
+    return w.node("MeshSplitLTX", pos, [n_blocks, d["host"], d["port"], d["codec"], False],
+                  inputs=[("model", "MODEL")], outputs=[("MODEL", "MODEL")], size=(420, 250),
+                  title="ComfyUI Mesh : Icarus LTX", color="#233")  # fmt: skip
+
+
 def icarus(w: Workflow, pos: tuple[int, int], n_blocks: int) -> int:
     d = ICARUS_DEFAULTS
     # n_blocks_remote, remote_host, remote_port, codec_mode, codec_qp, codec_lossless, codec_tile_dim,
@@ -176,8 +184,97 @@ def dev_two_sided_lora() -> Workflow:
     return w
 
 
+LTX_CKPT = "ltx-2.3-22b-distilled-fp8.safetensors"
+# ComfyUI's LTX-2.3 blueprints: the distilled first stage (8 steps, cfg 1) as its manual sigma schedule
+LTX_SIGMAS = "1.0, 0.99375, 0.9875, 0.98125, 0.975, 0.909375, 0.725, 0.421875, 0.0"
+
+
+def ltx23_t2v() -> Workflow:
+    """ComfyUI's LTX-2.3 text-to-video+audio graph (its blueprint's first stage, distilled checkpoint)."""
+    w = Workflow("ltx-2.3-t2v")
+    ckpt = w.node("CheckpointLoaderSimple", (20, 40), [LTX_CKPT], size=(340, 100),
+                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])  # fmt: skip
+    te = w.node("LTXAVTextEncoderLoader", (20, 400), ["gemma_3_12B_it_fp4_mixed.safetensors", LTX_CKPT, "default"],
+                outputs=[("CLIP", "CLIP")], size=(340, 110))  # fmt: skip
+    avae = w.node("LTXVAudioVAELoader", (20, 560), [LTX_CKPT], outputs=[("Audio VAE", "VAE")], size=(340, 60))
+    split = icarus_ltx(w, (400, 40), 8)
+    w.link(ckpt, 0, split, "model")
+    pos = w.node("CLIPTextEncode", (400, 330), [
+        "a street musician plays an acoustic guitar and sings on a rainy evening, neon reflections on wet "
+        "cobblestones, handheld camera, the guitar and his voice clearly audible over the rain"],
+        inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], size=(380, 150))  # fmt: skip
+    neg = w.node("CLIPTextEncode", (400, 510), ["blurry, low quality, still frame, watermark, distorted audio"],
+                 inputs=[("clip", "CLIP")], outputs=[("CONDITIONING", "CONDITIONING")], size=(380, 120))  # fmt: skip
+    for n in (pos, neg):
+        w.link(te, 0, n, "clip")
+    cond = w.node("LTXVConditioning", (400, 670), [25.0], size=(300, 80),
+                  inputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")],
+                  outputs=[("positive", "CONDITIONING"), ("negative", "CONDITIONING")])  # fmt: skip
+    w.link(pos, 0, cond, "positive")
+    w.link(neg, 0, cond, "negative")
+    video = w.node("EmptyLTXVLatentVideo", (400, 790), [768, 512, 97, 1], outputs=[("LATENT", "LATENT")],
+                   size=(300, 130))  # fmt: skip
+    audio = w.node("LTXVEmptyLatentAudio", (400, 950), [97, 25, 1], inputs=[("audio_vae", "VAE")],
+                   outputs=[("Latent", "LATENT")], size=(300, 110))  # fmt: skip
+    w.link(avae, 0, audio, "audio_vae")
+    av = w.node("LTXVConcatAVLatent", (740, 800), [], inputs=[("video_latent", "LATENT"), ("audio_latent", "LATENT")],
+                outputs=[("latent", "LATENT")], size=(260, 50))  # fmt: skip
+    w.link(video, 0, av, "video_latent")
+    w.link(audio, 0, av, "audio_latent")
+    x = 1080
+    noise = w.node("RandomNoise", (x, 40), [42, "fixed"], outputs=[("NOISE", "NOISE")], size=(300, 90))
+    sampler = w.node("KSamplerSelect", (x, 170), ["euler_ancestral_cfg_pp"], outputs=[("SAMPLER", "SAMPLER")],
+                     size=(300, 60))  # fmt: skip
+    sigmas = w.node("ManualSigmas", (x, 270), [LTX_SIGMAS], outputs=[("SIGMAS", "SIGMAS")], size=(300, 60))
+    guider = w.node("CFGGuider", (x, 370), [1.0], outputs=[("GUIDER", "GUIDER")], size=(300, 100),
+                    inputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING")])  # fmt: skip
+    w.link(split, 0, guider, "model")
+    w.link(cond, 0, guider, "positive")
+    w.link(cond, 1, guider, "negative")
+    sca = w.node("SamplerCustomAdvanced", (x + 340, 40), [], size=(280, 130),
+                 inputs=[("noise", "NOISE"), ("guider", "GUIDER"), ("sampler", "SAMPLER"), ("sigmas", "SIGMAS"),
+                         ("latent_image", "LATENT")],
+                 outputs=[("output", "LATENT"), ("denoised_output", "LATENT")])  # fmt: skip
+    for src, name in ((noise, "noise"), (guider, "guider"), (sampler, "sampler"), (sigmas, "sigmas"),
+                      (av, "latent_image")):  # fmt: skip
+        w.link(src, 0, sca, name)
+    sep = w.node("LTXVSeparateAVLatent", (x + 340, 220), [], inputs=[("av_latent", "LATENT")],
+                 outputs=[("video_latent", "LATENT"), ("audio_latent", "LATENT")], size=(260, 70))  # fmt: skip
+    w.link(sca, 0, sep, "av_latent")
+    dec = w.node("VAEDecodeTiled", (x + 340, 330), [768, 64, 4096, 4], inputs=[("samples", "LATENT"), ("vae", "VAE")],
+                 outputs=[("IMAGE", "IMAGE")], size=(280, 150))  # fmt: skip
+    w.link(sep, 0, dec, "samples")
+    w.link(ckpt, 2, dec, "vae")
+    adec = w.node("LTXVAudioVAEDecode", (x + 340, 520), [], inputs=[("samples", "LATENT"), ("audio_vae", "VAE")],
+                  outputs=[("Audio", "AUDIO")], size=(280, 50))  # fmt: skip
+    w.link(sep, 1, adec, "samples")
+    w.link(avae, 0, adec, "audio_vae")
+    vid = w.node("CreateVideo", (x + 340, 610), [25.0], inputs=[("images", "IMAGE"), ("audio", "AUDIO")],
+                 outputs=[("VIDEO", "VIDEO")], size=(280, 80))  # fmt: skip
+    w.link(dec, 0, vid, "images")
+    w.link(adec, 0, vid, "audio")
+    save = w.node("SaveVideo", (x + 660, 40), ["mesh/ltx-2.3", "auto", "auto"], inputs=[("video", "VIDEO")],
+                  size=(480, 520))  # fmt: skip
+    w.link(vid, 0, save, "video")
+    w.node("MarkdownNote", (20, 700), [
+        "## LTX-2.3 text to video + audio through ComfyUI-Mesh\n\n"
+        "Icarus LTX runs the first LTX-AV blocks here; **Daedalus** runs the last `n_blocks_remote` (8 of 48) and "
+        "both output heads on the other GPU or PC. Start Daedalus with the **same checkpoint**: "
+        "`scripts/daedalus_gui` (choose the file, n_blocks 8, Start) or "
+        "`MESH_WEIGHTS=.../ltx-2.3-22b-distilled-fp8.safetensors MESH_N_BLOCKS=8 scripts/daedalus.sh`.\n\n"
+        "Paste the token Daedalus shows with the node's **Token…** button; press **Confirm** on the node if the "
+        "server holds another n_blocks.\n\n"
+        "Models: `checkpoints/ltx-2.3-22b-distilled-fp8.safetensors` (video model, video VAE and audio VAE), "
+        "`text_encoders/gemma_3_12B_it_fp4_mixed.safetensors`. Distilled: 8 steps, cfg 1, 97 frames at 25 fps. "
+        "LTX LoRAs are large: load them on the server and put a LoraLoaderModelOnly for the same file after "
+        "Icarus LTX.",
+    ], size=(340, 420))  # fmt: skip
+    return w
+
+
 def main() -> None:
-    for w, name in ((klein_9b(), "flux2-klein-9b.json"), (dev_two_sided_lora(), "flux2-dev-lora-two-sided.json")):
+    for w, name in ((klein_9b(), "flux2-klein-9b.json"), (dev_two_sided_lora(), "flux2-dev-lora-two-sided.json"),
+                    (ltx23_t2v(), "ltx-2.3-t2v-audio.json")):  # fmt: skip
         (HERE / name).write_text(json.dumps(w.to_json(), indent=1) + "\n")
         print(f"wrote {HERE / name}: {len(w.nodes)} nodes, {len(w.links)} links")
 
