@@ -242,4 +242,4 @@ def decode(wt: WireTensor, device: torch.device | str = "cpu", state: dict[Any, 
 
 # Entropy-coded, quantized, temporal and auto codecs (wire ids 2..15) register themselves.
 from . import codec_entropy  # noqa: E402,F401
-from .codec_hevc import HevcCodec as _HevcCodec  # noqa: E402,F401  (HEVC, wire ids 16..23)
+from . import codec_hevc as _codec_hevc  # noqa: E402,F401  (HEVC, wire ids 16..23)

@@ -93,14 +93,16 @@ log = logging.getLogger("comfyui_mesh")
 
 # ---------------------------------------------------------------------------- constants
 
-HEVC_ALIGN = 16  # frame dims are multiples of this (the original's HEVC_ALIGN)
-# NVDEC's smallest HEVC picture is 144 x 144 (NVDEC programming guide, table "Hardware video
-# decoder capabilities"); the original used the same HEVC_MIN_DIM.
+# Frame-size rules, kept here only. HEVC_ALIGN and HEVC_MIN_DIM are the original project's.
+HEVC_ALIGN = 16  # frame dims are multiples of this
+# NVDEC's smallest HEVC picture is 144 x 144 (NVDEC Video Decoder API programming guide, table 1
+# "Hardware video decoder capabilities", https://docs.nvidia.com/video-technologies/video-codec-sdk/).
 HEVC_MIN_DIM = 144
-# NVENC and NVDEC code HEVC up to 8192 x 8192 (NVENC application note, "NVENC capabilities";
-# NVDEC application note: "HEVC 8192x8192 decoding support" from Pascal on, "HEVC 444
-# decoding" on Turing / GA100 / Hopper and later). libx265 would go further, but a stream
-# must decode on NVDEC too.
+# NVENC encodes HEVC up to 8192 x 8192 (NVENC application note, "NVENC capabilities": HEVC
+# 8192 x 8192 from 2nd-gen Maxwell on; NVENC_CAPS_WIDTH_MAX/HEIGHT_MAX report 8192 on Turing and
+# later), and NVDEC decodes HEVC up to 8192 x 8192 with 4:4:4 from Turing / GA100 / Hopper on
+# (https://docs.nvidia.com/video-technologies/video-codec-sdk/13.0/nvdec-application-note/).
+# libx265 would go further, but every stream must also decode on NVDEC.
 HEVC_MAX_DIM = 8192
 TILE_DIMS = (1, 2, 4, 8)
 LOSSY_DTYPES = ("float32", "float16", "bfloat16")
@@ -261,12 +263,11 @@ def token_layout(n: int, row: int = 0) -> tuple[int, int]:
         return min(cands, key=lambda d: (abs(math.log(d / root)), -d)) if cands else None
 
     pow2 = [1 << k for k in range(0, n.bit_length())]
-    w = best(pow2)
-    if w is None:
+    pick = best(pow2)
+    if pick is None:
         divs = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
-        w = best(divs + [n // d for d in divs])
-    if w is None:
-        w = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
+        pick = best(divs + [n // d for d in divs])
+    w = pick if pick is not None else math.isqrt(n - 1) + 1  # else ceil(sqrt(n)), last row padded
     return -(-n // w), w
 
 
@@ -721,9 +722,8 @@ class SessionCache:
 
 
 SESSIONS = SessionCache()
-atexit.register(SESSIONS.close_all)
 _NVENC: dict[int, tuple[str | None, dict[str, Any]]] = {}  # gpu -> (why not, caps)
-_NVENC_STATE = {"reuse": True, "broken": ""}
+_NVENC_STATE: dict[str, Any] = {"reuse": True, "broken": ""}
 
 
 def _gpu_index(device: torch.device | None) -> int:
@@ -808,8 +808,10 @@ def encode_nvenc(frames: torch.Tensor, s: Settings) -> bytes:
 
 
 def close_sessions() -> None:
-    """Release every cached NVENC session (also done at exit)."""
+    """Release every cached NVENC session and idle NVDEC decoder (also done at exit)."""
     SESSIONS.close_all()
+    with _LOCK:
+        _DECODERS.clear()
 
 
 # ---------------------------------------------------------------------------- NVDEC (PyNvVideoCodec)
@@ -819,7 +821,7 @@ class NvdecFailed(RuntimeError):
     """The GPU decode path did not work here (not a verdict on the payload)."""
 
 
-_NVDEC_STATE = {"broken": ""}
+_NVDEC_STATE: dict[str, Any] = {"broken": "", "reuse": True}
 
 
 def nvdec_status(device: torch.device) -> str | None:
@@ -842,24 +844,23 @@ def _as_plane(p: Any, device: torch.device) -> torch.Tensor:
     return t
 
 
-def decode_nvdec(bits: memoryview, g: Geometry, device: torch.device, nvc: Any = None) -> torch.Tensor:
-    """HEVC elementary stream -> uint8 [F, 3, H, W] on ``device`` (CUDA) through NVDEC.
+def _new_decoder(nvc: Any, gpu: int, stream: int) -> Any:
+    kw: dict[str, Any] = {"gpuid": gpu, "codec": nvc.cudaVideoCodec.HEVC, "cudacontext": 0, "cudastream": stream}
+    kw["usedevicememory"] = True
+    latency = getattr(getattr(nvc, "DisplayDecodeLatencyType", None), "LOW", None)
+    if latency is not None:  # IPPP without B-frames: frames come out as each access unit goes in
+        kw["latency"] = latency
+    return nvc.CreateDecoder(**kw)
 
-    A callback demuxer hands the bytes to PyNvVideoCodec's demuxer (raw HEVC probe); each
-    access unit is decoded with low latency (IPPP, no B-frames), each frame's three planes
-    are copied out at once (the decoder reuses its surfaces). Raises ``NvdecFailed`` for
-    anything that is not clearly the payload's fault; the caller then decodes on the CPU."""
-    if nvc is None:
-        nvc, why = nvc_module()
-        if why:
-            raise NvdecFailed(why)
+
+def _nvdec_run(nvc: Any, dec: Any, src: memoryview, g: Geometry, device: torch.device) -> torch.Tensor:
+    """Feed one stream through a decoder; NvdecFailed unless exactly ``g.frames`` frames of the
+    declared size come out."""
     out = torch.empty((g.frames, 3, g.height, g.width), dtype=torch.uint8, device=device)
-    gpu = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    src = memoryview(bytes(bits))
     pos = 0
+    got = 0
 
-    def feed(dst: Any) -> int:
+    def feed(dst: Any) -> int:  # the demuxer's read callback: fill dst, return the byte count
         nonlocal pos
         k = min(len(dst), src.nbytes - pos)
         if k <= 0:
@@ -872,18 +873,23 @@ def decode_nvdec(bits: memoryview, g: Geometry, device: torch.device, nvc: Any =
         pos += k
         return k
 
-    got = 0
+    def fits(views: list[torch.Tensor]) -> bool:
+        return all(v.shape[1] == g.width for v in views) and sum(v.shape[0] for v in views) == 3 * g.height
 
     def take(frame: Any) -> None:
         nonlocal got
         if got >= g.frames:
-            raise CodecError(f"HEVC bitstream holds more than the {g.frames} frames its header declares")
-        views = [_as_plane(p, device) for p in frame.cuda()]
-        if any(v.shape[1] != g.width for v in views) or sum(v.shape[0] for v in views) != 3 * g.height:
+            raise NvdecFailed(f"NVDEC returned more than the {g.frames} frames the header declares")
+        views = [_as_plane(p, device) for p in frame.cuda()]  # the frame's CAI views, one per plane
+        if not fits(views) and hasattr(frame, "__dlpack__"):  # else the frame as one DLPack tensor
+            t = torch.from_dlpack(frame)
+            if t.dtype == torch.uint8 and t.numel() == 3 * g.height * g.width and t.is_contiguous():
+                views = [t.reshape(3 * g.height, g.width)]
+        if not fits(views):
             shapes = [tuple(v.shape) for v in views]
-            raise CodecError(f"NVDEC frame planes {shapes} do not make 3 x {g.height} x {g.width}")
+            raise NvdecFailed(f"NVDEC frame planes {shapes} do not make 3 x {g.height} x {g.width}")
         row = 0
-        for v in views:  # one CAI of 3H rows or three of H rows
+        for v in views:  # three CAIs of H rows (or one of 3H rows)
             out[got].view(3 * g.height, g.width)[row : row + v.shape[0]].copy_(v)
             row += v.shape[0]
         if device.type == "cuda":
@@ -892,27 +898,68 @@ def decode_nvdec(bits: memoryview, g: Geometry, device: torch.device, nvc: Any =
 
     try:
         dmx = nvc.CreateDemuxer(feed)
-        latency = getattr(getattr(nvc, "DisplayDecodeLatencyType", None), "LOW", None)
-        kw: dict[str, Any] = {"gpuid": gpu, "codec": nvc.cudaVideoCodec.HEVC, "cudacontext": 0, "cudastream": stream}
-        kw["usedevicememory"] = True
-        if latency is not None:
-            kw["latency"] = latency
-        dec = nvc.CreateDecoder(**kw)
         eop = getattr(getattr(nvc, "VideoPacketFlag", None), "ENDOFPICTURE", None)
         for pkt in dmx:
-            if eop is not None and latency is not None and getattr(pkt, "bsl", 1):
+            if eop is not None and getattr(pkt, "bsl", True):
                 pkt.decode_flag = eop
             for fr in dec.Decode(pkt):
                 take(fr)
         if got < g.frames and getattr(nvc, "PacketData", None) is not None:  # flush, in case no EOS came
             for fr in dec.Decode(nvc.PacketData()):
                 take(fr)
-    except CodecError:
+    except NvdecFailed:
         raise
     except Exception as e:  # noqa: BLE001 - PyNvVideoCodec raises its own exception types
         raise NvdecFailed(f"{type(e).__name__}: {e}") from e
     if got != g.frames:
         raise NvdecFailed(f"NVDEC returned {got} of {g.frames} frames")
+    return out
+
+
+_DECODERS: dict[tuple[int, int], Any] = {}  # (gpu, CUDA stream) -> an idle PyNvDecoder
+atexit.register(close_sessions)
+
+
+def decode_nvdec(bits: memoryview, g: Geometry, device: torch.device, nvc: Any = None) -> torch.Tensor:
+    """HEVC elementary stream -> uint8 [F, 3, H, W] on ``device`` (CUDA) through NVDEC.
+
+    A callback demuxer hands the bytes to PyNvVideoCodec's demuxer (raw HEVC probe); each
+    access unit is decoded with low latency (IPPP, no B-frames) on the caller's CUDA stream,
+    and each frame's planes are copied out at once (the decoder reuses its surfaces). One idle
+    decoder per (GPU, stream) is kept for the next call; if a reused decoder fails where a
+    fresh one works, decoders are created per call from then on. Raises ``NvdecFailed`` for
+    anything that goes wrong: the caller then lets the CPU decoder judge the payload."""
+    if nvc is None:
+        nvc, why = nvc_module()
+        if why:
+            raise NvdecFailed(why)
+    gpu = device.index if device.index is not None else (torch.cuda.current_device() if device.type == "cuda" else 0)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    src = memoryview(bytes(bits))
+    key = (gpu, stream)
+    with _LOCK:
+        dec = _DECODERS.pop(key, None) if _NVDEC_STATE["reuse"] else None
+    reused_failed = ""
+    if dec is not None:
+        try:
+            out = _nvdec_run(nvc, dec, src, g, device)
+            with _LOCK:
+                _DECODERS.setdefault(key, dec)
+            return out
+        except NvdecFailed as e:
+            reused_failed = str(e)
+            del dec
+    try:
+        dec = _new_decoder(nvc, gpu, stream)
+    except Exception as e:  # noqa: BLE001
+        raise NvdecFailed(f"CreateDecoder: {type(e).__name__}: {e}") from e
+    out = _nvdec_run(nvc, dec, src, g, device)
+    if reused_failed:
+        _NVDEC_STATE["reuse"] = False
+        _log_once("nvdec-reuse", f"NVDEC: a reused decoder failed ({reused_failed}); creating one per tensor from now")
+    elif _NVDEC_STATE["reuse"]:
+        with _LOCK:
+            _DECODERS.setdefault(key, dec)
     return out
 
 
@@ -1041,15 +1088,21 @@ class HevcCodec(Codec):
         except (RuntimeError, ValueError, TypeError, IndexError, OverflowError, struct.error) as e:
             raise CodecError(f"cannot decode {wt.name!r} with codec {self.name}: {type(e).__name__}: {e}") from e
 
+    @staticmethod
+    def _use_nvdec(dev: torch.device) -> bool:
+        return dev.type == "cuda" and nvdec_status(dev) is None
+
     def _planes(self, bits: memoryview, g: Geometry, dev: torch.device) -> torch.Tensor:
-        if dev.type == "cuda" and nvdec_status(dev) is None:
+        if self._use_nvdec(dev):
             try:
                 return decode_nvdec(bits, g, dev)
             except NvdecFailed as e:
+                planes = decode_pyav(bits, g)  # a CodecError here: the payload was bad, not NVDEC
                 _NVDEC_STATE["broken"] = f"NVDEC decode failed ({e})"
                 _log_once(
                     "nvdec-broken", f"ComfyUI-Mesh: {_NVDEC_STATE['broken']}; decoding HEVC on the CPU from now on"
                 )
+                return planes.to(dev)
         planes = decode_pyav(bits, g)
         return planes.to(dev) if dev.type != "cpu" else planes
 

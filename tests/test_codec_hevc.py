@@ -596,9 +596,13 @@ class FakeNvc:
 
         return iter([Pkt(bytes(p)) for p in pkts] + [Pkt(b"")])
 
+    reset_after_eos = True  # a decoder takes a new stream after the end of the last one
+
     def CreateDecoder(self, **kw):  # noqa: N802
-        assert kw["usedevicememory"] is True and kw["codec"] == "hevc"
+        assert kw["usedevicememory"] is True and kw["codec"] == "hevc" and kw["latency"] == 1
+        self.decoders = getattr(self, "decoders", 0) + 1
         ctx = av.CodecContext.create("hevc", "r")
+        reset = self.reset_after_eos
 
         class Frame:
             def __init__(self, fr):
@@ -610,7 +614,11 @@ class FakeNvc:
         class Dec:
             def Decode(self, pkt):  # noqa: N802
                 if not pkt.bsl:
-                    return [Frame(f) for f in ctx.decode(None)]
+                    out = [Frame(f) for f in ctx.decode(None)]
+                    if reset:
+                        ctx.flush_buffers()
+                    return out
+                assert pkt.decode_flag == 1  # ENDOFPICTURE on every access unit
                 return [Frame(f) for f in ctx.decode(av.Packet(pkt.data))]
 
         return Dec()
@@ -654,27 +662,77 @@ def test_nvenc_misbehaving_session_falls_back(fake_nvenc, caplog):
         codec.encode(x, "x", "nvenc", {"encoder": "nvenc"})
 
 
-def test_nvdec_orchestration_with_fake_decoder():
-    x = gauss((1, 100, 40))
-    wt = codec.encode(x, "x", "nvenc", {**FAST, "qp": 24, "tile_dim": 2})  # 4 frames, lossy
-    head, _, bits = H.parse_header(memoryview(bytes(wt.data)), "x", 100, 40)
-    cpu = H.decode_pyav(bits, head.geom)
-    gpu = H.decode_nvdec(bits, head.geom, torch.device("cpu"), nvc=FakeNvc())
-    assert torch.equal(gpu, cpu)  # HEVC decoding is exact: any conforming decoder gives these planes
+@pytest.fixture
+def nvdec_state(monkeypatch):
+    monkeypatch.setattr(H, "_DECODERS", {})
+    monkeypatch.setitem(H._NVDEC_STATE, "reuse", True)
+    monkeypatch.setitem(H._NVDEC_STATE, "broken", "")
+    monkeypatch.setattr(H, "_ONCE", set())
+
+
+def _stream(n=100, c=40, qp=24):
+    x = gauss((1, n, c))
+    wt = codec.encode(x, "x", "nvenc", {**FAST, "qp": qp, "tile_dim": 2})  # 4 frames, lossy
+    head, _, bits = H.parse_header(memoryview(bytes(wt.data)), "x", n, c)
+    return wt, head.geom, bits
+
+
+def test_nvdec_orchestration_with_fake_decoder(nvdec_state):
+    _, g, bits = _stream()
+    cpu = H.decode_pyav(bits, g)
+    fake = FakeNvc()
+    for _ in range(3):
+        gpu = H.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake)
+        assert torch.equal(gpu, cpu)  # HEVC decoding is exact: any conforming decoder gives these planes
+    assert fake.decoders == 1 and len(H._DECODERS) == 1  # one decoder, reused
+    _, g2, bits2 = _stream(64, 24, qp=30)  # another stream, other frame size, same decoder
+    assert torch.equal(H.decode_nvdec(bits2, g2, torch.device("cpu"), nvc=fake), H.decode_pyav(bits2, g2))
 
     class Broken(FakeNvc):
         def CreateDecoder(self, **kw):  # noqa: N802
             raise RuntimeError("cuvidCreateDecoder failed")
 
-    with pytest.raises(H.NvdecFailed):
-        H.decode_nvdec(bits, head.geom, torch.device("cpu"), nvc=Broken())
+    H._DECODERS.clear()
+    with pytest.raises(H.NvdecFailed, match="cuvidCreateDecoder"):
+        H.decode_nvdec(bits, g, torch.device("cpu"), nvc=Broken())
+
+    class Short(FakeNvc):
+        def CreateDemuxer(self, feed):  # noqa: N802
+            return iter(list(super().CreateDemuxer(feed))[:3])
+
+    H._DECODERS.clear()
     with pytest.raises(H.NvdecFailed, match="of 4 frames"):
+        H.decode_nvdec(bits, g, torch.device("cpu"), nvc=Short())
 
-        class Short(FakeNvc):
-            def CreateDemuxer(self, feed):  # noqa: N802
-                return iter(list(super().CreateDemuxer(feed))[:3])
 
-        H.decode_nvdec(bits, head.geom, torch.device("cpu"), nvc=Short())
+def test_nvdec_decoder_that_cannot_be_reused(nvdec_state):
+    _, g, bits = _stream()
+    cpu = H.decode_pyav(bits, g)
+    fake = FakeNvc()
+    fake.reset_after_eos = False  # this decoder refuses a second stream
+    for _ in range(3):
+        assert torch.equal(H.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake), cpu)
+    assert H._NVDEC_STATE["reuse"] is False and fake.decoders == 3 and not H._DECODERS
+
+
+def test_nvdec_failure_falls_back_to_cpu_unless_the_payload_is_bad(nvdec_state, monkeypatch):
+    monkeypatch.setattr(H.HevcCodec, "_use_nvdec", staticmethod(lambda dev: True))
+    calls = []
+
+    def failing(bits, g, device, nvc=None):
+        calls.append(1)
+        raise H.NvdecFailed("surface copy failed")
+
+    monkeypatch.setattr(H, "decode_nvdec", failing)
+    wt = _payload()
+    start = H.HEADER.size + 8 * C
+    junk = _with(wt, bytes(wt.data)[:start] + b"\x00\x00\x00\x01" + bytes(range(256)) * 3, fix_crc=True)
+    with pytest.raises(errors.CodecError):
+        codec.decode(junk)
+    assert calls and H._NVDEC_STATE["broken"] == ""  # a bad payload is not NVDEC's fault
+    x = smooth((1, 64, C))
+    wt, y = round_trip(x, params={"tile_dim": 2, "lossless": True})
+    assert bits_equal(y, reference(x)[0]) and "surface copy failed" in H._NVDEC_STATE["broken"]
 
 
 def test_nvenc_unavailable_reason_and_x265_fallback_logged_once(caplog, monkeypatch):
