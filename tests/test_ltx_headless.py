@@ -1,30 +1,25 @@
 """End to end through a real headless ComfyUI with Icarus LTX: a prompt runs through Daedalus and
 matches the same prompt without the split, bit for bit (raw codec, CPU).
 
-Skipped without COMFYUI_PATH. Reuses the processes of test_comfyui_headless.py: Daedalus serving
-the last 2 of 3 blocks of a tiny random LTX-AV (LTX-2 style) checkpoint, and ComfyUI's main.py
-with only this pack and a test-only node pack enabled (tests/fixtures/mesh_test_nodes_ltx, laid
-out under the name that launcher enables: random conditioning and an empty audio+video latent,
-since the tiny model has no text encoder or audio VAE). Workflow: UNETLoader -> MeshSplitLTX ->
+Skipped without COMFYUI_PATH. The same processes as test_comfyui_headless.py (comfy_support.Daedalus,
+comfyui_proc.ComfyUI): Daedalus serving the last 2 of 3 blocks of a tiny random LTX-AV (LTX-2 style)
+checkpoint, and ComfyUI's main.py with only this pack and the test-only node pack enabled
+(tests/fixtures/mesh_test_nodes: random conditioning and an empty audio+video latent, since the
+tiny model has no text encoder or audio VAE). Workflow: UNETLoader -> MeshSplitLTX ->
 KSampler (CFG 2) -> LTXVSeparateAVLatent -> SaveLatent (video, audio).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 from comfy_ltx_support import make_ltx
-from comfy_support import needs_comfy
-from test_comfyui_headless import REPO, RUN_TIMEOUT, ComfyUI, Daedalus, stop
+from comfy_support import COMFY, Daedalus, needs_comfy
+from comfyui_proc import FIXTURE_PACK, ComfyUI
 
 pytestmark = needs_comfy
 
-FIXTURE_PACK = Path(__file__).resolve().parent / "fixtures" / "mesh_test_nodes_ltx"
 MODEL_NAME = "tiny_ltxav.safetensors"
 
 
@@ -33,8 +28,8 @@ def workflow(daedalus_port: int | None, prefix: str) -> dict:
     model = ["2", 0] if daedalus_port else ["1", 0]
     g = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}},
-        "3": {"class_type": "MeshTestLTXConditioning", "inputs": {"seed": 2, "tokens": 7, "width": 64}},
-        "4": {"class_type": "MeshTestLTXConditioning", "inputs": {"seed": 3, "tokens": 7, "width": 64}},
+        "3": {"class_type": "MeshTestConditioning", "inputs": {"seed": 2, "tokens": 7, "width": 64}},
+        "4": {"class_type": "MeshTestConditioning", "inputs": {"seed": 3, "tokens": 7, "width": 64}},
         "5": {"class_type": "MeshTestAVLatent", "inputs": {"frames": 2, "height": 2, "width": 3, "audio": 5}},
         "6": {
             "class_type": "KSampler",
@@ -75,42 +70,16 @@ def stack(tmp_path):
     models = tmp_path / "models" / "diffusion_models"
     models.mkdir(parents=True)
     weights = make_ltx(models / MODEL_NAME, style="ltx2", seed=0)
-    nodes = tmp_path / "custom_nodes"
-    nodes.mkdir()
-    (nodes / "ComfyUI-Mesh").symlink_to(REPO, target_is_directory=True)
-    # the launcher enables the test pack by the name "mesh_test_nodes"
-    shutil.copytree(FIXTURE_PACK, nodes / "mesh_test_nodes", ignore=shutil.ignore_patterns("__pycache__"))
-    yaml_path = tmp_path / "extra_model_paths.yaml"
-    yaml_path.write_text(f"mesh_test:\n    custom_nodes: {nodes}\n    diffusion_models: {models}\n")
     daedalus = comfy = None
     try:
-        daedalus = Daedalus(weights, 2, tmp_path / "state")
-        comfy = ComfyUI(tmp_path, yaml_path)
+        daedalus = Daedalus(weights, 2, tmp_path / "state", extra=["--no-auth"])
+        comfy = ComfyUI(COMFY, tmp_path, extra_packs=(FIXTURE_PACK,), models=models)
         yield daedalus, comfy, tmp_path
     finally:
         if comfy is not None:
             comfy.stop()
         if daedalus is not None:
-            stop(daedalus.proc)
-
-
-def run_prompt(comfy: ComfyUI, prompt: dict) -> dict:
-    queued = comfy.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
-    if queued.get("node_errors"):
-        comfy.fail(f"prompt rejected: {queued}")
-    pid = queued["prompt_id"]
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < RUN_TIMEOUT:
-        comfy.check_alive()
-        entry = comfy.get(f"/history/{pid}").get(pid)
-        if entry and entry.get("status"):
-            status = entry["status"]
-            if status.get("status_str") != "success":
-                comfy.fail("prompt failed: " + json.dumps(status.get("messages"), indent=1)[-4000:])
-            return entry
-        time.sleep(0.5)
-    comfy.fail(f"prompt {pid} did not finish within {RUN_TIMEOUT:.0f} s")
-    raise AssertionError("unreachable")
+            daedalus.stop()
 
 
 def saved(tmp: Path, entry: dict, node: str) -> Path:
@@ -126,10 +95,10 @@ def test_headless_comfyui_runs_icarus_ltx_and_matches_unsplit(stack):
     daedalus, comfy, tmp = stack
     comfy.wait_for_node("MeshSplitLTX")
     comfy.wait_for_node("MeshTestAVLatent")
-    split = run_prompt(comfy, workflow(daedalus.port, "mesh_ltx_split"))
+    split = comfy.run_prompt(workflow(daedalus.port, "mesh_ltx_split"))
     steps = daedalus.steps()
     assert len(steps) == 2, "Daedalus should serve one call per step (cond + uncond batched):\n" + daedalus.log()
-    plain = run_prompt(comfy, workflow(None, "mesh_ltx_plain"))
+    plain = comfy.run_prompt(workflow(None, "mesh_ltx_plain"))
     assert len(daedalus.steps()) == 2, "the unsplit prompt must not reach Daedalus"
     for node in ("8", "9"):  # video, audio
         a = load_file(str(saved(tmp, split, node)))["latent_tensor"]
