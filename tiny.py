@@ -84,21 +84,13 @@ def make_flux2(
     ``device`` is where the random numbers are drawn (a GPU makes full-size models fast)."""
     import comfy.ldm.flux.model
     import comfy.ops
-    from safetensors.torch import save_file
 
     cfg = dict(config or FLUX2_TINY)
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
-    sd = {}
-    for k, v in model.state_dict().items():
-        if v.ndim > 1:  # ~unit-variance activations through the residual stream
-            t = torch.randn(v.shape, generator=g, device=device) * (1.0 / v.shape[-1] ** 0.5)
-        else:
-            t = 1.0 + 0.1 * torch.randn(v.shape, generator=g, device=device)
-        sd[k] = t.to(dtype).cpu().contiguous()
-    save_file(sd, str(path))
-    return Path(path)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
 
 
 def flux2_inputs(batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int = 64, seed: int = 1) -> dict[str, Any]:
@@ -182,8 +174,9 @@ def ltxav_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _ltx_random(name: str, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
-    """Random weights that keep 48 blocks of activations finite in bf16."""
+def _random_weight(name: str, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
+    """Random weights that keep the residual stream near unit variance (finite in bf16 over
+    48 blocks): matrices ~ N(0, 1/fan_in), norm scales ~ 1, biases small."""
     if len(shape) > 1:
         return torch.randn(shape, generator=g, device=device) * (1.0 / shape[-1] ** 0.5)
     if name.endswith(".bias"):
@@ -239,7 +232,9 @@ def make_ltxav(
     cfg = dict(config or LTXAV2_TINY)
     g = torch.Generator(device=device).manual_seed(seed)
     meta = {"config": json.dumps({"transformer": cfg})}
-    return write_safetensors_streaming(path, ltxav_shapes(cfg), lambda n, s: _ltx_random(n, s, g, device), dtype, meta)
+    return write_safetensors_streaming(
+        path, ltxav_shapes(cfg), lambda n, s: _random_weight(n, s, g, device), dtype, meta
+    )
 
 
 def ltxav_inputs(
