@@ -271,20 +271,26 @@ class Session:
             if wt.name in incoming:
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
+        fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
         for name, wt in list(incoming.items()):
             if name.startswith("const:"):
                 h = name[6:]
-                if self.consts.get(h) is None:
+                known = self.consts.get(h)
+                if known is None:
                     if wt.codec != 0 or content_hash(wt) != h:
                         raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
-                    self.consts.put(h, codec.decode(wt, b.device))
+                    known = codec.decode(wt, b.device)
+                    self.consts.put(h, known)
+                fresh[h] = known
                 del incoming[name]
         tensors: dict[str, torch.Tensor] = {}
         missing = []
         for arg, h in msg.consts.items():
             if not isinstance(h, str):
                 raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
-            t = self.consts.get(h)
+            t = fresh.get(h)
+            if t is None:
+                t = self.consts.get(h)
             if t is None:
                 missing.append(h)
             else:

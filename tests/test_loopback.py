@@ -228,3 +228,23 @@ def test_constant_must_match_its_hash(server):
     with pytest.raises(RemoteFailure, match="does not match its content hash"):
         c.request(msg)
     c.close()
+
+
+def test_constants_larger_than_the_server_cache_still_work():
+    """Constants sent with a request are used even when the cache cannot keep them."""
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, const_cache_bytes=16)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    try:
+        model = ToyModel()
+        x, bias = _inputs()
+        c = _client(host, port)
+        for _ in range(2):  # second call: evicted constants are resent automatically
+            out, _ = c.forward(
+                arch="toy", n_blocks=3, coded={"x": model.run(x, bias, 0, 5)}, exact={},
+                consts={"bias": bias, "unused": torch.ones(100)}, scalars={},
+            )  # fmt: skip
+            assert torch.equal(out["out"], model.run(x, bias))
+        c.close()
+    finally:
+        srv.shutdown()
