@@ -343,26 +343,21 @@ class App:
             self._set_status("error", str(e))
             return None
 
-    def start(self) -> None:
+    def start(self, restart: bool = False) -> None:
         got = self._config()
         if got is None:
             return
         s, cfg = got
         s.save(self.settings_path)
         self.running_settings = s
-        self.runner.start(cfg, self.token if cfg.auth else None)
+        launch = self.runner.restart if restart else self.runner.start
+        launch(cfg, self.token if cfg.auth else None)
 
     def stop(self) -> None:
         self.runner.stop()
 
     def restart(self) -> None:
-        got = self._config()
-        if got is None:
-            return
-        s, cfg = got
-        s.save(self.settings_path)
-        self.running_settings = s
-        self.runner.restart(cfg, self.token if cfg.auth else None)
+        self.start(restart=True)
 
     def close(self) -> None:
         self.save_settings()

@@ -5,6 +5,7 @@ Builds tiny random-weight models with ComfyUI's own classes and saves them as sa
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -44,3 +45,24 @@ class Daedalus(DaedalusProc):
              "--comfyui", COMFY, *(extra or [])],
             state_dir,
         )  # fmt: skip
+
+
+@contextlib.contextmanager
+def headless_stack(tmp_path: Path, make_weights, model_name: str, n_blocks: int = 2):
+    """Tiny model in tmp_path/models, a --no-auth Daedalus serving its last ``n_blocks``, and a
+    headless ComfyUI with this pack and the fixture pack; both processes are always stopped."""
+    from comfyui_proc import FIXTURE_PACK, ComfyUI
+
+    models = tmp_path / "models" / "diffusion_models"
+    models.mkdir(parents=True)
+    weights = make_weights(models / model_name)
+    daedalus = comfy = None
+    try:
+        daedalus = Daedalus(weights, n_blocks, tmp_path / "state", extra=["--no-auth"])
+        comfy = ComfyUI(COMFY, tmp_path, extra_packs=(FIXTURE_PACK,), models=models)
+        yield daedalus, comfy, tmp_path
+    finally:
+        if comfy is not None:
+            comfy.stop()
+        if daedalus is not None:
+            daedalus.stop()

@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from comfy_support import COMFY, Daedalus, make_flux2, needs_comfy
-from comfyui_proc import FIXTURE_PACK, ComfyUI
+from comfy_support import headless_stack, make_flux2, needs_comfy
 
 pytestmark = needs_comfy
 
@@ -61,20 +60,8 @@ def workflow(daedalus_port: int) -> dict:
 
 @pytest.fixture
 def stack(tmp_path):
-    """Lay out models and custom nodes in tmp_path, start Daedalus and ComfyUI; always stop both."""
-    models = tmp_path / "models" / "diffusion_models"
-    models.mkdir(parents=True)
-    weights = make_flux2(models / MODEL_NAME, seed=0)
-    daedalus = comfy = None
-    try:
-        daedalus = Daedalus(weights, 2, tmp_path / "state", extra=["--no-auth"])
-        comfy = ComfyUI(COMFY, tmp_path, extra_packs=(FIXTURE_PACK,), models=models)
-        yield daedalus, comfy, tmp_path
-    finally:
-        if comfy is not None:
-            comfy.stop()
-        if daedalus is not None:
-            daedalus.stop()
+    with headless_stack(tmp_path, lambda path: make_flux2(path, seed=0), MODEL_NAME) as st:
+        yield st
 
 
 def test_headless_comfyui_runs_icarus_through_daedalus(stack):

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 from comfy_ltx_support import make_ltx
-from comfy_support import COMFY, Daedalus, needs_comfy
-from comfyui_proc import FIXTURE_PACK, ComfyUI
+from comfy_support import headless_stack, needs_comfy
 
 pytestmark = needs_comfy
 
@@ -67,19 +66,8 @@ def workflow(daedalus_port: int | None, prefix: str) -> dict:
 
 @pytest.fixture
 def stack(tmp_path):
-    models = tmp_path / "models" / "diffusion_models"
-    models.mkdir(parents=True)
-    weights = make_ltx(models / MODEL_NAME, style="ltx2", seed=0)
-    daedalus = comfy = None
-    try:
-        daedalus = Daedalus(weights, 2, tmp_path / "state", extra=["--no-auth"])
-        comfy = ComfyUI(COMFY, tmp_path, extra_packs=(FIXTURE_PACK,), models=models)
-        yield daedalus, comfy, tmp_path
-    finally:
-        if comfy is not None:
-            comfy.stop()
-        if daedalus is not None:
-            daedalus.stop()
+    with headless_stack(tmp_path, lambda path: make_ltx(path, style="ltx2", seed=0), MODEL_NAME) as st:
+        yield st
 
 
 def saved(tmp: Path, entry: dict, node: str) -> Path:
