@@ -39,13 +39,14 @@ import importlib
 import math
 import sys
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
 from .codec import Codec, RawCodec, dtype_name, numel, register, to_bytes, torch_dtype
-from .constants import MAX_BODY_BYTES
+from .constants import ANS_CHUNK_BYTES, MAX_BODY_BYTES
 from .errors import BackendUnavailable, CodecError, LocalError
 from .protocol import WireTensor
 
@@ -110,6 +111,10 @@ class Backend:
     def compress(self, u8: torch.Tensor) -> Any:
         """1-D uint8 tensor -> compressed bytes (zstd: a bytes object; ans: a CUDA uint8 tensor)."""
         raise NotImplementedError
+
+    def compress_many(self, rows: list[torch.Tensor]) -> list[Any]:
+        """Several sections at once (a backend may batch them); same results as one by one."""
+        return [self.compress(r) for r in rows]
 
     def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
         """Compressed bytes -> 1-D uint8 tensor of exactly ``n`` bytes on ``device``."""
@@ -221,8 +226,10 @@ def _preload_libnvcomp() -> bool:
 class AnsBackend(Backend):
     """nvCOMP ANS (``|u1`` symbols, native bitstream with per-chunk frequency tables) on CUDA.
 
-    Runs on the caller's current CUDA stream, so it orders with torch work. UNVERIFIED on a
-    GPU from this codebase's CI: written from nvCOMP 6.0's Python API (docs/research)."""
+    Runs on the caller's current CUDA stream, so it orders with torch work. CI has no GPU: this
+    class is exercised on a device GPU (H200, nvCOMP 6.0.0.12, tests/test_codec_entropy.py and
+    bench/ans_speed.py; docs/BENCHMARKS.md). All sections of a payload go through one batched
+    call; chunks of ``ANS_CHUNK_BYTES`` (the decoder reads the size from the bitstream)."""
 
     name = "ans"
 
@@ -243,23 +250,39 @@ class AnsBackend(Backend):
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         stream = torch.cuda.current_stream(idx).cuda_stream
         codecs = self._tls.__dict__.setdefault("codecs", {})
-        c = codecs.get((idx, stream))
+        key = (idx, stream, ANS_CHUNK_BYTES)
+        c = codecs.get(key)
         if c is None:
-            c = nv.Codec(algorithm="ANS", device_id=idx, cuda_stream=stream, data_type="|u1")
-            codecs[(idx, stream)] = c
+            c = nv.Codec(
+                algorithm="ANS", device_id=idx, cuda_stream=stream, data_type="|u1", uncomp_chunk_size=ANS_CHUNK_BYTES
+            )
+            codecs[key] = c
         return nv, c, stream
 
+    # nvCOMP's outputs are read through __cuda_array_interface__ (torch.as_tensor keeps the nvCOMP
+    # array alive), never torch.from_dlpack: on nvCOMP 6.0 + torch 2.11 (H200) a from_dlpack'd
+    # output decoded to wrong bytes and later crashed the process with a double free.
     def compress(self, u8: torch.Tensor) -> Any:
-        dev = self._device(u8.device)
-        src = u8.to(dev).contiguous().reshape(-1)
-        if src.data_ptr() % 16:  # nvCOMP wants aligned buffers; a fresh allocation is
-            src = src.clone()
+        return self.compress_many([u8])[0]
+
+    def compress_many(self, rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every row in ONE batched nvCOMP call (one launch sequence, one sync for the sizes)."""
+        dev = self._device(rows[0].device)
+        sizes = [int(r.numel()) for r in rows]
+        offsets, total = [], 0
+        for n in sizes:  # each row on a 256-byte boundary (nvCOMP's alignment needs are smaller)
+            offsets.append(total)
+            total += -(-n // 256) * 256
+        buf = torch.empty(total, dtype=torch.uint8, device=dev)
+        for o, r, n in zip(offsets, rows, sizes, strict=True):
+            buf[o : o + n].copy_(r.reshape(-1).view(torch.uint8))
         nv, c, stream = self._codec(dev)
-        enc = c.encode(nv.as_array(src, stream))
-        out = torch.from_dlpack(enc).reshape(-1)
-        if out.dtype != torch.uint8:
-            out = out.view(torch.uint8)
-        return out[: int(enc.buffer_size)]
+        enc = c.encode(nv.as_arrays(buf, offsets, sizes, stream))
+        comp = [int(m) for m in enc.buffer_sizes]
+        parts = [torch.as_tensor(enc[i], device=dev).reshape(-1).view(torch.uint8)[:m] for i, m in enumerate(comp)]
+        out = torch.cat(parts)  # our own memory from here on
+        del parts, enc
+        return list(out.split(comp))
 
     def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
         why = self.available()
@@ -268,7 +291,7 @@ class AnsBackend(Backend):
                 f"payload was coded with nvCOMP ANS on a GPU; this side cannot decode it: {why}", "ans"
             )
         dev = self._device(device)
-        src = torch.frombuffer(bytearray(comp), dtype=torch.uint8).to(dev)
+        src = host_view(comp).to(dev)
         nv, c, stream = self._codec(dev)
         arr = nv.as_array(src, stream)
         try:
@@ -277,12 +300,23 @@ class AnsBackend(Backend):
             raise CodecError(f"ANS section is not an nvCOMP bitstream: {e}") from None
         if declared != n:
             raise CodecError(f"ANS section declares {declared} bytes, the header says {n}")
-        out = torch.from_dlpack(c.decode(arr, data_type="|u1")).reshape(-1)
+        out = torch.as_tensor(c.decode(arr, data_type="|u1"), device=dev).reshape(-1)
         if out.dtype != torch.uint8:
             out = out.view(torch.uint8)
         if out.numel() != n:
             raise CodecError(f"ANS section decoded to {out.numel()} bytes, expected {n}")
         return out.to(device)
+
+
+def host_view(buf: Any) -> torch.Tensor:
+    """A CPU uint8 tensor over ``buf``'s bytes without copying (read-only buffers included: the
+    tensor is only ever read)."""
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
+        return torch.frombuffer(mv, dtype=torch.uint8)
 
 
 ZSTD = ZstdBackend()
@@ -313,23 +347,23 @@ def pick_backend(params: dict[str, Any], device: torch.device) -> Backend:
 
 
 class SectionWriter:
-    """Collects a payload's sections: ``raw`` (side info, stored) and ``coded`` (entropy-coded)."""
+    """Collects a payload's sections: ``raw`` (side info, stored) and ``coded`` (entropy-coded).
+
+    Coded sections are compressed together in ``finish`` (one batched call on the GPU)."""
 
     def __init__(self, be: Backend):
         self.be = be
         self.on_device = be is ANS  # ANS parts stay on the GPU until one copy at the end
         self.parts: list[Any] = []
         self.table: list[list[int]] = []
+        self.pending: list[int] = []  # indices of coded sections not compressed yet
 
-    def _put(self, u8: torch.Tensor) -> None:
-        if self.on_device:
-            self.parts.append(u8.to(ANS._device(u8.device)))
-        else:
-            self.parts.append(to_bytes(u8))
+    def _put(self, u8: torch.Tensor) -> Any:
+        return u8.to(ANS._device(u8.device)) if self.on_device else to_bytes(u8)
 
     def raw(self, t: torch.Tensor) -> None:
         u8 = t.detach().contiguous().reshape(-1).view(torch.uint8)
-        self._put(u8)
+        self.parts.append(self._put(u8))
         self.table.append([0, u8.numel(), u8.numel()])
 
     def coded(self, u8: torch.Tensor) -> None:
@@ -337,16 +371,31 @@ class SectionWriter:
         if u8.dtype != torch.uint8:
             u8 = u8.view(torch.uint8)
         n = u8.numel()
-        comp = self.be.compress(u8) if n >= 64 else None
-        m = (comp.numel() if isinstance(comp, torch.Tensor) else len(comp)) if comp is not None else n
-        if comp is None or m >= n:
-            self._put(u8)
+        if n < 64:
+            self.parts.append(self._put(u8))
             self.table.append([0, n, n])
             return
-        self.parts.append(comp if isinstance(comp, torch.Tensor) else memoryview(comp))
-        self.table.append([1, n, m])
+        self.pending.append(len(self.parts))
+        self.parts.append(u8.to(ANS._device(u8.device)) if self.on_device else u8)
+        self.table.append([1, n, n])
+
+    def _compress_pending(self) -> None:
+        if not self.pending:
+            return
+        comps = self.be.compress_many([self.parts[i] for i in self.pending])
+        for i, comp in zip(self.pending, comps, strict=True):
+            n = self.table[i][1]
+            m = comp.numel() if isinstance(comp, torch.Tensor) else len(comp)
+            if m >= n:  # did not compress: stored, so it decodes anywhere
+                self.parts[i] = self.parts[i] if self.on_device else to_bytes(self.parts[i])
+                self.table[i] = [0, n, n]
+            else:
+                self.parts[i] = comp if isinstance(comp, torch.Tensor) else memoryview(comp)
+                self.table[i] = [1, n, m]
+        self.pending = []
 
     def finish(self, meta: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+        self._compress_pending()
         meta = {**meta, "be": self.be.name, "s": self.table}
         if self.on_device:
             parts = [p for p in self.parts if p.numel()]
@@ -403,14 +452,14 @@ class SectionReader:
             raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
         if count == 0:
             return torch.empty(0, dtype=dtype, device=self.device)
-        return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).view(dtype).to(self.device)
+        return host_view(chunk).to(self.device, copy=True).view(dtype)
 
     def coded(self, n: int, what: str) -> torch.Tensor:
         kind, chunk = self._next(n, what)
         if kind == 0:
             if n == 0:
                 return torch.empty(0, dtype=torch.uint8, device=self.device)
-            return torch.frombuffer(bytearray(chunk), dtype=torch.uint8).to(self.device)
+            return host_view(chunk).to(self.device, copy=True)
         return _BACKENDS[self.be_name].decompress(chunk, n, self.device)
 
     def done(self) -> None:

@@ -9,6 +9,7 @@ the handshake instead of as a wrong image.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -16,11 +17,17 @@ from typing import Any
 import torch
 
 SAMPLES_PER_TENSOR = 16
+log = logging.getLogger("comfyui_mesh")
+_warned: set[str] = set()
 
 
 def _sample_bytes(t: Any) -> bytes:
     try:
-        flat = t.detach().reshape(-1)
+        # ``.data``, not views of ``t``: a parameter created under inference_mode and later moved by
+        # Module.to() outside it (ComfyUI loading a model onto the GPU and back) refuses every view
+        # ("Inference tensors do not track version counter"); its ``.data`` reads fine.
+        base = t.data if isinstance(t, torch.Tensor) else t
+        flat = base.reshape(-1)
         n = flat.numel()
         if n == 0:
             return b""
@@ -29,8 +36,13 @@ def _sample_bytes(t: Any) -> bytes:
         idx = torch.tensor(sorted({i * (n - 1) // max(k - 1, 1) for i in range(k)}), device=flat.device)
         s = flat[idx].cpu().contiguous()
         return s.view(torch.uint8).numpy().tobytes()
-    except (RuntimeError, TypeError, NotImplementedError, AttributeError):
-        # Quantized tensor subclasses that can't be indexed: names/shapes/dtypes still count.
+    except (RuntimeError, TypeError, NotImplementedError, AttributeError) as e:
+        # Quantized tensor subclasses that can't be indexed: names/shapes/dtypes still count. Said
+        # once per kind, since the other side may read the same tensor fine (a mismatch to explain).
+        why = f"{type(t).__name__}: {type(e).__name__}: {e}"
+        if why not in _warned:
+            _warned.add(why)
+            log.warning("fingerprint: weight values of a %s are not readable, only its shape counts", why)
         return b"?"
 
 

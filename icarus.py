@@ -15,6 +15,7 @@ The stubbed head returns the server's output, so the rest of ComfyUI sees a norm
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import torch
 from . import arch, codec, lora_io
 from .auth import TokenStore
 from .config import ClientConfig
+from .constants import SEAM_DUMP_ENV, SEAM_DUMP_MAX_CALLS
 from .errors import LocalError
 from .fingerprint import fingerprint
 from .transport import MeshClient, StepStats, pooled_client
@@ -208,6 +210,9 @@ class SplitRun:
             args, self.plan, self.seam[0], call, {**extra, "state": self.adapter_state}
         )
         s = self.settings
+        dump = os.environ.get(SEAM_DUMP_ENV)
+        if dump and self.calls < SEAM_DUMP_MAX_CALLS:
+            dump_seam(dump, self.calls, coded)
         if self.lora is not None:
             scalars["lora"], consts["lora"] = self.lora
         device = next(iter(coded.values())).device
@@ -233,6 +238,20 @@ class SplitRun:
             except Exception:  # stats are for the UI: never fail a step over them
                 log.debug("ComfyUI-Mesh: on_step callback failed", exc_info=True)
         return passthrough(args)
+
+
+def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:
+    """Debug option (``COMFYUI_MESH_SEAM_DUMP``): one safetensors file per tensor and call."""
+    from safetensors.torch import save_file
+
+    Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+    for name, t in coded.items():
+        path = f"{prefix}-{name}-{call:04d}.safetensors"
+        save_file({"x": t.detach().to("cpu", copy=True).contiguous()}, path)
+        if call == 0:
+            log.warning(
+                "ComfyUI-Mesh: %s is set: writing the seam tensor %r of every call to %s", SEAM_DUMP_ENV, name, path
+            )
 
 
 def passthrough(args: dict[str, Any]) -> dict[str, Any]:

@@ -9,8 +9,9 @@ Data sets (each a sequence of steps of one seam tensor [B, L, C]):
              (hundreds of times the median, near-constant over tokens, growing with the step),
              fields smooth over a 2-D token grid, and step-to-step correlation with relative
              residual r (AR(1) on the centered signal: ||x_t - x_t-1|| / ||x_t|| ~ r).
-  file       --file: a safetensors file, one tensor per step, keys in natural order (e.g. what a
-             debug dump of Icarus writes).
+  file       --file: a safetensors file, one tensor per step, keys in natural order, or a quoted glob
+             of such files: e.g. what Icarus writes with COMFYUI_MESH_SEAM_DUMP=PREFIX set,
+             --file 'PREFIX-img-*.safetensors' (one file per remote call and seam tensor).
   captured   --captured: (a) seam activations captured elsewhere (e.g. from a full-size random-weight
              model on a GPU during a short sampling run); same format. The hook is ``load_steps``.
 
@@ -96,17 +97,25 @@ def synthetic(
 
 
 def load_steps(path: str, device: str = "cpu") -> list[torch.Tensor]:
-    """Hook for captured / user activations: safetensors, one tensor per step, natural key order."""
-    from safetensors.torch import load_file
+    """Hook for captured / user activations: safetensors, one tensor per step, natural key order.
 
-    d = load_file(path)
-    if not d:
-        raise SystemExit(f"{path}: no tensors")
+    ``path`` may also be a glob (quote it), e.g. what Icarus writes with COMFYUI_MESH_SEAM_DUMP=PREFIX:
+    ``'PREFIX-img-*.safetensors'``; the files are taken in natural order, the tensors of each too."""
+    import glob
+
+    from safetensors.torch import load_file
 
     def natural(k: str) -> list[Any]:
         return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", k)]
 
-    return [d[k].to(device) for k in sorted(d, key=natural)]
+    files = sorted(glob.glob(path), key=natural) if any(c in path for c in "*?[") else [path]
+    out = []
+    for f in files:
+        d = load_file(f)
+        out += [d[k].to(device) for k in sorted(d, key=natural)]
+    if not out:
+        raise SystemExit(f"{path}: no tensors")
+    return out
 
 
 # ---------------------------------------------------------------------------- metrics
@@ -279,6 +288,31 @@ def centered_residual(steps: list[torch.Tensor]) -> float:
 # ---------------------------------------------------------------------------- main
 
 
+def versus_original(orig: Row, steps: list[torch.Tensor], a: argparse.Namespace, label: str) -> list[Row]:
+    """The original scheme (per-channel uint8 + HEVC QP 18, tile 8) against ours at ITS cosine.
+
+    Runs ``quant`` (and ``quant-t`` over several steps) with the centered cosine the original
+    reached on its worst step, and prints bytes next to the Gaussian bound at that distortion:
+    the bound / original ratio is the least any codec could reach against it on this data."""
+    target = min(orig.cos_c, 0.999999)
+    p: dict[str, Any] = {"cosine": round(target, 6)}
+    if a.backend:
+        p["backend"] = a.backend
+    ours = [run("quant", p, steps, a.device, label)]
+    if len(steps) > 1 and "quant-t" in {c.name for c in codec.CODECS.values()}:
+        ours.append(run("quant-t", p, steps, a.device, label))
+    print(f"### {label}: ours at the original scheme's cosine (cos c. {target:.5f})\n")
+    print("| codec | bytes/step | cos c. | bits/val | bound | bytes vs original | bound vs original |")
+    print("|---|---|---|---|---|---|---|")
+    print(f"| hevc-orig (QP 18, tile 8) | {orig.bytes_step:,.0f} | {orig.cos_c:.5f} | {orig.bits:.3f} | "
+          f"{orig.bound:.3f} | 1.00 | {orig.bound / orig.bits:.2f} |")  # fmt: skip
+    for r in ours:
+        print(f"| {r.codec} | {r.bytes_step:,.0f} | {r.cos_c:.5f} | {r.bits:.3f} | {r.bound:.3f} | "
+              f"{r.bytes_step / orig.bytes_step:.2f} | {r.bound / orig.bits:.2f} |")  # fmt: skip
+    print()
+    return ours
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -342,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  done {name} {p}", file=sys.stderr)
         print(table(block) + "\n")
         rows += block
+        orig = next((r for r in block if r.codec == "hevc-orig" and not r.note and r.bytes_step > 0), None)
+        if orig is not None and "quant" in names:
+            rows += versus_original(orig, steps, a, label)
 
     if not a.no_temporal_table:
         print("## Temporal vs intra on synthetic sequences (bits/value; P = mean over P-frames)\n")

@@ -83,6 +83,41 @@ def test_raising_and_lowering_n_without_restart_leaves_the_input_model_intact(se
     assert sum(1 for _ in model.model.diffusion_model.single_blocks[2].parameters()) > 0
 
 
+def test_model_moved_outside_inference_mode_keeps_its_fingerprint(setup):
+    # ComfyUI loads under inference_mode and moves weights (GPU and back) outside it; such
+    # parameters refuse views, and the fingerprint once read them as unknown: a false mismatch.
+    comfy, weights, _, srv = setup
+    with torch.inference_mode():
+        model = comfy.sd.load_diffusion_model(str(weights))
+    _, fresh = split(comfy.sd.load_diffusion_model(str(weights)), srv, 3)
+    model.model.to(torch.float64)  # Module.to() outside inference mode, as an unload does
+    model.model.to(torch.float32)
+    _, run = split(model, srv, 3)  # connect() raises VersionMismatch on a fingerprint mismatch
+    assert run.fingerprint == fresh.fingerprint
+
+
+def test_seam_dump_debug_option_writes_what_codec_bench_reads(setup, tmp_path, monkeypatch):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from comfyui_mesh.constants import SEAM_DUMP_ENV
+
+    comfy, weights, _, srv = setup
+    monkeypatch.setenv(SEAM_DUMP_ENV, str(tmp_path / "dump" / "seam"))
+    model = comfy.sd.load_diffusion_model(str(weights))
+    m, run = split(model, srv, 3)
+    sample(comfy, m)
+    files = sorted((tmp_path / "dump").glob("seam-x-*.safetensors"))
+    assert [f.name for f in files] == [f"seam-x-{i:04d}.safetensors" for i in range(run.calls)]
+    spec = importlib.util.spec_from_file_location("codec_bench", Path(__file__).parents[1] / "bench" / "codec_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "codec_bench", bench)  # dataclasses look their module up
+    spec.loader.exec_module(bench)
+    steps = bench.load_steps(str(tmp_path / "dump" / "seam-x-*.safetensors"))
+    assert len(steps) == run.calls and steps[0].ndim == 3 and steps[0].shape[0] == 2  # CFG: 2 rows
+
+
 def test_remote_weights_leave_the_client(setup):
     comfy, weights, _, srv = setup
     model = comfy.sd.load_diffusion_model(str(weights))
