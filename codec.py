@@ -70,11 +70,15 @@ def to_bytes(t: torch.Tensor) -> memoryview:
         return memoryview(b"")
     if t.device.type == "cuda":
         u8 = t.view(torch.uint8)
-        host = torch.empty(u8.numel(), dtype=torch.uint8, pin_memory=True)
-        host.copy_(u8, non_blocking=True)
-        torch.cuda.current_stream(t.device).synchronize()
-        pinned: Any = host.numpy()
-        return memoryview(pinned)
+        try:
+            host = torch.empty(u8.numel(), dtype=torch.uint8, pin_memory=True)
+        except RuntimeError:  # page-locked memory refused (limits, WSL): the plain copy still works
+            host = None
+        if host is not None:
+            host.copy_(u8, non_blocking=True)
+            torch.cuda.current_stream(t.device).synchronize()
+            pinned: Any = host.numpy()
+            return memoryview(pinned)
     if t.device.type != "cpu":
         t = t.cpu()
     arr: Any = t.view(torch.uint8).numpy()

@@ -37,9 +37,10 @@ DEFAULT_LINK_BPS = 117e6  # gigabit Ethernet payload rate, when nothing was meas
 
 # Rough throughputs in bytes of *input* tensor per second, (encode, decode), by where the work
 # runs: "gpu" (all on the GPU, nvCOMP ANS), "hybrid" (quantize on the GPU, zstd on the CPU),
-# "cpu". CPU figures: a 2-core Xeon (bench/codec_bench.py); GPU figures: order of magnitude.
+# "cpu". CPU figures: a 2-core Xeon; GPU figures: an H200 with nvCOMP 6.0, host copies included
+# (bench/codec_bench.py --device cuda on a 37.7 MB Klein 9B seam, docs/BENCHMARKS.md).
 _SPEED = {
-    "gpu": {"raw": (math.inf, math.inf), "int8": (200e9, 200e9), "lossless": (30e9, 30e9), "quant-t": (20e9, 20e9)},
+    "gpu": {"raw": (45e9, 8e9), "int8": (40e9, 16e9), "lossless": (15e9, 8e9), "quant-t": (6e9, 8e9)},
     "hybrid": {
         "raw": (math.inf, math.inf),
         "int8": (200e9, 200e9),
