@@ -85,11 +85,21 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr)
 
 
+def host_view(buf: Any) -> torch.Tensor:
+    """A CPU uint8 tensor over ``buf``'s bytes without copying, read-only buffers included:
+    callers only read it (to copy it elsewhere)."""
+    mv = memoryview(buf).cast("B")
+    if mv.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
+        return torch.frombuffer(mv, dtype=torch.uint8)
+
+
 def from_bytes(
     data: Any, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Rebuild a tensor from raw bytes on ``device``, checking the size first. A CUDA target is
-    copied straight from the received buffer (no host copy first)."""
+    """Rebuild a tensor from raw bytes on ``device``, checking the size first."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     expected = numel(shape) * itemsize
     mv = memoryview(data).cast("B") if memoryview(data).nbytes else memoryview(b"")
@@ -97,10 +107,8 @@ def from_bytes(
         raise CodecError(f"payload has {mv.nbytes} bytes, shape {list(shape)} x {dtype} needs {expected}")
     if expected == 0:
         return torch.empty(shape, dtype=dtype, device=device)
-    if torch.device(device).type != "cpu":
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # read-only buffer: only read, by the copy
-            return torch.frombuffer(mv, dtype=torch.uint8).to(device).view(dtype).reshape(shape)
+    if torch.device(device).type != "cpu":  # straight from the received buffer to the device
+        return host_view(mv).to(device).view(dtype).reshape(shape)
     if mv.readonly:
         mv = memoryview(bytearray(mv))
     return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).reshape(shape)

@@ -39,13 +39,12 @@ import importlib
 import math
 import sys
 import threading
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from .codec import Codec, RawCodec, dtype_name, numel, register, to_bytes, torch_dtype
+from .codec import Codec, RawCodec, dtype_name, host_view, numel, register, to_bytes, torch_dtype
 from .constants import ANS_CHUNK_BYTES, MAX_BODY_BYTES
 from .errors import BackendUnavailable, CodecError, LocalError
 from .protocol import WireTensor
@@ -306,17 +305,6 @@ class AnsBackend(Backend):
         if out.numel() != n:
             raise CodecError(f"ANS section decoded to {out.numel()} bytes, expected {n}")
         return out.to(device)
-
-
-def host_view(buf: Any) -> torch.Tensor:
-    """A CPU uint8 tensor over ``buf``'s bytes without copying (read-only buffers included: the
-    tensor is only ever read)."""
-    mv = memoryview(buf).cast("B")
-    if mv.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
-        return torch.frombuffer(mv, dtype=torch.uint8)
 
 
 ZSTD = ZstdBackend()
