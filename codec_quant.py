@@ -303,10 +303,12 @@ def outlier_channels(xt: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.sort(idx).values
 
 
-def put_outliers(w: SectionWriter, xt: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> None:
-    """Outlier channels kept exact in the input dtype (16 bits for bf16/fp16; after the NaN policy)."""
+def put_outliers(w: SectionWriter, xt: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Outlier channels kept exact in the input dtype (16 bits for bf16/fp16; after the NaN policy).
+    Returns the other channels of xt, the ones left to quantize."""
     w.raw(idx.to(index_dtype(xt.shape[0])))
     put_planes(w, xt.index_select(0, idx).to(dtype))
+    return xt.index_select(0, rest_of(xt.shape[0], idx)) if idx.numel() else xt
 
 
 def get_outliers(r: SectionReader, no: int, c: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,9 +388,7 @@ class QuantCodec(EntropyCodec):
         w = SectionWriter(pick_backend(params, t.device))
         xt = channel_major(t)
         idx = outlier_channels(xt, param_float(params, "outliers", 0.0, 0.0, 1e9))
-        put_outliers(w, xt, idx, t.dtype)
-        if idx.numel():
-            xt = xt.index_select(0, rest_of(xt.shape[0], idx))
+        xt = put_outliers(w, xt, idx, t.dtype)
         meta, _ = shared_encode(w, xt, None, params)
         meta["no"] = int(idx.numel())
         data, meta = w.finish(meta)
@@ -436,9 +436,7 @@ class Q4Codec(EntropyCodec):
         w = SectionWriter(pick_backend(params, t.device))
         xt = channel_major(t)
         idx = outlier_channels(xt, param_float(params, "outliers", 8.0, 0.0, 1e9))
-        put_outliers(w, xt, idx, t.dtype)
-        if idx.numel():
-            xt = xt.index_select(0, rest_of(xt.shape[0], idx))
+        xt = put_outliers(w, xt, idx, t.dtype)
         c, n = xt.shape
         ng = -(-n // g)
         if ng * g != n:
