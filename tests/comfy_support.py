@@ -47,6 +47,14 @@ class Daedalus(DaedalusProc):
         )  # fmt: skip
 
 
+def ksampler_node(model: list) -> dict:
+    """The KSampler of the headless workflows: 2 Euler steps, CFG 2, conditioning from nodes 3/4,
+    latent from node 5."""
+    inputs = {"model": model, "seed": 0, "steps": 2, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple",
+              "positive": ["3", 0], "negative": ["4", 0], "latent_image": ["5", 0], "denoise": 1.0}  # fmt: skip
+    return {"class_type": "KSampler", "inputs": inputs}
+
+
 @contextlib.contextmanager
 def headless_stack(tmp_path: Path, make_weights, model_name: str, n_blocks: int = 2):
     """Tiny model in tmp_path/models, a --no-auth Daedalus serving its last ``n_blocks``, and a

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from comfy_support import headless_stack, make_flux2, needs_comfy
+from comfy_support import headless_stack, ksampler_node, make_flux2, needs_comfy
 
 pytestmark = needs_comfy
 
@@ -39,21 +39,7 @@ def workflow(daedalus_port: int) -> dict:
         "3": {"class_type": "MeshTestConditioning", "inputs": {"seed": 2, "tokens": 7, "width": 64}},
         "4": {"class_type": "MeshTestConditioning", "inputs": {"seed": 3, "tokens": 7, "width": 64}},
         "5": {"class_type": "EmptyFlux2LatentImage", "inputs": {"width": 64, "height": 96, "batch_size": 1}},
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": ["2", 0],
-                "seed": 0,
-                "steps": 2,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
+        "6": ksampler_node(["2", 0]),
         "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "mesh_headless/latent"}},
     }
 

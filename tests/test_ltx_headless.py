@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from comfy_ltx_support import make_ltx
-from comfy_support import headless_stack, needs_comfy
+from comfy_support import headless_stack, ksampler_node, needs_comfy
 
 pytestmark = needs_comfy
 
@@ -30,21 +30,7 @@ def workflow(daedalus_port: int | None, prefix: str) -> dict:
         "3": {"class_type": "MeshTestConditioning", "inputs": {"seed": 2, "tokens": 7, "width": 64}},
         "4": {"class_type": "MeshTestConditioning", "inputs": {"seed": 3, "tokens": 7, "width": 64}},
         "5": {"class_type": "MeshTestAVLatent", "inputs": {"frames": 2, "height": 2, "width": 3, "audio": 5}},
-        "6": {
-            "class_type": "KSampler",
-            "inputs": {
-                "model": model,
-                "seed": 0,
-                "steps": 2,
-                "cfg": 2.0,
-                "sampler_name": "euler",
-                "scheduler": "simple",
-                "positive": ["3", 0],
-                "negative": ["4", 0],
-                "latent_image": ["5", 0],
-                "denoise": 1.0,
-            },
-        },
+        "6": ksampler_node(model),
         "7": {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": ["6", 0]}},
         "8": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 0], "filename_prefix": f"{prefix}/video"}},
         "9": {"class_type": "SaveLatent", "inputs": {"samples": ["7", 1], "filename_prefix": f"{prefix}/audio"}},
