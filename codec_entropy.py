@@ -42,6 +42,7 @@ import threading
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 
 from .codec import Codec, RawCodec, dtype_name, host_view, numel, register, to_bytes, torch_dtype
@@ -51,6 +52,9 @@ from .protocol import WireTensor
 
 # Largest tensor (in bytes) a payload may expand to: what could have been sent raw.
 MAX_DECODED_BYTES = MAX_BODY_BYTES
+# Coded sections decoded in one batch may declare at most this many times the tensor's bytes
+# (checked before allocating; our codecs need at most ~5.5x: clip-sparse, every value an outlier).
+BATCH_EXPANSION = 8
 BACKENDS = ("zstd", "ans")
 LOSSY_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -118,6 +122,12 @@ class Backend:
     def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
         """Compressed bytes -> 1-D uint8 tensor of exactly ``n`` bytes on ``device``."""
         raise NotImplementedError
+
+    def decompress_many(self, payload: torch.Tensor, host: memoryview, items: list[tuple[int, int, int]]) -> list[Any]:
+        """Several sections of one payload at once: ``items`` are (offset, stored, raw) byte
+        counts into ``payload`` (the whole payload, already on the device) and ``host`` (the
+        same bytes on the host). Returns uint8 tensors of ``raw`` bytes on payload's device."""
+        return [self.decompress(host[o : o + m], n, payload.device) for o, m, n in items]
 
 
 class ZstdBackend(Backend):
@@ -284,27 +294,73 @@ class AnsBackend(Backend):
         return list(out.split(comp))
 
     def decompress(self, comp: memoryview, n: int, device: torch.device) -> torch.Tensor:
+        self._check_available()
+        dev = self._device(device)
+        (out,) = self.decompress_many(host_view(comp).to(dev), comp, [(0, comp.nbytes, n)])
+        return out.to(device)
+
+    def _check_available(self) -> None:
         why = self.available()
         if why:
             raise BackendUnavailable(
                 f"payload was coded with nvCOMP ANS on a GPU; this side cannot decode it: {why}", "ans"
             )
-        dev = self._device(device)
-        src = host_view(comp).to(dev)
-        nv, c, stream = self._codec(dev)
-        arr = nv.as_array(src, stream)
+
+    _host_headers: ClassVar[bool | None] = None  # does get_uncomp_buffer_size read host arrays?
+
+    def _declared(self, nv: Any, c: Any, host: memoryview, dev: torch.Tensor, stream: int) -> int:
+        """Size an nvCOMP bitstream declares: read from the host bytes where nvCOMP allows it
+        (no device round trip), else from the device copy (one stream synchronization)."""
+        if AnsBackend._host_headers is not False:
+            try:
+                n = int(c.get_uncomp_buffer_size(nv.as_array(np.frombuffer(host, dtype=np.uint8))))
+                AnsBackend._host_headers = True
+                return n
+            except (RuntimeError, ValueError, TypeError):
+                if AnsBackend._host_headers:
+                    raise CodecError("ANS section is not an nvCOMP bitstream") from None
+                AnsBackend._host_headers = False
         try:
-            declared = int(c.get_uncomp_buffer_size(arr))
+            return int(c.get_uncomp_buffer_size(nv.as_array(dev, stream)))
         except (RuntimeError, ValueError) as e:
             raise CodecError(f"ANS section is not an nvCOMP bitstream: {e}") from None
-        if declared != n:
-            raise CodecError(f"ANS section declares {declared} bytes, the header says {n}")
-        out = torch.as_tensor(c.decode(arr, data_type="|u1"), device=dev).reshape(-1)
-        if out.dtype != torch.uint8:
-            out = out.view(torch.uint8)
-        if out.numel() != n:
-            raise CodecError(f"ANS section decoded to {out.numel()} bytes, expected {n}")
-        return out.to(device)
+
+    def decompress_many(self, payload: torch.Tensor, host: memoryview, items: list[tuple[int, int, int]]) -> list[Any]:
+        """Every section in ONE batched nvCOMP call, decoded into one buffer of ours.
+
+        The size each bitstream declares must equal the section table's; nvCOMP then writes
+        into fixed-capacity outputs."""
+        self._check_available()
+        dev = payload.device
+        nv, c, stream = self._codec(dev)
+        # nvCOMP wants aligned inputs: copy each section to a 256-byte boundary (device to device)
+        in_offs, out_offs, tin, tout = [], [], 0, 0
+        for _, m, n in items:
+            in_offs.append(tin)
+            out_offs.append(tout)
+            tin += -(-m // 256) * 256
+            tout += -(-n // 256) * 256
+        src = torch.empty(tin, dtype=torch.uint8, device=dev)
+        for (o, m, n), io in zip(items, in_offs, strict=True):
+            src[io : io + m].copy_(payload[o : o + m])
+            if self._declared(nv, c, host[o : o + m], src[io : io + m], stream) != n:
+                raise CodecError(f"ANS section declares another size than the {n} bytes the header says")
+        out = torch.empty(tout, dtype=torch.uint8, device=dev)
+        ins = nv.as_arrays(src, in_offs, [m for _, m, _ in items], stream)
+        outs = nv.as_arrays(out, out_offs, [n for _, _, n in items], stream)
+        try:
+            try:
+                c.decode(ins, data_type="|u1", out=outs)
+            except TypeError:  # an nvCOMP without ``out=`` for batches: copy its outputs into ours
+                res = c.decode(ins, data_type="|u1")
+                for i, (oo, (_, _, n)) in enumerate(zip(out_offs, items, strict=True)):
+                    got = torch.as_tensor(res[i], device=dev).reshape(-1).view(torch.uint8)
+                    if got.numel() != n:
+                        raise CodecError(f"ANS section decoded to {got.numel()} bytes, expected {n}") from None
+                    out[oo : oo + n].copy_(got)
+        except (RuntimeError, ValueError) as e:
+            raise CodecError(f"ANS sections do not decode: {e}") from None
+        return [out[oo : oo + n] for oo, (_, _, n) in zip(out_offs, items, strict=True)]
 
 
 ZSTD = ZstdBackend()
@@ -345,6 +401,7 @@ class SectionWriter:
         self.parts: list[Any] = []
         self.table: list[list[int]] = []
         self.pending: list[int] = []  # indices of coded sections not compressed yet
+        self._empty: Any = None if self.on_device else b""
 
     def _put(self, u8: torch.Tensor) -> Any:
         return u8.to(ANS._device(u8.device)) if self.on_device else to_bytes(u8)
@@ -353,6 +410,11 @@ class SectionWriter:
         u8 = t.detach().contiguous().reshape(-1).view(torch.uint8)
         self.parts.append(self._put(u8))
         self.table.append([0, u8.numel(), u8.numel()])
+
+    def empty(self, k: int = 1) -> None:
+        """``k`` zero-length sections (what ``raw``/``coded`` of an empty tensor would add)."""
+        self.table.extend([0, 0, 0] for _ in range(k))
+        self.parts.extend([self._empty] * k)
 
     def coded(self, u8: torch.Tensor) -> None:
         u8 = u8.detach().contiguous().reshape(-1)
@@ -386,7 +448,7 @@ class SectionWriter:
         self._compress_pending()
         meta = {**meta, "be": self.be.name, "s": self.table}
         if self.on_device:
-            parts = [p for p in self.parts if p.numel()]
+            parts = [p for p in self.parts if p is not None and p.numel()]
             data: Any = to_bytes(torch.cat(parts)) if parts else b""
         else:
             data = b"".join(self.parts)
@@ -421,34 +483,86 @@ class SectionReader:
         self.name = wt.name
         self.i = 0
         self.off = 0
+        # ANS payloads decoded on a GPU: the whole payload crosses to the device in one copy and
+        # every coded section is decoded in one batched call, the first time one is asked for.
+        self.batched = self.be_name == "ans" and self.device.type == "cuda" and self.data.nbytes > 0
+        self.limit = BATCH_EXPANSION * check_shape(wt) * torch.empty((), dtype=torch_dtype(wt.dtype)).element_size()
+        self._payload: torch.Tensor | None = None
+        self._decoded: dict[int, torch.Tensor] = {}
 
-    def _next(self, n: int, what: str) -> tuple[int, memoryview]:
+    def _next(self, n: int, what: str) -> tuple[int, memoryview, int]:
         if self.i >= len(self.table):
             raise CodecError(f"payload of {self.name!r} lacks its {what} section")
         kind, raw, stored = self.table[self.i]
         if raw != n:
             raise CodecError(f"{what} section of {self.name!r} holds {raw} bytes, expected {n}")
-        chunk = self.data[self.off : self.off + stored]
+        off = self.off
         self.i += 1
         self.off += stored
-        return kind, chunk
+        return kind, self.data[off : off + stored], off
+
+    def _stored(self, chunk: memoryview, off: int) -> torch.Tensor:
+        """A stored section as a fresh uint8 tensor on the device."""
+        if self._payload is not None or self.batched:
+            return self.payload()[off : off + chunk.nbytes].clone()
+        return host_view(chunk).to(self.device, copy=True)
+
+    def payload(self) -> torch.Tensor:
+        """The whole payload on the device (copied once)."""
+        if self._payload is None:
+            self._payload = host_view(self.data).to(self.device)
+        return self._payload
 
     def raw(self, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
         itemsize = torch.empty((), dtype=dtype).element_size()
-        kind, chunk = self._next(count * itemsize, what)
+        kind, chunk, off = self._next(count * itemsize, what)
         if kind != 0:
             raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
         if count == 0:
             return torch.empty(0, dtype=dtype, device=self.device)
-        return host_view(chunk).to(self.device, copy=True).view(dtype)
+        return self._stored(chunk, off).view(dtype)
+
+    def raw_both(self, dtype: torch.dtype, count: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored section on the host (to check or read without a device round trip) and on
+        the device."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        kind, chunk, off = self._next(count * itemsize, what)
+        if kind != 0:
+            raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
+        host = host_view(chunk).view(dtype) if count else torch.empty(0, dtype=dtype)
+        if self.device.type == "cpu":
+            return host, host.clone()
+        return host, (self._stored(chunk, off).view(dtype) if count else host.to(self.device))
 
     def coded(self, n: int, what: str) -> torch.Tensor:
-        kind, chunk = self._next(n, what)
+        i = self.i
+        kind, chunk, off = self._next(n, what)
+        if n == 0:
+            return torch.empty(0, dtype=torch.uint8, device=self.device)
         if kind == 0:
-            if n == 0:
-                return torch.empty(0, dtype=torch.uint8, device=self.device)
-            return host_view(chunk).to(self.device, copy=True)
-        return _BACKENDS[self.be_name].decompress(chunk, n, self.device)
+            return self._stored(chunk, off)
+        if not self.batched:
+            return _BACKENDS[self.be_name].decompress(chunk, n, self.device)
+        if i not in self._decoded:
+            self._decode_rest(i, off)
+        return self._decoded.pop(i)
+
+    def _decode_rest(self, i: int, off: int) -> None:
+        """Decode coded sections i.. in one batched call, after bounding what they declare."""
+        items, idx = [], []
+        for j in range(i, len(self.table)):
+            kind, raw, stored = self.table[j]
+            if kind == 1:
+                items.append((off, stored, raw))
+                idx.append(j)
+            off += stored
+        total = sum(n for _, _, n in items)
+        if total > self.limit:
+            raise CodecError(
+                f"coded sections of {self.name!r} declare {total} bytes, more than {BATCH_EXPANSION}x its tensor"
+            )
+        outs = _BACKENDS[self.be_name].decompress_many(self.payload(), self.data, items)
+        self._decoded = dict(zip(idx, outs, strict=True))
 
     def done(self) -> None:
         if self.i != len(self.table):

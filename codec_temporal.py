@@ -45,7 +45,7 @@ from .codec_entropy import (
     put_planes,
     unplanes,
 )
-from .codec_quant import lossy_geometry, output, shared_decode, shared_encode, signal_energy
+from .codec_quant import lossy_geometry, output, shared_decode, shared_encode
 from .errors import CodecError, LocalError, StreamStateError
 from .protocol import WireTensor
 
@@ -286,7 +286,6 @@ class QuantTemporalCodec(TemporalCodec):
         self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]
     ) -> tuple[torch.Tensor | None, dict]:
         xt = channel_major(t)
-        energy = signal_energy(xt)
         pt = channel_major(ref)
         pp = torch.linalg.vector_norm(pt, dim=1).double().square_()
         xp = torch.linalg.vecdot(xt, pt, dim=1).double()
@@ -294,7 +293,7 @@ class QuantTemporalCodec(TemporalCodec):
         alpha = alpha.clamp_(-4.0, 4.0).float()
         pred = pt.mul_(alpha[:, None])
         w.raw(alpha)
-        meta, rec = shared_encode(w, xt.sub_(pred), energy, params, want_rec=True)
+        meta, rec = shared_encode(w, xt - pred, xt, params, want_rec=True)
         assert rec is not None
         return output(pred.add_(rec), t.dtype, tuple(t.shape)), meta
 

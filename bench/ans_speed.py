@@ -10,6 +10,7 @@ pageable host copies of the compressed bytes. Prints one line per variant.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 import traceback
@@ -56,18 +57,106 @@ def main() -> None:
         print(f"[ans] {name:34s} enc {enc_ms:7.2f} ms  dec {dec_ms:7.2f} ms  sum {enc_ms + dec_ms:7.2f}  "
               f"{nbytes / 1e6:6.2f} MB  {'exact' if ok else 'MISMATCH'}", flush=True)  # fmt: skip
 
-    # 0) the shipped codec: planes, one batched encode, one pinned host copy; decode from host bytes
+    # 0) the codecs as shipped: GPU tensor in, host bytes out; host bytes in, GPU tensor out.
+    # Decoded twice: from the encoder's page-locked output and from a plain (pageable) copy,
+    # which is what a socket hands over. quant-t: P-frames of a sequence with step residual 0.3.
+    y2 = (x.float() * 0.954 + torch.randn(x.shape, generator=g, device=dev) * 0.3 * 0.7).to(torch.bfloat16)
+
+    def shipped(name: str, params: dict[str, Any], seq: list[torch.Tensor]) -> None:
+        try:
+            st = name.endswith("-t")
+            enc_st: dict[Any, Any] = {}
+            dec_pin: dict[Any, Any] = {}
+            dec_pag: dict[Any, Any] = {}
+            te, tp, tg, nb, ok = [], [], [], 0, True
+            for i in range(a.reps + 2):
+                t = seq[i % len(seq)]
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                wt = codec.encode(t, "x", name, params, state=enc_st if st else None)
+                torch.cuda.synchronize()
+                t1 = time.perf_counter()
+                y = codec.decode(wt, dev, state=dec_pin if st else None)
+                torch.cuda.synchronize()
+                t2 = time.perf_counter()
+                wt_pageable = dataclasses.replace(wt, data=bytes(wt.data))
+                torch.cuda.synchronize()
+                t3 = time.perf_counter()
+                y_pag = codec.decode(wt_pageable, dev, state=dec_pag if st else None)
+                torch.cuda.synchronize()
+                t4 = time.perf_counter()
+                ok = ok and torch.equal(y, y_pag)
+                if i >= 2:  # warm-up (and the keyframe of a temporal stream)
+                    te.append((t1 - t0) * 1e3)
+                    tp.append((t2 - t1) * 1e3)
+                    tg.append((t4 - t3) * 1e3)
+                    nb = len(wt.data)
+            cos = torch.nn.functional.cosine_similarity(y.float().reshape(1, -1), t.float().reshape(1, -1)).item()
+            e, d1, d2 = (statistics.median(v) for v in (te, tp, tg))
+            print(f"[ans] shipped {name:10s} enc {e:6.2f} ms  dec {d1:6.2f} ms (pinned bytes) / {d2:6.2f} ms (pageable)"
+                  f"  sum {e + d1:6.2f} / {e + d2:6.2f}  {nb / 1e6:6.2f} MB  cosine {cos:.5f}"
+                  f"{'' if ok else '  DECODES DIFFER'}", flush=True)  # fmt: skip
+        except Exception:
+            traceback.print_exc()
+
+    shipped("lossless", {"backend": "ans"}, [x])
+    shipped("quant", {"backend": "ans", "cosine": 0.999}, [x])
+    shipped("quant-t", {"backend": "ans", "cosine": 0.999, "keyint": 0}, [x, y2])
+
+    # where quant's milliseconds go: its phases one by one, synchronized after each (so each
+    # figure is that phase's launch + GPU time without overlap with the next)
+    def phases() -> dict[str, float]:
+        from comfyui_mesh import codec_entropy as E
+        from comfyui_mesh import codec_quant as Q
+
+        out: dict[str, float] = {}
+        t = [time.perf_counter()]
+
+        def mark(name: str) -> None:
+            torch.cuda.synchronize()
+            t.append(time.perf_counter())
+            out[name] = out.get(name, 0.0) + (t[-1] - t[-2]) * 1e3
+
+        w = E.SectionWriter(E.ANS)
+        xt = E.channel_major(x)
+        mark("enc channel_major")
+        xt = Q.put_outliers(w, xt, Q.outlier_channels(xt, 0.0), x.dtype)
+        mu, var, lo, hi, energy = Q.device_stats(xt, None)
+        mark("enc stats (1 round trip)")
+        step = Q.f32(Q.water_step(var, 2.0 * 0.001 * energy))
+        mark("enc water_step (host)")
+        q = xt.div_(step).round_()
+        w.raw(mu.contiguous())
+        qi = q.to(torch.int16)
+        mark("enc quantize")
+        meta = Q.put_symbols(w, qi)
+        mark("enc put_symbols")
+        w._compress_pending()
+        mark("enc ANS compress")
+        data, meta = w.finish({**meta, "st": step, "no": 0})
+        mark("enc D2H")
+        wt = E.WireTensor("x", "bfloat16", tuple(x.shape), 3, bytes(data), meta)
+        t.append(time.perf_counter())
+        r = E.SectionReader(wt, dev)
+        r.payload()
+        mark("dec H2D (pageable)")
+        Q.get_outliers(r, 0, x.shape[-1], x.numel() // x.shape[-1], x.dtype)
+        stp = Q.meta_float(wt.meta, "st", positive=True)
+        mu2 = r.raw(torch.float32, x.shape[-1], "channel means")
+        z = Q.get_symbols(r, wt.meta, x.shape[-1], x.numel() // x.shape[-1])
+        mark("dec get_symbols (ANS + unpack)")
+        Q.output(Q.dequant(z, stp, mu2), x.dtype, tuple(x.shape))
+        mark("dec dequant + output")
+        return out
+
     try:
-        c = codec.by_name("lossless")
-        e_ms, wt = timed(lambda: c.encode(x, "x", {"backend": "ans"}), a.reps)
-        d_ms, y = timed(lambda: c.decode(wt, dev), a.reps)
-        report("shipped lossless (host bytes)", e_ms, d_ms, len(wt.data), torch.equal(y.view(-1), x.view(-1)))
-        q = codec.by_name("quant")
-        e_ms, wt = timed(lambda: q.encode(x, "x", {"backend": "ans", "cosine": 0.999}), a.reps)
-        d_ms, y = timed(lambda: q.decode(wt, dev), a.reps)
-        cos = torch.nn.functional.cosine_similarity(y.float().reshape(1, -1), x.float().reshape(1, -1)).item()
-        print(f"[ans] shipped quant cos 0.999 (host)    enc {e_ms:7.2f} ms  dec {d_ms:7.2f} ms  sum {e_ms + d_ms:7.2f}  "
-              f"{len(wt.data) / 1e6:6.2f} MB  cosine {cos:.5f}", flush=True)  # fmt: skip
+        acc: dict[str, list[float]] = {}
+        for i in range(a.reps + 2):
+            ph = phases()
+            if i >= 2:
+                for k, v in ph.items():
+                    acc.setdefault(k, []).append(v)
+        print("[ans] quant phases (median ms): " + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in acc.items()))
     except Exception:
         traceback.print_exc()
 
@@ -79,7 +168,13 @@ def main() -> None:
             for _ in range(5):
                 q.decode(q.encode(x, "x", {"backend": "ans", "cosine": 0.999}), dev)
             torch.cuda.synchronize()
-        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25), flush=True)
+        ev = {e.key: e for e in prof.key_averages()}
+        counts = {
+            k: ev[k].count / 5 for k in ("cudaLaunchKernel", "cudaStreamSynchronize", "cudaMemcpyAsync") if k in ev
+        }
+        gpu_ms = sum(e.self_device_time_total for e in prof.key_averages()) / 5e3
+        print(f"[ans] quant round trip, per call: {counts}, GPU busy {gpu_ms:.2f} ms", flush=True)
+        print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15), flush=True)
 
     def planes_dev() -> torch.Tensor:  # [2, n/2]: low bytes then high bytes, one buffer
         return u8.view(-1, 2).t().contiguous()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
 
 TOKEN = "0123456789abcdef0123456789abcdef"
+DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")  # cuda: the codec tests run on the GPU
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
@@ -25,7 +27,7 @@ def wire_copy(wt):
     return dataclasses.replace(wt, data=bytes(wt.data), meta=json.loads(json.dumps(wt.meta)))
 
 
-def sequence(steps, shape=(1, 64, 48), r=0.2, dtype=torch.bfloat16, seed=0):
+def sequence(steps, shape=(1, 64, 48), r=0.2, dtype=torch.bfloat16, seed=0, device=DEV):
     """Correlated steps: AR(1) with relative residual ~r around per-channel means and scales."""
     g = torch.Generator().manual_seed(seed)
     c = shape[-1]
@@ -35,7 +37,7 @@ def sequence(steps, shape=(1, 64, 48), r=0.2, dtype=torch.bfloat16, seed=0):
     z = torch.randn(shape, generator=g)
     out = []
     for _ in range(steps):
-        out.append((mu + sig * z).to(dtype))
+        out.append((mu + sig * z).to(dtype).to(device))
         z = rho * z + math.sqrt(1 - rho * rho) * torch.randn(shape, generator=g)
     return out
 
@@ -84,7 +86,7 @@ def test_lossless_t_is_exact_over_100_steps(dtype):
     for x in seq:
         wt = codec.encode(x, "x", "lossless-t", {"keyint": 32}, state=enc)
         frames.append(wt.meta["f"])
-        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+        y = codec.decode(wire_copy(wt), DEV, state=dec)
         assert exact(y, x)
     assert frames[0] == "i" and frames.count("p") > 80
     assert [i for i, f in enumerate(frames) if f == "i"][:4] == [0, 32, 64, 96]
@@ -112,7 +114,7 @@ def test_quant_t_error_is_bounded_and_does_not_drift(dtype):
     for i, x in enumerate(seq):
         wt = codec.encode(x, "x", "quant-t", {"cosine": 0.999, "keyint": 0}, state=enc)
         assert wt.meta["f"] == ("i" if i == 0 else "p")
-        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+        y = codec.decode(wire_copy(wt), DEV, state=dec)
         err = (x.double() - y.double()).abs()
         assert bool((err <= wt.meta["st"] / 2 * (1 + 1e-5) + slack(dtype, x, y)).all())
         # the decoder's reference is what the encoder predicted from: bit for bit
@@ -128,9 +130,9 @@ def test_quant_t_matches_intra_quant_fidelity_with_fewer_bytes():
     enc, dec = {}, {}
     for x in seq:
         wt = codec.encode(x, "x", "quant-t", {"cosine": 0.995}, state=enc)
-        y = codec.decode(wire_copy(wt), "cpu", state=dec)
+        y = codec.decode(wire_copy(wt), DEV, state=dec)
     intra = codec.encode(seq[-1], "x", "quant", {"cosine": 0.995})
-    yi = codec.decode(wire_copy(intra))
+    yi = codec.decode(wire_copy(intra), DEV)
     err_t = float((seq[-1].double() - y.double()).norm())
     err_i = float((seq[-1].double() - yi.double()).norm())
     assert err_t <= 1.3 * err_i
@@ -159,18 +161,18 @@ def test_p_frame_without_matching_state_raises_stream_state_error(name):
     seq = sequence(4)
     enc, dec = {}, {}
     wts = [codec.encode(x, "x", name, {}, state=enc) for x in seq]
-    codec.decode(wire_copy(wts[0]), "cpu", state=dec)
+    codec.decode(wire_copy(wts[0]), DEV, state=dec)
     with pytest.raises(errors.StreamStateError, match="keyframe"):  # skipped frame 1
-        codec.decode(wire_copy(wts[2]), "cpu", state=dec)
+        codec.decode(wire_copy(wts[2]), DEV, state=dec)
     assert dec == {}  # the stale reference is dropped
     with pytest.raises(errors.StreamStateError):
-        codec.decode(wire_copy(wts[1]), "cpu", state=None)
+        codec.decode(wire_copy(wts[1]), DEV, state=None)
     with pytest.raises(errors.StreamStateError):
-        codec.decode(wire_copy(wts[1]), "cpu", state={})
+        codec.decode(wire_copy(wts[1]), DEV, state={})
     other = {}
-    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state={})), "cpu", state=other)
+    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state={})), DEV, state=other)
     with pytest.raises(errors.StreamStateError):  # same index, another GOP
-        codec.decode(wire_copy(wts[1]), "cpu", state=other)
+        codec.decode(wire_copy(wts[1]), DEV, state=other)
     assert isinstance(errors.StreamStateError("x"), errors.CodecError)
 
 
@@ -179,10 +181,10 @@ def test_decoder_output_is_not_its_reference(name):
     seq = sequence(3)
     enc, dec = {}, {}
     for x in seq[:2]:
-        y = codec.decode(wire_copy(codec.encode(x, "x", name, {}, state=enc)), "cpu", state=dec)
+        y = codec.decode(wire_copy(codec.encode(x, "x", name, {}, state=enc)), DEV, state=dec)
     y.mul_(0)  # a model that works in place must not corrupt the next step
     wt = codec.encode(seq[2], "x", name, {}, state=enc)
-    y2 = codec.decode(wire_copy(wt), "cpu", state=dec)
+    y2 = codec.decode(wire_copy(wt), DEV, state=dec)
     assert float((y2.double() - seq[2].double()).norm() / seq[2].double().norm()) < 0.05
 
 
@@ -190,14 +192,14 @@ def test_decoder_output_is_not_its_reference(name):
 def test_temporal_truncated_p_frame_raises_and_drops_state(name):
     seq = sequence(2)
     enc, dec = {}, {}
-    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state=enc)), "cpu", state=dec)
+    codec.decode(wire_copy(codec.encode(seq[0], "x", name, {}, state=enc)), DEV, state=dec)
     wt = wire_copy(codec.encode(seq[1], "x", name, {}, state=enc))
     with pytest.raises(errors.CodecError):
-        codec.decode(dataclasses.replace(wt, data=bytes(wt.data)[:-3]), "cpu", state=dec)
+        codec.decode(dataclasses.replace(wt, data=bytes(wt.data)[:-3]), DEV, state=dec)
     assert dec == {}
     for patch in ({"f": "b"}, {"g": -1}, {"i": "1"}, {"f": "i"}):
         with pytest.raises(errors.CodecError):
-            codec.decode(dataclasses.replace(wt, meta={**wt.meta, **patch}), "cpu", state={})
+            codec.decode(dataclasses.replace(wt, meta={**wt.meta, **patch}), DEV, state={})
 
 
 # ---------------------------------------------------------------------------- through a real connection
@@ -229,7 +231,11 @@ def _client(host, port):
 def _steps(n, r=0.05):
     g = torch.Generator().manual_seed(0)
     model, bias = ToyModel(), torch.randn(64, generator=g)
-    return model, bias, [model.run(x, bias, 0, 5) for x in sequence(n, shape=(2, 11, 64), r=r, dtype=torch.float32)]
+    return (
+        model,
+        bias,
+        [model.run(x, bias, 0, 5) for x in sequence(n, shape=(2, 11, 64), r=r, dtype=torch.float32, device="cpu")],
+    )
 
 
 def _fwd(c, front, bias, name, stream=None, params=None):
