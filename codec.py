@@ -85,6 +85,24 @@ def to_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(arr)
 
 
+def pinned_buffer(n: int) -> memoryview:
+    """``n`` writable bytes of page-locked host memory (torch's caching host allocator, so
+    blocks are reused from frame to frame), or of a plain bytearray where pinning is refused.
+    The frame decoder receives big frames into it: from there tensors reach a GPU at DMA speed."""
+    try:
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    except RuntimeError:  # no CUDA, locked-memory limits, WSL
+        return memoryview(bytearray(n))
+    arr: Any = host.numpy()  # the array keeps the tensor's memory alive
+    return memoryview(arr)
+
+
+def receive_alloc() -> Any:
+    """The frame decoder's ``body_alloc`` for this process: page-locked buffers where a CUDA
+    GPU will take the tensors, else None (plain bytearrays)."""
+    return pinned_buffer if torch.cuda.is_available() else None
+
+
 def host_view(buf: Any) -> torch.Tensor:
     """A CPU uint8 tensor over ``buf``'s bytes without copying, read-only buffers included:
     callers only read it (to copy it elsewhere)."""

@@ -24,11 +24,12 @@ import json
 import struct
 import types
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin
 
 from .constants import (
+    BIG_BODY_BYTES,
     MAGIC,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
@@ -356,21 +357,34 @@ class FrameDecoder:
     the connection must be closed.
     """
 
-    def __init__(self, max_body: int = MAX_BODY_BYTES):
+    def __init__(self, max_body: int = MAX_BODY_BYTES, body_alloc: Callable[[int], memoryview] | None = None):
         self._buf = bytearray()
         self.max_body = max_body  # may be raised after the handshake (small before auth)
+        # Optional: where a frame with a body of at least BIG_BODY_BYTES is assembled when it is
+        # received with reserve() (the caller passes page-locked memory there, so tensors in it
+        # reach a GPU at full speed). Called with the frame's size; returns a writable buffer.
+        self.body_alloc = body_alloc
         self._prefix: tuple[MsgKind, int, int, int] | None = None  # kind, hlen, blen, crc
         self._broken: RemoteProtocolError | None = None
         self._reserved: int | None = None
+        self._frame: memoryview | None = None  # the big frame being assembled, and its fill
+        self._fill = 0
 
     def feed(self, data: Buffer) -> None:
         if self._broken:
             raise self._broken
+        if self._frame is not None:  # top up the big frame first; the rest starts the next one
+            mv = memoryview(data).cast("B")
+            k = min(mv.nbytes, self._frame.nbytes - self._fill)
+            self._frame[self._fill : self._fill + k] = mv[:k]
+            self._fill += k
+            self._buf += mv[k:]
+            return
         self._buf += data
 
     @property
     def buffered(self) -> int:
-        return len(self._buf)
+        return len(self._buf) + self._fill
 
     def reserve(self, n: int) -> memoryview:
         """Zero-copy receive: a writable view of ``n`` new bytes at the end of the buffer.
@@ -379,6 +393,21 @@ class FrameDecoder:
         Equivalent to ``feed()`` of the written bytes, without copying them again."""
         if self._broken:
             raise self._broken
+        if self._frame is None and self._prefix is not None and self.body_alloc is not None:
+            _, hlen, blen, _ = self._prefix
+            total = PREFIX_SIZE + hlen + blen
+            if blen >= BIG_BODY_BYTES and len(self._buf) + n == total:  # exactly the rest of this frame
+                frame = memoryview(self.body_alloc(total)).cast("B")
+                if frame.nbytes != total or frame.readonly:
+                    raise LocalError(f"body_alloc({total}) must return {total} writable bytes")
+                frame[: len(self._buf)] = self._buf
+                self._frame, self._fill = frame, len(self._buf)
+                self._buf = bytearray()
+        if self._frame is not None:
+            if n > self._frame.nbytes - self._fill:
+                raise LocalError(f"reserve({n}) runs past the end of the frame being received")
+            self._reserved = self._fill
+            return self._frame[self._fill : self._fill + n]
         start = len(self._buf)
         grown = bytearray(start + n)
         grown[:start] = self._buf
@@ -391,6 +420,9 @@ class FrameDecoder:
         if start is None:
             raise LocalError("commit() without reserve()")
         self._reserved = None
+        if self._frame is not None:
+            self._fill = start + max(0, written)
+            return
         del self._buf[start + max(0, written) :]
 
     def bytes_needed(self) -> int:
@@ -398,7 +430,7 @@ class FrameDecoder:
         if self._prefix is None:
             return max(PREFIX_SIZE - len(self._buf), 1)
         _, hlen, blen, _ = self._prefix
-        return max(PREFIX_SIZE + hlen + blen - len(self._buf), 1)
+        return max(PREFIX_SIZE + hlen + blen - self.buffered, 1)
 
     def _fail(self, msg: str) -> RemoteProtocolError:
         self._broken = RemoteProtocolError(msg)
@@ -433,14 +465,17 @@ class FrameDecoder:
         assert self._prefix is not None
         kind, hlen, blen, crc = self._prefix
         total = PREFIX_SIZE + hlen + blen
-        if len(self._buf) < total:
+        if self.buffered < total:
             return NEED_DATA
         # Detach this frame's bytes so tensors can be zero-copy views into them.
-        frame = self._buf
-        self._buf = bytearray(frame[total:])
-        del frame[total:]
+        if self._frame is not None:
+            view, self._frame, self._fill = self._frame, None, 0
+        else:
+            frame = self._buf
+            self._buf = bytearray(frame[total:])
+            del frame[total:]
+            view = memoryview(frame)
         self._prefix = None
-        view = memoryview(frame)
         header_bytes = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
         body = view[PREFIX_SIZE + hlen : total]
         try:

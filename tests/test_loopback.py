@@ -248,3 +248,26 @@ def test_constants_larger_than_the_server_cache_still_work():
         c.close()
     finally:
         srv.shutdown()
+
+
+def test_recv_message_receives_big_frames_into_the_body_allocator():
+    """The socket loop hands the decoder's body_alloc the whole frame (page-locked memory on a
+    CUDA machine, see codec.receive_alloc); the tensor bytes are a view into that buffer."""
+    body = bytes(range(256)) * (8 << 12)  # 8 MiB
+    msg = protocol.Forward(seq=1, tensors=(protocol.WireTensor("x", "uint8", (len(body),), 0, body),))
+    made: list[bytearray] = []
+
+    def alloc(n: int) -> memoryview:
+        made.append(bytearray(n))
+        return memoryview(made[-1])
+
+    a, b = socket.socketpair()
+    with a, b:
+        t = threading.Thread(target=lambda: (send_message(a, msg), send_message(a, protocol.Ping(seq=2))))
+        t.start()
+        dec = protocol.FrameDecoder(body_alloc=alloc)
+        got, n = recv_message(b, dec)
+        ping, _ = recv_message(b, dec)
+        t.join()
+    assert bytes(got.tensors[0].data) == body and got.tensors[0].data.obj is made[0]
+    assert len(made) == 1 and ping == protocol.Ping(seq=2)

@@ -723,3 +723,105 @@ def test_reserve_commit_is_equivalent_to_feed():
     assert isinstance(got, protocol.Forward) and bytes(got.tensors[0].data) == bytes(msg.tensors[0].data)
     assert isinstance(dec.next_message(), protocol.Ping)
     assert dec.buffered == 0 and dec.next_message() is protocol.NEED_DATA
+
+
+# ---------------------------------------------------------------------------- big frames, body_alloc
+
+
+def _big():
+    body = bytes(range(256)) * (constants.BIG_BODY_BYTES // 256 + 3)
+    msg = protocol.Forward(seq=3, tensors=(WireTensor("x", "uint8", (len(body),), 0, body),))
+    return body, protocol.encode_bytes(msg)
+
+
+class Recorder:
+    """A body_alloc that hands out bytearrays and remembers them."""
+
+    def __init__(self, extra: int = 0):
+        self.made: list[bytearray] = []
+        self.extra = extra
+
+    def __call__(self, n: int) -> memoryview:
+        self.made.append(bytearray(n + self.extra))
+        return memoryview(self.made[-1])
+
+
+def _receive(dec: FrameDecoder, frame: bytes, start: int, step: int = 300_000) -> None:
+    """What transport.recv_message does: reserve the rest of the frame, fill it in pieces."""
+    k = start
+    while k < len(frame):
+        view = dec.reserve(dec.bytes_needed())
+        n = min(step, len(frame) - k)
+        view[:n] = frame[k : k + n]
+        view.release()
+        dec.commit(n)
+        k += n
+        if k < len(frame):
+            assert dec.next_message() is NEED_DATA
+
+
+def test_big_frame_lands_in_the_body_allocator_without_a_copy():
+    body, frame = _big()
+    alloc = Recorder()
+    dec = FrameDecoder(body_alloc=alloc)
+    dec.feed(frame[:100])
+    assert dec.next_message() is NEED_DATA  # prefix parsed: the frame's size is known
+    _receive(dec, frame, 100)
+    dec.feed(protocol.encode_bytes(protocol.Ping(seq=4)))
+    got = dec.next_message()
+    assert len(alloc.made) == 1 and len(alloc.made[0]) == len(frame)
+    assert bytes(got.tensors[0].data) == body
+    assert got.tensors[0].data.obj is alloc.made[0]  # a view into the allocated buffer
+    assert isinstance(dec.next_message(), protocol.Ping)
+    assert dec.buffered == 0 and dec.next_message() is NEED_DATA
+
+
+def test_big_frame_finished_by_feed_with_the_next_frame_behind_it():
+    body, frame = _big()
+    alloc = Recorder()
+    dec = FrameDecoder(body_alloc=alloc)
+    dec.feed(frame[:50])
+    assert dec.next_message() is NEED_DATA
+    view = dec.reserve(dec.bytes_needed())
+    view[:1000] = frame[50:1050]
+    view.release()
+    dec.commit(1000)
+    dec.feed(frame[1050:] + protocol.encode_bytes(protocol.Ping(seq=8)))
+    assert bytes(dec.next_message().tensors[0].data) == body
+    assert dec.next_message() == protocol.Ping(seq=8)
+    assert len(alloc.made) == 1
+
+
+def test_small_frames_and_unknown_sizes_do_not_use_the_body_allocator():
+    msgs, frames = _frames()
+    alloc = Recorder()
+    dec = FrameDecoder(body_alloc=alloc)
+    for m, f in zip(msgs, frames, strict=True):
+        dec.feed(f[:30])
+        assert dec.next_message() is NEED_DATA
+        _receive(dec, f, 30, step=7)
+        assert_same_message(dec.next_message(), m)
+    body, frame = _big()
+    view = dec.reserve(len(frame))  # prefix not parsed yet: a plain buffer
+    view[:] = frame
+    view.release()
+    dec.commit(len(frame))
+    assert bytes(dec.next_message().tensors[0].data) == body
+    assert alloc.made == []
+
+
+def test_big_frame_checksum_and_allocator_size_are_checked():
+    body, frame = _big()
+    bad = bytearray(frame)
+    bad[-5] ^= 0xFF
+    dec = FrameDecoder(body_alloc=Recorder())
+    dec.feed(bytes(bad[:100]))
+    dec.next_message()
+    _receive(dec, bytes(bad), 100)
+    with pytest.raises(errors.RemoteProtocolError, match="checksum"):
+        dec.next_message()
+    dec = FrameDecoder(body_alloc=Recorder(extra=1))
+    dec.feed(frame[:100])
+    dec.next_message()
+    with pytest.raises(errors.LocalError, match="body_alloc"):
+        dec.reserve(dec.bytes_needed())
