@@ -522,6 +522,11 @@ class SectionReader:
             return torch.empty(0, dtype=dtype, device=self.device)
         return self._stored(chunk, off).view(dtype)
 
+    def skip_empty(self, k: int, what: str) -> None:
+        """Consume ``k`` sections that must be empty."""
+        for j in range(k):
+            self._next(0, f"{what} section {j}")
+
     def raw_both(self, dtype: torch.dtype, count: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         """A stored section on the host (to check or read without a device round trip) and on
         the device."""

@@ -260,7 +260,8 @@ def get_symbols(r: SectionReader, meta: dict[str, Any], c: int, n: int) -> torch
     oh = torch.where((oh >= 0) & (oh < c), oh, c)  # out of range -> bin c, which is not checked
     if c and not bool((torch.bincount(oh, minlength=c + 1)[:c] == 1).all()):
         raise CodecError("channel order is not a permutation")
-    z = torch.zeros((c, n), dtype=torch.float32, device=r.device)
+    # every row is written below unless it is class 0 (all zero)
+    z = (torch.zeros if counts[0] else torch.empty)((c, n), dtype=torch.float32, device=r.device)
     start = counts[0]
     for j in range(1, 5):
         m = counts[j] * n
@@ -375,6 +376,9 @@ def put_outliers(w: SectionWriter, xt: torch.Tensor, idx: torch.Tensor, dtype: t
 
 def get_outliers(r: SectionReader, no: int, c: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(channel indices, float32 [no, N] values)."""
+    if no == 0:  # the empty sections, checked without tensor ops
+        r.skip_empty(1 + torch.empty((), dtype=dtype).element_size(), "outlier")
+        return torch.zeros(0, dtype=torch.int64), torch.zeros((0, n))
     idx = r.raw(index_dtype(c), no, "outlier channels").long()
     if no and (int(idx.min()) < 0 or int(idx.max()) >= c or (no > 1 and not bool((idx[1:] > idx[:-1]).all()))):
         raise CodecError("outlier channel indices must be increasing and below the channel count")
