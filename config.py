@@ -70,6 +70,9 @@ class ServerConfig:
     idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent client is dropped
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
+    # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
+    # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
+    gpu_entropy: bool = True
 
     def __post_init__(self) -> None:
         _check_port(self.port)

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
     p.add_argument("--max-clients", type=int, default=16)
+    p.add_argument(
+        "--no-gpu-entropy",
+        action="store_true",
+        help="refuse nvCOMP ANS payloads (clients re-send with zstd): nvCOMP does not validate its "
+        "bitstreams, so only trusted clients should send them",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -64,6 +70,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         state_dir=a.state_dir,
         max_clients=a.max_clients,
         loras=tuple(_lora_arg(s) for s in a.lora),
+        gpu_entropy=not a.no_gpu_entropy,
     )
 
 

@@ -300,6 +300,12 @@ class Session:
         sub = stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
+                if not st.cfg.gpu_entropy and wt.meta.get("be") == "ans":
+                    raise BackendUnavailable(
+                        "this Daedalus refuses nvCOMP ANS payloads (started with --no-gpu-entropy); "
+                        "send zstd-coded payloads",
+                        "ans",
+                    )
                 tensors[name] = codec.decode(wt, b.device, state=sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()

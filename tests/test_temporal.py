@@ -378,3 +378,40 @@ def test_auto_choice_follows_the_link():
     exact_only = choose(mb, 2, False, "cpu", 12e6, {"lossless": True})
     assert exact_only["codec"] == "lossless" and exact_only["params"]["backend"] == "zstd"
     assert choose(mb, 2, False, "cpu", 12e6, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
+
+
+def test_server_without_gpu_entropy_asks_for_zstd(monkeypatch, caplog):
+    """--no-gpu-entropy: an ANS-labelled payload is refused before any decoder sees it; the client
+    re-sends with zstd (the codec_unavailable fallback)."""
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, gpu_entropy=False)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    model, bias, fronts = _steps(1)
+    real = codec.encode
+    labelled = []
+
+    def as_if_ans(t, name, c="raw", params=None, state=None):
+        wt = real(t, name, c, params, state)
+        if wt.meta.get("be") == "zstd" and "backend" not in (params or {}):  # what a GPU client would send
+            labelled.append(name)
+            wt = dataclasses.replace(wt, meta={**wt.meta, "be": "ans"})
+        return wt
+
+    monkeypatch.setattr(codec, "encode", as_if_ans)
+    try:
+        c = _client(host, port)
+        out, stats = _fwd(c, fronts[0], bias, "quant", params={"cosine": 0.9999})
+        assert labelled == ["x"]
+        assert "--no-gpu-entropy" in caplog.text  # refused by the option, not by a missing nvCOMP
+        assert c._codec_override == {"backend": "zstd"} and stats.codec["params"]["backend"] == "zstd"
+        assert float((out["out"] - model.run(fronts[0], bias, 5)).norm() / out["out"].norm()) < 0.01
+        c.close()
+    finally:
+        srv.shutdown()
+
+
+def test_server_command_line_turns_gpu_entropy_off():
+    from comfyui_mesh.server.__main__ import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["--toy"])).gpu_entropy is True
+    assert config_from_args(build_parser().parse_args(["--toy", "--no-gpu-entropy"])).gpu_entropy is False
