@@ -47,6 +47,8 @@ POLL_MS = 100  # queue drain period
 MAX_LOG_LINES = 2000
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BINDS = ("127.0.0.1", "0.0.0.0")
+# settings shown by a widget variable of the same name (the LoRA rows are handled on their own)
+SETTING_VARS = ("weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth", "gpu_entropy")
 COLORS = {"stopped": "#8a8f98", "starting": "#e0a030", "running": "#2fa84f", "stopping": "#e0a030", "error": "#d64545"}
 
 
@@ -102,6 +104,7 @@ class App:
         v.update({name: tk.StringVar() for name in str_vars})
         v.update(n_blocks=tk.IntVar(value=4), port=tk.IntVar(value=DEFAULT_PORT))
         v.update(auth=tk.BooleanVar(value=True), show_token=tk.BooleanVar(value=False))
+        v.update(gpu_entropy=tk.BooleanVar(value=True))
         row = 0
 
         def label(text: str) -> None:
@@ -168,6 +171,8 @@ class App:
         ttk.Button(f, text="Copy", command=self.copy_token).grid(row=0, column=2, padx=4)
         ttk.Button(f, text="Regenerate…", command=self.regenerate_token).grid(row=0, column=3)
         ttk.Checkbutton(f, text="require token", variable=v["auth"]).grid(row=0, column=4, padx=(8, 0))
+        # nvCOMP does not validate its bitstreams: untrusted clients should send zstd (--no-gpu-entropy)
+        ttk.Checkbutton(f, text="GPU-coded payloads", variable=v["gpu_entropy"]).grid(row=0, column=5, padx=(8, 0))
         row += 1
         f = ttk.Frame(outer)
         f.grid(row=row, column=0, columnspan=3, sticky="ew", pady=(10, 4))
@@ -198,13 +203,13 @@ class App:
         self.log_text.tag_configure("warn", foreground="#f0c060")
         self.log_text.tag_configure("error", foreground="#ff7070")
         outer.rowconfigure(row, weight=1)
-        for name in ("weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth"):
+        for name in SETTING_VARS:
             v[name].trace_add("write", lambda *_a: self._settings_changed())
         self._set_buttons()
 
     # ------------------------------------------------------------------ settings <-> widgets
     def _apply_settings(self, s: GuiSettings) -> None:
-        for name in ("weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth"):
+        for name in SETTING_VARS:
             self.v[name].set(getattr(s, name))
         for path, strength in s.loras:
             self.add_lora(path, strength)
@@ -227,6 +232,7 @@ class App:
             dtype=self.v["dtype"].get() or "auto",
             comfyui_path=self.v["comfyui_path"].get().strip(),
             auth=bool(self.v["auth"].get()),
+            gpu_entropy=bool(self.v["gpu_entropy"].get()),
             loras=loras,
         )
 

@@ -40,6 +40,7 @@ class GuiSettings:
     dtype: str = "auto"
     comfyui_path: str = ""
     auth: bool = True
+    gpu_entropy: bool = True  # decode clients' nvCOMP ANS payloads (off: ask them for zstd)
     loras: list = field(default_factory=list)  # [[path, strength], ...]
 
     @classmethod
@@ -74,6 +75,7 @@ class GuiSettings:
             dtype=self.dtype,
             comfyui_path=self.comfyui_path,
             auth=self.auth,
+            gpu_entropy=self.gpu_entropy,
             state_dir=str(state_dir),
             loras=tuple((p, w) for p, w in self.loras if p),
         )

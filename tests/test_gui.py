@@ -177,12 +177,18 @@ def test_settings_round_trip_and_bad_files(tmp_path):
 
     p = tmp_path / "s.json"
     s = GuiSettings(
-        weights="/m/flux.safetensors", n_blocks=9, port=7000, device="cuda:1", loras=[["/l/a.safetensors", 0.5]]
+        weights="/m/flux.safetensors",
+        n_blocks=9,
+        port=7000,
+        device="cuda:1",
+        gpu_entropy=False,
+        loras=[["/l/a.safetensors", 0.5]],
     )
     s.save(p)
     assert GuiSettings.load(p) == s
     cfg = s.server_config(tmp_path)
     assert cfg.loras == (("/l/a.safetensors", 0.5),) and cfg.n_blocks == 9 and cfg.token_path == tmp_path / "token"
+    assert cfg.gpu_entropy is False and GuiSettings().server_config(tmp_path).gpu_entropy is True
     p.write_text(json.dumps({"n_blocks": "many", "port": 7001, "unknown": 1, "loras": [["x", "strong"], ["y", 1]]}))
     got = GuiSettings.load(p)
     assert (got.n_blocks, got.port, got.loras) == (4, 7001, [["y", 1.0]])
