@@ -310,20 +310,23 @@ class AnsBackend(Backend):
 
     def _declared(self, nv: Any, c: Any, host: memoryview, dev: torch.Tensor, stream: int) -> int:
         """Size an nvCOMP bitstream declares: read from the host bytes where nvCOMP allows it
-        (no device round trip), else from the device copy (one stream synchronization)."""
+        (no device round trip), else from the device copy (one stream synchronization). A host
+        read that fails is retried on the device: only when both fail is the section bad, and
+        only a device success after a host failure turns the host path off."""
         if AnsBackend._host_headers is not False:
             try:
                 n = int(c.get_uncomp_buffer_size(nv.as_array(np.frombuffer(host, dtype=np.uint8))))
                 AnsBackend._host_headers = True
                 return n
             except (RuntimeError, ValueError, TypeError):
-                if AnsBackend._host_headers:
-                    raise CodecError("ANS section is not an nvCOMP bitstream") from None
-                AnsBackend._host_headers = False
+                pass
         try:
-            return int(c.get_uncomp_buffer_size(nv.as_array(dev, stream)))
+            n = int(c.get_uncomp_buffer_size(nv.as_array(dev, stream)))
         except (RuntimeError, ValueError) as e:
             raise CodecError(f"ANS section is not an nvCOMP bitstream: {e}") from None
+        if AnsBackend._host_headers is None:
+            AnsBackend._host_headers = False
+        return n
 
     def decompress_many(self, payload: torch.Tensor, host: memoryview, items: list[tuple[int, int, int]]) -> list[Any]:
         """Every section in ONE batched nvCOMP call, decoded into one buffer of ours.
@@ -458,7 +461,10 @@ class SectionWriter:
 class SectionReader:
     """Reads sections back in order, each checked against the size the caller expects."""
 
-    def __init__(self, wt: WireTensor, device: torch.device | str):
+    def __init__(self, wt: WireTensor, device: torch.device | str, coded_limit: int | None = None):
+        """``coded_limit``: most bytes the coded sections may declare in all (checked before a
+        batched decode allocates); default ``BATCH_EXPANSION`` x the tensor's bytes. A codec
+        whose format can expand more (q4's padded groups) passes its own bound."""
         self.device = torch.device(device)
         self.data = memoryview(wt.data).cast("B") if memoryview(wt.data).nbytes else memoryview(b"")
         self.be_name = meta_str(wt.meta, "be", BACKENDS)
@@ -474,6 +480,7 @@ class SectionReader:
                 or e[0] not in (0, 1)
                 or e[1] > MAX_DECODED_BYTES
                 or (e[0] == 0 and e[1] != e[2])
+                or (e[0] == 1 and (e[1] == 0 or e[2] == 0))  # a coded section holds something
             ):
                 raise CodecError(f"bad section entry {e!r} in the payload of {wt.name!r}")
             total += e[2]
@@ -486,7 +493,8 @@ class SectionReader:
         # ANS payloads decoded on a GPU: the whole payload crosses to the device in one copy and
         # every coded section is decoded in one batched call, the first time one is asked for.
         self.batched = self.be_name == "ans" and self.device.type == "cuda" and self.data.nbytes > 0
-        self.limit = BATCH_EXPANSION * check_shape(wt) * torch.empty((), dtype=torch_dtype(wt.dtype)).element_size()
+        itemsize = torch.empty((), dtype=torch_dtype(wt.dtype)).element_size()
+        self.limit = BATCH_EXPANSION * check_shape(wt) * itemsize if coded_limit is None else coded_limit
         self._payload: torch.Tensor | None = None
         self._decoded: dict[int, torch.Tensor] = {}
 
@@ -523,11 +531,18 @@ class SectionReader:
         return self._stored(chunk, off).view(dtype)
 
     def skip_empty(self, k: int, what: str) -> None:
-        """Consume ``k`` sections that must be empty."""
+        """Consume ``k`` sections that must be empty and stored."""
         for j in range(k):
-            self._next(0, f"{what} section {j}")
+            if self._next(0, f"{what} section {j}")[0] != 0:
+                raise CodecError(f"{what} section {j} of {self.name!r} must be stored, not coded")
 
-    def raw_both(self, dtype: torch.dtype, count: int, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_host(self, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
+        """A stored section read on the host only (a read-only view of the received bytes)."""
+        return self.raw_both(dtype, count, what, device_copy=False)[0]
+
+    def raw_both(
+        self, dtype: torch.dtype, count: int, what: str, device_copy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """A stored section on the host (to check or read without a device round trip) and on
         the device."""
         itemsize = torch.empty((), dtype=dtype).element_size()
@@ -535,6 +550,8 @@ class SectionReader:
         if kind != 0:
             raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
         host = host_view(chunk).view(dtype) if count else torch.empty(0, dtype=dtype)
+        if not device_copy:
+            return host, host
         if self.device.type == "cpu":
             return host, host.clone()
         return host, (self._stored(chunk, off).view(dtype) if count else host.to(self.device))
@@ -563,9 +580,7 @@ class SectionReader:
             off += stored
         total = sum(n for _, _, n in items)
         if total > self.limit:
-            raise CodecError(
-                f"coded sections of {self.name!r} declare {total} bytes, more than {BATCH_EXPANSION}x its tensor"
-            )
+            raise CodecError(f"coded sections of {self.name!r} declare {total} bytes, more than its format allows")
         outs = _BACKENDS[self.be_name].decompress_many(self.payload(), self.data, items)
         self._decoded = dict(zip(idx, outs, strict=True))
 

@@ -216,7 +216,7 @@ def put_symbols(w: SectionWriter, q: torch.Tensor) -> dict[str, Any]:
     lo, hi = torch.aminmax(q, dim=1)
     mag = torch.maximum(-lo.to(torch.int64), hi.to(torch.int64))
     cls = torch.bucketize(mag, const(tuple(lim for lim, _, _ in PACKS), torch.int64, q.device))
-    # class, then spread (< 2^32: at most 1024 samples of |q| <= 2^21) within a class
+    # class, then spread (< 2^32: at most 2047 sampled pairs of |q| <= 2^20) within a class
     order = torch.argsort((cls << 40) | spread, stable=True)
     host = torch.cat([torch.bincount(cls, minlength=6), mag.max().reshape(1)]).tolist()  # one sync
     counts, top = host[:6], host[6]
@@ -255,7 +255,7 @@ def get_symbols(r: SectionReader, meta: dict[str, Any], c: int, n: int) -> torch
         raise CodecError(f"wide symbol planes wb={wb} inconsistent with {counts[5]} wide channels")
     order_h, order = r.raw_both(index_dtype(c), c, "channel order")
     order = order.long()
-    pred = unpack_bits(r.raw_both(torch.uint8, -(-c // 8), "delta flags")[0], c)  # on the host
+    pred = unpack_bits(r.raw_host(torch.uint8, -(-c // 8), "delta flags"), c)  # on the host
     oh = order_h.long()
     oh = torch.where((oh >= 0) & (oh < c), oh, c)  # out of range -> bin c, which is not checked
     if c and not bool((torch.bincount(oh, minlength=c + 1)[:c] == 1).all()):
@@ -526,10 +526,12 @@ class Q4Codec(EntropyCodec):
         no = meta_int(wt.meta, "no", 0, c)
         if g % 2:
             raise CodecError(f"q4 group {g} is odd")
-        r = SectionReader(wt, device)
-        idx, vals = get_outliers(r, no, c, n, dtype)
         cr = c - no
         ng = -(-n // g)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        # its groups are padded: up to g/2 + 2 bytes a group even for one token
+        r = SectionReader(wt, device, coded_limit=no * n * itemsize + cr * ng * (g // 2 + 2))
+        idx, vals = get_outliers(r, no, c, n, dtype)
         scale = get_planes(r, torch.bfloat16, cr * ng, "group scales").float().reshape(cr, ng, 1)
         packed = r.coded(cr * ng * g // 2, "4-bit values")
         r.done()

@@ -27,6 +27,9 @@ MAX_BODY_BYTES = 3 << 30
 # CUDA GPU will decode them (pageable host-to-GPU copies run at ~6 GB/s on an H200 host,
 # page-locked ones at ~50 GB/s); smaller ones into a plain bytearray.
 BIG_BODY_BYTES = 1 << 20
+# Page-locked receive buffers alive at once, per process (the OS cannot swap them out; torch keeps
+# freed blocks for reuse). Beyond this, and for bigger frames, plain bytearrays.
+PINNED_RECEIVE_MAX_BYTES = 1 << 30
 # Before a client has authenticated it may only send small frames (hello/auth/bye).
 PRE_AUTH_MAX_BODY = 64 << 10
 # Limits on tensor descriptors, checked before anything is allocated.

@@ -369,10 +369,13 @@ class FrameDecoder:
         self._reserved: int | None = None
         self._frame: memoryview | None = None  # the big frame being assembled, and its fill
         self._fill = 0
+        self._reserved_n = 0
 
     def feed(self, data: Buffer) -> None:
         if self._broken:
             raise self._broken
+        if self._reserved is not None:
+            raise LocalError("feed() between reserve() and commit()")
         if self._frame is not None:  # top up the big frame first; the rest starts the next one
             mv = memoryview(data).cast("B")
             k = min(mv.nbytes, self._frame.nbytes - self._fill)
@@ -390,7 +393,8 @@ class FrameDecoder:
         """Zero-copy receive: a writable view of ``n`` new bytes at the end of the buffer.
 
         Fill it (e.g. ``sock.recv_into``), release the view, then ``commit(written)``.
-        Equivalent to ``feed()`` of the written bytes, without copying them again."""
+        Equivalent to ``feed()`` of the written bytes, without copying them again. While a big
+        frame is assembled in ``body_alloc`` memory, ``n`` may not run past that frame's end."""
         if self._broken:
             raise self._broken
         if self._frame is None and self._prefix is not None and self.body_alloc is not None:
@@ -406,7 +410,7 @@ class FrameDecoder:
         if self._frame is not None:
             if n > self._frame.nbytes - self._fill:
                 raise LocalError(f"reserve({n}) runs past the end of the frame being received")
-            self._reserved = self._fill
+            self._reserved, self._reserved_n = self._fill, n
             return self._frame[self._fill : self._fill + n]
         start = len(self._buf)
         grown = bytearray(start + n)
@@ -421,7 +425,7 @@ class FrameDecoder:
             raise LocalError("commit() without reserve()")
         self._reserved = None
         if self._frame is not None:
-            self._fill = start + max(0, written)
+            self._fill = start + max(0, min(written, self._reserved_n))
             return
         del self._buf[start + max(0, written) :]
 

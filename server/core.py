@@ -447,7 +447,8 @@ class DaedalusServer:
             while not session.closed and not self._stop.is_set():
                 if session.phase == "ready" and dec.max_body != MAX_BODY_BYTES:
                     dec.max_body = MAX_BODY_BYTES
-                    dec.body_alloc = codec.receive_alloc()  # big tensors land in page-locked memory
+                    if st.cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
+                        dec.body_alloc = codec.receive_alloc()
                     conn.settimeout(st.cfg.idle_timeout_s)
                 try:
                     msg, n = recv_message(conn, dec)

@@ -530,3 +530,57 @@ def test_quant_channel_order_must_be_a_permutation(bad):
     data[off : off + 128] = order.numpy().tobytes()
     with pytest.raises(errors.CodecError, match="permutation"):
         codec.decode(dataclasses.replace(wt, data=bytes(data)), DEV)
+
+
+@pytest.fixture
+def batched(monkeypatch):
+    """Every SectionReader decodes its coded sections in one batch (what GPU ANS payloads do),
+    here with zstd on the CPU, so the batching logic runs in CI."""
+    init = codec_entropy.SectionReader.__init__
+
+    def forced(self, *a, **kw):
+        init(self, *a, **kw)
+        self.batched = self.data.nbytes > 0
+
+    monkeypatch.setattr(codec_entropy.SectionReader, "__init__", forced)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape", "params"),
+    [
+        ("lossless", (1, 97, 64), {}),
+        ("quant", (1, 97, 64), {"outliers": 4.0}),
+        ("clip-sparse", (1, 400, 12), {}),
+        ("q4", (1, 97, 64), {}),
+        ("q4", (1, 3072), {"group": 32}),  # one token a channel: groups padded 32x
+        ("q4", (2, 64, 3072), {"group": 4096}),
+    ],
+    ids=str,
+)
+def test_batched_section_decoding_matches_the_sequential_one(batched, name, shape, params):
+    x = act(shape, torch.bfloat16, seed=15, massive=True)
+    wt = wire_copy(codec.encode(x, "x", name, params))
+    y = codec.decode(wt)
+    assert y.shape == x.shape
+    if name == "lossless":
+        assert_bit_exact(y, x)
+    else:
+        assert cosine(y, x) > 0.99
+
+
+def test_batched_decoding_refuses_inflated_tables_before_decoding(batched, monkeypatch):
+    x = torch.randint(0, 4, (1, 200, 64), generator=torch.Generator().manual_seed(16)).float() * 1.5
+    wt = wire_copy(codec.encode(x, "x", "lossless", {}))
+    calls = []
+    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", lambda self, *a: calls.append(a))
+    table = [list(e) for e in wt.meta["s"]]
+    coded = [i for i, e in enumerate(table) if e[0] == 1]
+    assert len(coded) >= 2  # the first is checked against its expected size; the batch covers the rest
+    k = coded[-1]
+    table[k][1] = 9 * x.numel() * 4  # declares more than 8x the tensor
+    with pytest.raises(errors.CodecError, match="more than its format allows"):
+        codec.decode(dataclasses.replace(wt, meta={**wt.meta, "s": table}))
+    assert calls == []
+    table[k][1], table[k][2] = 0, table[k][2]  # a coded section that holds nothing
+    with pytest.raises(errors.CodecError, match="bad section entry"):
+        codec.decode(dataclasses.replace(wt, meta={**wt.meta, "s": table}))

@@ -825,3 +825,19 @@ def test_big_frame_checksum_and_allocator_size_are_checked():
     dec.next_message()
     with pytest.raises(errors.LocalError, match="body_alloc"):
         dec.reserve(dec.bytes_needed())
+
+
+def test_reserve_misuse_is_refused_and_overlong_commits_are_clamped():
+    body, frame = _big()
+    dec = FrameDecoder(body_alloc=Recorder())
+    dec.feed(frame[:100])
+    dec.next_message()
+    view = dec.reserve(1000)
+    with pytest.raises(errors.LocalError, match="between reserve"):
+        dec.feed(b"x")
+    view[:] = frame[100:1100]
+    view.release()
+    dec.commit(5000)  # more than was reserved: only the reserved bytes count
+    assert dec.buffered == 1100
+    _receive(dec, frame, 1100)
+    assert bytes(dec.next_message().tensors[0].data) == body
