@@ -522,13 +522,8 @@ class SectionReader:
         return self._payload
 
     def raw(self, dtype: torch.dtype, count: int, what: str) -> torch.Tensor:
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        kind, chunk, off = self._next(count * itemsize, what)
-        if kind != 0:
-            raise CodecError(f"{what} section of {self.name!r} must be stored, not coded")
-        if count == 0:
-            return torch.empty(0, dtype=dtype, device=self.device)
-        return self._stored(chunk, off).view(dtype)
+        """A stored section as a fresh tensor on the device."""
+        return self.raw_both(dtype, count, what)[1]
 
     def skip_empty(self, k: int, what: str) -> None:
         """Consume ``k`` sections that must be empty and stored."""
