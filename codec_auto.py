@@ -37,10 +37,11 @@ DEFAULT_LINK_BPS = 117e6  # gigabit Ethernet payload rate, when nothing was meas
 
 # Rough throughputs in bytes of *input* tensor per second, (encode, decode), by where the work
 # runs: "gpu" (all on the GPU, nvCOMP ANS), "hybrid" (quantize on the GPU, zstd on the CPU),
-# "cpu". CPU figures: a 2-core Xeon; GPU figures: an H200 with nvCOMP 6.0, host copies included
-# (bench/codec_bench.py --device cuda on a 37.7 MB Klein 9B seam, docs/BENCHMARKS.md).
+# "cpu". CPU figures: a 2-core Xeon; GPU figures: an H200 with nvCOMP 6.0, host copies included,
+# received bytes in page-locked memory (bench/ans_speed.py on a 37.7 MB Klein 9B seam, the LTX
+# split's 102 MB raw seam for raw decode; docs/BENCHMARKS.md).
 _SPEED = {
-    "gpu": {"raw": (45e9, 8e9), "int8": (40e9, 16e9), "lossless": (15e9, 8e9), "quant-t": (6e9, 8e9)},
+    "gpu": {"raw": (45e9, 38e9), "int8": (40e9, 16e9), "lossless": (20e9, 22e9), "quant-t": (9e9, 16e9)},
     "hybrid": {
         "raw": (math.inf, math.inf),
         "int8": (200e9, 200e9),
