@@ -374,6 +374,16 @@ def put_outliers(w: SectionWriter, xt: torch.Tensor, idx: torch.Tensor, dtype: t
     return xt.index_select(0, rest_of(xt.shape[0], idx))
 
 
+def outliers_first(
+    w: SectionWriter, t: torch.Tensor, params: dict[str, Any], default: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``t`` channel-major, its outlier channels (``params["outliers"]``, else ``default``)
+    written exactly: (the other channels, float32 [C - no, N]; the outlier indices)."""
+    xt = channel_major(t)
+    idx = outlier_channels(xt, param_float(params, "outliers", default, 0.0, 1e9))
+    return put_outliers(w, xt, idx, t.dtype), idx
+
+
 def get_outliers(r: SectionReader, no: int, c: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(channel indices, float32 [no, N] values)."""
     if no == 0:  # the empty sections, checked without tensor ops
@@ -452,9 +462,7 @@ class QuantCodec(EntropyCodec):
         if fb is not None:
             return fb
         w = SectionWriter(pick_backend(params, t.device))
-        xt = channel_major(t)
-        idx = outlier_channels(xt, param_float(params, "outliers", 0.0, 0.0, 1e9))
-        xt = put_outliers(w, xt, idx, t.dtype)
+        xt, idx = outliers_first(w, t, params, 0.0)
         meta, _ = shared_encode(w, xt, None, params)
         meta["no"] = int(idx.numel())
         data, meta = w.finish(meta)
@@ -500,9 +508,7 @@ class Q4Codec(EntropyCodec):
         if g % 2:
             raise LocalError(f"q4 group={g} must be even")
         w = SectionWriter(pick_backend(params, t.device))
-        xt = channel_major(t)
-        idx = outlier_channels(xt, param_float(params, "outliers", 8.0, 0.0, 1e9))
-        xt = put_outliers(w, xt, idx, t.dtype)
+        xt, idx = outliers_first(w, t, params, 8.0)
         c, n = xt.shape
         ng = -(-n // g)
         if ng * g != n:
