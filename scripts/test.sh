@@ -33,7 +33,9 @@ if [ -n "${COMFYUI_PATH:-}" ] && [ -f package-lock.json ] && command -v npm >/de
 fi
 ruff check .                 # lint
 ruff format --check .        # formatting
-mypy                         # type-check the core (files listed in pyproject.toml)
+# mypy checks the package by its import name: a folder named ComfyUI-Mesh is not a module name.
+mkdir -p .dev/typecheck && ln -sfn ../.. .dev/typecheck/comfyui_mesh
+MYPYPATH=.dev/typecheck mypy -p comfyui_mesh   # type-check (settings in pyproject.toml)
 set +e
 python -m pytest tests -q "$@"
 rc=$?
