@@ -6,17 +6,55 @@ Builds tiny random-weight models with ComfyUI's own classes and saves them as sa
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
+import re
 from pathlib import Path
 
 import pytest
 from comfyui_proc import DaedalusProc
 
 COMFY = os.environ.get("COMFYUI_PATH", "")
-HAVE_COMFY = bool(COMFY) and (Path(COMFY) / "comfy" / "sd.py").is_file()
-needs_comfy = pytest.mark.skipif(
-    not HAVE_COMFY, reason="needs a ComfyUI checkout: set COMFYUI_PATH (see README, 'Tests with ComfyUI')"
-)
+
+
+def missing_requirements(comfy: str) -> list[str]:
+    """ComfyUI's essential requirements (its requirements.txt above "non essential") that this
+    Python lacks, by distribution name."""
+    req = Path(comfy) / "requirements.txt"
+    if not req.is_file():
+        return []
+    missing = []
+    for line in req.read_text(encoding="utf-8").splitlines():
+        if "non essential" in line.lower():
+            break
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", line)
+        if not m:
+            continue
+        try:
+            importlib.metadata.distribution(m.group(1))
+        except importlib.metadata.PackageNotFoundError:
+            missing.append(m.group(1))
+    return missing
+
+
+def comfy_skip_reason(comfy: str) -> str | None:
+    """Why the ComfyUI-level tests cannot run here, with the fix; None when they can."""
+    if not comfy:
+        return "needs a ComfyUI checkout: set COMFYUI_PATH (see README, 'Tests with ComfyUI')"
+    if not (Path(comfy) / "comfy" / "sd.py").is_file():
+        return f"COMFYUI_PATH={comfy} is not a ComfyUI checkout (no comfy/sd.py): point it at the ComfyUI folder"
+    missing = missing_requirements(comfy)
+    if missing:
+        return (
+            f"ComfyUI's requirements are missing in this Python ({', '.join(missing)}): "
+            f'python -m pip install -r "{Path(comfy) / "requirements.txt"}"'
+        )
+    return None
+
+
+SKIP_REASON = comfy_skip_reason(COMFY)
+HAVE_COMFY = SKIP_REASON is None
+needs_comfy = pytest.mark.skipif(not HAVE_COMFY, reason=SKIP_REASON or "")
 
 
 def import_comfy():
