@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -68,8 +69,12 @@ def main(argv: list[str] | None = None) -> int:
             break
     if not port:
         print("demo: Daedalus did not start (see its output above)", file=sys.stderr)
+        proc.kill()
+        proc.wait(20)
+        shutil.rmtree(tmp, ignore_errors=True)
         return 1
-    threading.Thread(target=lambda: [print("  " + ln.rstrip()) for ln in proc.stdout], daemon=True).start()
+    out_stream = proc.stdout
+    threading.Thread(target=lambda: [print("  " + ln.rstrip()) for ln in out_stream], daemon=True).start()
     token = (tmp / "state" / "token").read_text().strip()
     try:
         model = comfy.sd.load_diffusion_model(str(weights))
@@ -101,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         proc.wait(20)
+        shutil.rmtree(tmp, ignore_errors=True)  # the tiny checkpoint and the server's state folder
 
 
 if __name__ == "__main__":

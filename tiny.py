@@ -6,6 +6,7 @@ sys.path and selects the CPU when asked).
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,9 @@ def make_flux2(
     import comfy.ldm.flux.model
     import comfy.ops
 
-    cfg = dict(config or FLUX2_TINY)
+    # Older ComfyUI releases (0.3.75) lack some FluxParams fields (txt_ids_dims): keep what this one has.
+    known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    cfg = {k: v for k, v in (config or FLUX2_TINY).items() if k in known}
     g = torch.Generator(device=device).manual_seed(seed)
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
@@ -258,6 +261,7 @@ def ltxav_inputs(
         return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
 
     video = (batch, 128, frames, h, w)
+    out: dict[str, Any]
     out = {
         "positive": [[rnd(1, txt, ctx, s=seed + 1), dict(cond or {})]],
         "negative": [[rnd(1, txt, ctx, s=seed + 2), dict(cond or {})]],
