@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import inspect
 import json
 import logging
 import os
@@ -100,7 +101,7 @@ def import_comfy(path: Path, device: str) -> dict[str, Any]:
         version = "unknown"
     needed = {
         comfy.model_detection: ("model_config_from_unet",),
-        comfy.utils: ("convert_old_quants", "calculate_parameters", "weight_dtype"),
+        comfy.utils: ("calculate_parameters", "weight_dtype"),
         comfy.model_management: ("unet_dtype", "unet_manual_cast", "unet_offload_device", "load_models_gpu"),
         comfy.model_patcher: ("ModelPatcher",),
     }
@@ -159,6 +160,37 @@ def _remap_quant_metadata(
     return {**meta, "_quantization_metadata": json.dumps({**q, "layers": layers})}
 
 
+# ---------------------------------------------------------------------------- release differences
+# Each helper mirrors what comfy.sd.load_diffusion_model_state_dict does in the installed release,
+# chosen by what that release offers (attributes, signatures), never by its version string.
+
+
+def convert_old_quants(utils: Any, sd: dict[str, torch.Tensor], metadata: dict[str, Any]) -> tuple[dict, dict]:
+    """``comfy.utils.convert_old_quants`` (ComfyUI >= 0.8: scaled-fp8 / per-layer quant keys to
+    its quant format); earlier releases read those keys during detection instead."""
+    fn = getattr(utils, "convert_old_quants", None)
+    if fn is None:
+        return sd, metadata
+    return fn(sd, "", metadata=metadata)
+
+
+def config_attr(model_config: Any, *names: str) -> Any:
+    """The first of ``names`` that this release's model config class defines (a config object
+    logs a warning for unknown attributes, so look at its class first)."""
+    for name in names:
+        if hasattr(type(model_config), name):
+            return getattr(model_config, name)
+    return None
+
+
+def accepts_keyword(fn: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class ComfyBackend:
     """The back half of a real checkpoint, loaded with ComfyUI's classes."""
 
@@ -187,7 +219,7 @@ class ComfyBackend:
             for k in bare:
                 if k.endswith("comfy_quant") or k.endswith("scaled_fp8"):
                     meta_sd[k] = f.get_tensor(prefix + k)  # tiny tensors detection reads by value
-            meta_sd, meta_full = utils.convert_old_quants(meta_sd, "", metadata=dict(meta))
+            meta_sd, meta_full = convert_old_quants(utils, meta_sd, dict(meta))
             model_config = c["detection"].model_config_from_unet(meta_sd, "", metadata=meta_full)
             if model_config is None:
                 raise LocalError(f"ComfyUI {self.comfyui_version} does not recognise {self.model_name}")
@@ -211,23 +243,27 @@ class ComfyBackend:
                 **slim_meta,
                 "_quantization_metadata": slim_meta["_quantization_metadata"].replace(f'"{prefix}', '"'),
             }
-        sd, _ = utils.convert_old_quants(sd, "", metadata=slim_meta)
+        sd, _ = convert_old_quants(utils, sd, slim_meta)
 
         # 4) dtype exactly as ComfyUI's loader would choose it for the whole model
         load_device = self.device
         offload_device = mm.unet_offload_device()
         supported = list(model_config.supported_inference_dtypes)
-        if model_config.quant_config is not None:
+        layer_quant = config_attr(model_config, "quant_config", "layer_quant_config")
+        if layer_quant is not None or config_attr(model_config, "scaled_fp8") is not None:
             weight_dtype = None
         if cfg.dtype == "auto":
             unet_dtype = mm.unet_dtype(model_params=parameters, supported_dtypes=supported, weight_dtype=weight_dtype)
         else:
             unet_dtype = getattr(torch, cfg.dtype)
-        if model_config.quant_config is not None:
+        if layer_quant is not None:
             manual_cast = mm.unet_manual_cast(None, load_device, supported)
         else:
             manual_cast = mm.unet_manual_cast(unet_dtype, load_device, supported)
-        model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+        if accepts_keyword(model_config.set_inference_dtype, "device"):  # ComfyUI >= 0.20-ish
+            model_config.set_inference_dtype(unet_dtype, manual_cast, device=load_device)
+        else:
+            model_config.set_inference_dtype(unet_dtype, manual_cast)
 
         # 5) build, drop what the back half never runs, load the kept weights
         model = model_config.get_model(sd, "")
