@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import auth
 from ..config import ServerConfig
 from ..constants import DEFAULT_BIND, DEFAULT_PORT, PACKAGE_VERSION
-from ..errors import MeshError
+from ..errors import LocalError, MeshError
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
 
@@ -85,6 +85,11 @@ def _lora_arg(s: str) -> tuple[str, float]:
 
 
 def make_factory(cfg: ServerConfig, toy: bool):
+    from .check import device_problem
+
+    problem = device_problem(cfg.device)
+    if problem:
+        raise LocalError(problem)
     if toy:
         from .toy import ToyBackend
 

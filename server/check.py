@@ -77,6 +77,30 @@ def _load_library(names: list[str]) -> str | None:
     return None
 
 
+def device_problem(device: str) -> str | None:
+    """Why Daedalus cannot run on ``device`` here, with the fix; None when it can."""
+    import torch
+
+    if device == "cpu":
+        return None
+    if not device.startswith("cuda"):
+        return f"--device {device}: Daedalus runs on cuda:N or cpu"
+    try:
+        index = int(device.split(":", 1)[1]) if ":" in device else 0
+    except ValueError:
+        return f"--device {device}: write cuda:N (N a GPU number) or cpu"
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+        return (
+            f"no CUDA device here (torch {torch.__version__} is {build}, and it sees no NVIDIA GPU): "
+            "use --device cpu (slow), or check the driver / install torch's CUDA build"
+        )
+    count = torch.cuda.device_count()
+    if index >= count:
+        return f"--device {device}: this machine has {count} CUDA device(s), cuda:0..cuda:{count - 1}"
+    return None
+
+
 def check_torch(lines: list[tuple[str, str, str]]) -> bool:
     try:
         import torch
@@ -159,7 +183,11 @@ def run_checks(comfyui_path: str = "", echo: Callable[[str], None] = print) -> b
     for status, label, text in lines:
         echo(f"[{status:^7}] {label:<{width}}  {text}")
     if ok_torch and ok_comfy:
-        echo("Daedalus can run here: python -m comfyui_mesh.server --weights <model.safetensors>")
+        cpu_only = device_problem("cuda:0") is not None
+        echo(
+            "Daedalus can run here: python -m comfyui_mesh.server --weights <model.safetensors>"
+            + (" --device cpu" if cpu_only else "")
+        )
     else:
         echo("Fix the MISSING lines above (the install script does it), then run this check again.")
     return ok_torch and ok_comfy

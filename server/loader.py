@@ -205,7 +205,12 @@ class ComfyBackend:
         self.arch = self.adapter.family
         counts = self.adapter.count_blocks(bare)
         self.n_blocks_max = sum(counts.values())
-        n = n_blocks if 0 < n_blocks <= self.n_blocks_max else self.n_blocks_max
+        if not 0 < n_blocks <= self.n_blocks_max:
+            raise LocalError(
+                f"--n-blocks {n_blocks}: {self.model_name} ({self.adapter.display}) has {self.n_blocks_max} blocks "
+                f"({', '.join(f'{v} {g}' for g, v in counts.items())}): choose 1..{self.n_blocks_max}"
+            )
+        n = n_blocks
         self.plan = self.adapter.plan(counts, n)
         self.n_blocks = n
         self.device = torch.device(cfg.device)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..errors import LocalError
 from ..fingerprint import fingerprint
 
 
@@ -40,7 +41,9 @@ class ToyBackend:
     def __init__(self, n_blocks: int, total: int = 8, width: int = 64, device: str = "cpu", seed: int = 0):
         self.model = ToyModel(total, width, seed)
         self.n_blocks_max = total
-        self.n_blocks = max(1, min(n_blocks, total))
+        if not 0 < n_blocks <= total:
+            raise LocalError(f"--n-blocks {n_blocks}: the toy model has {total} blocks: choose 1..{total}")
+        self.n_blocks = n_blocks
         self.first = total - self.n_blocks
         self.device = torch.device(device)
         self.model_name = f"toy-{total}x{width}"
