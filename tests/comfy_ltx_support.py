@@ -10,10 +10,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
-from comfy_support import import_comfy
+from comfy_support import HAVE_COMFY, import_comfy
 
-STYLES = ("ltx2", "ltx23")
+
+def _styles() -> tuple[str, ...]:
+    """The styles the installed ComfyUI builds: LTXAVModel takes unknown options silently, so an
+    LTX-2.3 config that yields the LTX-2 tensors means this ComfyUI predates LTX-2.3."""
+    if not HAVE_COMFY:
+        return ("ltx2", "ltx23")
+    import_comfy()
+    from comfyui_mesh.tiny import LTXAV2_TINY, LTXAV23_TINY, ltxav_shapes
+
+    return ("ltx2",) if set(ltxav_shapes(LTXAV23_TINY)) == set(ltxav_shapes(LTXAV2_TINY)) else ("ltx2", "ltx23")
+
+
+def _raw_text_context() -> bool:
+    """Does LTXAVModel run raw text features through its connectors itself (newer ComfyUI)? Older
+    releases take the processed (video | audio) context, caption_channels x 2 wide."""
+    if not HAVE_COMFY:
+        return True
+    import_comfy()
+    import comfy.ldm.lightricks.av_model as av
+
+    return hasattr(av.LTXAVModel, "preprocess_text_embeds")
+
+
+STYLES = _styles()
+RAW_TEXT_CONTEXT = _raw_text_context()
+needs_ltx23 = pytest.mark.skipif(
+    "ltx23" not in STYLES,
+    reason="this ComfyUI builds no LTX-2.3 model (gated attention, prompt AdaLN): LTX-2.3 needs a newer ComfyUI",
+)
 
 
 def style_config(style: str) -> tuple[dict, int, dict]:
@@ -21,7 +50,7 @@ def style_config(style: str) -> tuple[dict, int, dict]:
     from comfyui_mesh.tiny import LTXAV2_TINY, LTXAV23_TINY
 
     if style == "ltx2":
-        return dict(LTXAV2_TINY), 64, {}
+        return dict(LTXAV2_TINY), 64 if RAW_TEXT_CONTEXT else 2 * LTXAV2_TINY["caption_channels"], {}
     # 2.3: the context is the (video | audio) text features; run it through the connectors
     return dict(LTXAV23_TINY), 96, {"unprocessed_ltxav_embeds": True}
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8
+from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23
 from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy
 
 pytestmark = needs_comfy
@@ -88,6 +88,7 @@ def test_video_only_latent_in_an_av_model_is_bit_identical(setup, style):
     assert_identical(out, ref)
 
 
+@needs_ltx23
 def test_reference_audio_tokens_match_unsplit(setup):
     """ID-LoRA reference audio: extra leading audio tokens the model drops before its audio head."""
     comfy, weights, servers, _ = setup
@@ -115,6 +116,7 @@ def test_spatial_denoise_mask_per_token_timesteps_match_unsplit(setup):
     assert stats[-1].bytes_out < 150_000, stats[-1].bytes_out
 
 
+@needs_ltx23
 def test_constants_cross_once_per_generation(setup):
     comfy, weights, servers, _ = setup
     model = load(comfy, weights["ltx23"])
@@ -157,6 +159,7 @@ def test_raising_and_lowering_n_without_restart_leaves_the_input_model_intact(se
     assert sum(1 for _ in dm.transformer_blocks[2].parameters()) > 0 and dm.proj_out.weight.numel() > 0
 
 
+@needs_ltx23
 def test_remote_weights_leave_the_client(setup):
     comfy, weights, servers, _ = setup
     model = load(comfy, weights["ltx23"])
