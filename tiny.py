@@ -83,17 +83,22 @@ def make_flux2(
     """Save a random FLUX.2 checkpoint with ComfyUI key names (ComfyUI must be importable).
 
     ``device`` is where the random numbers are drawn (a GPU makes full-size models fast)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = flux2_shapes(config or FLUX2_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def flux2_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a FLUX.2 with ``config`` (built on the meta device: no memory)."""
     import comfy.ldm.flux.model
     import comfy.ops
 
     # Older ComfyUI releases (0.3.75) lack some FluxParams fields (txt_ids_dims): keep what this one has.
     known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    cfg = {k: v for k, v in (config or FLUX2_TINY).items() if k in known}
-    g = torch.Generator(device=device).manual_seed(seed)
+    cfg = {k: v for k, v in config.items() if k in known}
     with torch.device("meta"):
         model = comfy.ldm.flux.model.Flux(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 def flux2_inputs(batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int = 64, seed: int = 1) -> dict[str, Any]:

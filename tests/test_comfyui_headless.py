@@ -12,9 +12,9 @@ from __future__ import annotations
 import time
 
 import pytest
-from comfy_support import headless_stack, ksampler_node, make_flux2, needs_comfy
+from comfy_support import headless_stack, ksampler_node, make_flux2, needs_comfy, needs_narrow_flux2
 
-pytestmark = needs_comfy
+pytestmark = [needs_comfy, needs_narrow_flux2]
 
 MODEL_NAME = "tiny_flux2.safetensors"
 

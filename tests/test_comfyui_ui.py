@@ -18,9 +18,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from comfy_support import COMFY, needs_comfy
+from comfy_support import COMFY, needs_comfy, needs_narrow_flux2
 
-pytestmark = needs_comfy
+pytestmark = [needs_comfy, needs_narrow_flux2]
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))

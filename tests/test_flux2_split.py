@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
 from comfyui_mesh import codec
 
-pytestmark = needs_comfy
+pytestmark = [needs_comfy, needs_narrow_flux2]
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_support import COMFY, Daedalus, import_comfy, make_flux2, needs_comfy
+from comfy_support import COMFY, Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
 
-pytestmark = needs_comfy
+pytestmark = [needs_comfy, needs_narrow_flux2]
 
 N = 3  # the last 3 single blocks (all of them) + final layer remote; doubles local
 H = 256

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
 
 pytestmark = needs_comfy
 
@@ -208,6 +208,7 @@ def test_comfyui_compressed_timestep_round_trips_without_recompressing():
         assert torch.equal(x, y)
 
 
+@needs_narrow_flux2
 def test_node_accepts_ltxav_and_refuses_other_models(setup, monkeypatch):
     from comfyui_mesh import routes
     from comfyui_mesh.config import ClientConfig
