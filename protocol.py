@@ -20,6 +20,7 @@ Every length is checked against its limit before a byte is allocated for it.
 
 import dataclasses
 import enum
+import hashlib
 import json
 import struct
 import types
@@ -553,3 +554,13 @@ def tensor_map(tensors: Iterable[WireTensor]) -> dict[str, WireTensor]:
 
 def names(tensors: Sequence[WireTensor]) -> list[str]:
     return [t.name for t in tensors]
+
+
+def content_hash(wt: WireTensor) -> str:
+    """Key of a per-generation constant: sha256 over wire dtype, shape and the raw bytes.
+
+    Computed from the raw-coded wire tensor, so the server can verify what it caches."""
+    h = hashlib.sha256()
+    h.update(f"{wt.dtype}|{list(wt.shape)}|".encode())
+    h.update(wt.data)
+    return h.hexdigest()[:32]

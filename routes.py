@@ -49,8 +49,9 @@ from .auth import new_nonce
 from .config import ClientConfig
 from .constants import PACKAGE_VERSION, PRE_AUTH_MAX_BODY, TOKEN_ENV
 from .errors import LocalError, MeshError
+from .netio import recv_message, send_message
 from .protocol import Bye, Challenge, Error, FrameDecoder, Hello
-from .transport import SKEW_ENV, MeshClient, drop_pooled, recv_message, send_message
+from .transport import SKEW_ENV, MeshClient, drop_pooled
 
 log = logging.getLogger("comfyui_mesh")
 

@@ -1,4 +1,4 @@
-"""Blocking TCP transport: socket pumps around protocol.py, and the Icarus client.
+"""The Icarus client: one blocking TCP connection to a Daedalus server, and the per-process pool.
 
 The client is used from inside ComfyUI sampling, so it is plain blocking I/O with
 timeouts and errors that name host:port and the fix.
@@ -7,7 +7,6 @@ timeouts and errors that name host:port and the fix.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import socket
@@ -22,7 +21,7 @@ import torch
 from . import auth, codec, codec_auto
 from .codec_temporal import stream_state
 from .config import ClientConfig
-from .constants import PACKAGE_VERSION, SOCKET_CHUNK
+from .constants import PACKAGE_VERSION
 from .errors import (
     AuthError,
     ConnectFailed,
@@ -32,8 +31,8 @@ from .errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
+from .netio import recv_message, send_message, tune_socket
 from .protocol import (
-    NEED_DATA,
     Auth,
     Bye,
     Challenge,
@@ -49,71 +48,13 @@ from .protocol import (
     Result,
     Welcome,
     WireTensor,
-    encode,
+    content_hash,
     tensor_map,
 )
 
 log = logging.getLogger("comfyui_mesh")
 
 SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
-
-
-def tune_socket(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
-
-
-def send_message(sock: socket.socket, msg: Message) -> int:
-    """Write one frame; returns bytes written."""
-    n = 0
-    for buf in encode(msg):
-        sock.sendall(buf)
-        n += memoryview(buf).nbytes
-    return n
-
-
-def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
-    """Read until one whole frame is decoded; returns (message, bytes read). EOF -> ConnectionError."""
-    got = 0
-    while True:
-        msg = dec.next_message()
-        if msg is not NEED_DATA:
-            return msg, got
-        need = dec.bytes_needed()
-        if need >= SOCKET_CHUNK:  # the rest of a big frame: receive straight into its buffer
-            view = dec.reserve(need)
-            k = 0
-            try:
-                while k < need:
-                    r = sock.recv_into(view[k:], min(need - k, SOCKET_CHUNK * 16))
-                    if not r:
-                        raise ConnectionError("peer closed the connection")
-                    k += r
-            finally:
-                view.release()
-                dec.commit(k)
-            got += k
-            continue
-        chunk = sock.recv(min(need, SOCKET_CHUNK))
-        if not chunk:
-            raise ConnectionError("peer closed the connection")
-        got += len(chunk)
-        dec.feed(chunk)
-
-
-def content_hash(wt: WireTensor) -> str:
-    """Key of a per-generation constant: sha256 over wire dtype, shape and the raw bytes.
-
-    Computed from the raw-coded wire tensor, so the server can verify what it caches."""
-    h = hashlib.sha256()
-    h.update(f"{wt.dtype}|{list(wt.shape)}|".encode())
-    h.update(wt.data)
-    return h.hexdigest()[:32]
 
 
 class ServerTimeout(ConnectFailed):
@@ -562,10 +503,6 @@ __all__ = [
     "StepStats",
     "pooled_client",
     "drop_pooled",
-    "send_message",
-    "recv_message",
-    "tune_socket",
-    "content_hash",
     "MeshError",
     "LocalError",
 ]

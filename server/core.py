@@ -26,6 +26,7 @@ from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
+from ..netio import recv_message, send_message, tune_socket
 from ..protocol import (
     Auth,
     Bye,
@@ -42,8 +43,8 @@ from ..protocol import (
     Result,
     Welcome,
     WireTensor,
+    content_hash,
 )
-from ..transport import content_hash, recv_message, send_message, tune_socket
 
 log = logging.getLogger("daedalus")
 

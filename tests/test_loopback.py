@@ -10,9 +10,10 @@ import torch
 from comfyui_mesh import protocol
 from comfyui_mesh.config import ClientConfig, ServerConfig
 from comfyui_mesh.errors import AuthError, ConnectFailed, RemoteFailure, VersionMismatch
+from comfyui_mesh.netio import recv_message, send_message
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
-from comfyui_mesh.transport import MeshClient, recv_message, send_message
+from comfyui_mesh.transport import MeshClient
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 

@@ -747,7 +747,7 @@ class Recorder:
 
 
 def _receive(dec: FrameDecoder, frame: bytes, start: int, step: int = 300_000) -> None:
-    """What transport.recv_message does: reserve the rest of the frame, fill it in pieces."""
+    """What netio.recv_message does: reserve the rest of the frame, fill it in pieces."""
     k = start
     while k < len(frame):
         view = dec.reserve(dec.bytes_needed())
