@@ -37,6 +37,7 @@ from .protocol import (
     Bye,
     Challenge,
     Error,
+    ErrorCode,
     Forward,
     FrameDecoder,
     Hello,
@@ -164,7 +165,7 @@ class MeshClient:
         except (ConnectionError, OSError) as e:
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         if isinstance(msg, Error):
-            if msg.code == "auth_failed":
+            if msg.code == ErrorCode.AUTH_FAILED:
                 raise AuthError(
                     f"{self._where()} rejected the token: {msg.message}. Copy the token shown by the "
                     "Daedalus window/console into the Icarus node's token field (or COMFYUI_MESH_TOKEN)"
@@ -377,11 +378,11 @@ class MeshClient:
 
     def _codec_retry(self, e: RemoteFailure) -> bool:
         """After ``stream_reset`` / ``codec_unavailable``: adjust so a re-encode can succeed."""
-        if e.code == "stream_reset":
+        if e.code == ErrorCode.STREAM_RESET:
             log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
             self._codec_state.clear()
             return True
-        if e.code == "codec_unavailable" and self._codec_override.get("backend") != "zstd":
+        if e.code == ErrorCode.CODEC_UNAVAILABLE and self._codec_override.get("backend") != "zstd":
             log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
             self._codec_override["backend"] = "zstd"
             self._codec_state.clear()
@@ -450,7 +451,7 @@ class MeshClient:
                     log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
                     continue
                 except RemoteFailure as e:
-                    if e.code == "missing_consts" and attempt < 2:
+                    if e.code == ErrorCode.MISSING_CONSTS and attempt < 2:
                         self._sent_consts.clear()
                         continue
                     if attempt < 2 and self._codec_retry(e):

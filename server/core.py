@@ -32,6 +32,7 @@ from ..protocol import (
     Bye,
     Challenge,
     Error,
+    ErrorCode,
     Forward,
     FrameDecoder,
     Hello,
@@ -147,8 +148,8 @@ class ConstCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def _err(code: str, message: str, **detail: Any) -> Error:
-    return Error(code=code, message=message, detail=detail)
+def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
+    return Error(code=code.value, message=message, detail=detail)
 
 
 class Session:
@@ -175,11 +176,11 @@ class Session:
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
             log.warning("%s: bad request: %s", self.peer, e)
-            return [_err("bad_request", str(e))]
+            return [_err(ErrorCode.BAD_REQUEST, str(e))]
         except Exception as e:  # a failing step must not take the server down
             self.state.stats.errors += 1
             log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
-            return [_err("forward_failed", f"{type(e).__name__}: {e}")]
+            return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
 
     def _challenge(self) -> Challenge:
         b = self.state.backend
@@ -205,7 +206,7 @@ class Session:
         if self.phase == "hello":
             if not isinstance(msg, Hello):
                 self.closed = True
-                return [_err("bad_request", f"expected hello, got {type(msg).__name__}")]
+                return [_err(ErrorCode.BAD_REQUEST, f"expected hello, got {type(msg).__name__}")]
             self.hello = msg
             self.client_nonce = msg.nonce
             self.phase = "auth"
@@ -213,14 +214,14 @@ class Session:
         if self.phase == "auth":
             if not isinstance(msg, Auth):
                 self.closed = True
-                return [_err("bad_request", f"expected auth, got {type(msg).__name__}")]
+                return [_err(ErrorCode.BAD_REQUEST, f"expected auth, got {type(msg).__name__}")]
             token = self.state.token
             if token:
                 if not msg.mac or not auth.check(auth.client_proof(token, self.client_nonce, self.nonce), msg.mac):
                     self.closed = True
                     log.warning("%s: authentication failed (wrong or missing token)", self.peer)
                     self.state.emit(kind="auth_failed", peer=self.peer)
-                    return [_err("auth_failed", "wrong token")]
+                    return [_err(ErrorCode.AUTH_FAILED, "wrong token")]
                 mac = auth.server_proof(token, self.client_nonce, self.nonce)
             else:
                 mac = ""
@@ -237,21 +238,21 @@ class Session:
             try:
                 b, no_op = self.state.reconfigure(msg.n_blocks)
             except LocalError as e:
-                return [_err("bad_request", str(e))]
+                return [_err(ErrorCode.BAD_REQUEST, str(e))]
             except Exception as e:  # the reload failed; the previous configuration was restored
                 log.error("%s: reconfigure failed:\n%s", self.peer, traceback.format_exc())
-                return [_err("reconfigure_failed", f"{type(e).__name__}: {e}")]
+                return [_err(ErrorCode.RECONFIGURE_FAILED, f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
         if isinstance(msg, Forward):
             return [self._forward(msg, bytes_in)]
-        return [_err("bad_request", f"unexpected {type(msg).__name__} after the handshake")]
+        return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
 
     @staticmethod
     def _mismatch(msg: Forward, b: Backend) -> Error | None:
         if msg.arch == b.arch and msg.n_blocks == b.n_blocks:
             return None
         return _err(
-            "config_mismatch",
+            ErrorCode.CONFIG_MISMATCH,
             f"this server holds the last {b.n_blocks} blocks of a {b.arch} model ({b.model_name}); "
             f"the request is for {msg.n_blocks} blocks of {msg.arch}: reconfigure the server or change "
             "n_blocks_remote",
@@ -297,7 +298,9 @@ class Session:
             else:
                 tensors[arg] = t
         if missing:
-            return _err("missing_consts", f"{len(missing)} constants not cached here; resend them", missing=missing)
+            return _err(
+                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
+            )
         sub = stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
@@ -310,9 +313,9 @@ class Session:
                 tensors[name] = codec.decode(wt, b.device, state=sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
-            return _err("stream_reset", str(e))
+            return _err(ErrorCode.STREAM_RESET, str(e))
         except BackendUnavailable as e:  # the client falls back to the CPU entropy coder
-            return _err("codec_unavailable", str(e), backend=e.backend)
+            return _err(ErrorCode.CODEC_UNAVAILABLE, str(e), backend=e.backend)
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()
@@ -427,7 +430,7 @@ class DaedalusServer:
             peer = f"{addr[0]}:{addr[1]}"
             if len(self._conns) >= self.state.cfg.max_clients:
                 try:
-                    send_message(conn, _err("busy", f"server has {len(self._conns)} clients, the limit"))
+                    send_message(conn, _err(ErrorCode.BUSY, f"server has {len(self._conns)} clients, the limit"))
                 finally:
                     conn.close()
                 continue
@@ -457,7 +460,7 @@ class DaedalusServer:
                     log.warning("%s: protocol error, closing: %s", peer, e)
                     st.stats.errors += 1
                     try:
-                        send_message(conn, _err("bad_frame", str(e)))
+                        send_message(conn, _err(ErrorCode.BAD_FRAME, str(e)))
                         _linger(conn)
                     except OSError:
                         pass
