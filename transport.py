@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import threading
 import time
@@ -18,36 +17,31 @@ from typing import Any
 
 import torch
 
-from . import auth, codec, codec_auto
+from . import codec, codec_auto, handshake
 from .codec_temporal import stream_state
 from .config import ClientConfig
-from .constants import PACKAGE_VERSION
+from .constants import SKEW_ENV
 from .errors import (
-    AuthError,
     ConnectFailed,
     LocalError,
     MeshError,
     RemoteFailure,
     RemoteProtocolError,
-    VersionMismatch,
 )
 from .netio import recv_message, send_message, tune_socket
 from .protocol import (
-    Auth,
     Bye,
     Challenge,
     Error,
     ErrorCode,
     Forward,
     FrameDecoder,
-    Hello,
     Message,
     Ping,
     Pong,
     Reconfigure,
     Reconfigured,
     Result,
-    Welcome,
     WireTensor,
     content_hash,
     tensor_map,
@@ -55,15 +49,9 @@ from .protocol import (
 
 log = logging.getLogger("comfyui_mesh")
 
-SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
-
 
 class ServerTimeout(ConnectFailed):
     """The server accepted the request but did not answer in time (not retried: it may still be working)."""
-
-
-def _major_minor(v: str) -> str:
-    return ".".join(v.split("+")[0].split(".")[:2])
 
 
 @dataclass
@@ -165,108 +153,35 @@ class MeshClient:
         except (ConnectionError, OSError) as e:
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         if isinstance(msg, Error):
-            if msg.code == ErrorCode.AUTH_FAILED:
-                raise AuthError(
-                    f"{self._where()} rejected the token: {msg.message}. Copy the token shown by the "
-                    "Daedalus window/console into the Icarus node's token field (or COMFYUI_MESH_TOKEN)"
-                )
-            raise RemoteFailure(msg.code, f"{self._where()}: {msg.message}")
+            raise handshake.remote_error(self._where(), msg)
         return msg, n
 
     def _handshake(self, sock: socket.socket) -> Challenge:
-        cn = auth.new_nonce()
-        hello = Hello(
-            nonce=cn,
-            package_version=PACKAGE_VERSION,
-            comfyui_version=self.comfyui_version,
-            torch_version=torch.__version__,
-            arch=str(self.expect.get("arch", "")),
-            n_blocks=int(self.expect.get("n_blocks", 0)),
-            fingerprint=str(self.expect.get("fingerprint", "")),
+        hs = handshake.ClientHandshake(
+            handshake.Expect.of(self.expect),
+            handshake.local_versions(self.comfyui_version),
+            self.cfg.token,
             codecs=codec.available_ids(),
             client_name=self.cfg.client_name,
+            allow_skew=handshake.allow_skew(),
+            where=self._where(),
         )
         try:
-            send_message(sock, hello)
-            ch, _ = self._recv(sock)
-        except (ConnectionError, OSError) as e:
+            send_message(sock, hs.hello())
+        except OSError as e:
             raise ConnectFailed(f"handshake with {self._where()} failed: {e}") from None
-        if not isinstance(ch, Challenge):
-            raise RemoteProtocolError(f"{self._where()} answered hello with {type(ch).__name__}")
-        if ch.auth == "none":
-            if self.cfg.token:
-                send_message(sock, Bye(reason="auth downgrade refused"))
-                raise AuthError(
-                    f"{self._where()} runs without authentication (--no-auth) but a token is saved for it here; "
-                    "refusing, since anything could be answering on that port. Remove the saved token for this "
-                    "server, or start Daedalus without --no-auth"
-                )
-            send_message(sock, Auth(mac=""))
-        elif ch.auth == "hmac-sha256":
-            token = self.cfg.token
-            if not token:
-                send_message(sock, Bye(reason="no token"))
-                raise AuthError(
-                    f"{self._where()} requires a token and none is saved for it. Copy the token that "
-                    "Daedalus printed at start (also in its settings folder, file 'token') into the "
-                    "Icarus node's token field, or set COMFYUI_MESH_TOKEN"
-                )
-            send_message(sock, Auth(mac=auth.client_proof(token, cn, ch.nonce)))
-        else:
-            raise RemoteProtocolError(f"{self._where()} asks for unknown auth scheme {ch.auth!r}")
-        w, _ = self._recv(sock)
-        if not isinstance(w, Welcome):
-            raise RemoteProtocolError(f"{self._where()} answered auth with {type(w).__name__}")
-        if ch.auth != "none":
-            assert self.cfg.token
-            if not auth.check(auth.server_proof(self.cfg.token, cn, ch.nonce), w.mac):
-                raise AuthError(f"{self._where()} could not prove it knows the token: is something else on that port?")
-        self._check_server(ch)
-        return ch
-
-    def _check_server(self, ch: Challenge) -> None:
-        where = self._where()
-        if ch.package_version != PACKAGE_VERSION:
-            raise VersionMismatch(
-                f"{where} runs ComfyUI-Mesh {ch.package_version}, this ComfyUI has {PACKAGE_VERSION}: "
-                "install the same release on both machines (git pull on both)"
-            )
-        skew_ok = os.environ.get(SKEW_ENV) == "1"
-        if not skew_ok:
-            if self.comfyui_version and ch.comfyui_version and ch.comfyui_version != self.comfyui_version:
-                raise VersionMismatch(
-                    f"{where} loads its model with ComfyUI {ch.comfyui_version}, this ComfyUI is "
-                    f"{self.comfyui_version}: the halves may compute different math. Update the server's "
-                    f"ComfyUI to the same release, or set {SKEW_ENV}=1 to accept the difference"
-                )
-            if _major_minor(ch.torch_version) != _major_minor(torch.__version__):
-                raise VersionMismatch(
-                    f"{where} runs torch {ch.torch_version}, this side torch {torch.__version__}: "
-                    f"install the same torch minor release on both, or set {SKEW_ENV}=1 to accept it"
-                )
-        arch = self.expect.get("arch")
-        if arch and ch.arch and ch.arch != arch:
-            raise VersionMismatch(
-                f"{where} serves a {ch.arch} model ({ch.model}) but this node splits a {arch} model: "
-                "start Daedalus with the same checkpoint the ComfyUI loader uses"
-            )
-        n = self.expect.get("n_blocks")
-        if n and ch.n_blocks != n:
-            raise VersionMismatch(
-                f"{where} holds the last {ch.n_blocks} blocks but n_blocks_remote is {n}: press Confirm on "
-                f"the node to reconfigure the server, set n_blocks_remote to {ch.n_blocks}, or restart "
-                f"Daedalus with --n-blocks {n}"
-            )
-        fp = self.expect.get("fingerprint")
-        if fp and ch.fingerprint and ch.fingerprint != fp:
-            msg = (
-                f"{where} holds different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]}) "
-                f"than this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint file with the "
-                "same weight dtype on both machines"
-            )
-            if not skew_ok:
-                raise VersionMismatch(msg + f" (or set {SKEW_ENV}=1 to accept it)")
-            log.warning("ComfyUI-Mesh: %s — accepted because %s=1", msg, SKEW_ENV)
+        while not hs.done:
+            msg, _ = self._recv(sock)
+            for reply in hs.receive(msg):
+                send_message(sock, reply)
+            if hs.error is not None:
+                raise hs.error
+        for p in hs.problems:  # the first fatal one is raised; an accepted one (skew allowed) is logged
+            if p.fatal:
+                raise p.exception()
+            log.warning("ComfyUI-Mesh: %s — accepted because %s=1", p.message, SKEW_ENV)
+        assert hs.challenge is not None
+        return hs.challenge
 
     def close(self, reason: str = "") -> None:
         with self._lock:

@@ -21,28 +21,26 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec
+from .. import codec
 from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
+from ..handshake import ServerHandshake
 from ..netio import recv_message, send_message, tune_socket
 from ..protocol import (
-    Auth,
     Bye,
     Challenge,
     Error,
     ErrorCode,
     Forward,
     FrameDecoder,
-    Hello,
     Message,
     Ping,
     Pong,
     Reconfigure,
     Reconfigured,
     Result,
-    Welcome,
     WireTensor,
     content_hash,
 )
@@ -158,11 +156,8 @@ class Session:
     def __init__(self, state: ServerState, peer: str):
         self.state = state
         self.peer = peer
-        self.phase = "hello"
         self.closed = False
-        self.nonce = auth.new_nonce()
-        self.client_nonce = ""
-        self.hello: Hello | None = None
+        self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (codec_temporal.stream_state)
 
@@ -182,11 +177,15 @@ class Session:
             log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
             return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
 
-    def _challenge(self) -> Challenge:
+    @property
+    def phase(self) -> str:
+        """``hello`` -> ``auth`` -> ``ready`` (handshake.ServerHandshake)."""
+        return self.handshake.phase
+
+    def _offer(self) -> Challenge:
+        """What this server holds now; the handshake adds the nonce and the auth scheme."""
         b = self.state.backend
         return Challenge(
-            nonce=self.nonce,
-            auth="hmac-sha256" if self.state.token else "none",
             package_version=PACKAGE_VERSION,
             comfyui_version=b.comfyui_version,
             torch_version=torch.__version__,
@@ -203,33 +202,18 @@ class Session:
         if isinstance(msg, Bye):
             self.closed = True
             return []
-        if self.phase == "hello":
-            if not isinstance(msg, Hello):
-                self.closed = True
-                return [_err(ErrorCode.BAD_REQUEST, f"expected hello, got {type(msg).__name__}")]
-            self.hello = msg
-            self.client_nonce = msg.nonce
-            self.phase = "auth"
-            return [self._challenge()]
-        if self.phase == "auth":
-            if not isinstance(msg, Auth):
-                self.closed = True
-                return [_err(ErrorCode.BAD_REQUEST, f"expected auth, got {type(msg).__name__}")]
-            token = self.state.token
-            if token:
-                if not msg.mac or not auth.check(auth.client_proof(token, self.client_nonce, self.nonce), msg.mac):
-                    self.closed = True
-                    log.warning("%s: authentication failed (wrong or missing token)", self.peer)
-                    self.state.emit(kind="auth_failed", peer=self.peer)
-                    return [_err(ErrorCode.AUTH_FAILED, "wrong token")]
-                mac = auth.server_proof(token, self.client_nonce, self.nonce)
-            else:
-                mac = ""
-            self.phase = "ready"
-            name = self.hello.client_name if self.hello else "?"
-            log.info("%s: client '%s' connected", self.peer, name)
-            self.state.emit(kind="client", peer=self.peer, connected=True)
-            return [Welcome(mac=mac, session=self.nonce[:16])]
+        hs = self.handshake
+        if not hs.ready:
+            replies = hs.receive(msg)
+            self.closed = hs.closed
+            if hs.auth_failed:
+                log.warning("%s: authentication failed (wrong or missing token)", self.peer)
+                self.state.emit(kind="auth_failed", peer=self.peer)
+            elif hs.ready:
+                name = hs.hello.client_name if hs.hello else "?"
+                log.info("%s: client '%s' connected", self.peer, name)
+                self.state.emit(kind="client", peer=self.peer, connected=True)
+            return replies
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()

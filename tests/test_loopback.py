@@ -9,6 +9,7 @@ import pytest
 import torch
 from comfyui_mesh import protocol
 from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.constants import SKEW_ENV
 from comfyui_mesh.errors import AuthError, ConnectFailed, RemoteFailure, VersionMismatch
 from comfyui_mesh.netio import recv_message, send_message
 from comfyui_mesh.server.core import DaedalusServer, ServerState
@@ -107,6 +108,18 @@ def test_mismatches_name_both_values(server):
         _client(host, port, arch="flux2", n_blocks=3).connect()
     with pytest.raises(VersionMismatch, match="different back-half weights"):
         _client(host, port, arch="toy", n_blocks=3, fingerprint="f" * 32).connect()
+
+
+def test_skew_accepts_a_fingerprint_mismatch_with_a_warning(server, monkeypatch, caplog):
+    _, host, port = server
+    monkeypatch.setenv(SKEW_ENV, "1")
+    c = _client(host, port, arch="toy", n_blocks=3, fingerprint="ff" * 16)
+    with caplog.at_level("WARNING", logger="comfyui_mesh"):
+        ch = c.connect()
+    c.close()
+    assert ch.n_blocks == 3
+    assert any("different back-half weights" in r.message and f"accepted because {SKEW_ENV}=1" in r.message
+               for r in caplog.records)  # fmt: skip
 
 
 def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):

@@ -13,6 +13,7 @@ import types
 import pytest
 from comfyui_mesh import routes
 from comfyui_mesh.config import ServerConfig
+from comfyui_mesh.constants import SKEW_ENV
 from comfyui_mesh.errors import LocalError
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend
@@ -65,6 +66,23 @@ def test_probe_reads_the_challenge_without_logging_in(toy, monkeypatch):
     s = routes.probe(host, port)
     assert s["state"] == "green" and s["error"] is None and s["token_env"]
     json.dumps(s)  # the route returns it as JSON
+
+
+def test_probe_shows_every_problem_and_the_first_as_the_error(toy, monkeypatch):
+    from comfyui_mesh import handshake
+
+    host, port, _ = toy
+    monkeypatch.delenv(SKEW_ENV, raising=False)
+    monkeypatch.setattr(handshake, "local_versions", lambda comfyui="": handshake.Versions("0.0.1", comfyui, "1.0.0"))
+    s = routes.probe(host, port)
+    assert s["state"] == "red" and len(s["problems"]) == 3 and s["error"] == s["problems"][0]
+    assert s["problems"][0].startswith("server runs ComfyUI-Mesh") and s["problems"][0].endswith(
+        "this ComfyUI 0.0.1: update both"
+    )
+    assert s["problems"][1].startswith("server runs torch") and "this side 1.0.0" in s["problems"][1]
+    assert s["problems"][2].startswith("token needed")
+    monkeypatch.setenv(SKEW_ENV, "1")  # relaxes the torch check only
+    assert len(routes.probe(host, port)["problems"]) == 2
 
 
 @pytest.mark.parametrize("toy", [False], indirect=True)
