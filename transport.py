@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -98,7 +98,7 @@ class MeshClient:
         # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
-        self._conn_gen = 0
+        self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
 
     # ------------------------------------------------------------------ connection
     @property
@@ -138,9 +138,8 @@ class MeshClient:
             sock.settimeout(self.cfg.read_timeout_s)
             self._sock = sock
             self._sent_consts.clear()
-            self._codec_state.clear()  # a new server session: the next coded frames must be keyframes
             self._codec_override.clear()
-            self._conn_gen += 1
+            self._reset_codec_state()  # a new server session: the next coded frames must be keyframes
             return self.server
 
     def _recv(self, sock: socket.socket) -> tuple[Message, int]:
@@ -291,18 +290,64 @@ class MeshClient:
         sub = stream_state(self._codec_state, stream)
         return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
 
-    def _codec_retry(self, e: RemoteFailure) -> bool:
-        """After ``stream_reset`` / ``codec_unavailable``: adjust so a re-encode can succeed."""
-        if e.code == ErrorCode.STREAM_RESET:
-            log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
-            self._codec_state.clear()
-            return True
-        if e.code == ErrorCode.CODEC_UNAVAILABLE and self._codec_override.get("backend") != "zstd":
-            log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
-            self._codec_override["backend"] = "zstd"
-            self._codec_state.clear()
-            return True
-        return False
+    def _reset_codec_state(self) -> None:
+        self._codec_state.clear()
+        self._codec_gen += 1
+
+    # Recovery after a failed forward try: each action adjusts this client so that the next try
+    # can succeed, and returns False when it cannot help (the error is raised).
+    def _forget_sent_consts(self, e: RemoteFailure) -> bool:
+        self._sent_consts.clear()  # the server lost them (restart, eviction): resend every one
+        return True
+
+    def _drop_codec_state(self, e: RemoteFailure) -> bool:
+        log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
+        self._reset_codec_state()
+        return True
+
+    def _force_zstd(self, e: RemoteFailure) -> bool:
+        if self._codec_override.get("backend") == "zstd":
+            return False
+        log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
+        self._codec_override["backend"] = "zstd"
+        self._reset_codec_state()
+        return True
+
+    def _reconnect(self, e: ConnectFailed) -> bool:
+        if isinstance(e, ServerTimeout):  # the server may still be working on it: not retried
+            return False
+        log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
+        return True  # the failed round trip closed the socket; the next try connects again
+
+    _RECOVERY: ClassVar[dict[ErrorCode, Callable[[MeshClient, RemoteFailure], bool]]] = {
+        ErrorCode.MISSING_CONSTS: _forget_sent_consts,
+        ErrorCode.STREAM_RESET: _drop_codec_state,
+        ErrorCode.CODEC_UNAVAILABLE: _force_zstd,
+    }
+    FORWARD_TRIES = 3  # a dropped connection is retried on the first try only
+
+    def _recover(self, e: ConnectFailed | RemoteFailure, attempt: int) -> bool:
+        if isinstance(e, ConnectFailed):
+            return attempt == 0 and self._reconnect(e)
+        code = ErrorCode.of(e.code)
+        action = self._RECOVERY.get(code) if code is not None else None
+        return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
+
+    def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
+        t1 = time.perf_counter()
+        reply, sent, got = self._roundtrip(msg)
+        stats.wait_ms = (time.perf_counter() - t1) * 1e3
+        stats.bytes_out, stats.bytes_in = sent, got
+        return reply
+
+    def _decode_result(self, reply: Message, stats: StepStats, device: torch.device | str) -> dict[str, torch.Tensor]:
+        if not isinstance(reply, Result):
+            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
+        stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
+        t2 = time.perf_counter()
+        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
+        stats.decode_ms = (time.perf_counter() - t2) * 1e3
+        return out
 
     def forward(
         self,
@@ -320,33 +365,34 @@ class MeshClient:
         device: torch.device | str = "cpu",
         on_encoded: Callable[[StepStats], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], StepStats]:
-        """Run the back half. ``coded`` go through ``codec_name``; ``exact`` and ``consts`` raw.
+        """Run the back half: encode -> round trip -> decode. ``coded`` go through ``codec_name``;
+        ``exact`` and ``consts`` raw.
 
-        Constants are sent once per connection (by content hash) and resent automatically
-        when the server says it lacks them (restart, eviction).
+        Constants are sent once per connection (by content hash). A failed try is recovered by
+        ``_recover`` (resend the constants, resend keyframes, fall back to zstd, reconnect once)
+        and sent again, re-encoding the coded tensors whenever their codec state was reset.
         """
         stats = StepStats()
         t0 = time.perf_counter()
-        tensors: list[WireTensor] = []
-        for name, t in exact.items():
-            tensors.append(codec.encode(t, name, "raw"))
-        const_wire, const_keys = {}, {}
+        tensors = [codec.encode(t, name, "raw") for name, t in exact.items()]
+        const_keys, const_wire = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
-            self.connect()  # coded tensors may depend on this connection's codec state
-            coded_wire, enc_gen = self._encode_coded(coded, codec_name, codec_params, stream, stats), self._conn_gen
-            stats.encode_ms = (time.perf_counter() - t0) * 1e3
-            if on_encoded:
-                on_encoded(stats)
-            for attempt in (0, 1, 2):
-                self.connect()
-                if enc_gen != self._conn_gen:  # reconnected: re-encode against the new (empty) state
+            coded_wire: list[WireTensor] = []
+            enc_gen = -1
+            for attempt in range(self.FORWARD_TRIES):
+                self.connect()  # coded tensors may depend on this connection's codec state
+                if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
                     coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                    enc_gen = self._conn_gen
+                    enc_gen = self._codec_gen
+                    if attempt == 0:
+                        stats.encode_ms = (time.perf_counter() - t0) * 1e3
+                        if on_encoded:
+                            on_encoded(stats)
                 missing = [h for h in const_data if h not in self._sent_consts]
-                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in dict.fromkeys(missing)]
+                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
                 msg = Forward(
                     tensors=tuple(coded_wire + tensors + extra),
                     seq=self._next_seq(),
@@ -357,34 +403,16 @@ class MeshClient:
                     reply_codec=codec.by_name(reply_codec).wire_id,
                     stream=stream or {},
                 )
-                t1 = time.perf_counter()
                 try:
-                    reply, sent, got = self._roundtrip(msg)
-                except ConnectFailed as e:
-                    if attempt or isinstance(e, ServerTimeout):
+                    reply = self._send_forward(msg, stats)
+                except (ConnectFailed, RemoteFailure) as e:
+                    if not self._recover(e, attempt):
                         raise
-                    log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
                     continue
-                except RemoteFailure as e:
-                    if e.code == ErrorCode.MISSING_CONSTS and attempt < 2:
-                        self._sent_consts.clear()
-                        continue
-                    if attempt < 2 and self._codec_retry(e):
-                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                        continue
-                    raise
-                stats.wait_ms = (time.perf_counter() - t1) * 1e3
-                stats.bytes_out, stats.bytes_in = sent, got
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
                 break
-        if not isinstance(reply, Result):
-            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
-        stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
-        t2 = time.perf_counter()
-        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
-        stats.decode_ms = (time.perf_counter() - t2) * 1e3
-        return out, stats
+        return self._decode_result(reply, stats, device), stats
 
 
 # ---------------------------------------------------------------------------- pool
