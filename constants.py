@@ -55,6 +55,8 @@ MAX_CLIENTS = 16
 TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)
 NONCE_BYTES = 32
 TOKEN_ENV = "COMFYUI_MESH_TOKEN"
+# "1" (exactly) accepts a different ComfyUI release, torch minor release or back-half fingerprint.
+SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
 # Debug option of Icarus: a path prefix; each remote call then writes the seam tensors it sends
 # (before coding) to <prefix>-<name>-<call>.safetensors, for bench/codec_bench.py --file.
 SEAM_DUMP_ENV = "COMFYUI_MESH_SEAM_DUMP"

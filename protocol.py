@@ -20,6 +20,7 @@ Every length is checked against its limit before a byte is allocated for it.
 
 import dataclasses
 import enum
+import hashlib
 import json
 import struct
 import types
@@ -183,9 +184,32 @@ class Result(Message):
     timings: dict = field(default_factory=dict)  # ms: decode, forward, encode
 
 
+class ErrorCode(str, enum.Enum):
+    """Every ``Error.code`` a peer sends (the table in docs/PROTOCOL.md §9 lists exactly these)."""
+
+    BAD_REQUEST = "bad_request"
+    BAD_FRAME = "bad_frame"
+    AUTH_FAILED = "auth_failed"
+    CONFIG_MISMATCH = "config_mismatch"
+    MISSING_CONSTS = "missing_consts"
+    FORWARD_FAILED = "forward_failed"
+    RECONFIGURE_FAILED = "reconfigure_failed"
+    BUSY = "busy"
+    STREAM_RESET = "stream_reset"
+    CODEC_UNAVAILABLE = "codec_unavailable"
+
+    @classmethod
+    def of(cls, code: str) -> "ErrorCode | None":
+        """The member for a received code string; None for a code this side does not know."""
+        try:
+            return cls(code)
+        except ValueError:
+            return None
+
+
 @dataclass(frozen=True)
 class Error(Message):
-    """Either side: the request failed. ``code`` is machine-readable (see PROTOCOL.md)."""
+    """Either side: the request failed. ``code`` is machine-readable: an ``ErrorCode`` value."""
 
     KIND: ClassVar[MsgKind] = MsgKind.ERROR
     code: str = "error"
@@ -553,3 +577,13 @@ def tensor_map(tensors: Iterable[WireTensor]) -> dict[str, WireTensor]:
 
 def names(tensors: Sequence[WireTensor]) -> list[str]:
     return [t.name for t in tensors]
+
+
+def content_hash(wt: WireTensor) -> str:
+    """Key of a per-generation constant: sha256 over wire dtype, shape and the raw bytes.
+
+    Computed from the raw-coded wire tensor, so the server can verify what it caches."""
+    h = hashlib.sha256()
+    h.update(f"{wt.dtype}|{list(wt.shape)}|".encode())
+    h.update(wt.data)
+    return h.hexdigest()[:32]

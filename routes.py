@@ -6,7 +6,8 @@ these routes; nothing here is specific to one model family.
 
 ``GET  /mesh/status?host=H&port=P``  probe a Daedalus (cached ``STATUS_TTL_S``, one probe per
                                       address in flight): light state, the server's model and
-                                      n_blocks, whether a token is needed / saved.
+                                      n_blocks, whether a token is needed / saved, ``problems``
+                                      (handshake.problems + auth_problems) and the first as ``error``.
 ``POST /mesh/reconfigure``           ``{host, port, n_blocks}``: ask that Daedalus to hold
                                       ``n_blocks`` (the node's Confirm button).
 ``POST /mesh/token``                 ``{host, port, token}``: save (or, empty, delete) the token for
@@ -42,15 +43,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import torch
-
-from . import codec
+from . import codec, handshake
 from .auth import new_nonce
 from .config import ClientConfig
-from .constants import PACKAGE_VERSION, PRE_AUTH_MAX_BODY, TOKEN_ENV
+from .constants import PRE_AUTH_MAX_BODY, TOKEN_ENV
 from .errors import LocalError, MeshError
-from .protocol import Bye, Challenge, Error, FrameDecoder, Hello
-from .transport import SKEW_ENV, MeshClient, drop_pooled, recv_message, send_message
+from .netio import recv_message, send_message
+from .protocol import Bye, Challenge, Error, FrameDecoder
+from .transport import MeshClient, drop_pooled
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -99,10 +99,6 @@ def _comfyui_version() -> str:
     return comfyui_version()
 
 
-def _major_minor(v: str) -> str:
-    return ".".join(v.split("+")[0].split(".")[:2])
-
-
 # ---------------------------------------------------------------------------- probe
 def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
     """Hello -> Challenge -> Bye against host:port; a JSON-able status (never raises)."""
@@ -128,13 +124,9 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
         return out
     try:
         sock.settimeout(timeout)
-        hello = Hello(
-            nonce=new_nonce(),
-            package_version=PACKAGE_VERSION,
-            comfyui_version=_comfyui_version(),
-            torch_version=torch.__version__,
-            codecs=codec.available_ids(),
-            client_name="icarus-status",
+        versions = handshake.local_versions(_comfyui_version())
+        hello = handshake.make_hello(
+            handshake.Expect(), versions, nonce=new_nonce(), codecs=codec.available_ids(), client_name="icarus-status"
         )
         send_message(sock, hello)
         ch, _ = recv_message(sock, FrameDecoder(max_body=PRE_AUTH_MAX_BODY))
@@ -162,29 +154,16 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
         n_blocks_max=ch.n_blocks_max,
         device=ch.device,
         auth=ch.auth,
-        auth_needed=ch.auth != "none",
+        auth_needed=ch.auth != handshake.AUTH_NONE,
         server_version=ch.package_version,
     )
-    out["error"] = _problem(ch, out["token_saved"] or out["token_env"])
+    # Why a run against this server would fail at once (n_blocks aside: the Confirm flow handles it).
+    found = handshake.problems(ch, handshake.Expect(), versions, handshake.allow_skew())
+    found += handshake.auth_problems(ch, out["token_saved"] or out["token_env"])
+    out["problems"] = [p.brief for p in found]
+    out["error"] = out["problems"][0] if found else None
     out["state"] = "red" if out["error"] else "green"
     return out
-
-
-def _problem(ch: Challenge, have_token: bool) -> str | None:
-    """Why a run against this server would fail at once (n_blocks aside: the Confirm flow handles it)."""
-    if ch.package_version != PACKAGE_VERSION:
-        return f"server runs ComfyUI-Mesh {ch.package_version}, this ComfyUI {PACKAGE_VERSION}: update both"
-    if os.environ.get(SKEW_ENV) != "1":
-        ours = _comfyui_version()
-        if ours and ch.comfyui_version and ours != ch.comfyui_version:
-            return f"server's ComfyUI is {ch.comfyui_version}, this one {ours}: update one (or set {SKEW_ENV}=1)"
-        if _major_minor(ch.torch_version) != _major_minor(torch.__version__):
-            return f"server runs torch {ch.torch_version}, this side {torch.__version__} (or set {SKEW_ENV}=1)"
-    if ch.auth != "none" and not have_token:
-        return "token needed: press Token… and paste the token the Daedalus window shows"
-    if ch.auth == "none" and have_token:
-        return "server runs without authentication but a token is saved for it: remove the token (Token…, empty)"
-    return None
 
 
 class Prober:

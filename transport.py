@@ -1,4 +1,4 @@
-"""Blocking TCP transport: socket pumps around protocol.py, and the Icarus client.
+"""The Icarus client: one blocking TCP connection to a Daedalus server, and the per-process pool.
 
 The client is used from inside ComfyUI sampling, so it is plain blocking I/O with
 timeouts and errors that name host:port and the fix.
@@ -7,121 +7,51 @@ timeouts and errors that name host:port and the fix.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
-import os
 import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from . import auth, codec, codec_auto
+from . import codec, codec_auto, handshake
 from .codec_temporal import stream_state
 from .config import ClientConfig
-from .constants import PACKAGE_VERSION, SOCKET_CHUNK
+from .constants import SKEW_ENV
 from .errors import (
-    AuthError,
     ConnectFailed,
     LocalError,
     MeshError,
     RemoteFailure,
     RemoteProtocolError,
-    VersionMismatch,
 )
+from .netio import recv_message, send_message, tune_socket
 from .protocol import (
-    NEED_DATA,
-    Auth,
     Bye,
     Challenge,
     Error,
+    ErrorCode,
     Forward,
     FrameDecoder,
-    Hello,
     Message,
     Ping,
     Pong,
     Reconfigure,
     Reconfigured,
     Result,
-    Welcome,
     WireTensor,
-    encode,
+    content_hash,
     tensor_map,
 )
 
 log = logging.getLogger("comfyui_mesh")
 
-SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
-
-
-def tune_socket(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, opt, 4 << 20)
-        except OSError:
-            pass
-
-
-def send_message(sock: socket.socket, msg: Message) -> int:
-    """Write one frame; returns bytes written."""
-    n = 0
-    for buf in encode(msg):
-        sock.sendall(buf)
-        n += memoryview(buf).nbytes
-    return n
-
-
-def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
-    """Read until one whole frame is decoded; returns (message, bytes read). EOF -> ConnectionError."""
-    got = 0
-    while True:
-        msg = dec.next_message()
-        if msg is not NEED_DATA:
-            return msg, got
-        need = dec.bytes_needed()
-        if need >= SOCKET_CHUNK:  # the rest of a big frame: receive straight into its buffer
-            view = dec.reserve(need)
-            k = 0
-            try:
-                while k < need:
-                    r = sock.recv_into(view[k:], min(need - k, SOCKET_CHUNK * 16))
-                    if not r:
-                        raise ConnectionError("peer closed the connection")
-                    k += r
-            finally:
-                view.release()
-                dec.commit(k)
-            got += k
-            continue
-        chunk = sock.recv(min(need, SOCKET_CHUNK))
-        if not chunk:
-            raise ConnectionError("peer closed the connection")
-        got += len(chunk)
-        dec.feed(chunk)
-
-
-def content_hash(wt: WireTensor) -> str:
-    """Key of a per-generation constant: sha256 over wire dtype, shape and the raw bytes.
-
-    Computed from the raw-coded wire tensor, so the server can verify what it caches."""
-    h = hashlib.sha256()
-    h.update(f"{wt.dtype}|{list(wt.shape)}|".encode())
-    h.update(wt.data)
-    return h.hexdigest()[:32]
-
 
 class ServerTimeout(ConnectFailed):
     """The server accepted the request but did not answer in time (not retried: it may still be working)."""
-
-
-def _major_minor(v: str) -> str:
-    return ".".join(v.split("+")[0].split(".")[:2])
 
 
 @dataclass
@@ -168,7 +98,7 @@ class MeshClient:
         # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
-        self._conn_gen = 0
+        self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
 
     # ------------------------------------------------------------------ connection
     @property
@@ -208,9 +138,8 @@ class MeshClient:
             sock.settimeout(self.cfg.read_timeout_s)
             self._sock = sock
             self._sent_consts.clear()
-            self._codec_state.clear()  # a new server session: the next coded frames must be keyframes
             self._codec_override.clear()
-            self._conn_gen += 1
+            self._reset_codec_state()  # a new server session: the next coded frames must be keyframes
             return self.server
 
     def _recv(self, sock: socket.socket) -> tuple[Message, int]:
@@ -223,108 +152,35 @@ class MeshClient:
         except (ConnectionError, OSError) as e:
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         if isinstance(msg, Error):
-            if msg.code == "auth_failed":
-                raise AuthError(
-                    f"{self._where()} rejected the token: {msg.message}. Copy the token shown by the "
-                    "Daedalus window/console into the Icarus node's token field (or COMFYUI_MESH_TOKEN)"
-                )
-            raise RemoteFailure(msg.code, f"{self._where()}: {msg.message}")
+            raise handshake.remote_error(self._where(), msg)
         return msg, n
 
     def _handshake(self, sock: socket.socket) -> Challenge:
-        cn = auth.new_nonce()
-        hello = Hello(
-            nonce=cn,
-            package_version=PACKAGE_VERSION,
-            comfyui_version=self.comfyui_version,
-            torch_version=torch.__version__,
-            arch=str(self.expect.get("arch", "")),
-            n_blocks=int(self.expect.get("n_blocks", 0)),
-            fingerprint=str(self.expect.get("fingerprint", "")),
+        hs = handshake.ClientHandshake(
+            handshake.Expect.of(self.expect),
+            handshake.local_versions(self.comfyui_version),
+            self.cfg.token,
             codecs=codec.available_ids(),
             client_name=self.cfg.client_name,
+            allow_skew=handshake.allow_skew(),
+            where=self._where(),
         )
         try:
-            send_message(sock, hello)
-            ch, _ = self._recv(sock)
-        except (ConnectionError, OSError) as e:
+            send_message(sock, hs.hello())
+        except OSError as e:
             raise ConnectFailed(f"handshake with {self._where()} failed: {e}") from None
-        if not isinstance(ch, Challenge):
-            raise RemoteProtocolError(f"{self._where()} answered hello with {type(ch).__name__}")
-        if ch.auth == "none":
-            if self.cfg.token:
-                send_message(sock, Bye(reason="auth downgrade refused"))
-                raise AuthError(
-                    f"{self._where()} runs without authentication (--no-auth) but a token is saved for it here; "
-                    "refusing, since anything could be answering on that port. Remove the saved token for this "
-                    "server, or start Daedalus without --no-auth"
-                )
-            send_message(sock, Auth(mac=""))
-        elif ch.auth == "hmac-sha256":
-            token = self.cfg.token
-            if not token:
-                send_message(sock, Bye(reason="no token"))
-                raise AuthError(
-                    f"{self._where()} requires a token and none is saved for it. Copy the token that "
-                    "Daedalus printed at start (also in its settings folder, file 'token') into the "
-                    "Icarus node's token field, or set COMFYUI_MESH_TOKEN"
-                )
-            send_message(sock, Auth(mac=auth.client_proof(token, cn, ch.nonce)))
-        else:
-            raise RemoteProtocolError(f"{self._where()} asks for unknown auth scheme {ch.auth!r}")
-        w, _ = self._recv(sock)
-        if not isinstance(w, Welcome):
-            raise RemoteProtocolError(f"{self._where()} answered auth with {type(w).__name__}")
-        if ch.auth != "none":
-            assert self.cfg.token
-            if not auth.check(auth.server_proof(self.cfg.token, cn, ch.nonce), w.mac):
-                raise AuthError(f"{self._where()} could not prove it knows the token: is something else on that port?")
-        self._check_server(ch)
-        return ch
-
-    def _check_server(self, ch: Challenge) -> None:
-        where = self._where()
-        if ch.package_version != PACKAGE_VERSION:
-            raise VersionMismatch(
-                f"{where} runs ComfyUI-Mesh {ch.package_version}, this ComfyUI has {PACKAGE_VERSION}: "
-                "install the same release on both machines (git pull on both)"
-            )
-        skew_ok = os.environ.get(SKEW_ENV) == "1"
-        if not skew_ok:
-            if self.comfyui_version and ch.comfyui_version and ch.comfyui_version != self.comfyui_version:
-                raise VersionMismatch(
-                    f"{where} loads its model with ComfyUI {ch.comfyui_version}, this ComfyUI is "
-                    f"{self.comfyui_version}: the halves may compute different math. Update the server's "
-                    f"ComfyUI to the same release, or set {SKEW_ENV}=1 to accept the difference"
-                )
-            if _major_minor(ch.torch_version) != _major_minor(torch.__version__):
-                raise VersionMismatch(
-                    f"{where} runs torch {ch.torch_version}, this side torch {torch.__version__}: "
-                    f"install the same torch minor release on both, or set {SKEW_ENV}=1 to accept it"
-                )
-        arch = self.expect.get("arch")
-        if arch and ch.arch and ch.arch != arch:
-            raise VersionMismatch(
-                f"{where} serves a {ch.arch} model ({ch.model}) but this node splits a {arch} model: "
-                "start Daedalus with the same checkpoint the ComfyUI loader uses"
-            )
-        n = self.expect.get("n_blocks")
-        if n and ch.n_blocks != n:
-            raise VersionMismatch(
-                f"{where} holds the last {ch.n_blocks} blocks but n_blocks_remote is {n}: press Confirm on "
-                f"the node to reconfigure the server, set n_blocks_remote to {ch.n_blocks}, or restart "
-                f"Daedalus with --n-blocks {n}"
-            )
-        fp = self.expect.get("fingerprint")
-        if fp and ch.fingerprint and ch.fingerprint != fp:
-            msg = (
-                f"{where} holds different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]}) "
-                f"than this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint file with the "
-                "same weight dtype on both machines"
-            )
-            if not skew_ok:
-                raise VersionMismatch(msg + f" (or set {SKEW_ENV}=1 to accept it)")
-            log.warning("ComfyUI-Mesh: %s — accepted because %s=1", msg, SKEW_ENV)
+        while not hs.done:
+            msg, _ = self._recv(sock)
+            for reply in hs.receive(msg):
+                send_message(sock, reply)
+            if hs.error is not None:
+                raise hs.error
+        for p in hs.problems:  # the first fatal one is raised; an accepted one (skew allowed) is logged
+            if p.fatal:
+                raise p.exception()
+            log.warning("ComfyUI-Mesh: %s — accepted because %s=1", p.message, SKEW_ENV)
+        assert hs.challenge is not None
+        return hs.challenge
 
     def close(self, reason: str = "") -> None:
         with self._lock:
@@ -434,18 +290,64 @@ class MeshClient:
         sub = stream_state(self._codec_state, stream)
         return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
 
-    def _codec_retry(self, e: RemoteFailure) -> bool:
-        """After ``stream_reset`` / ``codec_unavailable``: adjust so a re-encode can succeed."""
-        if e.code == "stream_reset":
-            log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
-            self._codec_state.clear()
-            return True
-        if e.code == "codec_unavailable" and self._codec_override.get("backend") != "zstd":
-            log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
-            self._codec_override["backend"] = "zstd"
-            self._codec_state.clear()
-            return True
-        return False
+    def _reset_codec_state(self) -> None:
+        self._codec_state.clear()
+        self._codec_gen += 1
+
+    # Recovery after a failed forward try: each action adjusts this client so that the next try
+    # can succeed, and returns False when it cannot help (the error is raised).
+    def _forget_sent_consts(self, e: RemoteFailure) -> bool:
+        self._sent_consts.clear()  # the server lost them (restart, eviction): resend every one
+        return True
+
+    def _drop_codec_state(self, e: RemoteFailure) -> bool:
+        log.info("ComfyUI-Mesh: %s lost the temporal codec state; resending keyframes", self.cfg.address)
+        self._reset_codec_state()
+        return True
+
+    def _force_zstd(self, e: RemoteFailure) -> bool:
+        if self._codec_override.get("backend") == "zstd":
+            return False
+        log.warning("ComfyUI-Mesh: %s; using the CPU entropy coder (zstd) on this connection", e.message)
+        self._codec_override["backend"] = "zstd"
+        self._reset_codec_state()
+        return True
+
+    def _reconnect(self, e: ConnectFailed) -> bool:
+        if isinstance(e, ServerTimeout):  # the server may still be working on it: not retried
+            return False
+        log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
+        return True  # the failed round trip closed the socket; the next try connects again
+
+    _RECOVERY: ClassVar[dict[ErrorCode, Callable[[MeshClient, RemoteFailure], bool]]] = {
+        ErrorCode.MISSING_CONSTS: _forget_sent_consts,
+        ErrorCode.STREAM_RESET: _drop_codec_state,
+        ErrorCode.CODEC_UNAVAILABLE: _force_zstd,
+    }
+    FORWARD_TRIES = 3  # a dropped connection is retried on the first try only
+
+    def _recover(self, e: ConnectFailed | RemoteFailure, attempt: int) -> bool:
+        if isinstance(e, ConnectFailed):
+            return attempt == 0 and self._reconnect(e)
+        code = ErrorCode.of(e.code)
+        action = self._RECOVERY.get(code) if code is not None else None
+        return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
+
+    def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
+        t1 = time.perf_counter()
+        reply, sent, got = self._roundtrip(msg)
+        stats.wait_ms = (time.perf_counter() - t1) * 1e3
+        stats.bytes_out, stats.bytes_in = sent, got
+        return reply
+
+    def _decode_result(self, reply: Message, stats: StepStats, device: torch.device | str) -> dict[str, torch.Tensor]:
+        if not isinstance(reply, Result):
+            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
+        stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
+        t2 = time.perf_counter()
+        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
+        stats.decode_ms = (time.perf_counter() - t2) * 1e3
+        return out
 
     def forward(
         self,
@@ -463,33 +365,34 @@ class MeshClient:
         device: torch.device | str = "cpu",
         on_encoded: Callable[[StepStats], None] | None = None,
     ) -> tuple[dict[str, torch.Tensor], StepStats]:
-        """Run the back half. ``coded`` go through ``codec_name``; ``exact`` and ``consts`` raw.
+        """Run the back half: encode -> round trip -> decode. ``coded`` go through ``codec_name``;
+        ``exact`` and ``consts`` raw.
 
-        Constants are sent once per connection (by content hash) and resent automatically
-        when the server says it lacks them (restart, eviction).
+        Constants are sent once per connection (by content hash). A failed try is recovered by
+        ``_recover`` (resend the constants, resend keyframes, fall back to zstd, reconnect once)
+        and sent again, re-encoding the coded tensors whenever their codec state was reset.
         """
         stats = StepStats()
         t0 = time.perf_counter()
-        tensors: list[WireTensor] = []
-        for name, t in exact.items():
-            tensors.append(codec.encode(t, name, "raw"))
-        const_wire, const_keys = {}, {}
+        tensors = [codec.encode(t, name, "raw") for name, t in exact.items()]
+        const_keys, const_wire = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
-            self.connect()  # coded tensors may depend on this connection's codec state
-            coded_wire, enc_gen = self._encode_coded(coded, codec_name, codec_params, stream, stats), self._conn_gen
-            stats.encode_ms = (time.perf_counter() - t0) * 1e3
-            if on_encoded:
-                on_encoded(stats)
-            for attempt in (0, 1, 2):
-                self.connect()
-                if enc_gen != self._conn_gen:  # reconnected: re-encode against the new (empty) state
+            coded_wire: list[WireTensor] = []
+            enc_gen = -1
+            for attempt in range(self.FORWARD_TRIES):
+                self.connect()  # coded tensors may depend on this connection's codec state
+                if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
                     coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                    enc_gen = self._conn_gen
+                    enc_gen = self._codec_gen
+                    if attempt == 0:
+                        stats.encode_ms = (time.perf_counter() - t0) * 1e3
+                        if on_encoded:
+                            on_encoded(stats)
                 missing = [h for h in const_data if h not in self._sent_consts]
-                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in dict.fromkeys(missing)]
+                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
                 msg = Forward(
                     tensors=tuple(coded_wire + tensors + extra),
                     seq=self._next_seq(),
@@ -500,34 +403,16 @@ class MeshClient:
                     reply_codec=codec.by_name(reply_codec).wire_id,
                     stream=stream or {},
                 )
-                t1 = time.perf_counter()
                 try:
-                    reply, sent, got = self._roundtrip(msg)
-                except ConnectFailed as e:
-                    if attempt or isinstance(e, ServerTimeout):
+                    reply = self._send_forward(msg, stats)
+                except (ConnectFailed, RemoteFailure) as e:
+                    if not self._recover(e, attempt):
                         raise
-                    log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
                     continue
-                except RemoteFailure as e:
-                    if e.code == "missing_consts" and attempt < 2:
-                        self._sent_consts.clear()
-                        continue
-                    if attempt < 2 and self._codec_retry(e):
-                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                        continue
-                    raise
-                stats.wait_ms = (time.perf_counter() - t1) * 1e3
-                stats.bytes_out, stats.bytes_in = sent, got
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
                 break
-        if not isinstance(reply, Result):
-            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
-        stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
-        t2 = time.perf_counter()
-        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
-        stats.decode_ms = (time.perf_counter() - t2) * 1e3
-        return out, stats
+        return self._decode_result(reply, stats, device), stats
 
 
 # ---------------------------------------------------------------------------- pool
@@ -562,10 +447,6 @@ __all__ = [
     "StepStats",
     "pooled_client",
     "drop_pooled",
-    "send_message",
-    "recv_message",
-    "tune_socket",
-    "content_hash",
     "MeshError",
     "LocalError",
 ]

@@ -21,29 +21,29 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec
+from .. import codec
 from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
+from ..handshake import ServerHandshake
+from ..netio import recv_message, send_message, tune_socket
 from ..protocol import (
-    Auth,
     Bye,
     Challenge,
     Error,
+    ErrorCode,
     Forward,
     FrameDecoder,
-    Hello,
     Message,
     Ping,
     Pong,
     Reconfigure,
     Reconfigured,
     Result,
-    Welcome,
     WireTensor,
+    content_hash,
 )
-from ..transport import content_hash, recv_message, send_message, tune_socket
 
 log = logging.getLogger("daedalus")
 
@@ -146,8 +146,8 @@ class ConstCache:
             self.bytes -= old.numel() * old.element_size()
 
 
-def _err(code: str, message: str, **detail: Any) -> Error:
-    return Error(code=code, message=message, detail=detail)
+def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
+    return Error(code=code.value, message=message, detail=detail)
 
 
 class Session:
@@ -156,11 +156,8 @@ class Session:
     def __init__(self, state: ServerState, peer: str):
         self.state = state
         self.peer = peer
-        self.phase = "hello"
         self.closed = False
-        self.nonce = auth.new_nonce()
-        self.client_nonce = ""
-        self.hello: Hello | None = None
+        self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (codec_temporal.stream_state)
 
@@ -174,17 +171,21 @@ class Session:
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
             log.warning("%s: bad request: %s", self.peer, e)
-            return [_err("bad_request", str(e))]
+            return [_err(ErrorCode.BAD_REQUEST, str(e))]
         except Exception as e:  # a failing step must not take the server down
             self.state.stats.errors += 1
             log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
-            return [_err("forward_failed", f"{type(e).__name__}: {e}")]
+            return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
 
-    def _challenge(self) -> Challenge:
+    @property
+    def phase(self) -> str:
+        """``hello`` -> ``auth`` -> ``ready`` (handshake.ServerHandshake)."""
+        return self.handshake.phase
+
+    def _offer(self) -> Challenge:
+        """What this server holds now; the handshake adds the nonce and the auth scheme."""
         b = self.state.backend
         return Challenge(
-            nonce=self.nonce,
-            auth="hmac-sha256" if self.state.token else "none",
             package_version=PACKAGE_VERSION,
             comfyui_version=b.comfyui_version,
             torch_version=torch.__version__,
@@ -201,33 +202,18 @@ class Session:
         if isinstance(msg, Bye):
             self.closed = True
             return []
-        if self.phase == "hello":
-            if not isinstance(msg, Hello):
-                self.closed = True
-                return [_err("bad_request", f"expected hello, got {type(msg).__name__}")]
-            self.hello = msg
-            self.client_nonce = msg.nonce
-            self.phase = "auth"
-            return [self._challenge()]
-        if self.phase == "auth":
-            if not isinstance(msg, Auth):
-                self.closed = True
-                return [_err("bad_request", f"expected auth, got {type(msg).__name__}")]
-            token = self.state.token
-            if token:
-                if not msg.mac or not auth.check(auth.client_proof(token, self.client_nonce, self.nonce), msg.mac):
-                    self.closed = True
-                    log.warning("%s: authentication failed (wrong or missing token)", self.peer)
-                    self.state.emit(kind="auth_failed", peer=self.peer)
-                    return [_err("auth_failed", "wrong token")]
-                mac = auth.server_proof(token, self.client_nonce, self.nonce)
-            else:
-                mac = ""
-            self.phase = "ready"
-            name = self.hello.client_name if self.hello else "?"
-            log.info("%s: client '%s' connected", self.peer, name)
-            self.state.emit(kind="client", peer=self.peer, connected=True)
-            return [Welcome(mac=mac, session=self.nonce[:16])]
+        hs = self.handshake
+        if not hs.ready:
+            replies = hs.receive(msg)
+            self.closed = hs.closed
+            if hs.auth_failed:
+                log.warning("%s: authentication failed (wrong or missing token)", self.peer)
+                self.state.emit(kind="auth_failed", peer=self.peer)
+            elif hs.ready:
+                name = hs.hello.client_name if hs.hello else "?"
+                log.info("%s: client '%s' connected", self.peer, name)
+                self.state.emit(kind="client", peer=self.peer, connected=True)
+            return replies
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
@@ -236,21 +222,21 @@ class Session:
             try:
                 b, no_op = self.state.reconfigure(msg.n_blocks)
             except LocalError as e:
-                return [_err("bad_request", str(e))]
+                return [_err(ErrorCode.BAD_REQUEST, str(e))]
             except Exception as e:  # the reload failed; the previous configuration was restored
                 log.error("%s: reconfigure failed:\n%s", self.peer, traceback.format_exc())
-                return [_err("reconfigure_failed", f"{type(e).__name__}: {e}")]
+                return [_err(ErrorCode.RECONFIGURE_FAILED, f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
         if isinstance(msg, Forward):
             return [self._forward(msg, bytes_in)]
-        return [_err("bad_request", f"unexpected {type(msg).__name__} after the handshake")]
+        return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
 
     @staticmethod
     def _mismatch(msg: Forward, b: Backend) -> Error | None:
         if msg.arch == b.arch and msg.n_blocks == b.n_blocks:
             return None
         return _err(
-            "config_mismatch",
+            ErrorCode.CONFIG_MISMATCH,
             f"this server holds the last {b.n_blocks} blocks of a {b.arch} model ({b.model_name}); "
             f"the request is for {msg.n_blocks} blocks of {msg.arch}: reconfigure the server or change "
             "n_blocks_remote",
@@ -296,7 +282,9 @@ class Session:
             else:
                 tensors[arg] = t
         if missing:
-            return _err("missing_consts", f"{len(missing)} constants not cached here; resend them", missing=missing)
+            return _err(
+                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
+            )
         sub = stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
@@ -309,9 +297,9 @@ class Session:
                 tensors[name] = codec.decode(wt, b.device, state=sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
-            return _err("stream_reset", str(e))
+            return _err(ErrorCode.STREAM_RESET, str(e))
         except BackendUnavailable as e:  # the client falls back to the CPU entropy coder
-            return _err("codec_unavailable", str(e), backend=e.backend)
+            return _err(ErrorCode.CODEC_UNAVAILABLE, str(e), backend=e.backend)
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()
@@ -426,7 +414,7 @@ class DaedalusServer:
             peer = f"{addr[0]}:{addr[1]}"
             if len(self._conns) >= self.state.cfg.max_clients:
                 try:
-                    send_message(conn, _err("busy", f"server has {len(self._conns)} clients, the limit"))
+                    send_message(conn, _err(ErrorCode.BUSY, f"server has {len(self._conns)} clients, the limit"))
                 finally:
                     conn.close()
                 continue
@@ -456,7 +444,7 @@ class DaedalusServer:
                     log.warning("%s: protocol error, closing: %s", peer, e)
                     st.stats.errors += 1
                     try:
-                        send_message(conn, _err("bad_frame", str(e)))
+                        send_message(conn, _err(ErrorCode.BAD_FRAME, str(e)))
                         _linger(conn)
                     except OSError:
                         pass

@@ -9,10 +9,12 @@ import pytest
 import torch
 from comfyui_mesh import protocol
 from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.constants import SKEW_ENV
 from comfyui_mesh.errors import AuthError, ConnectFailed, RemoteFailure, VersionMismatch
+from comfyui_mesh.netio import recv_message, send_message
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
-from comfyui_mesh.transport import MeshClient, recv_message, send_message
+from comfyui_mesh.transport import MeshClient
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -106,6 +108,18 @@ def test_mismatches_name_both_values(server):
         _client(host, port, arch="flux2", n_blocks=3).connect()
     with pytest.raises(VersionMismatch, match="different back-half weights"):
         _client(host, port, arch="toy", n_blocks=3, fingerprint="f" * 32).connect()
+
+
+def test_skew_accepts_a_fingerprint_mismatch_with_a_warning(server, monkeypatch, caplog):
+    _, host, port = server
+    monkeypatch.setenv(SKEW_ENV, "1")
+    c = _client(host, port, arch="toy", n_blocks=3, fingerprint="ff" * 16)
+    with caplog.at_level("WARNING", logger="comfyui_mesh"):
+        ch = c.connect()
+    c.close()
+    assert ch.n_blocks == 3
+    assert any("different back-half weights" in r.message and f"accepted because {SKEW_ENV}=1" in r.message
+               for r in caplog.records)  # fmt: skip
 
 
 def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):
@@ -271,3 +285,75 @@ def test_recv_message_receives_big_frames_into_the_body_allocator():
         t.join()
     assert bytes(got.tensors[0].data) == body and got.tensors[0].data.obj is made[0]
     assert len(made) == 1 and ping == protocol.Ping(seq=2)
+
+
+def _scripted(c: MeshClient, failures: list, monkeypatch) -> dict:
+    """Make c's next forward tries fail with ``failures`` (then reach the server); count tries/encodes."""
+    seen = {"tries": 0, "encodes": 0}
+    real_send, real_encode = c._roundtrip, c._encode_coded
+
+    def send(msg):
+        seen["tries"] += 1
+        if failures:
+            e = failures.pop(0)
+            if isinstance(e, ConnectFailed):
+                c.close()  # as a broken round trip does
+            raise e
+        return real_send(msg)
+
+    def encode(*a, **kw):
+        seen["encodes"] += 1
+        return real_encode(*a, **kw)
+
+    monkeypatch.setattr(c, "_roundtrip", send)
+    monkeypatch.setattr(c, "_encode_coded", encode)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("failures", "tries", "encodes", "raised"),
+    [
+        ([], 1, 1, None),
+        (["missing_consts"], 2, 1, None),
+        (["missing_consts", "missing_consts"], 3, 1, None),
+        (["missing_consts"] * 3, 3, 1, "missing_consts"),  # two recoveries, then the error
+        (["stream_reset"], 2, 2, None),  # keyframes: re-encoded
+        (["codec_unavailable"], 2, 2, None),
+        (["codec_unavailable", "codec_unavailable"], 2, 2, "codec_unavailable"),  # zstd already: give up
+        (["forward_failed"], 1, 1, "forward_failed"),  # no recovery for it
+        (["no_such_code"], 1, 1, "no_such_code"),
+        (["dropped"], 2, 2, None),  # reconnect once, re-encode against the new connection
+        (["missing_consts", "dropped"], 2, 1, "dropped"),  # a dropped connection is retried on the first try only
+        (["timeout"], 1, 1, "timeout"),  # the server may still be working: not retried
+    ],
+)
+def test_forward_recovery_table(server, monkeypatch, failures, tries, encodes, raised):
+    from comfyui_mesh.transport import ServerTimeout
+
+    def error(name):
+        if name == "dropped":
+            return ConnectFailed("connection broke")
+        if name == "timeout":
+            return ServerTimeout("no answer")
+        return RemoteFailure(name, f"server says {name}")
+
+    _, host, port = server
+    model = ToyModel()
+    x, bias = _inputs()
+    front = model.run(x, bias, 0, 5)
+    c = _client(host, port)
+    c.connect()
+    seen = _scripted(c, [error(f) for f in failures], monkeypatch)
+    kw = dict(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
+    try:
+        if raised is None:
+            out, stats = c.forward(**kw)
+            assert torch.equal(out["out"], model.run(x, bias)) and stats.consts_sent == 1
+        else:
+            with pytest.raises((RemoteFailure, ConnectFailed)) as e:
+                c.forward(**kw)
+            assert getattr(e.value, "code", None) == raised or raised in ("dropped", "timeout")
+            assert isinstance(e.value, ServerTimeout) == (raised == "timeout")
+        assert (seen["tries"], seen["encodes"]) == (tries, encodes)
+    finally:
+        c.close()

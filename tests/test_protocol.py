@@ -747,7 +747,7 @@ class Recorder:
 
 
 def _receive(dec: FrameDecoder, frame: bytes, start: int, step: int = 300_000) -> None:
-    """What transport.recv_message does: reserve the rest of the frame, fill it in pieces."""
+    """What netio.recv_message does: reserve the rest of the frame, fill it in pieces."""
     k = start
     while k < len(frame):
         view = dec.reserve(dec.bytes_needed())
@@ -841,3 +841,33 @@ def test_reserve_misuse_is_refused_and_overlong_commits_are_clamped():
     assert dec.buffered == 1100
     _receive(dec, frame, 1100)
     assert bytes(dec.next_message().tensors[0].data) == body
+
+
+# ---------------------------------------------------------------------------- error codes
+
+
+def _documented_error_codes(text: str) -> list[str]:
+    """The first column of the table in PROTOCOL.md section 9, in order."""
+    section = re.search(r"^## 9\. Error codes\n(.*?)^## ", text, re.S | re.M)
+    assert section, "docs/PROTOCOL.md has no '## 9. Error codes' section"
+    codes = re.findall(r"^\| `([a-z_]+)` \|", section.group(1), re.M)
+    assert codes, "section 9 has no table rows"
+    return codes
+
+
+def test_protocol_md_section_9_lists_exactly_the_error_codes():
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    documented = _documented_error_codes(text)
+    assert len(documented) == len(set(documented)), f"a code is documented twice: {documented}"
+    assert set(documented) == {c.value for c in protocol.ErrorCode}
+    # the check fails when either side drifts
+    assert _documented_error_codes(text.replace("| `busy` |", "| `busy2` |")) != documented
+
+
+def test_error_codes_travel_as_their_string_values():
+    err = protocol.Error(code=protocol.ErrorCode.STREAM_RESET.value, message="x")
+    (back,) = protocol.decode_all(protocol.encode_bytes(err))
+    assert back.code == "stream_reset" and protocol.ErrorCode.of(back.code) is protocol.ErrorCode.STREAM_RESET
+    assert protocol.ErrorCode.of("something_new") is None
