@@ -203,7 +203,7 @@ def auth_problems(ch: Challenge, have_token: bool, where: str = "the server") ->
             Problem(
                 ProblemKind.TOKEN_MISSING,
                 f"{where} requires a token and none is saved for it. Copy the token that Daedalus printed at "
-                "start (also in its settings folder, file 'token') into the Icarus node's token field, or set "
+                "start (also in its settings folder, file 'token') into the Icarus node (its Token… button), or set "
                 f"{TOKEN_ENV}",
                 "token needed: press Token… and paste the token the Daedalus window shows",
                 AuthError,
@@ -225,7 +225,7 @@ def remote_error(where: str, err: Error) -> MeshError:
     if err.code == ErrorCode.AUTH_FAILED:
         return AuthError(
             f"{where} rejected the token: {err.message}. Copy the token shown by the Daedalus window/console "
-            f"into the Icarus node's token field (or {TOKEN_ENV})"
+            f"into the Icarus node (its Token… button) or set {TOKEN_ENV}"
         )
     return RemoteFailure(err.code, f"{where}: {err.message}")
 
