@@ -13,6 +13,7 @@ import torch
 from comfyui_mesh import codec, codec_entropy, errors
 from comfyui_mesh.codec_temporal import MAX_STREAMS, stream_state
 from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.protocol import WireTensor
 from comfyui_mesh.server import core
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
@@ -224,6 +225,22 @@ def server(monkeypatch):
     srv.shutdown()
 
 
+@pytest.fixture
+def sent(monkeypatch):
+    """The temporal frames the client encoded, in order (the last one is what went out)."""
+    frames: list[WireTensor] = []
+    real = codec.encode
+
+    def recording(t, name, c="raw", params=None, state=None):
+        wt = real(t, name, c, params, state)
+        if wt.codec in (6, 7):
+            frames.append(wt)
+        return wt
+
+    monkeypatch.setattr(codec, "encode", recording)
+    return frames
+
+
 def _client(host, port):
     return MeshClient(ClientConfig(host=host, port=port, token=TOKEN), expect={"arch": "toy", "n_blocks": 3})
 
@@ -252,7 +269,7 @@ def _fwd(c, front, bias, name, stream=None, params=None):
     )
 
 
-def test_loopback_lossless_t_is_bit_identical_and_shrinks(server):
+def test_loopback_lossless_t_is_bit_identical_and_shrinks(server, sent):
     _, host, port = server
     model, bias, fronts = _steps(5, r=0.002)
     c = _client(host, port)
@@ -260,13 +277,13 @@ def test_loopback_lossless_t_is_bit_identical_and_shrinks(server):
         out, stats = _fwd(c, front, bias, "lossless-t", {"cond_or_uncond": [0, 1]})
         assert torch.equal(out["out"], model.run(front, bias, 5))
         assert stats.codec["codec"] == "lossless-t"
-        assert c._codec_state["_streams"]['{"cond_or_uncond":[0,1]}'][("enc", 6, "x")]["i"] == i
+        assert sent[-1].meta["i"] == i and sent[-1].meta["f"] == ("i" if i == 0 else "p")
     _, intra = _fwd(c, fronts[-1], bias, "lossless")
     assert stats.bytes_out < intra.bytes_out
     c.close()
 
 
-def test_loopback_state_loss_recovers_with_a_keyframe(server):
+def test_loopback_state_loss_recovers_with_a_keyframe(server, sent):
     _, host, port = server
     model, bias, fronts = _steps(6)
     c = _client(host, port)
@@ -277,15 +294,14 @@ def test_loopback_state_loss_recovers_with_a_keyframe(server):
     out, stats = _fwd(c, fronts[3], bias, "quant-t", params={"cosine": 0.9999})
     rel = float((out["out"] - model.run(fronts[3], bias, 5)).norm() / model.run(fronts[3], bias, 5).norm())
     assert rel < 0.01
-    ref = c._codec_state["_streams"]["{}"][("enc", 7, "x")]
-    assert ref["i"] == 0  # the client dropped its state and sent a keyframe
+    assert sent[-1].meta["f"] == "i"  # the client dropped its state and sent a keyframe
     out, _ = _fwd(c, fronts[4], bias, "quant-t", params={"cosine": 0.9999})
-    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 1  # and the stream goes on
+    assert sent[-1].meta["f"] == "p" and sent[-1].meta["i"] == 1  # and the stream goes on
     assert len(RecordingSession.made) == 1  # no reconnect was needed
     c.close()
 
 
-def test_loopback_reconnect_starts_with_keyframes(server):
+def test_loopback_reconnect_starts_with_keyframes(server, sent):
     srv, host, port = server
     model, bias, fronts = _steps(4)
     c = _client(host, port)
@@ -295,11 +311,11 @@ def test_loopback_reconnect_starts_with_keyframes(server):
     out, _ = _fwd(c, fronts[2], bias, "lossless-t")
     assert torch.equal(out["out"], model.run(fronts[2], bias, 5))
     assert len(RecordingSession.made) == 2
-    assert c._codec_state["_streams"]["{}"][("enc", 6, "x")]["i"] == 0
+    assert sent[-1].meta["f"] == "i"
     c.close()
 
 
-def test_loopback_generation_change_drops_both_sides(server):
+def test_loopback_generation_change_drops_both_sides(server, sent):
     _, host, port = server
     _, bias, fronts = _steps(3)
     c = _client(host, port)
@@ -309,9 +325,12 @@ def test_loopback_generation_change_drops_both_sides(server):
     assert session.codec_state["_gen"] == 1
     _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
     assert session.codec_state["_gen"] == 2
-    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 0
+    assert sent[-1].meta["f"] == "i"
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
+    assert sent[-1].meta["f"] == "p"
     c.end_stream()
-    assert c._codec_state == {}
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
+    assert sent[-1].meta["f"] == "i"  # end_stream dropped the client's references
     c.close()
 
 
