@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from . import auth, codec, codec_auto
+from . import auth, codec, codec_auto, hostmem
 from .codec_temporal import stream_state
 from .config import ClientConfig
 from .constants import PACKAGE_VERSION, SOCKET_CHUNK
@@ -160,7 +160,7 @@ class MeshClient:
         self.comfyui_version = comfyui_version
         self.server: Challenge | None = None
         self._sock: socket.socket | None = None
-        self._dec = FrameDecoder(body_alloc=codec.receive_alloc())
+        self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
@@ -198,7 +198,7 @@ class MeshClient:
             except OSError as e:
                 raise ConnectFailed(f"cannot reach {self._where()}: {e}") from None
             tune_socket(sock)
-            self._dec = FrameDecoder(body_alloc=codec.receive_alloc())
+            self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
             try:
                 sock.settimeout(self.cfg.handshake_timeout_s)
                 self.server = self._handshake(sock)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec
+from .. import auth, codec, hostmem
 from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
@@ -448,7 +448,7 @@ class DaedalusServer:
                 if session.phase == "ready" and dec.max_body != MAX_BODY_BYTES:
                     dec.max_body = MAX_BODY_BYTES
                     if st.cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
-                        dec.body_alloc = codec.receive_alloc()
+                        dec.body_alloc = hostmem.receive_alloc()
                     conn.settimeout(st.cfg.idle_timeout_s)
                 try:
                     msg, n = recv_message(conn, dec)

@@ -9,7 +9,7 @@ import zlib
 
 import pytest
 import torch
-from comfyui_mesh import codec, constants, errors, protocol
+from comfyui_mesh import codec, constants, errors, hostmem, protocol
 from comfyui_mesh.protocol import WireTensor
 
 RAW_DTYPES = [
@@ -558,7 +558,7 @@ def test_inconsistent_frame_passes_protocol_but_codec_rejects_it():
 
 
 def test_pinned_receive_buffers_are_capped_and_released(monkeypatch):
-    """Page-locked receive buffers (codec.pinned_buffer) stay under PINNED_RECEIVE_MAX_BYTES in
+    """Page-locked receive buffers (hostmem.pinned_buffer) stay under PINNED_RECEIVE_MAX_BYTES in
     all; past it, and where pinning fails, plain bytearrays. Freed buffers are counted out."""
     import gc
 
@@ -567,26 +567,26 @@ def test_pinned_receive_buffers_are_capped_and_released(monkeypatch):
     def fake_pinned(*a, pin_memory=False, **kw):  # no CUDA here: an ordinary tensor stands in
         return real_empty(*a, **kw)
 
-    monkeypatch.setattr(codec.torch, "empty", fake_pinned)
-    monkeypatch.setattr(codec, "PINNED_RECEIVE_MAX_BYTES", 1000)
-    base = codec.pinned_receive_bytes()
-    a = codec.pinned_buffer(600)
-    b = codec.pinned_buffer(600)  # would pass the cap
+    monkeypatch.setattr(hostmem.torch, "empty", fake_pinned)
+    monkeypatch.setattr(hostmem, "PINNED_RECEIVE_MAX_BYTES", 1000)
+    base = hostmem.pinned_receive_bytes()
+    a = hostmem.pinned_buffer(600)
+    b = hostmem.pinned_buffer(600)  # would pass the cap
     assert type(a.obj).__name__ == "ndarray" and isinstance(b.obj, bytearray)
-    assert codec.pinned_receive_bytes() == base + 600
+    assert hostmem.pinned_receive_bytes() == base + 600
     view = a[10:20]
     del a
     gc.collect()
-    assert codec.pinned_receive_bytes() == base + 600  # a slice still holds the buffer
+    assert hostmem.pinned_receive_bytes() == base + 600  # a slice still holds the buffer
     del view
     gc.collect()
-    assert codec.pinned_receive_bytes() == base
-    assert type(codec.pinned_buffer(900).obj).__name__ == "ndarray"
+    assert hostmem.pinned_receive_bytes() == base
+    assert type(hostmem.pinned_buffer(900).obj).__name__ == "ndarray"
     gc.collect()
-    assert codec.pinned_receive_bytes() == base
+    assert hostmem.pinned_receive_bytes() == base
 
     def refuse(*a, pin_memory=False, **kw):
         raise RuntimeError("no pinned memory")
 
-    monkeypatch.setattr(codec.torch, "empty", refuse)
-    assert isinstance(codec.pinned_buffer(100).obj, bytearray) and codec.pinned_receive_bytes() == base
+    monkeypatch.setattr(hostmem.torch, "empty", refuse)
+    assert isinstance(hostmem.pinned_buffer(100).obj, bytearray) and hostmem.pinned_receive_bytes() == base
