@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from . import auth, codec, codec_auto, hostmem
-from .codec_temporal import stream_state
+from . import auth, codec, hostmem
 from .config import ClientConfig
-from .constants import PACKAGE_VERSION, SOCKET_CHUNK
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, PACKAGE_VERSION, SOCKET_CHUNK
 from .errors import (
     AuthError,
     ConnectFailed,
@@ -52,6 +51,8 @@ from .protocol import (
     encode,
     tensor_map,
 )
+from .wirecodecs import auto as codec_auto
+from .wirecodecs.temporal import stream_state
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -165,7 +166,7 @@ class MeshClient:
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
         self._seq = 0
-        # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
+        # Per connection: temporal codec state (wirecodecs.temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
         self._conn_gen = 0
@@ -415,6 +416,43 @@ class MeshClient:
         with self._lock:
             self._codec_state.clear()
 
+    def link_info(self) -> codec_auto.LinkInfo:
+        """The link to this server (lock held, connected), for the ``auto`` codec: measured
+        with three PING round trips (one carrying ``LINK_PROBE_BYTES`` up, one asking for them
+        back), cached per host:port for ``LINK_TTL_S``; assumed gigabit when it cannot be."""
+        key = (self.cfg.host.strip().lower(), self.cfg.port)
+        with _LINKS_LOCK:
+            hit = _LINKS.get(key)
+        if hit is not None and time.monotonic() - hit.when < LINK_TTL_S:
+            return hit
+        try:
+            rtt = min(self.ping(0)[0] for _ in range(2))
+            probe = WireTensor("probe", "uint8", (LINK_PROBE_BYTES,), 0, bytes(LINK_PROBE_BYTES))
+            t0 = time.perf_counter()
+            self.request(Ping(seq=0, echo_bytes=0, tensors=(probe,)))
+            up_ms = (time.perf_counter() - t0) * 1e3
+            down_ms, _ = self.ping(LINK_PROBE_BYTES)
+        except MeshError as e:
+            log.warning("ComfyUI-Mesh: cannot measure the link to %s (%s); assuming gigabit", self.cfg.address, e)
+            return codec_auto.LinkInfo.assumed()
+        li = codec_auto.LinkInfo(
+            up_bps=LINK_PROBE_BYTES / max(up_ms - rtt, 0.05) * 1e3,
+            down_bps=LINK_PROBE_BYTES / max(down_ms - rtt, 0.05) * 1e3,
+            rtt_ms=rtt,
+            when=time.monotonic(),
+            how="measured",
+        )
+        with _LINKS_LOCK:
+            _LINKS[key] = li
+        log.info(
+            "ComfyUI-Mesh: link to %s: up %.0f MB/s, down %.0f MB/s, rtt %.1f ms",
+            self.cfg.address,
+            li.up_bps / 1e6,
+            li.down_bps / 1e6,
+            rtt,
+        )
+        return li
+
     def _encode_coded(
         self,
         coded: dict[str, torch.Tensor],
@@ -425,8 +463,16 @@ class MeshClient:
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
         params = dict(codec_params or {})
-        if codec_name == "auto":
-            stats.codec = codec_auto.for_client(self, coded, params)
+        if codec_name == "auto":  # a policy, not a format: pick the codec from the measured link
+            peer = self.server.device if self.server is not None else ""
+            stats.codec = codec_auto.choose_for(coded.values(), self.link_info(), peer, params)
+            sig = (stats.codec["codec"], repr(sorted(stats.codec["params"].items())))
+            if _AUTO_LAST.get(self.cfg.address) != sig:
+                _AUTO_LAST[self.cfg.address] = sig
+                rep = stats.codec
+                log.info(
+                    "ComfyUI-Mesh auto codec for %s: %s %s (%s)", self.cfg.address, sig[0], rep["params"], rep["reason"]
+                )
             codec_name, params = stats.codec["codec"], dict(stats.codec["params"])
         if self._codec_override and 2 <= codec.by_name(codec_name).wire_id <= 15:
             params.update(self._codec_override)
@@ -569,3 +615,10 @@ __all__ = [
     "MeshError",
     "LocalError",
 ]
+
+
+# ---------------------------------------------------------------------------- link measurement
+
+_LINKS: dict[tuple[str, int], codec_auto.LinkInfo] = {}  # host:port -> the last measurement
+_LINKS_LOCK = threading.Lock()
+_AUTO_LAST: dict[str, tuple[str, str]] = {}  # address -> the auto codec's last choice (logged on change)

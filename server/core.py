@@ -22,7 +22,6 @@ from typing import Any, Protocol
 import torch
 
 from .. import auth, codec, hostmem
-from ..codec_temporal import stream_state
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
@@ -44,6 +43,7 @@ from ..protocol import (
     WireTensor,
 )
 from ..transport import content_hash, recv_message, send_message, tune_socket
+from ..wirecodecs.temporal import stream_state
 
 log = logging.getLogger("daedalus")
 
@@ -162,7 +162,7 @@ class Session:
         self.client_nonce = ""
         self.hello: Hello | None = None
         self.consts = ConstCache(state.cfg.const_cache_bytes)
-        self.codec_state: dict[str, Any] = {}  # temporal codec references (codec_temporal.stream_state)
+        self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         dev = self.state.backend.device

@@ -11,6 +11,7 @@ import pytest
 import torch
 from comfyui_mesh import codec, constants, errors, hostmem, protocol
 from comfyui_mesh.protocol import WireTensor
+from comfyui_mesh.wirecodecs import base
 
 RAW_DTYPES = [
     torch.float32,
@@ -105,7 +106,7 @@ def test_raw_round_trip_exact(dtype, shape):
     x = make(shape, dtype)
     wt = codec.encode(x, "x")
     assert wt.codec == 0 and wt.name == "x"
-    assert wt.dtype == codec.dtype_name(dtype) == str(dtype).removeprefix("torch.")
+    assert wt.dtype == base.dtype_name(dtype) == str(dtype).removeprefix("torch.")
     assert wt.shape == shape
     assert wt.nbytes == x.numel() * x.element_size()
     assert_bit_exact(codec.decode(wire_copy(wt)), x)
@@ -364,7 +365,7 @@ def test_int8_raw_fallback_truncated():
 )
 def test_int8_inconsistent_descriptor(dtype, shape, meta):
     c = shape[-1] if shape else 0
-    n = codec.numel(shape)
+    n = base.numel(shape)
     wt = WireTensor("x", dtype, shape, 1, b"\x00" * (4 * c + n), meta)
     with pytest.raises(errors.CodecError):
         codec.decode(wt)
@@ -377,7 +378,7 @@ def test_int8_garbage_payload_of_right_length_decodes_without_crashing():
     assert y.shape == (5, 8) and y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("wire_id", [8, 99, 65535])  # 2..7 and 15 are registered by codec_entropy
+@pytest.mark.parametrize("wire_id", [8, 99, 65535])  # 2..7 and 15 are registered (codec.WIRE_IDS)
 def test_unknown_codec_id(wire_id):
     wt = WireTensor("x", "float32", (1,), wire_id, b"\x00" * 4)
     with pytest.raises(errors.CodecError, match=f"unknown codec id {wire_id}"):
@@ -399,12 +400,12 @@ def test_codec_error_is_a_remote_protocol_error():
 
 
 def test_torch_runtime_errors_are_wrapped_as_codec_errors():
-    class Boom(codec.Codec):
+    class Boom(base.Codec):
         wire_id = 4242
         name = "boom"
         lossless = True
 
-        def decode(self, wt, device):
+        def _decode(self, wt, device, state):
             raise RuntimeError("kaput")
 
     saved = dict(codec.CODECS), dict(codec._BY_NAME)
@@ -428,8 +429,8 @@ def test_wire_ids_are_stable():
     assert codec.by_name("int8").wire_id == 1
     assert codec.by_id(0).name == "raw"
     assert codec.by_id(1).name == "int8"
-    assert isinstance(codec.by_id(0), codec.RawCodec)
-    assert isinstance(codec.by_id(1), codec.Int8Codec)
+    assert isinstance(codec.by_id(0), base.RawCodec)
+    assert isinstance(codec.by_id(1), base.Int8Codec)
     assert codec.by_id(0).lossless is True
     assert codec.by_id(1).lossless is False
 
@@ -442,7 +443,7 @@ def test_wire_ids_and_names_are_unique():
 
 
 def test_register_duplicate_id_raises():
-    class Dup(codec.RawCodec):
+    class Dup(base.RawCodec):
         name = "raw-dup"
 
     before = dict(codec.CODECS)
@@ -453,7 +454,7 @@ def test_register_duplicate_id_raises():
 
 
 def test_register_duplicate_name_raises():
-    class Dup(codec.Int8Codec):
+    class Dup(base.Int8Codec):
         wire_id = 4243
 
     before = dict(codec.CODECS)
@@ -482,7 +483,7 @@ def test_encode_by_id_matches_by_name():
 
 
 def test_unavailable_codec_refuses_to_encode():
-    class Missing(codec.RawCodec):
+    class Missing(base.RawCodec):
         wire_id = 4244
         name = "missing"
 

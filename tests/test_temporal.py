@@ -10,14 +10,15 @@ import os
 
 import pytest
 import torch
-from comfyui_mesh import codec, codec_entropy, errors
-from comfyui_mesh.codec_temporal import MAX_STREAMS, stream_state
+from comfyui_mesh import codec, errors
 from comfyui_mesh.config import ClientConfig, ServerConfig
 from comfyui_mesh.protocol import WireTensor
 from comfyui_mesh.server import core
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
+from comfyui_mesh.wirecodecs import backends
+from comfyui_mesh.wirecodecs.temporal import MAX_STREAMS, stream_state
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")  # cuda: the codec tests run on the GPU
@@ -337,7 +338,7 @@ def test_loopback_generation_change_drops_both_sides(server, sent):
 def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):
     _, host, port = server
     model, bias, fronts = _steps(2)
-    real = codec_entropy.ZstdBackend.decompress
+    real = backends.ZstdBackend.decompress
     calls = []
 
     def refuse_once(self, comp, n, device):
@@ -346,7 +347,7 @@ def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):
             raise errors.BackendUnavailable("pretend this payload is ANS and the server has no GPU", "ans")
         return real(self, comp, n, device)
 
-    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse_once)
+    monkeypatch.setattr(backends.ZstdBackend, "decompress", refuse_once)
     c = _client(host, port)
     out, stats = _fwd(c, fronts[0], bias, "quant", params={"cosine": 0.9999})
     assert c._codec_override == {"backend": "zstd"}
@@ -362,7 +363,7 @@ def test_loopback_unrecoverable_codec_errors_still_raise(server, monkeypatch):
     def refuse(self, comp, n, device):
         raise errors.BackendUnavailable("no zstd here", "zstd")
 
-    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse)
+    monkeypatch.setattr(backends.ZstdBackend, "decompress", refuse)
     c = _client(host, port)
     with pytest.raises(errors.RemoteFailure) as e:
         _fwd(c, fronts[0], bias, "lossless")
@@ -387,16 +388,15 @@ def test_loopback_auto_reports_its_choice(server):
 
 
 def test_auto_choice_follows_the_link():
-    from comfyui_mesh.codec_auto import choose
+    from comfyui_mesh.wirecodecs.auto import LinkInfo, choose
 
     mb = 37_748_736
-    slow = choose(mb, 2, True, "cuda:0", 12e6, {"cosine": 0.999})
-    assert slow["codec"] == "quant-t"
-    fast_cpu = choose(mb, 2, False, "cpu", 20e9, {"cosine": 0.999})
-    assert fast_cpu["codec"] == "raw"
-    exact_only = choose(mb, 2, False, "cpu", 12e6, {"lossless": True})
+    slow, fast = LinkInfo.assumed(12e6), LinkInfo.assumed(20e9)
+    assert choose(mb, 2, True, "cuda:0", slow, {"cosine": 0.999})["codec"] == "quant-t"
+    assert choose(mb, 2, False, "cpu", fast, {"cosine": 0.999})["codec"] == "raw"
+    exact_only = choose(mb, 2, False, "cpu", slow, {"lossless": True})
     assert exact_only["codec"] == "lossless" and exact_only["params"]["backend"] == "zstd"
-    assert choose(mb, 2, False, "cpu", 12e6, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
+    assert choose(mb, 2, False, "cpu", slow, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
 
 
 def test_server_without_gpu_entropy_asks_for_zstd(monkeypatch, caplog):
