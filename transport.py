@@ -474,7 +474,7 @@ class MeshClient:
                     "ComfyUI-Mesh auto codec for %s: %s %s (%s)", self.cfg.address, sig[0], rep["params"], rep["reason"]
                 )
             codec_name, params = stats.codec["codec"], dict(stats.codec["params"])
-        if self._codec_override and 2 <= codec.by_name(codec_name).wire_id <= 15:
+        if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
         sub = stream_state(self._codec_state, stream)
