@@ -3,7 +3,8 @@
 A codec turns a tensor into a ``WireTensor`` (dtype, shape, codec id, small JSON meta,
 payload bytes) and back; the codecs themselves are the leaves in ``wirecodecs/`` (this module
 sits above them and builds the table; no leaf imports it). Wire ids are part of the
-protocol: never reuse or renumber one.
+protocol: never reuse or renumber one. ``WIRE_IDS`` is the table, checked against the
+registered codecs at import.
 
 Non-finite policy: ``raw`` carries NaN/Inf bit-exactly. Lossy codecs map NaN to 0 and
 +-Inf to the largest finite magnitude of the channel (documented in docs/PROTOCOL.md).
@@ -11,6 +12,7 @@ Non-finite policy: ``raw`` carries NaN/Inf bit-exactly. Lossy codecs map NaN to 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -19,6 +21,22 @@ from .errors import CodecError, LocalError
 from .protocol import WireTensor
 from .wirecodecs import auto, base, hevc, lossless, quant, temporal
 from .wirecodecs.base import Codec
+
+# Every wire id in use (8..14 reserved for the entropy family, 18..23 for HEVC). ``auto`` (15)
+# is a name only: it encodes with the codec it picks, so id 15 never appears on the wire.
+WIRE_IDS: dict[int, str] = {
+    0: "raw",
+    1: "int8",
+    2: "lossless",
+    3: "quant",
+    4: "q4",
+    5: "clip-sparse",
+    6: "lossless-t",
+    7: "quant-t",
+    15: "auto",
+    16: "nvenc",
+    17: "hevc-orig",
+}
 
 CODECS: dict[int, Codec] = {}
 _BY_NAME: dict[str, Codec] = {}
@@ -48,6 +66,21 @@ def by_id(wire_id: int) -> Codec:
         raise CodecError(f"unknown codec id {wire_id}; this side knows {sorted(CODECS)}") from None
 
 
+def check_table(codecs: Iterable[Codec], table: dict[int, str] = WIRE_IDS) -> None:
+    """LocalError unless ``codecs`` are exactly ``table``: every id once, every name once."""
+    codecs = list(codecs)
+    ids = [c.wire_id for c in codecs]
+    names = [c.name for c in codecs]
+    dup = sorted({i for i in ids if ids.count(i) > 1}) + sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LocalError(f"codec wire ids / names registered twice: {dup}")
+    got = {c.wire_id: c.name for c in codecs}
+    if got != table:
+        missing = {i: n for i, n in table.items() if got.get(i) != n}
+        extra = {i: n for i, n in got.items() if table.get(i) != n}
+        raise LocalError(f"codec table mismatch: missing {missing}, not in WIRE_IDS {extra}")
+
+
 _ALL: list[Codec] = [
     base.RawCodec(),
     base.Int8Codec(),
@@ -61,6 +94,7 @@ _ALL: list[Codec] = [
     hevc.HevcCodec(),
     hevc.HevcOriginalCodec(),
 ]
+check_table(_ALL)
 for _c in _ALL:
     register(_c)
 

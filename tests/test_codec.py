@@ -442,6 +442,32 @@ def test_wire_ids_and_names_are_unique():
     assert codec.available_ids() == sorted(codec.available_ids())
 
 
+def test_wire_id_table_is_what_is_registered():
+    assert {i: c.name for i, c in codec.CODECS.items()} == codec.WIRE_IDS
+    codec.check_table(codec.CODECS.values())  # the import-time check passes on the real table
+
+
+def test_wire_id_table_check_refuses_missing_and_duplicate_codecs():
+    real = list(codec.CODECS.values())
+    with pytest.raises(errors.LocalError, match=r"missing \{3: 'quant'\}"):
+        codec.check_table([c for c in real if c.name != "quant"])
+    with pytest.raises(errors.LocalError, match=r"registered twice: \[2, 'lossless'\]"):
+        codec.check_table([*real, codec.by_name("lossless")])
+
+    class Renamed(base.RawCodec):
+        name = "raw2"
+
+    with pytest.raises(errors.LocalError, match="raw2"):
+        codec.check_table([Renamed() if c.wire_id == 0 else c for c in real])
+
+    class Unlisted(base.RawCodec):
+        wire_id = 9
+        name = "unlisted"
+
+    with pytest.raises(errors.LocalError, match="not in WIRE_IDS"):
+        codec.check_table([*real, Unlisted()])
+
+
 def test_register_duplicate_id_raises():
     class Dup(base.RawCodec):
         name = "raw-dup"
