@@ -453,6 +453,18 @@ class MeshClient:
         )
         return li
 
+    def _auto_choice(self, coded: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
+        """``auto``'s report for these tensors on this link (logged when the choice changes)."""
+        peer = self.server.device if self.server is not None else ""
+        rep = codec_auto.choose_for(coded.values(), self.link_info(), peer, params)
+        sig = (rep["codec"], repr(sorted(rep["params"].items())))
+        if _AUTO_LAST.get(self.cfg.address) != sig:
+            _AUTO_LAST[self.cfg.address] = sig
+            log.info(
+                "ComfyUI-Mesh auto codec for %s: %s %s (%s)", self.cfg.address, sig[0], rep["params"], rep["reason"]
+            )
+        return rep
+
     def _encode_coded(
         self,
         coded: dict[str, torch.Tensor],
@@ -463,16 +475,8 @@ class MeshClient:
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
         params = dict(codec_params or {})
-        if codec_name == "auto":  # a policy, not a format: pick the codec from the measured link
-            peer = self.server.device if self.server is not None else ""
-            stats.codec = codec_auto.choose_for(coded.values(), self.link_info(), peer, params)
-            sig = (stats.codec["codec"], repr(sorted(stats.codec["params"].items())))
-            if _AUTO_LAST.get(self.cfg.address) != sig:
-                _AUTO_LAST[self.cfg.address] = sig
-                rep = stats.codec
-                log.info(
-                    "ComfyUI-Mesh auto codec for %s: %s %s (%s)", self.cfg.address, sig[0], rep["params"], rep["reason"]
-                )
+        if codec_name == "auto":  # a policy, not a format: pick the codec for the measured link
+            stats.codec = self._auto_choice(coded, params)
             codec_name, params = stats.codec["codec"], dict(stats.codec["params"])
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
