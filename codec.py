@@ -1,7 +1,10 @@
-"""Activation codecs: a registry keyed by stable wire ids.
+"""Activation codecs: the registry, keyed by stable wire ids.
 
 A codec turns a tensor into a ``WireTensor`` (dtype, shape, codec id, small JSON meta,
-payload bytes) and back. Wire ids are part of the protocol: never reuse or renumber one.
+payload bytes) and back; the codecs themselves are the leaves in ``wirecodecs/`` (this module
+sits above them and builds the table; no leaf imports it). Wire ids are part of the
+protocol: never reuse or renumber one. ``WIRE_IDS`` is the table, checked against the
+registered codecs at import.
 
 Non-finite policy: ``raw`` carries NaN/Inf bit-exactly. Lossy codecs map NaN to 0 and
 +-Inf to the largest finite magnitude of the channel (documented in docs/PROTOCOL.md).
@@ -9,243 +12,31 @@ Non-finite policy: ``raw`` carries NaN/Inf bit-exactly. Lossy codecs map NaN to 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import sys
-import threading
-import warnings
-import weakref
-from typing import Any, ClassVar, cast
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 
-from .constants import PINNED_RECEIVE_MAX_BYTES
 from .errors import CodecError, LocalError
 from .protocol import WireTensor
+from .wirecodecs import auto, base, hevc, lossless, quant, temporal
+from .wirecodecs.base import Codec
 
-if sys.byteorder != "little":  # payloads are the host's bytes; every supported platform is little-endian
-    raise ImportError("ComfyUI-Mesh supports little-endian machines only")
-
-_TORCH_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
+# Every wire id in use (8..14 reserved for the entropy family, 18..23 for HEVC). ``auto`` (15)
+# is a name only: it encodes with the codec it picks, so id 15 never appears on the wire.
+WIRE_IDS: dict[int, str] = {
+    0: "raw",
+    1: "int8",
+    2: "lossless",
+    3: "quant",
+    4: "q4",
+    5: "clip-sparse",
+    6: "lossless-t",
+    7: "quant-t",
+    15: "auto",
+    16: "nvenc",
+    17: "hevc-orig",
 }
-_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
-FLOAT_DTYPES = frozenset({"float64", "float32", "float16", "bfloat16"})
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    try:
-        return _DTYPE_NAMES[dtype]
-    except KeyError:
-        raise LocalError(f"dtype {dtype} cannot cross the wire; supported: {sorted(_TORCH_DTYPES)}") from None
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _TORCH_DTYPES[name]
-    except KeyError:
-        raise CodecError(f"unknown dtype {name!r}") from None
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)
-
-
-def to_bytes(t: torch.Tensor) -> memoryview:
-    """A tensor's bytes as a memoryview of a contiguous CPU copy (no copy if already so).
-
-    A CUDA tensor is copied into page-locked host memory: on an H200, 25 MB took 0.46 ms that
-    way and 15.9 ms as a plain ``.cpu()`` into fresh pageable memory. The memoryview keeps the
-    buffer alive; torch's host allocator reuses it once it is dropped."""
-    t = t.detach().contiguous().reshape(-1)
-    if t.numel() == 0:
-        return memoryview(b"")
-    if t.device.type == "cuda":
-        u8 = t.view(torch.uint8)
-        try:
-            host = torch.empty(u8.numel(), dtype=torch.uint8, pin_memory=True)
-        except RuntimeError:  # page-locked memory refused (limits, WSL): the plain copy still works
-            host = None
-        if host is not None:
-            host.copy_(u8, non_blocking=True)
-            torch.cuda.current_stream(t.device).synchronize()
-            pinned: Any = host.numpy()
-            return memoryview(pinned)
-    if t.device.type != "cpu":
-        t = t.cpu()
-    arr: Any = t.view(torch.uint8).numpy()
-    return memoryview(arr)
-
-
-_pinned_out = [0]  # bytes of page-locked receive buffers alive now
-_pinned_lock = threading.Lock()
-
-
-def _pinned_release(n: int) -> None:
-    with _pinned_lock:
-        _pinned_out[0] -= n
-
-
-def pinned_buffer(n: int) -> memoryview:
-    """``n`` writable bytes of page-locked host memory (torch's caching host allocator, so
-    blocks are reused from frame to frame), or of a plain bytearray where pinning is refused or
-    would take this process's receive buffers past ``PINNED_RECEIVE_MAX_BYTES`` (page-locked
-    memory is taken from the OS for good and cannot be swapped). The frame decoder receives big
-    frames into it: from there tensors reach a GPU at DMA speed."""
-    with _pinned_lock:
-        if _pinned_out[0] + n > PINNED_RECEIVE_MAX_BYTES:
-            return memoryview(bytearray(n))
-        _pinned_out[0] += n
-    try:
-        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-    except RuntimeError:  # no CUDA, locked-memory limits, WSL
-        _pinned_release(n)
-        return memoryview(bytearray(n))
-    arr: Any = host.numpy()  # the array keeps the tensor's memory alive, and views keep the array
-    weakref.finalize(arr, _pinned_release, n)
-    return memoryview(arr)
-
-
-def pinned_receive_bytes() -> int:
-    """Bytes of page-locked receive buffers alive now (``pinned_buffer``)."""
-    return _pinned_out[0]
-
-
-def receive_alloc() -> Any:
-    """The frame decoder's ``body_alloc`` for this process: page-locked buffers where a CUDA
-    GPU will take the tensors, else None (plain bytearrays)."""
-    return pinned_buffer if torch.cuda.is_available() else None
-
-
-def host_view(buf: Any) -> torch.Tensor:
-    """A CPU uint8 tensor over ``buf``'s bytes without copying, read-only buffers included:
-    callers only read it (to copy it elsewhere)."""
-    mv = memoryview(buf).cast("B")
-    if mv.nbytes == 0:
-        return torch.empty(0, dtype=torch.uint8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "the given buffer is not writable"
-        return torch.frombuffer(mv, dtype=torch.uint8)
-
-
-def from_bytes(
-    data: Any, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str = "cpu"
-) -> torch.Tensor:
-    """Rebuild a tensor from raw bytes on ``device``, checking the size first."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    expected = numel(shape) * itemsize
-    mv = memoryview(data).cast("B") if memoryview(data).nbytes else memoryview(b"")
-    if mv.nbytes != expected:
-        raise CodecError(f"payload has {mv.nbytes} bytes, shape {list(shape)} x {dtype} needs {expected}")
-    if expected == 0:
-        return torch.empty(shape, dtype=dtype, device=device)
-    if torch.device(device).type != "cpu":  # straight from the received buffer to the device
-        return host_view(mv).to(device).view(dtype).reshape(shape)
-    if mv.readonly:
-        mv = memoryview(bytearray(mv))
-    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).reshape(shape)
-
-
-class Codec:
-    """Base class. Subclasses set ``wire_id``, ``name``, ``lossless`` and implement the pair.
-
-    A codec with ``stateful = True`` (temporal coding) adds a keyword argument ``state=None``
-    to both methods: a dict owned by the caller, one per connection and stream (see
-    ``codec_temporal.stream_state``), kept identically by the encoding and the decoding side.
-    ``state=None`` means "no history": a stateful encoder then sends a self-contained
-    keyframe. Stateless codecs never see it.
-    """
-
-    wire_id: ClassVar[int]
-    name: ClassVar[str]
-    lossless: ClassVar[bool]
-    stateful: ClassVar[bool] = False
-
-    def available(self) -> str | None:
-        """None when usable here, else a sentence naming what to install."""
-        return None
-
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        raise NotImplementedError
-
-    def decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class RawCodec(Codec):
-    """The tensor's bytes, any dtype, exact."""
-
-    wire_id = 0
-    name = "raw"
-    lossless = True
-
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        return WireTensor(name, dtype_name(t.dtype), tuple(t.shape), self.wire_id, to_bytes(t))
-
-    def decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
-        return from_bytes(wt.data, torch_dtype(wt.dtype), wt.shape, device)
-
-
-class Int8Codec(Codec):
-    """Per-channel (last axis) symmetric int8: scale = absmax / 127, round to nearest.
-
-    Payload: C float32 scales, then the int8 values. Computed on the tensor's device.
-    Error budget: |x - x'| <= scale_c / 2 per element (documented, tested).
-    """
-
-    wire_id = 1
-    name = "int8"
-    lossless = False
-
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        dname = dtype_name(t.dtype)
-        if dname not in FLOAT_DTYPES or dname == "float64":
-            raise LocalError(
-                f"int8 codec needs a float tensor (float16/bfloat16/float32); {name!r} is {dname}: send it raw"
-            )
-        shape = tuple(t.shape)
-        if t.ndim == 0 or t.numel() == 0:
-            raw = RawCodec().encode(t, name, params)
-            return dataclasses.replace(raw, codec=self.wire_id, meta={"raw": True})
-        x = t.detach().float().reshape(-1, shape[-1])
-        finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
-        absmax = finite.abs().amax(dim=0)
-        scale = absmax / 127.0
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.nan_to_num(x, nan=0.0).div(safe).round().clamp_(-127, 127).to(torch.int8)
-        payload = torch.cat([scale.contiguous().view(torch.uint8), q.reshape(-1).view(torch.uint8)])
-        return WireTensor(name, dname, shape, self.wire_id, to_bytes(payload), {})
-
-    def decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
-        dtype = torch_dtype(wt.dtype)
-        if wt.meta.get("raw"):
-            return RawCodec().decode(wt, device)
-        if wt.dtype not in FLOAT_DTYPES or len(wt.shape) == 0:
-            raise CodecError(f"int8 payload for {wt.name!r} has dtype {wt.dtype} / shape {list(wt.shape)}")
-        c = wt.shape[-1]
-        n = numel(wt.shape)
-        if memoryview(wt.data).nbytes != 4 * c + n:
-            raise CodecError(
-                f"int8 payload for {wt.name!r} has {memoryview(wt.data).nbytes} bytes, expected {4 * c + n}"
-            )
-        buf = from_bytes(wt.data, torch.uint8, (4 * c + n,), device)
-        scale = buf[: 4 * c].view(torch.float32)
-        q = buf[4 * c :].view(torch.int8).reshape(-1, c)
-        return (q.float() * scale).to(dtype).reshape(wt.shape)
-
-
-# ---------------------------------------------------------------------------- registry
 
 CODECS: dict[int, Codec] = {}
 _BY_NAME: dict[str, Codec] = {}
@@ -261,10 +52,6 @@ def register(codec: Codec) -> Codec:
     return codec
 
 
-register(RawCodec())
-register(Int8Codec())
-
-
 def by_name(name: str) -> Codec:
     try:
         return _BY_NAME[name]
@@ -277,6 +64,39 @@ def by_id(wire_id: int) -> Codec:
         return CODECS[wire_id]
     except KeyError:
         raise CodecError(f"unknown codec id {wire_id}; this side knows {sorted(CODECS)}") from None
+
+
+def check_table(codecs: Iterable[Codec], table: dict[int, str] = WIRE_IDS) -> None:
+    """LocalError unless ``codecs`` are exactly ``table``: every id once, every name once."""
+    codecs = list(codecs)
+    ids = [c.wire_id for c in codecs]
+    names = [c.name for c in codecs]
+    dup = sorted({i for i in ids if ids.count(i) > 1}) + sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise LocalError(f"codec wire ids / names registered twice: {dup}")
+    got = {c.wire_id: c.name for c in codecs}
+    if got != table:
+        missing = {i: n for i, n in table.items() if got.get(i) != n}
+        extra = {i: n for i, n in got.items() if table.get(i) != n}
+        raise LocalError(f"codec table mismatch: missing {missing}, not in WIRE_IDS {extra}")
+
+
+_ALL: list[Codec] = [
+    base.RawCodec(),
+    base.Int8Codec(),
+    lossless.LosslessCodec(),
+    quant.QuantCodec(),
+    quant.Q4Codec(),
+    quant.ClipSparseCodec(),
+    temporal.LosslessTemporalCodec(),
+    temporal.QuantTemporalCodec(),
+    auto.AutoCodec(by_name),
+    hevc.HevcCodec(),
+    hevc.HevcOriginalCodec(),
+]
+check_table(_ALL)
+for _c in _ALL:
+    register(_c)
 
 
 def available_ids() -> list[int]:
@@ -295,23 +115,9 @@ def encode(
     why = c.available()
     if why:
         raise LocalError(f"codec {c.name!r} is not usable here: {why}")
-    if c.stateful:
-        return cast(Any, c).encode(t, name, params or {}, state=state)
-    return c.encode(t, name, params or {})
+    return c.encode(t, name, params or {}, state=state)
 
 
 def decode(wt: WireTensor, device: torch.device | str = "cpu", state: dict[Any, Any] | None = None) -> torch.Tensor:
-    c = by_id(wt.codec)
-    try:
-        if c.stateful:
-            return cast(Any, c).decode(wt, device, state=state)
-        return c.decode(wt, device)
-    except CodecError:
-        raise
-    except (RuntimeError, ValueError, TypeError) as e:
-        raise CodecError(f"cannot decode {wt.name!r} with codec {c.name}: {e}") from e
-
-
-# Entropy-coded, quantized, temporal and auto codecs (wire ids 2..15) register themselves.
-from . import codec_entropy  # noqa: E402,F401
-from . import codec_hevc as _codec_hevc  # noqa: E402,F401  (HEVC, wire ids 16..23)
+    """Errors: ``CodecError`` for anything a bad payload can cause (the codec's guard)."""
+    return by_id(wt.codec).decode(wt, device, state=state)

@@ -68,6 +68,11 @@ SEAM_DUMP_MAX_CALLS = 64  # per split, so a forgotten variable cannot fill a dis
 # Measured on an H200 (Klein 9B seam, quant at cosine 0.995): 64 KiB 3.86 bit/value, 256 KiB
 # 3.66, 1 MiB 3.61 (= CPU zstd), 4 MiB 3.61 but slower; entropy stage 0.5 ms either way.
 ANS_CHUNK_BYTES = 1 << 20
+# The ``auto`` codec's link measurement (client side): cached per host:port this long; the
+# probe payload size; the rate assumed when nothing could be measured (gigabit Ethernet).
+LINK_TTL_S = 600.0
+LINK_PROBE_BYTES = 2 << 20
+DEFAULT_LINK_BPS = 117e6
 
 # ---------------------------------------------------------------------------- caches
 # Per-connection cache of per-generation constants (RoPE tables, masks) on the server.

@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import codec, codec_auto, handshake
-from .codec_temporal import stream_state
+from . import codec, handshake, hostmem
 from .config import ClientConfig
-from .constants import SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -46,6 +45,8 @@ from .protocol import (
     content_hash,
     tensor_map,
 )
+from .wirecodecs import auto as codec_auto
+from .wirecodecs.temporal import stream_state
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -90,12 +91,12 @@ class MeshClient:
         self.comfyui_version = comfyui_version
         self.server: Challenge | None = None
         self._sock: socket.socket | None = None
-        self._dec = FrameDecoder(body_alloc=codec.receive_alloc())
+        self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
         self._seq = 0
-        # Per connection: temporal codec state (codec_temporal.stream_state), codec param overrides.
+        # Per connection: temporal codec state (wirecodecs.temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
         self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
@@ -128,7 +129,7 @@ class MeshClient:
             except OSError as e:
                 raise ConnectFailed(f"cannot reach {self._where()}: {e}") from None
             tune_socket(sock)
-            self._dec = FrameDecoder(body_alloc=codec.receive_alloc())
+            self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
             try:
                 sock.settimeout(self.cfg.handshake_timeout_s)
                 self.server = self._handshake(sock)
@@ -271,6 +272,55 @@ class MeshClient:
         with self._lock:
             self._codec_state.clear()
 
+    def link_info(self) -> codec_auto.LinkInfo:
+        """The link to this server (lock held, connected), for the ``auto`` codec: measured
+        with three PING round trips (one carrying ``LINK_PROBE_BYTES`` up, one asking for them
+        back), cached per host:port for ``LINK_TTL_S``; assumed gigabit when it cannot be."""
+        key = (self.cfg.host.strip().lower(), self.cfg.port)
+        with _LINKS_LOCK:
+            hit = _LINKS.get(key)
+        if hit is not None and time.monotonic() - hit.when < LINK_TTL_S:
+            return hit
+        try:
+            rtt = min(self.ping(0)[0] for _ in range(2))
+            probe = WireTensor("probe", "uint8", (LINK_PROBE_BYTES,), 0, bytes(LINK_PROBE_BYTES))
+            t0 = time.perf_counter()
+            self.request(Ping(seq=0, echo_bytes=0, tensors=(probe,)))
+            up_ms = (time.perf_counter() - t0) * 1e3
+            down_ms, _ = self.ping(LINK_PROBE_BYTES)
+        except MeshError as e:
+            log.warning("ComfyUI-Mesh: cannot measure the link to %s (%s); assuming gigabit", self.cfg.address, e)
+            return codec_auto.LinkInfo.assumed()
+        li = codec_auto.LinkInfo(
+            up_bps=LINK_PROBE_BYTES / max(up_ms - rtt, 0.05) * 1e3,
+            down_bps=LINK_PROBE_BYTES / max(down_ms - rtt, 0.05) * 1e3,
+            rtt_ms=rtt,
+            when=time.monotonic(),
+            how="measured",
+        )
+        with _LINKS_LOCK:
+            _LINKS[key] = li
+        log.info(
+            "ComfyUI-Mesh: link to %s: up %.0f MB/s, down %.0f MB/s, rtt %.1f ms",
+            self.cfg.address,
+            li.up_bps / 1e6,
+            li.down_bps / 1e6,
+            rtt,
+        )
+        return li
+
+    def _auto_choice(self, coded: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
+        """``auto``'s report for these tensors on this link (logged when the choice changes)."""
+        peer = self.server.device if self.server is not None else ""
+        rep = codec_auto.choose_for(coded.values(), self.link_info(), peer, params)
+        sig = (rep["codec"], repr(sorted(rep["params"].items())))
+        if _AUTO_LAST.get(self.cfg.address) != sig:
+            _AUTO_LAST[self.cfg.address] = sig
+            log.info(
+                "ComfyUI-Mesh auto codec for %s: %s %s (%s)", self.cfg.address, sig[0], rep["params"], rep["reason"]
+            )
+        return rep
+
     def _encode_coded(
         self,
         coded: dict[str, torch.Tensor],
@@ -281,10 +331,10 @@ class MeshClient:
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
         params = dict(codec_params or {})
-        if codec_name == "auto":
-            stats.codec = codec_auto.for_client(self, coded, params)
+        if codec_name == "auto":  # a policy, not a format: pick the codec for the measured link
+            stats.codec = self._auto_choice(coded, params)
             codec_name, params = stats.codec["codec"], dict(stats.codec["params"])
-        if self._codec_override and 2 <= codec.by_name(codec_name).wire_id <= 15:
+        if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
         sub = stream_state(self._codec_state, stream)
@@ -450,3 +500,10 @@ __all__ = [
     "MeshError",
     "LocalError",
 ]
+
+
+# ---------------------------------------------------------------------------- link measurement
+
+_LINKS: dict[tuple[str, int], codec_auto.LinkInfo] = {}  # host:port -> the last measurement
+_LINKS_LOCK = threading.Lock()
+_AUTO_LAST: dict[str, tuple[str, str]] = {}  # address -> the auto codec's last choice (logged on change)

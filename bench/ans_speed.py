@@ -39,9 +39,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also profile quant encode + decode (torch.profiler)")
     a = ap.parse_args()
     from comfyui_mesh import codec
-    from comfyui_mesh.codec_entropy import _import_nvcomp
+    from comfyui_mesh.wirecodecs.backends import nvcomp_module
 
-    nv, why = _import_nvcomp()
+    nv, why = nvcomp_module()
     if nv is None:
         raise SystemExit(why)
     dev = torch.device("cuda:0")
@@ -106,8 +106,11 @@ def main() -> None:
     # where quant's milliseconds go: its phases one by one, synchronized after each (so each
     # figure is that phase's launch + GPU time without overlap with the next)
     def phases() -> dict[str, float]:
-        from comfyui_mesh import codec_entropy as E
-        from comfyui_mesh import codec_quant as Q
+        from comfyui_mesh.protocol import WireTensor
+        from comfyui_mesh.wirecodecs import backends as B
+        from comfyui_mesh.wirecodecs import channels as CH
+        from comfyui_mesh.wirecodecs import quant as Q
+        from comfyui_mesh.wirecodecs import sections as S
 
         out: dict[str, float] = {}
         t = [time.perf_counter()]
@@ -117,8 +120,8 @@ def main() -> None:
             t.append(time.perf_counter())
             out[name] = out.get(name, 0.0) + (t[-1] - t[-2]) * 1e3
 
-        w = E.SectionWriter(E.ANS)
-        xt = E.channel_major(x)
+        w = S.SectionWriter(B.ANS)
+        xt = CH.channel_major(x)
         mark("enc channel_major")
         xt = Q.put_outliers(w, xt, Q.outlier_channels(xt, 0.0), x.dtype)
         mu, var, lo, hi, energy = Q.device_stats(xt, None)
@@ -135,17 +138,17 @@ def main() -> None:
         mark("enc ANS compress")
         data, meta = w.finish({**meta, "st": step, "no": 0})
         mark("enc D2H")
-        wt = E.WireTensor("x", "bfloat16", tuple(x.shape), 3, bytes(data), meta)
+        wt = WireTensor("x", "bfloat16", tuple(x.shape), 3, bytes(data), meta)
         t.append(time.perf_counter())
-        r = E.SectionReader(wt, dev)
+        r = S.SectionReader(wt, dev)
         r.payload()
         mark("dec H2D (pageable)")
         Q.get_outliers(r, 0, x.shape[-1], x.numel() // x.shape[-1], x.dtype)
-        stp = Q.meta_float(wt.meta, "st", positive=True)
+        stp = CH.meta_float(wt.meta, "st", positive=True)
         mu2 = r.raw(torch.float32, x.shape[-1], "channel means")
         z = Q.get_symbols(r, wt.meta, x.shape[-1], x.numel() // x.shape[-1])
         mark("dec get_symbols (ANS + unpack)")
-        Q.output(Q.dequant(z, stp, mu2), x.dtype, tuple(x.shape))
+        CH.output(Q.dequant(z, stp, mu2), x.dtype, tuple(x.shape))
         mark("dec dequant + output")
         return out
 

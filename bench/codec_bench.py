@@ -189,7 +189,7 @@ def run(name: str, params: dict[str, Any], steps: list[torch.Tensor], device: st
     if why:
         row.note = f"unavailable: {why}"
         return row
-    stateful = bool(getattr(c, "stateful", False))
+    stateful = c.stateful
     try:  # warm-up (contexts, kernels) on a throwaway state
         codec.decode(wire_copy(codec.encode(steps[0], "x", name, params, state={})), device, state={})
     except MeshError as e:

@@ -95,12 +95,12 @@ def timed(fn: Any, reps: int, sync: Any) -> tuple[float, Any]:
     return ts[len(ts) // 2], out
 
 
-def nvenc_probe(H: Any, torch: Any) -> None:
+def nvenc_probe(E: Any, torch: Any) -> None:
     say("NVENC: capability probe")
     if not torch.cuda.is_available():
         check("nvenc_probe", True, "no CUDA GPU: skipped")
         return
-    nvc, why = H.nvc_module()
+    nvc, why = E.nvc_module()
     if why:
         say(f"PyNvVideoCodec missing: {why}")
         RESULTS["nvenc"] = {"importable": False, "why": why}
@@ -116,7 +116,7 @@ def nvenc_probe(H: Any, torch: Any) -> None:
         del enc
     except Exception as e:  # noqa: BLE001
         info["create_encoder"] = f"fails: {type(e).__name__}: {e}"
-    info["nvenc_status"] = H.nvenc_status(torch.device("cuda", 0)) or "usable"
+    info["nvenc_status"] = E.nvenc_status(torch.device("cuda", 0)) or "usable"
     RESULTS["nvenc"] = info
     for k, v in info.items():
         say(f"  {k}: {v}")
@@ -134,25 +134,27 @@ def one_mode(
 ) -> dict[str, Any]:
     import torch
     from comfyui_mesh import codec
-    from comfyui_mesh import codec_hevc as H
+    from comfyui_mesh.wirecodecs import channels as CH
+    from comfyui_mesh.wirecodecs import hevc_engines as E
+    from comfyui_mesh.wirecodecs import hevc_layout as L
 
     n, c = x.shape[1], x.shape[2]
     raw = x.numel() * 2
     p = {"tile_dim": 8, "encoder": "x265", **params}
-    s = H.settings(p)
-    g = H.Geometry(n, c, *H.token_layout(n), 8)
+    s = L.settings(p)
+    g = L.Geometry(n, c, *L.token_layout(n), 8)
     say(f"[{label}] {g.frames} frames of {g.width} x {g.height}")
 
     def pack() -> Any:
-        q, _, _ = H.quantize(H.channel_major(x), s.quant, s.share_q)
-        return H.pack(q, g)
+        q, _, _ = L.quantize(CH.channel_major(x), s.quant, s.share_q)
+        return L.pack(q, g)
 
     t_pack, frames = timed(pack, args.reps, sync)
     frames_cpu = frames.cpu()
-    t_x265, _ = timed(lambda: H.encode_x265(frames_cpu, s), args.reps, sync)
+    t_x265, _ = timed(lambda: E.encode_x265(frames_cpu, s), args.reps, sync)
     t_enc, wt = timed(lambda: codec.encode(x, "x", "nvenc", p), args.reps, sync)
-    head, _, stream = H.parse_header(memoryview(bytes(wt.data)), "x", n, c)
-    t_cpu, planes_cpu = timed(lambda: H.decode_pyav(stream, head.geom), args.reps, sync)
+    head, _, stream = L.parse_header(memoryview(bytes(wt.data)), "x", n, c)
+    t_cpu, planes_cpu = timed(lambda: E.decode_pyav(stream, head.geom), args.reps, sync)
     row: dict[str, Any] = {
         "mode": label,
         "frames": f"{g.frames} x {g.width}x{g.height}",
@@ -167,14 +169,14 @@ def one_mode(
         check(f"{label}: CPU decode == encoder input", bool(torch.equal(planes_cpu, frames_cpu)))
     if have_nvdec:
         try:
-            H._DECODERS.clear()
+            E._DECODERS.clear()
             t = time.perf_counter()
-            first = H.decode_nvdec(stream, head.geom, dev)
+            first = E.decode_nvdec(stream, head.geom, dev)
             sync()
             row["nvdec_first_ms"] = (time.perf_counter() - t) * 1e3  # includes CreateDecoder
-            t_nv, planes_nv = timed(lambda: H.decode_nvdec(stream, head.geom, dev), args.reps, sync)
+            t_nv, planes_nv = timed(lambda: E.decode_nvdec(stream, head.geom, dev), args.reps, sync)
             row["nvdec_planes_ms"] = t_nv
-            row["nvdec_decoder_reuse"] = bool(H._NVDEC_STATE["reuse"])
+            row["nvdec_decoder_reuse"] = bool(E._NVDEC_STATE["reuse"])
             check(f"{label}: NVDEC planes == CPU planes (first call)", bool(torch.equal(first.cpu(), planes_cpu)))
             check(
                 f"{label}: NVDEC planes == CPU planes (reused decoder)", bool(torch.equal(planes_nv.cpu(), planes_cpu))
@@ -186,9 +188,9 @@ def one_mode(
         say(f"[{label}] NVDEC skipped: {'no CUDA GPU' if dev.type != 'cuda' else nvwhy}")
     t_dec, y = timed(lambda: codec.decode(wt, dev), args.reps, sync)
     row["decode_ms"] = t_dec
-    row["decode_path"] = "nvdec" if have_nvdec and not H._NVDEC_STATE["broken"] else "cpu"
-    if H._NVDEC_STATE["broken"]:
-        say(f"NVDEC fell back to the CPU inside the codec: {H._NVDEC_STATE['broken']}")
+    row["decode_path"] = "nvdec" if have_nvdec and not E._NVDEC_STATE["broken"] else "cpu"
+    if E._NVDEC_STATE["broken"]:
+        say(f"NVDEC fell back to the CPU inside the codec: {E._NVDEC_STATE['broken']}")
     cos = torch.nn.functional.cosine_similarity(x.double().flatten(), y.double().flatten(), dim=0).item()
     row["cosine"] = cos
     check(f"{label}: decoded on {y.device}", y.device.type == dev.type and y.shape == x.shape)
@@ -200,24 +202,25 @@ def run(args: argparse.Namespace) -> None:
     import torch
 
     mesh = import_package()
-    from comfyui_mesh import codec_hevc as H
+    from comfyui_mesh.wirecodecs import hevc_engines as E
+    from comfyui_mesh.wirecodecs import hevc_layout as L
 
     say(f"python {sys.version.split()[0]}, torch {torch.__version__}, comfyui_mesh from {Path(mesh.__file__).parent}")
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     RESULTS["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
     say(f"device: {RESULTS['device']}")
-    av, why = H.pyav()
-    if why or H.x265_status():
-        say(f"cannot run: {H.x265_status() or why}")
-        RESULTS["fatal"] = H.x265_status() or why
+    av, why = E.pyav()
+    if why or E.x265_status():
+        say(f"cannot run: {E.x265_status() or why}")
+        RESULTS["fatal"] = E.x265_status() or why
         FAILED.append("pyav")
         return
     say(f"PyAV {av.__version__} (libx265: yes)")
-    _, nvwhy = H.nvc_module()
+    _, nvwhy = E.nvc_module()
     have_nvdec = cuda and nvwhy is None
     say(f"PyNvVideoCodec: {'importable' if nvwhy is None else nvwhy}")
-    nvenc_probe(H, torch)
+    nvenc_probe(E, torch)
 
     def sync() -> None:
         if cuda:
@@ -234,7 +237,7 @@ def run(args: argparse.Namespace) -> None:
     print()
     print(
         f"HEVC codec on {RESULTS['device']}, seam {list(x.shape)} bf16 = {raw} bytes, tile 8, "
-        f"libx265 {H.X265_PRESET} (CPU) encode"
+        f"libx265 {L.X265_PRESET} (CPU) encode"
     )
     print()
     print(

@@ -21,8 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import codec
-from ..codec_temporal import stream_state
+from .. import codec, hostmem
 from ..config import ServerConfig
 from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
@@ -44,6 +43,7 @@ from ..protocol import (
     WireTensor,
     content_hash,
 )
+from ..wirecodecs.temporal import stream_state
 
 log = logging.getLogger("daedalus")
 
@@ -159,7 +159,7 @@ class Session:
         self.closed = False
         self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
-        self.codec_state: dict[str, Any] = {}  # temporal codec references (codec_temporal.stream_state)
+        self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         dev = self.state.backend.device
@@ -436,7 +436,7 @@ class DaedalusServer:
                 if session.phase == "ready" and dec.max_body != MAX_BODY_BYTES:
                     dec.max_body = MAX_BODY_BYTES
                     if st.cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
-                        dec.body_alloc = codec.receive_alloc()
+                        dec.body_alloc = hostmem.receive_alloc()
                     conn.settimeout(st.cfg.idle_timeout_s)
                 try:
                     msg, n = recv_message(conn, dec)

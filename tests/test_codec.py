@@ -9,8 +9,9 @@ import zlib
 
 import pytest
 import torch
-from comfyui_mesh import codec, constants, errors, protocol
+from comfyui_mesh import codec, constants, errors, hostmem, protocol
 from comfyui_mesh.protocol import WireTensor
+from comfyui_mesh.wirecodecs import base
 
 RAW_DTYPES = [
     torch.float32,
@@ -105,7 +106,7 @@ def test_raw_round_trip_exact(dtype, shape):
     x = make(shape, dtype)
     wt = codec.encode(x, "x")
     assert wt.codec == 0 and wt.name == "x"
-    assert wt.dtype == codec.dtype_name(dtype) == str(dtype).removeprefix("torch.")
+    assert wt.dtype == base.dtype_name(dtype) == str(dtype).removeprefix("torch.")
     assert wt.shape == shape
     assert wt.nbytes == x.numel() * x.element_size()
     assert_bit_exact(codec.decode(wire_copy(wt)), x)
@@ -364,7 +365,7 @@ def test_int8_raw_fallback_truncated():
 )
 def test_int8_inconsistent_descriptor(dtype, shape, meta):
     c = shape[-1] if shape else 0
-    n = codec.numel(shape)
+    n = base.numel(shape)
     wt = WireTensor("x", dtype, shape, 1, b"\x00" * (4 * c + n), meta)
     with pytest.raises(errors.CodecError):
         codec.decode(wt)
@@ -377,7 +378,7 @@ def test_int8_garbage_payload_of_right_length_decodes_without_crashing():
     assert y.shape == (5, 8) and y.dtype == torch.float16
 
 
-@pytest.mark.parametrize("wire_id", [8, 99, 65535])  # 2..7 and 15 are registered by codec_entropy
+@pytest.mark.parametrize("wire_id", [8, 99, 65535])  # 2..7 and 15 are registered (codec.WIRE_IDS)
 def test_unknown_codec_id(wire_id):
     wt = WireTensor("x", "float32", (1,), wire_id, b"\x00" * 4)
     with pytest.raises(errors.CodecError, match=f"unknown codec id {wire_id}"):
@@ -399,12 +400,12 @@ def test_codec_error_is_a_remote_protocol_error():
 
 
 def test_torch_runtime_errors_are_wrapped_as_codec_errors():
-    class Boom(codec.Codec):
+    class Boom(base.Codec):
         wire_id = 4242
         name = "boom"
         lossless = True
 
-        def decode(self, wt, device):
+        def _decode(self, wt, device, state):
             raise RuntimeError("kaput")
 
     saved = dict(codec.CODECS), dict(codec._BY_NAME)
@@ -428,8 +429,8 @@ def test_wire_ids_are_stable():
     assert codec.by_name("int8").wire_id == 1
     assert codec.by_id(0).name == "raw"
     assert codec.by_id(1).name == "int8"
-    assert isinstance(codec.by_id(0), codec.RawCodec)
-    assert isinstance(codec.by_id(1), codec.Int8Codec)
+    assert isinstance(codec.by_id(0), base.RawCodec)
+    assert isinstance(codec.by_id(1), base.Int8Codec)
     assert codec.by_id(0).lossless is True
     assert codec.by_id(1).lossless is False
 
@@ -441,8 +442,34 @@ def test_wire_ids_and_names_are_unique():
     assert codec.available_ids() == sorted(codec.available_ids())
 
 
+def test_wire_id_table_is_what_is_registered():
+    assert {i: c.name for i, c in codec.CODECS.items()} == codec.WIRE_IDS
+    codec.check_table(codec.CODECS.values())  # the import-time check passes on the real table
+
+
+def test_wire_id_table_check_refuses_missing_and_duplicate_codecs():
+    real = list(codec.CODECS.values())
+    with pytest.raises(errors.LocalError, match=r"missing \{3: 'quant'\}"):
+        codec.check_table([c for c in real if c.name != "quant"])
+    with pytest.raises(errors.LocalError, match=r"registered twice: \[2, 'lossless'\]"):
+        codec.check_table([*real, codec.by_name("lossless")])
+
+    class Renamed(base.RawCodec):
+        name = "raw2"
+
+    with pytest.raises(errors.LocalError, match="raw2"):
+        codec.check_table([Renamed() if c.wire_id == 0 else c for c in real])
+
+    class Unlisted(base.RawCodec):
+        wire_id = 9
+        name = "unlisted"
+
+    with pytest.raises(errors.LocalError, match="not in WIRE_IDS"):
+        codec.check_table([*real, Unlisted()])
+
+
 def test_register_duplicate_id_raises():
-    class Dup(codec.RawCodec):
+    class Dup(base.RawCodec):
         name = "raw-dup"
 
     before = dict(codec.CODECS)
@@ -453,7 +480,7 @@ def test_register_duplicate_id_raises():
 
 
 def test_register_duplicate_name_raises():
-    class Dup(codec.Int8Codec):
+    class Dup(base.Int8Codec):
         wire_id = 4243
 
     before = dict(codec.CODECS)
@@ -482,7 +509,7 @@ def test_encode_by_id_matches_by_name():
 
 
 def test_unavailable_codec_refuses_to_encode():
-    class Missing(codec.RawCodec):
+    class Missing(base.RawCodec):
         wire_id = 4244
         name = "missing"
 
@@ -558,7 +585,7 @@ def test_inconsistent_frame_passes_protocol_but_codec_rejects_it():
 
 
 def test_pinned_receive_buffers_are_capped_and_released(monkeypatch):
-    """Page-locked receive buffers (codec.pinned_buffer) stay under PINNED_RECEIVE_MAX_BYTES in
+    """Page-locked receive buffers (hostmem.pinned_buffer) stay under PINNED_RECEIVE_MAX_BYTES in
     all; past it, and where pinning fails, plain bytearrays. Freed buffers are counted out."""
     import gc
 
@@ -567,26 +594,26 @@ def test_pinned_receive_buffers_are_capped_and_released(monkeypatch):
     def fake_pinned(*a, pin_memory=False, **kw):  # no CUDA here: an ordinary tensor stands in
         return real_empty(*a, **kw)
 
-    monkeypatch.setattr(codec.torch, "empty", fake_pinned)
-    monkeypatch.setattr(codec, "PINNED_RECEIVE_MAX_BYTES", 1000)
-    base = codec.pinned_receive_bytes()
-    a = codec.pinned_buffer(600)
-    b = codec.pinned_buffer(600)  # would pass the cap
+    monkeypatch.setattr(hostmem.torch, "empty", fake_pinned)
+    monkeypatch.setattr(hostmem, "PINNED_RECEIVE_MAX_BYTES", 1000)
+    base = hostmem.pinned_receive_bytes()
+    a = hostmem.pinned_buffer(600)
+    b = hostmem.pinned_buffer(600)  # would pass the cap
     assert type(a.obj).__name__ == "ndarray" and isinstance(b.obj, bytearray)
-    assert codec.pinned_receive_bytes() == base + 600
+    assert hostmem.pinned_receive_bytes() == base + 600
     view = a[10:20]
     del a
     gc.collect()
-    assert codec.pinned_receive_bytes() == base + 600  # a slice still holds the buffer
+    assert hostmem.pinned_receive_bytes() == base + 600  # a slice still holds the buffer
     del view
     gc.collect()
-    assert codec.pinned_receive_bytes() == base
-    assert type(codec.pinned_buffer(900).obj).__name__ == "ndarray"
+    assert hostmem.pinned_receive_bytes() == base
+    assert type(hostmem.pinned_buffer(900).obj).__name__ == "ndarray"
     gc.collect()
-    assert codec.pinned_receive_bytes() == base
+    assert hostmem.pinned_receive_bytes() == base
 
     def refuse(*a, pin_memory=False, **kw):
         raise RuntimeError("no pinned memory")
 
-    monkeypatch.setattr(codec.torch, "empty", refuse)
-    assert isinstance(codec.pinned_buffer(100).obj, bytearray) and codec.pinned_receive_bytes() == base
+    monkeypatch.setattr(hostmem.torch, "empty", refuse)
+    assert isinstance(hostmem.pinned_buffer(100).obj, bytearray) and hostmem.pinned_receive_bytes() == base

@@ -10,14 +10,15 @@ import os
 
 import pytest
 import torch
-from comfyui_mesh import codec, codec_entropy, codec_quant, errors
+from comfyui_mesh import codec, errors
 from comfyui_mesh.protocol import WireTensor
+from comfyui_mesh.wirecodecs import backends, quant, sections
 
 LOSSY = ["quant", "q4", "clip-sparse"]
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 SHAPES = [(1, 1, 8), (1, 97, 64), (2, 31, 17), (1, 1, 1), (3, 5)]  # 1 token, prime tokens/channels
 BITS = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float64: torch.int64}
-HAVE_NVCOMP = torch.cuda.is_available() and codec_entropy.ANS.available() is None
+HAVE_NVCOMP = torch.cuda.is_available() and backends.ANS.available() is None
 # COMFYUI_MESH_TEST_DEVICE=cuda runs every round trip below on the GPU (nvCOMP ANS when present)
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")
 
@@ -108,7 +109,7 @@ def test_lossless_is_bit_exact(dtype):
         for layout in ("r", "c"):
             wt, y = round_trip(x, "lossless", {"layout": layout})
             assert wt.codec == 2 and wt.meta["l"] == (layout if x.ndim > 1 else "r")
-            assert wt.meta["be"] == ("zstd" if DEV == "cpu" else codec_entropy.pick_backend({}, x.to(DEV).device).name)
+            assert wt.meta["be"] == ("zstd" if DEV == "cpu" else backends.pick_backend({}, x.to(DEV).device).name)
             assert_bit_exact(y, x)
 
 
@@ -449,8 +450,8 @@ def test_missing_zstandard_gives_install_hints(monkeypatch):
             raise ImportError("No module named 'zstandard'")
         return real(name, *a, **k)
 
-    z = codec_entropy.ZstdBackend()
-    monkeypatch.setattr(codec_entropy.importlib, "import_module", fake)
+    z = backends.ZstdBackend()
+    monkeypatch.setattr(backends.importlib, "import_module", fake)
     assert "pip install zstandard" in (z.available() or "")
     with pytest.raises(errors.BackendUnavailable, match="pip install zstandard"):
         z.decompress(memoryview(b"abc"), 3, torch.device("cpu"))
@@ -460,20 +461,20 @@ def test_missing_zstandard_gives_install_hints(monkeypatch):
 def test_device_byte_plane_path_is_exact_on_the_cpu(dtype):
     """The shift-based split used on CUDA, run on the CPU: same bytes as the numpy path."""
     x = act((777,), torch.float64).to(dtype) if dtype.is_floating_point else torch.randint(0, 256, (777,)).to(dtype)
-    a = codec_entropy.planes(x, host_numpy=False)
-    b = codec_entropy.planes(x)
+    a = sections.planes(x, host_numpy=False)
+    b = sections.planes(x)
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
-    assert_bit_exact(codec_entropy.unplanes(a, dtype, host_numpy=False), x.reshape(-1))
-    assert_bit_exact(codec_entropy.unplanes(b, dtype), x.reshape(-1))
+    assert_bit_exact(sections.unplanes(a, dtype, host_numpy=False), x.reshape(-1))
+    assert_bit_exact(sections.unplanes(b, dtype), x.reshape(-1))
 
 
 def test_water_filling_step():
     var = torch.tensor([1e-6, 0.01, 1.0, 4.0])
     for d in (1e-4, 1e-3, 0.1, 0.5):
-        step = codec_quant.water_step(var, d)
+        step = quant.water_step(var, d)
         theta = step * step / 12
         assert float(torch.clamp(var.double(), max=theta).mean()) == pytest.approx(d, rel=1e-9)
-    assert codec_quant.water_step(var, 10.0) == math.inf
+    assert quant.water_step(var, 10.0) == math.inf
 
 
 @pytest.mark.skipif(not HAVE_NVCOMP, reason="needs nvidia.nvcomp (nvidia-nvcomp-cu12/13) and a CUDA GPU")
@@ -536,13 +537,13 @@ def test_quant_channel_order_must_be_a_permutation(bad):
 def batched(monkeypatch):
     """Every SectionReader decodes its coded sections in one batch (what GPU ANS payloads do),
     here with zstd on the CPU, so the batching logic runs in CI."""
-    init = codec_entropy.SectionReader.__init__
+    init = sections.SectionReader.__init__
 
     def forced(self, *a, **kw):
         init(self, *a, **kw)
         self.batched = self.data.nbytes > 0
 
-    monkeypatch.setattr(codec_entropy.SectionReader, "__init__", forced)
+    monkeypatch.setattr(sections.SectionReader, "__init__", forced)
 
 
 @pytest.mark.parametrize(
@@ -572,7 +573,7 @@ def test_batched_decoding_refuses_inflated_tables_before_decoding(batched, monke
     x = torch.randint(0, 4, (1, 200, 64), generator=torch.Generator().manual_seed(16)).float() * 1.5
     wt = wire_copy(codec.encode(x, "x", "lossless", {}))
     calls = []
-    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", lambda self, *a: calls.append(a))
+    monkeypatch.setattr(backends.ZstdBackend, "decompress", lambda self, *a: calls.append(a))
     table = [list(e) for e in wt.meta["s"]]
     coded = [i for i, e in enumerate(table) if e[0] == 1]
     assert len(coded) >= 2  # the first is checked against its expected size; the batch covers the rest

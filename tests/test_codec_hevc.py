@@ -17,11 +17,14 @@ import torch
 av = pytest.importorskip("av", reason="PyAV is not installed: pip install av (the 'codecs' extra)")
 
 from comfyui_mesh import codec, errors  # noqa: E402
-from comfyui_mesh import codec_hevc as H  # noqa: E402
 from comfyui_mesh.protocol import WireTensor  # noqa: E402
+from comfyui_mesh.wirecodecs import base, channels  # noqa: E402
+from comfyui_mesh.wirecodecs import hevc as H  # noqa: E402
+from comfyui_mesh.wirecodecs import hevc_engines as E  # noqa: E402
+from comfyui_mesh.wirecodecs import hevc_layout as L  # noqa: E402
 
-if H.x265_status() or H.pyav_decode_status():
-    pytest.skip(f"PyAV lacks libx265/hevc: {H.x265_status() or H.pyav_decode_status()}", allow_module_level=True)
+if E.x265_status() or E.pyav_decode_status():
+    pytest.skip(f"PyAV lacks libx265/hevc: {E.x265_status() or E.pyav_decode_status()}", allow_module_level=True)
 
 FLOATS = [torch.bfloat16, torch.float16, torch.float32]
 FAST = {"x265_preset": "ultrafast"}
@@ -57,10 +60,10 @@ def round_trip(x, name="nvenc", params=None):
     return wt, codec.decode(wire_copy(wt))
 
 
-def reference(x: torch.Tensor, quant=H.QUANT_MINMAX, share_q=0.9) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(x: torch.Tensor, quant=L.QUANT_MINMAX, share_q=0.9) -> tuple[torch.Tensor, torch.Tensor]:
     """What a lossless HEVC round trip must return exactly (8-bit quantization alone), and the steps."""
-    q, center, step = H.quantize(H.channel_major(x), quant, share_q)
-    return H.output(H.dequantize(q, center, step), x.dtype, tuple(x.shape)), step
+    q, center, step = L.quantize(channels.channel_major(x), quant, share_q)
+    return channels.output(L.dequantize(q, center, step), x.dtype, tuple(x.shape)), step
 
 
 def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -135,45 +138,45 @@ def test_refuses_non_float_and_float64():
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 97, 4096, 4099, 4608, 9973, 65537, 1 << 20])
 def test_token_layout_never_a_strip(n):
-    h, w = H.token_layout(n)
+    h, w = L.token_layout(n)
     assert h * w >= n and h * w - n < w
     if n >= 16:
         assert h > 1 and w > 1 and max(h, w) <= 2 * min(h, w) + 1, (n, h, w)
-    g = H.Geometry(n, 4096, h, w, 8)
+    g = L.Geometry(n, 4096, h, w, 8)
     if n <= 1 << 20:
-        assert g.width <= H.HEVC_MAX_DIM and g.height <= H.HEVC_MAX_DIM
-        assert g.width % H.HEVC_ALIGN == 0 and g.height % H.HEVC_ALIGN == 0
-        assert min(g.width, g.height) >= H.HEVC_MIN_DIM
+        assert g.width <= L.HEVC_MAX_DIM and g.height <= L.HEVC_MAX_DIM
+        assert g.width % L.HEVC_ALIGN == 0 and g.height % L.HEVC_ALIGN == 0
+        assert min(g.width, g.height) >= L.HEVC_MIN_DIM
 
 
 def test_token_layout_prefers_exact_grids():
-    assert H.token_layout(4096) == (64, 64)
-    assert H.token_layout(4608) == (72, 64)  # 512 text + 64 x 64 image tokens: image rows stay aligned
-    assert H.token_layout(97) == (10, 10)  # prime: padded near-square, 3 pad tokens
-    assert H.token_layout(4099) == (64, 65)
-    assert H.token_layout(100, row=30) == (4, 30)
-    assert H.original_layout(4608) == (64, 72) and H.original_layout(97) == (1, 97)
+    assert L.token_layout(4096) == (64, 64)
+    assert L.token_layout(4608) == (72, 64)  # 512 text + 64 x 64 image tokens: image rows stay aligned
+    assert L.token_layout(97) == (10, 10)  # prime: padded near-square, 3 pad tokens
+    assert L.token_layout(4099) == (64, 65)
+    assert L.token_layout(100, row=30) == (4, 30)
+    assert L.original_layout(4608) == (64, 72) and L.original_layout(97) == (1, 97)
 
 
 def test_frame_geometry_matches_the_original_for_flux():
     # FLUX at 1024^2: [1, 4096, 4096], tile 8 -> 22 frames of 512 x 512; tile 4 -> 86 of 256 x 256
-    g = H.Geometry(4096, 4096, 64, 64, 8)
+    g = L.Geometry(4096, 4096, 64, 64, 8)
     assert (g.frames, g.width, g.height) == (22, 512, 512)
-    g = H.Geometry(4096, 4096, 64, 64, 4)
+    g = L.Geometry(4096, 4096, 64, 64, 4)
     assert (g.frames, g.width, g.height) == (86, 256, 256)
 
 
-@pytest.mark.parametrize("tile", H.TILE_DIMS)
+@pytest.mark.parametrize("tile", L.TILE_DIMS)
 def test_pack_unpack_inverse(tile):
     g0 = torch.Generator().manual_seed(tile)
     for n, c in [(1, 1), (97, 13), (64, 3 * tile * tile), (30, 200)]:
-        h, w = H.token_layout(n)
-        g = H.Geometry(n, c, h, w, tile)
+        h, w = L.token_layout(n)
+        g = L.Geometry(n, c, h, w, tile)
         q = torch.randint(0, 256, (c, n), generator=g0, dtype=torch.int64).to(torch.uint8)
         for original in (False, True):
-            frames = H.pack(q, g, original=original)
+            frames = L.pack(q, g, original=original)
             assert frames.shape == (g.frames, 3, g.height, g.width) and frames.dtype == torch.uint8
-            assert torch.equal(H.unpack(frames, g), q)
+            assert torch.equal(L.unpack(frames, g), q)
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -192,11 +195,11 @@ def test_lossless_exact_through_x265(dtype, tile):
 
 def test_lossless_planes_bit_exact():
     x = smooth((1, 256, 40))
-    g = H.Geometry(256, 40, 16, 16, 2)
-    q, _, _ = H.quantize(H.channel_major(x), H.QUANT_MINMAX)
-    frames = H.pack(q, g)
-    bits = H.encode_x265(frames, H.settings({"lossless": True, **FAST}))
-    assert torch.equal(H.decode_pyav(memoryview(bits), g), frames)
+    g = L.Geometry(256, 40, 16, 16, 2)
+    q, _, _ = L.quantize(channels.channel_major(x), L.QUANT_MINMAX)
+    frames = L.pack(q, g)
+    bits = E.encode_x265(frames, L.settings({"lossless": True, **FAST}))
+    assert torch.equal(E.decode_pyav(memoryview(bits), g), frames)
 
 
 def test_lossy_qp18_budget_on_smooth_data():
@@ -212,22 +215,22 @@ def test_lossy_qp18_budget_on_smooth_data():
 def test_shared_step_mode():
     x = gauss((1, 64, 32), seed=3)
     wt, y = round_trip(x, params={"quant": "shared", "lossless": True, "tile_dim": 2})
-    want, step = reference(x, H.QUANT_SHARED)
+    want, step = reference(x, L.QUANT_SHARED)
     assert bits_equal(y, want)
     rng = x.reshape(-1, 32).amax(0) - x.reshape(-1, 32).amin(0)
     base = torch.quantile((rng / 255).double(), 0.9).item()
     assert torch.allclose(step.double(), torch.maximum(rng.double() / 255, torch.tensor(base)), rtol=1e-5)
     assert bool(((y - x).abs().reshape(-1, 32) <= step / 2 * (1 + 1e-5) + 1e-6).all())
-    assert struct.unpack_from("<B", wt.data, 5)[0] == H.QUANT_SHARED
+    assert struct.unpack_from("<B", wt.data, 5)[0] == L.QUANT_SHARED
 
 
 def test_original_baseline_truncates_and_uses_its_layout():
     x = smooth((1, 64, 20))
     wt, y = round_trip(x, name="hevc-orig", params={"lossless": True})
     assert wt.codec == 17
-    hdr = H.HEADER.unpack_from(wt.data)
-    assert hdr[2] == H.QUANT_TRUNC and hdr[3] == 8 and (hdr[7], hdr[8]) == H.original_layout(64)
-    want, step = reference(x, H.QUANT_TRUNC)
+    hdr = L.HEADER.unpack_from(wt.data)
+    assert hdr[2] == L.QUANT_TRUNC and hdr[3] == 8 and (hdr[7], hdr[8]) == L.original_layout(64)
+    want, step = reference(x, L.QUANT_TRUNC)
     assert bits_equal(y, want)
     d = (x.double() - y.double()).reshape(-1, 20)
     assert bool((d >= -1e-6).all()) and bool((d <= step.double() * (1 + 1e-5) + 1e-6).all())  # biased low
@@ -249,9 +252,9 @@ def test_original_baseline_refuses_its_own_strip_bug():
 def test_prime_token_counts(n):
     x = gauss((1, n, 3), torch.bfloat16, seed=n)
     wt, y = round_trip(x, params={"lossless": True, "tile_dim": 1})
-    hdr = H.HEADER.unpack_from(wt.data)
+    hdr = L.HEADER.unpack_from(wt.data)
     h, w, width, height = hdr[7], hdr[8], hdr[9], hdr[10]
-    assert h > 1 and w > 1 and width <= H.HEVC_MAX_DIM and height <= H.HEVC_MAX_DIM
+    assert h > 1 and w > 1 and width <= L.HEVC_MAX_DIM and height <= L.HEVC_MAX_DIM
     assert bits_equal(y, reference(x)[0])
 
 
@@ -326,14 +329,14 @@ def test_payload_layout_is_binary_and_length_checked():
     x = smooth((1, 64, c))
     wt, _ = round_trip(x, params={"tile_dim": 2})
     data = bytes(wt.data)
-    magic, ver, quant, tile, flags, n, cc, h, w, fw, fh, nf, nbytes, crc = H.HEADER.unpack_from(data)
+    magic, ver, quant, tile, flags, n, cc, h, w, fw, fh, nf, nbytes, crc = L.HEADER.unpack_from(data)
     assert (magic, ver, quant, tile, flags, n, cc, h, w) == (b"MHVC", 1, 0, 2, 0, 64, c, 8, 8)
     assert (fw, fh, nf) == (144, 144, 2)
-    assert len(data) == H.HEADER.size + 8 * c + nbytes and zlib.crc32(data[-nbytes:]) == crc
-    scales = torch.frombuffer(bytearray(data[H.HEADER.size : H.HEADER.size + 8 * c]), dtype=torch.float32)
+    assert len(data) == L.HEADER.size + 8 * c + nbytes and zlib.crc32(data[-nbytes:]) == crc
+    scales = torch.frombuffer(bytearray(data[L.HEADER.size : L.HEADER.size + 8 * c]), dtype=torch.float32)
     xc = x.reshape(-1, c)
     assert torch.allclose(scales[c:], (xc.amax(0) - xc.amin(0)) / 255)  # steps, float32, binary
-    assert data[H.HEADER.size + 8 * c : H.HEADER.size + 8 * c + 4] == b"\x00\x00\x00\x01"  # Annex-B start code
+    assert data[L.HEADER.size + 8 * c : L.HEADER.size + 8 * c + 4] == b"\x00\x00\x00\x01"  # Annex-B start code
 
 
 # ---------------------------------------------------------------------------- bad payloads
@@ -348,12 +351,12 @@ def _payload(x=None, params=None):
 
 
 def _with(wt, data: bytes, fix_crc=False) -> WireTensor:
-    if fix_crc and len(data) >= H.HEADER.size:
-        f = list(H.HEADER.unpack_from(data))
+    if fix_crc and len(data) >= L.HEADER.size:
+        f = list(L.HEADER.unpack_from(data))
         side = 8 * f[6]
-        f[13] = zlib.crc32(data[H.HEADER.size + side :])
-        f[12] = max(0, len(data) - H.HEADER.size - side)
-        data = H.HEADER.pack(*f) + data[H.HEADER.size :]
+        f[13] = zlib.crc32(data[L.HEADER.size + side :])
+        f[12] = max(0, len(data) - L.HEADER.size - side)
+        data = L.HEADER.pack(*f) + data[L.HEADER.size :]
     return dataclasses.replace(wt, data=data)
 
 
@@ -384,7 +387,7 @@ def test_truncated_payloads():
     clean = codec.decode(wt)
     data = bytes(wt.data)
     raised = 0
-    for cut in [0, 3, 10, H.HEADER.size - 1, H.HEADER.size, H.HEADER.size + 50, len(data) // 2, len(data) - 1]:
+    for cut in [0, 3, 10, L.HEADER.size - 1, L.HEADER.size, L.HEADER.size + 50, len(data) // 2, len(data) - 1]:
         _expect_codec_error(_with(wt, data[:cut]))  # the length check
         raised += _error_or_clean(_with(wt, data[:cut], fix_crc=True), clean)
     assert raised >= 6
@@ -394,7 +397,7 @@ def test_corrupted_bitstream_caught_by_crc_and_decoder():
     wt = _payload()
     clean = codec.decode(wt)
     data = bytearray(wt.data)
-    start = H.HEADER.size + 8 * C
+    start = L.HEADER.size + 8 * C
     rng = torch.Generator().manual_seed(0)
     changed = 0
     for _ in range(12):
@@ -422,17 +425,17 @@ def test_valid_stream_of_wrong_geometry_or_count():
     wt = _payload()  # 2 frames of 144 x 144
     other = _payload(smooth((1, 1024, C)), {"tile_dim": 8})  # 1 frame of 256 x 256
     data, odata = bytes(wt.data), bytes(other.data)
-    start = H.HEADER.size + 8 * C
-    assert H.HEADER.unpack_from(data)[11] == 2
+    start = L.HEADER.size + 8 * C
+    assert L.HEADER.unpack_from(data)[11] == 2
     _expect_codec_error(_with(wt, data[:start] + odata[start:], fix_crc=True))
     # one frame less, and one frame more, than the header declares
     x = smooth((1, 64, C))
-    g = H.Geometry(64, C, 8, 8, 2)
-    frames = H.pack(H.quantize(H.channel_major(x), H.QUANT_MINMAX)[0], g)
-    packets = H.x265_packets(frames, H.settings({"qp": 18, **FAST}))
+    g = L.Geometry(64, C, 8, 8, 2)
+    frames = L.pack(L.quantize(channels.channel_major(x), L.QUANT_MINMAX)[0], g)
+    packets = E.x265_packets(frames, L.settings({"qp": 18, **FAST}))
     assert len(packets) == 2 and data[start:] == b"".join(packets)  # the encoder is deterministic
     _expect_codec_error(_with(wt, data[:start] + packets[0], fix_crc=True))
-    three = H.x265_packets(torch.cat([frames, frames[:1]]), H.settings({"qp": 18, **FAST}))
+    three = E.x265_packets(torch.cat([frames, frames[:1]]), L.settings({"qp": 18, **FAST}))
     _expect_codec_error(_with(wt, data[:start] + b"".join(three), fix_crc=True))
 
 
@@ -442,18 +445,18 @@ def test_valid_stream_of_wrong_geometry_or_count():
 )
 def test_bad_header_fields(field, value):
     wt = _payload()
-    f = list(H.HEADER.unpack_from(wt.data))
+    f = list(L.HEADER.unpack_from(wt.data))
     f[field] = value
-    _expect_codec_error(_with(wt, H.HEADER.pack(*f) + bytes(wt.data)[H.HEADER.size :]))
+    _expect_codec_error(_with(wt, L.HEADER.pack(*f) + bytes(wt.data)[L.HEADER.size :]))
 
 
 def test_bad_scales_and_descriptor():
     wt = _payload()
     data = bytearray(wt.data)
-    struct.pack_into("<f", data, H.HEADER.size + 4, float("nan"))
+    struct.pack_into("<f", data, L.HEADER.size + 4, float("nan"))
     _expect_codec_error(_with(wt, bytes(data)))
     data = bytearray(wt.data)
-    struct.pack_into("<f", data, H.HEADER.size + 4 * C, -1.0)
+    struct.pack_into("<f", data, L.HEADER.size + 4 * C, -1.0)
     _expect_codec_error(_with(wt, bytes(data)))
     for bad in (
         dataclasses.replace(wt, shape=(1, 64, C + 1)),
@@ -474,7 +477,7 @@ def test_frame_over_hevc_limits_is_local_error():
         codec.encode(x, "x", "nvenc", {"row": 2000, "tile_dim": 8})
     codec.encode(x, "x", "nvenc", {"row": 1000, "tile_dim": 8, **FAST})  # 8000 wide: fits
     # a million-token layout that fits at tile 8 but not with a forced long row
-    g = H.Geometry(1 << 20, 16, *H.token_layout(1 << 20), 8)
+    g = L.Geometry(1 << 20, 16, *L.token_layout(1 << 20), 8)
     assert g.problem() is None
     # many channels of one token at tile 1 would need gigabytes of 144 x 144 frames
     with pytest.raises(errors.LocalError, match="bytes of video frames"):
@@ -499,7 +502,7 @@ class FakeSession:
 
 def test_session_cache_lru_releases_sessions():
     FakeSession.closed = []
-    cache = H.SessionCache(cap=2)
+    cache = E.SessionCache(cap=2)
     made = {}
 
     def get(k):
@@ -570,7 +573,7 @@ class FakeNvc:
                 return []  # NVENC may hold packets back until EndEncode
 
             def EndEncode(self):  # noqa: N802
-                pk = H.x265_packets(torch.stack(self.frames), H.settings({"lossless": True})) if self.frames else []
+                pk = E.x265_packets(torch.stack(self.frames), L.settings({"lossless": True})) if self.frames else []
                 self.frames = []
                 return [{"data": p} for p in pk[: len(pk) - nvc.drop]]
 
@@ -627,14 +630,14 @@ class FakeNvc:
 @pytest.fixture
 def fake_nvenc(monkeypatch):
     fake = FakeNvc()
-    monkeypatch.setitem(H._IMPORTS, "PyNvVideoCodec", (fake, None))
-    monkeypatch.setattr(H, "nvenc_status", lambda device=None: None)
-    monkeypatch.setattr(H, "nvenc_caps", lambda device=None: {"support_lossless_encode": 1})
-    monkeypatch.setitem(H._NVENC_STATE, "reuse", True)
-    monkeypatch.setitem(H._NVENC_STATE, "broken", "")
-    monkeypatch.setattr(H, "SESSIONS", H.SessionCache(cap=2))
+    monkeypatch.setitem(base._IMPORTS, "PyNvVideoCodec", (fake, None))
+    monkeypatch.setattr(E, "nvenc_status", lambda device=None: None)
+    monkeypatch.setattr(E, "nvenc_caps", lambda device=None: {"support_lossless_encode": 1})
+    monkeypatch.setitem(E._NVENC_STATE, "reuse", True)
+    monkeypatch.setitem(E._NVENC_STATE, "broken", "")
+    monkeypatch.setattr(E, "SESSIONS", E.SessionCache(cap=2))
     yield fake
-    H.SESSIONS.close_all()
+    E.SESSIONS.close_all()
 
 
 def test_nvenc_path_with_fake_encoder(fake_nvenc):
@@ -647,9 +650,9 @@ def test_nvenc_path_with_fake_encoder(fake_nvenc):
     round_trip(x, params={"qp": 20, "tile_dim": 2})
     round_trip(gauss((1, 1024, 3)), params={"qp": 20, "tile_dim": 8})
     assert [c[2:] for c in fake_nvenc.created] == [("0", "lossless"), ("20", "high_quality"), ("20", "high_quality")]
-    assert len(H.SESSIONS) == 2 and fake_nvenc.destroyed >= 1  # cap 2: the lossless session was released
-    H.close_sessions()
-    assert len(H.SESSIONS) == 0
+    assert len(E.SESSIONS) == 2 and fake_nvenc.destroyed >= 1  # cap 2: the lossless session was released
+    E.close_sessions()
+    assert len(E.SESSIONS) == 0
 
 
 def test_nvenc_misbehaving_session_falls_back(fake_nvenc, caplog):
@@ -657,62 +660,62 @@ def test_nvenc_misbehaving_session_falls_back(fake_nvenc, caplog):
     x = gauss((1, 64, 30))
     wt, y = round_trip(x, params={"lossless": True, "tile_dim": 2})
     assert wt.meta["enc"] == "x265" and bits_equal(y, reference(x)[0])
-    assert H._NVENC_STATE["broken"] and len(H.SESSIONS) == 0
+    assert E._NVENC_STATE["broken"] and len(E.SESSIONS) == 0
     with pytest.raises(errors.LocalError):
         codec.encode(x, "x", "nvenc", {"encoder": "nvenc"})
 
 
 @pytest.fixture
 def nvdec_state(monkeypatch):
-    monkeypatch.setattr(H, "_DECODERS", {})
-    monkeypatch.setitem(H._NVDEC_STATE, "reuse", True)
-    monkeypatch.setitem(H._NVDEC_STATE, "broken", "")
-    monkeypatch.setattr(H, "_ONCE", set())
+    monkeypatch.setattr(E, "_DECODERS", {})
+    monkeypatch.setitem(E._NVDEC_STATE, "reuse", True)
+    monkeypatch.setitem(E._NVDEC_STATE, "broken", "")
+    monkeypatch.setattr(E, "_ONCE", set())
 
 
 def _stream(n=100, c=40, qp=24):
     x = gauss((1, n, c))
     wt = codec.encode(x, "x", "nvenc", {**FAST, "qp": qp, "tile_dim": 2})  # 4 frames, lossy
-    head, _, bits = H.parse_header(memoryview(bytes(wt.data)), "x", n, c)
+    head, _, bits = L.parse_header(memoryview(bytes(wt.data)), "x", n, c)
     return wt, head.geom, bits
 
 
 def test_nvdec_orchestration_with_fake_decoder(nvdec_state):
     _, g, bits = _stream()
-    cpu = H.decode_pyav(bits, g)
+    cpu = E.decode_pyav(bits, g)
     fake = FakeNvc()
     for _ in range(3):
-        gpu = H.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake)
+        gpu = E.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake)
         assert torch.equal(gpu, cpu)  # HEVC decoding is exact: any conforming decoder gives these planes
-    assert fake.decoders == 1 and len(H._DECODERS) == 1  # one decoder, reused
+    assert fake.decoders == 1 and len(E._DECODERS) == 1  # one decoder, reused
     _, g2, bits2 = _stream(64, 24, qp=30)  # another stream, other frame size, same decoder
-    assert torch.equal(H.decode_nvdec(bits2, g2, torch.device("cpu"), nvc=fake), H.decode_pyav(bits2, g2))
+    assert torch.equal(E.decode_nvdec(bits2, g2, torch.device("cpu"), nvc=fake), E.decode_pyav(bits2, g2))
 
     class Broken(FakeNvc):
         def CreateDecoder(self, **kw):  # noqa: N802
             raise RuntimeError("cuvidCreateDecoder failed")
 
-    H._DECODERS.clear()
-    with pytest.raises(H.NvdecFailed, match="cuvidCreateDecoder"):
-        H.decode_nvdec(bits, g, torch.device("cpu"), nvc=Broken())
+    E._DECODERS.clear()
+    with pytest.raises(E.NvdecFailed, match="cuvidCreateDecoder"):
+        E.decode_nvdec(bits, g, torch.device("cpu"), nvc=Broken())
 
     class Short(FakeNvc):
         def CreateDemuxer(self, feed):  # noqa: N802
             return iter(list(super().CreateDemuxer(feed))[:3])
 
-    H._DECODERS.clear()
-    with pytest.raises(H.NvdecFailed, match="of 4 frames"):
-        H.decode_nvdec(bits, g, torch.device("cpu"), nvc=Short())
+    E._DECODERS.clear()
+    with pytest.raises(E.NvdecFailed, match="of 4 frames"):
+        E.decode_nvdec(bits, g, torch.device("cpu"), nvc=Short())
 
 
 def test_nvdec_decoder_that_cannot_be_reused(nvdec_state):
     _, g, bits = _stream()
-    cpu = H.decode_pyav(bits, g)
+    cpu = E.decode_pyav(bits, g)
     fake = FakeNvc()
     fake.reset_after_eos = False  # this decoder refuses a second stream
     for _ in range(3):
-        assert torch.equal(H.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake), cpu)
-    assert H._NVDEC_STATE["reuse"] is False and fake.decoders == 3 and not H._DECODERS
+        assert torch.equal(E.decode_nvdec(bits, g, torch.device("cpu"), nvc=fake), cpu)
+    assert E._NVDEC_STATE["reuse"] is False and fake.decoders == 3 and not E._DECODERS
 
 
 def test_nvdec_failure_falls_back_to_cpu_unless_the_payload_is_bad(nvdec_state, monkeypatch):
@@ -721,22 +724,22 @@ def test_nvdec_failure_falls_back_to_cpu_unless_the_payload_is_bad(nvdec_state, 
 
     def failing(bits, g, device, nvc=None):
         calls.append(1)
-        raise H.NvdecFailed("surface copy failed")
+        raise E.NvdecFailed("surface copy failed")
 
-    monkeypatch.setattr(H, "decode_nvdec", failing)
+    monkeypatch.setattr(E, "decode_nvdec", failing)
     wt = _payload()
-    start = H.HEADER.size + 8 * C
+    start = L.HEADER.size + 8 * C
     junk = _with(wt, bytes(wt.data)[:start] + b"\x00\x00\x00\x01" + bytes(range(256)) * 3, fix_crc=True)
     with pytest.raises(errors.CodecError):
         codec.decode(junk)
-    assert calls and H._NVDEC_STATE["broken"] == ""  # a bad payload is not NVDEC's fault
+    assert calls and E._NVDEC_STATE["broken"] == ""  # a bad payload is not NVDEC's fault
     x = smooth((1, 64, C))
     wt, y = round_trip(x, params={"tile_dim": 2, "lossless": True})
-    assert bits_equal(y, reference(x)[0]) and "surface copy failed" in H._NVDEC_STATE["broken"]
+    assert bits_equal(y, reference(x)[0]) and "surface copy failed" in E._NVDEC_STATE["broken"]
 
 
 def test_nvenc_unavailable_reason_and_x265_fallback_logged_once(caplog, monkeypatch):
-    monkeypatch.setattr(H, "_ONCE", set())
+    monkeypatch.setattr(E, "_ONCE", set())
     x = smooth((1, 16, 4))
     with caplog.at_level("WARNING", logger="comfyui_mesh"):
         for _ in range(3):
@@ -745,7 +748,7 @@ def test_nvenc_unavailable_reason_and_x265_fallback_logged_once(caplog, monkeypa
     msgs = [r.getMessage() for r in caplog.records if "libx265" in r.getMessage()]
     assert len(msgs) == 1 and "NVENC is not usable here" in msgs[0]
     if not torch.cuda.is_available():
-        assert "CUDA" in H.nvenc_status()
+        assert "CUDA" in E.nvenc_status()
         with pytest.raises(errors.LocalError, match="encoder=nvenc is not usable"):
             codec.encode(x, "x", "nvenc", {"encoder": "nvenc"})
 

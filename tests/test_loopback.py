@@ -266,7 +266,7 @@ def test_constants_larger_than_the_server_cache_still_work():
 
 def test_recv_message_receives_big_frames_into_the_body_allocator():
     """The socket loop hands the decoder's body_alloc the whole frame (page-locked memory on a
-    CUDA machine, see codec.receive_alloc); the tensor bytes are a view into that buffer."""
+    CUDA machine, see hostmem.receive_alloc); the tensor bytes are a view into that buffer."""
     body = bytes(range(256)) * (8 << 12)  # 8 MiB
     msg = protocol.Forward(seq=1, tensors=(protocol.WireTensor("x", "uint8", (len(body),), 0, body),))
     made: list[bytearray] = []

@@ -10,13 +10,15 @@ import os
 
 import pytest
 import torch
-from comfyui_mesh import codec, codec_entropy, errors
-from comfyui_mesh.codec_temporal import MAX_STREAMS, stream_state
+from comfyui_mesh import codec, errors
 from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.protocol import WireTensor
 from comfyui_mesh.server import core
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
+from comfyui_mesh.wirecodecs import backends
+from comfyui_mesh.wirecodecs.temporal import MAX_STREAMS, stream_state
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")  # cuda: the codec tests run on the GPU
@@ -224,6 +226,22 @@ def server(monkeypatch):
     srv.shutdown()
 
 
+@pytest.fixture
+def sent(monkeypatch):
+    """The temporal frames the client encoded, in order (the last one is what went out)."""
+    frames: list[WireTensor] = []
+    real = codec.encode
+
+    def recording(t, name, c="raw", params=None, state=None):
+        wt = real(t, name, c, params, state)
+        if wt.codec in (6, 7):
+            frames.append(wt)
+        return wt
+
+    monkeypatch.setattr(codec, "encode", recording)
+    return frames
+
+
 def _client(host, port):
     return MeshClient(ClientConfig(host=host, port=port, token=TOKEN), expect={"arch": "toy", "n_blocks": 3})
 
@@ -252,7 +270,7 @@ def _fwd(c, front, bias, name, stream=None, params=None):
     )
 
 
-def test_loopback_lossless_t_is_bit_identical_and_shrinks(server):
+def test_loopback_lossless_t_is_bit_identical_and_shrinks(server, sent):
     _, host, port = server
     model, bias, fronts = _steps(5, r=0.002)
     c = _client(host, port)
@@ -260,13 +278,13 @@ def test_loopback_lossless_t_is_bit_identical_and_shrinks(server):
         out, stats = _fwd(c, front, bias, "lossless-t", {"cond_or_uncond": [0, 1]})
         assert torch.equal(out["out"], model.run(front, bias, 5))
         assert stats.codec["codec"] == "lossless-t"
-        assert c._codec_state["_streams"]['{"cond_or_uncond":[0,1]}'][("enc", 6, "x")]["i"] == i
+        assert sent[-1].meta["i"] == i and sent[-1].meta["f"] == ("i" if i == 0 else "p")
     _, intra = _fwd(c, fronts[-1], bias, "lossless")
     assert stats.bytes_out < intra.bytes_out
     c.close()
 
 
-def test_loopback_state_loss_recovers_with_a_keyframe(server):
+def test_loopback_state_loss_recovers_with_a_keyframe(server, sent):
     _, host, port = server
     model, bias, fronts = _steps(6)
     c = _client(host, port)
@@ -277,15 +295,14 @@ def test_loopback_state_loss_recovers_with_a_keyframe(server):
     out, stats = _fwd(c, fronts[3], bias, "quant-t", params={"cosine": 0.9999})
     rel = float((out["out"] - model.run(fronts[3], bias, 5)).norm() / model.run(fronts[3], bias, 5).norm())
     assert rel < 0.01
-    ref = c._codec_state["_streams"]["{}"][("enc", 7, "x")]
-    assert ref["i"] == 0  # the client dropped its state and sent a keyframe
+    assert sent[-1].meta["f"] == "i"  # the client dropped its state and sent a keyframe
     out, _ = _fwd(c, fronts[4], bias, "quant-t", params={"cosine": 0.9999})
-    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 1  # and the stream goes on
+    assert sent[-1].meta["f"] == "p" and sent[-1].meta["i"] == 1  # and the stream goes on
     assert len(RecordingSession.made) == 1  # no reconnect was needed
     c.close()
 
 
-def test_loopback_reconnect_starts_with_keyframes(server):
+def test_loopback_reconnect_starts_with_keyframes(server, sent):
     srv, host, port = server
     model, bias, fronts = _steps(4)
     c = _client(host, port)
@@ -295,11 +312,11 @@ def test_loopback_reconnect_starts_with_keyframes(server):
     out, _ = _fwd(c, fronts[2], bias, "lossless-t")
     assert torch.equal(out["out"], model.run(fronts[2], bias, 5))
     assert len(RecordingSession.made) == 2
-    assert c._codec_state["_streams"]["{}"][("enc", 6, "x")]["i"] == 0
+    assert sent[-1].meta["f"] == "i"
     c.close()
 
 
-def test_loopback_generation_change_drops_both_sides(server):
+def test_loopback_generation_change_drops_both_sides(server, sent):
     _, host, port = server
     _, bias, fronts = _steps(3)
     c = _client(host, port)
@@ -309,16 +326,19 @@ def test_loopback_generation_change_drops_both_sides(server):
     assert session.codec_state["_gen"] == 1
     _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
     assert session.codec_state["_gen"] == 2
-    assert c._codec_state["_streams"]["{}"][("enc", 7, "x")]["i"] == 0
+    assert sent[-1].meta["f"] == "i"
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
+    assert sent[-1].meta["f"] == "p"
     c.end_stream()
-    assert c._codec_state == {}
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
+    assert sent[-1].meta["f"] == "i"  # end_stream dropped the client's references
     c.close()
 
 
 def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):
     _, host, port = server
     model, bias, fronts = _steps(2)
-    real = codec_entropy.ZstdBackend.decompress
+    real = backends.ZstdBackend.decompress
     calls = []
 
     def refuse_once(self, comp, n, device):
@@ -327,7 +347,7 @@ def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):
             raise errors.BackendUnavailable("pretend this payload is ANS and the server has no GPU", "ans")
         return real(self, comp, n, device)
 
-    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse_once)
+    monkeypatch.setattr(backends.ZstdBackend, "decompress", refuse_once)
     c = _client(host, port)
     out, stats = _fwd(c, fronts[0], bias, "quant", params={"cosine": 0.9999})
     assert c._codec_override == {"backend": "zstd"}
@@ -343,7 +363,7 @@ def test_loopback_unrecoverable_codec_errors_still_raise(server, monkeypatch):
     def refuse(self, comp, n, device):
         raise errors.BackendUnavailable("no zstd here", "zstd")
 
-    monkeypatch.setattr(codec_entropy.ZstdBackend, "decompress", refuse)
+    monkeypatch.setattr(backends.ZstdBackend, "decompress", refuse)
     c = _client(host, port)
     with pytest.raises(errors.RemoteFailure) as e:
         _fwd(c, fronts[0], bias, "lossless")
@@ -368,16 +388,15 @@ def test_loopback_auto_reports_its_choice(server):
 
 
 def test_auto_choice_follows_the_link():
-    from comfyui_mesh.codec_auto import choose
+    from comfyui_mesh.wirecodecs.auto import LinkInfo, choose
 
     mb = 37_748_736
-    slow = choose(mb, 2, True, "cuda:0", 12e6, {"cosine": 0.999})
-    assert slow["codec"] == "quant-t"
-    fast_cpu = choose(mb, 2, False, "cpu", 20e9, {"cosine": 0.999})
-    assert fast_cpu["codec"] == "raw"
-    exact_only = choose(mb, 2, False, "cpu", 12e6, {"lossless": True})
+    slow, fast = LinkInfo.assumed(12e6), LinkInfo.assumed(20e9)
+    assert choose(mb, 2, True, "cuda:0", slow, {"cosine": 0.999})["codec"] == "quant-t"
+    assert choose(mb, 2, False, "cpu", fast, {"cosine": 0.999})["codec"] == "raw"
+    exact_only = choose(mb, 2, False, "cpu", slow, {"lossless": True})
     assert exact_only["codec"] == "lossless" and exact_only["params"]["backend"] == "zstd"
-    assert choose(mb, 2, False, "cpu", 12e6, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
+    assert choose(mb, 2, False, "cpu", slow, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
 
 
 def test_server_without_gpu_entropy_asks_for_zstd(monkeypatch, caplog):

@@ -29,25 +29,13 @@ from typing import Any
 
 import torch
 
-from .codec import register, torch_dtype
-from .codec_entropy import (
-    EntropyCodec,
-    SectionReader,
-    SectionWriter,
-    channel_major,
-    float_input,
-    get_planes,
-    meta_int,
-    meta_str,
-    param_int,
-    pick_backend,
-    planes,
-    put_planes,
-    unplanes,
-)
-from .codec_quant import lossy_geometry, output, shared_decode, shared_encode
-from .errors import CodecError, LocalError, StreamStateError
-from .protocol import WireTensor
+from ..errors import CodecError, LocalError, StreamStateError
+from ..protocol import WireTensor
+from .backends import pick_backend
+from .base import LOSSY_DTYPES, check_shape, dtype_name, torch_dtype
+from .channels import channel_major, lossy_geometry, meta_int, meta_str, output, param_int
+from .quant import shared_decode, shared_encode
+from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_STREAMS = 8  # sub-streams kept per connection (least recently used dropped)
 MAX_KEY_CHARS = 512
@@ -79,15 +67,10 @@ class TemporalCodec(EntropyCodec):
     """Shared GOP logic; subclasses code one intra frame or one residual frame."""
 
     stateful = True
-    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    float_only = True
 
-    def encode(
-        self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None = None
-    ) -> WireTensor:
-        dname = float_input(t, name, self.name)
-        fb = self.raw_fallback(t, name)
-        if fb is not None:
-            return fb
+    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        dname = dtype_name(t.dtype)
         keyint = param_int(params, "keyint", DEFAULT_KEYINT, 0, 1 << 30)
         key = ("enc", self.wire_id, name)
         ref = state.get(key) if state is not None else None
@@ -115,7 +98,8 @@ class TemporalCodec(EntropyCodec):
         return WireTensor(name, dname, tuple(t.shape), self.wire_id, data, meta)
 
     def _decode(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None) -> torch.Tensor:
-        if wt.dtype not in self.dtypes:
+        check_shape(wt)  # before this stream's reference is touched
+        if wt.dtype not in LOSSY_DTYPES:
             raise CodecError(f"{self.name} payload for {wt.name!r} has dtype {wt.dtype}")
         frame = meta_str(wt.meta, "f", ("i", "p"))
         g = meta_int(wt.meta, "g", 0, (1 << 31) - 1)
@@ -306,7 +290,3 @@ class QuantTemporalCodec(TemporalCodec):
         alpha = r.raw(torch.float32, c, "reference scales")
         pred = channel_major(ref.reshape(n, c)).mul_(alpha[:, None])
         return output(pred.add_(shared_decode(r, wt.meta, c, n)), dtype, tuple(wt.shape))
-
-
-register(LosslessTemporalCodec())
-register(QuantTemporalCodec())

@@ -1,4 +1,4 @@
-"""Quantizing activation codecs followed by the entropy stage (ids 3, 4, 5; see codec_entropy).
+"""Quantizing activation codecs followed by the entropy stage (ids 3, 4, 5; see ``sections``).
 
 All three view the tensor as [N, C] (C = last axis, the channels; N = every other axis),
 apply the lossy non-finite policy (NaN -> 0, +-Inf -> +-largest finite magnitude of the
@@ -16,25 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .codec import numel, register, torch_dtype
-from .codec_entropy import (
-    EntropyCodec,
-    SectionReader,
-    SectionWriter,
-    channel_major,
-    float_input,
-    get_planes,
-    meta_float,
-    meta_int,
-    param_float,
-    param_int,
-    pick_backend,
-    planes,
-    put_planes,
-    unplanes,
-)
-from .errors import CodecError, LocalError
-from .protocol import WireTensor
+from ..errors import CodecError, LocalError
+from ..protocol import WireTensor
+from .backends import pick_backend
+from .base import dtype_name, itemsize
+from .channels import channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
+from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_Q = 1 << 20  # largest quantized magnitude (keeps float32 integer arithmetic exact)
 SAMPLE_PAIRS = 1024  # token pairs per channel that decide "delta or not" and the sort order
@@ -55,7 +42,8 @@ def water_step(var: torch.Tensor, distortion: float) -> float:
     and the channel's variance on a narrower one (it rounds to the channel mean): the water
     level theta = d^2/12 solves mean_c min(theta, var_c) = distortion. Returns inf when
     every channel can round to its mean."""
-    v = np.sort(np.clip(var.detach().double().cpu().numpy(), 0.0, None))  # numpy: ~20x fewer us than torch here
+    arr: Any = var.detach().double().cpu().numpy()
+    v = np.sort(arr.clip(0.0, None))  # numpy: ~20x fewer us than torch here
     c = v.size
     if c == 0 or distortion <= 0:
         return 0.0
@@ -367,7 +355,7 @@ def put_outliers(w: SectionWriter, xt: torch.Tensor, idx: torch.Tensor, dtype: t
     """Outlier channels kept exact in the input dtype (16 bits for bf16/fp16; after the NaN policy).
     Returns the other channels of xt, the ones left to quantize."""
     if not idx.numel():  # the same empty sections, without the tensor ops
-        w.empty(1 + torch.empty((), dtype=dtype).element_size())
+        w.empty(1 + itemsize(dtype))
         return xt
     w.raw(idx.to(index_dtype(xt.shape[0])))
     put_planes(w, xt.index_select(0, idx).to(dtype))
@@ -387,7 +375,7 @@ def outliers_first(
 def get_outliers(r: SectionReader, no: int, c: int, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(channel indices, float32 [no, N] values)."""
     if no == 0:  # the empty sections, checked without tensor ops
-        r.skip_empty(1 + torch.empty((), dtype=dtype).element_size(), "outlier")
+        r.skip_empty(1 + itemsize(dtype), "outlier")
         return torch.zeros(0, dtype=torch.int64), torch.zeros((0, n))
     idx = r.raw(index_dtype(c), no, "outlier channels").long()
     if no and (int(idx.min()) < 0 or int(idx.max()) >= c or (no > 1 and not bool((idx[1:] > idx[:-1]).all()))):
@@ -410,26 +398,6 @@ def merge_outliers(y: torch.Tensor, c: int, idx: torch.Tensor, vals: torch.Tenso
     out.index_copy_(0, rest_of(c, idx), y)
     out.index_copy_(0, idx, vals)
     return out
-
-
-def output(yt: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """float32 [C, N] -> the tensor in ``dtype`` and ``shape`` (16-bit: narrow first, then
-    transpose 16-bit words, which is much faster than transposing floats). Clamped to the
-    dtype's finite range: a value within half a step of float16's 65504 must not become inf."""
-    fmax = torch.finfo(dtype).max
-    yt = yt.clamp_(-fmax, fmax)
-    if dtype in (torch.float16, torch.bfloat16):
-        return yt.to(dtype).view(torch.int16).t().contiguous().view(dtype).reshape(shape)
-    return yt.t().contiguous().reshape(shape)
-
-
-def lossy_geometry(wt: WireTensor) -> tuple[torch.dtype, int, int]:
-    """(dtype, channels, tokens) of a lossy payload's descriptor."""
-    if wt.dtype not in ("float32", "float16", "bfloat16"):
-        raise CodecError(f"lossy payload for {wt.name!r} has dtype {wt.dtype}")
-    c = wt.shape[-1]
-    total = numel(wt.shape)
-    return torch_dtype(wt.dtype), c, (total // c if c else 0)
 
 
 # ---------------------------------------------------------------------------- codecs
@@ -455,12 +423,10 @@ class QuantCodec(EntropyCodec):
 
     wire_id = 3
     name = "quant"
+    float_only = True
 
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        dname = float_input(t, name, self.name)
-        fb = self.raw_fallback(t, name)
-        if fb is not None:
-            return fb
+    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        dname = dtype_name(t.dtype)
         w = SectionWriter(pick_backend(params, t.device))
         xt, idx = outliers_first(w, t, params, 0.0)
         meta, _ = shared_encode(w, xt, None, params)
@@ -498,12 +464,10 @@ class Q4Codec(EntropyCodec):
 
     wire_id = 4
     name = "q4"
+    float_only = True
 
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        dname = float_input(t, name, self.name)
-        fb = self.raw_fallback(t, name)
-        if fb is not None:
-            return fb
+    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        dname = dtype_name(t.dtype)
         g = param_int(params, "group", 32, 2, 4096)
         if g % 2:
             raise LocalError(f"q4 group={g} must be even")
@@ -534,9 +498,9 @@ class Q4Codec(EntropyCodec):
             raise CodecError(f"q4 group {g} is odd")
         cr = c - no
         ng = -(-n // g)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        size = itemsize(dtype)
         # its groups are padded: up to g/2 + 2 bytes a group even for one token
-        r = SectionReader(wt, device, coded_limit=no * n * itemsize + cr * ng * (g // 2 + 2))
+        r = SectionReader(wt, device, coded_limit=no * n * size + cr * ng * (g // 2 + 2))
         idx, vals = get_outliers(r, no, c, n, dtype)
         scale = get_planes(r, torch.bfloat16, cr * ng, "group scales").float().reshape(cr, ng, 1)
         packed = r.coded(cr * ng * g // 2, "4-bit values")
@@ -559,12 +523,10 @@ class ClipSparseCodec(EntropyCodec):
 
     wire_id = 5
     name = "clip-sparse"
+    float_only = True
 
-    def encode(self, t: torch.Tensor, name: str, params: dict[str, Any]) -> WireTensor:
-        dname = float_input(t, name, self.name)
-        fb = self.raw_fallback(t, name)
-        if fb is not None:
-            return fb
+    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        dname = dtype_name(t.dtype)
         pct = param_float(params, "pct", 0.5, 1e-9, 49.999)
         w = SectionWriter(pick_backend(params, t.device))
         xt = channel_major(t)
@@ -605,8 +567,3 @@ class ClipSparseCodec(EntropyCodec):
                 raise CodecError("sparse outlier positions are not increasing inside the tensor")
             y.view(-1)[pos] = vals.float()
         return output(y, dtype, tuple(wt.shape))
-
-
-register(QuantCodec())
-register(Q4Codec())
-register(ClipSparseCodec())
