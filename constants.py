@@ -77,3 +77,6 @@ DEFAULT_LINK_BPS = 117e6
 # ---------------------------------------------------------------------------- caches
 # Per-connection cache of per-generation constants (RoPE tables, masks) on the server.
 SERVER_CONST_CACHE_BYTES = 2 << 30
+
+# The client name of the node's status probe: Daedalus neither logs nor shows it as a client session.
+STATUS_CLIENT_NAME = "icarus-status"

@@ -43,13 +43,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import codec, handshake
+from . import auth, codec, handshake
 from .auth import new_nonce
 from .config import ClientConfig
-from .constants import PRE_AUTH_MAX_BODY, TOKEN_ENV
+from .constants import PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME, TOKEN_ENV
 from .errors import LocalError, MeshError
 from .netio import recv_message, send_message
-from .protocol import Bye, Challenge, Error, FrameDecoder
+from .protocol import Auth, Bye, Challenge, Error, ErrorCode, FrameDecoder
 from .transport import MeshClient, drop_pooled
 
 log = logging.getLogger("comfyui_mesh")
@@ -122,14 +122,23 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     except OSError as e:
         out["error"] = f"cannot reach {address}: {e.strerror or e}"
         return out
+    token_rejected = ""
     try:
         sock.settimeout(timeout)
         versions = handshake.local_versions(_comfyui_version())
         hello = handshake.make_hello(
-            handshake.Expect(), versions, nonce=new_nonce(), codecs=codec.available_ids(), client_name="icarus-status"
+            handshake.Expect(),
+            versions,
+            nonce=new_nonce(),
+            codecs=codec.available_ids(),
+            client_name=STATUS_CLIENT_NAME,
         )
         send_message(sock, hello)
-        ch, _ = recv_message(sock, FrameDecoder(max_body=PRE_AUTH_MAX_BODY))
+        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY)
+        ch, _ = recv_message(sock, dec)
+        token = store.get(host, port) if out["token_saved"] else None
+        if isinstance(ch, Challenge) and ch.auth != handshake.AUTH_NONE and token:
+            token_rejected = _try_token(sock, dec, ch, hello.nonce, token)
         try:
             send_message(sock, Bye(reason="status probe"))
         except OSError:
@@ -161,9 +170,25 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     found = handshake.problems(ch, handshake.Expect(), versions, handshake.allow_skew())
     found += handshake.auth_problems(ch, out["token_saved"] or out["token_env"])
     out["problems"] = [p.brief for p in found]
-    out["error"] = out["problems"][0] if found else None
-    out["state"] = "red" if out["error"] else "green"
+    out["token_rejected"] = bool(token_rejected)
+    if token_rejected:  # reachable and usable once the right token is saved: amber, not red
+        out["problems"].insert(0, token_rejected)
+    out["error"] = out["problems"][0] if out["problems"] else None
+    out["state"] = "amber" if token_rejected else "red" if out["error"] else "green"
     return out
+
+
+def _try_token(sock: socket.socket, dec: FrameDecoder, ch: Challenge, nonce: str, token: str) -> str:
+    """Complete the handshake with the saved token: "" when the server accepts it, else why not."""
+    send_message(sock, Auth(mac=auth.client_proof(token, nonce, ch.nonce)))
+    reply, _ = recv_message(sock, dec)
+    if isinstance(reply, Error) and ErrorCode.of(reply.code) is ErrorCode.AUTH_FAILED:
+        source = f"{TOKEN_ENV} (set in ComfyUI's environment)" if os.environ.get(TOKEN_ENV, "").strip() else "saved"
+        return (
+            f"token rejected: the {source} token is not this server's; paste the token Daedalus prints "
+            "with the node's Token… button"
+        )
+    return ""
 
 
 class Prober:

@@ -23,7 +23,7 @@ import torch
 
 from .. import codec, hostmem
 from ..config import ServerConfig
-from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY
+from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
 from ..netio import recv_message, send_message, tune_socket
@@ -157,6 +157,7 @@ class Session:
         self.state = state
         self.peer = peer
         self.closed = False
+        self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
@@ -211,8 +212,12 @@ class Session:
                 self.state.emit(kind="auth_failed", peer=self.peer)
             elif hs.ready:
                 name = hs.hello.client_name if hs.hello else "?"
-                log.info("%s: client '%s' connected", self.peer, name)
-                self.state.emit(kind="client", peer=self.peer, connected=True)
+                self.status_probe = name == STATUS_CLIENT_NAME
+                if self.status_probe:  # a node's status light checking its token: not a client session
+                    log.debug("%s: status probe authenticated", self.peer)
+                else:
+                    log.info("%s: client '%s' connected", self.peer, name)
+                    self.state.emit(kind="client", peer=self.peer, connected=True)
             return replies
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
@@ -460,7 +465,7 @@ class DaedalusServer:
                         break
         finally:
             st.stats.clients -= 1
-            if session.phase == "ready":
+            if session.phase == "ready" and not session.status_probe:
                 log.info("%s: disconnected", peer)
                 st.emit(kind="client", peer=peer, connected=False)
             self._conns.discard(conn)

@@ -66,8 +66,19 @@ def test_probe_reads_the_challenge_without_logging_in(toy, monkeypatch):
     assert events == [], "a probe must not log in (no client event on the server)"
     monkeypatch.setenv("COMFYUI_MESH_TOKEN", TOKEN)
     s = routes.probe(host, port)
-    assert s["state"] == "green" and s["error"] is None and s["token_env"]
+    assert s["state"] == "green" and s["error"] is None and s["token_env"] and not s["token_rejected"]
+    assert events == [], "a status probe is no client session (nothing shown in the Daedalus window)"
     json.dumps(s)  # the route returns it as JSON
+
+
+def test_probe_shows_a_rejected_token_in_amber(toy, monkeypatch):
+    host, port, events = toy
+    monkeypatch.setenv("COMFYUI_MESH_TOKEN", "f" * 32)
+    s = routes.probe(host, port)
+    assert s["state"] == "amber" and s["token_rejected"] and s["reachable"]
+    assert s["error"].startswith("token rejected") and "Token… button" in s["error"]
+    assert s["problems"][0] == s["error"]
+    assert [e["kind"] for e in events] == ["auth_failed"]
 
 
 def test_probe_shows_every_problem_and_the_first_as_the_error(toy, monkeypatch):

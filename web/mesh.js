@@ -19,6 +19,7 @@ const CSS = `
 .mesh-light{width:11px;height:11px;border-radius:50%;flex:none;background:#777;box-shadow:0 0 0 1px #0006}
 .mesh-light[data-state=green]{background:#33c05a;box-shadow:0 0 6px #33c05a}
 .mesh-light[data-state=red]{background:#e04848;box-shadow:0 0 6px #e04848}
+.mesh-light[data-state=amber]{background:#e0a030;box-shadow:0 0 6px #e0a030}
 .mesh-text{flex:1;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
 .mesh-btn{font:inherit;padding:1px 7px;border-radius:4px;border:1px solid #666;background:#333;color:#eee;cursor:pointer}
 .mesh-btn:hover{background:#444}

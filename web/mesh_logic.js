@@ -23,7 +23,7 @@ export function statusUrl(addr) {
   return `/mesh/status?host=${encodeURIComponent(addr.host)}&port=${addr.port}`;
 }
 
-/** The light: {state: grey|green|red, text, title} for a node's values and its server's status. */
+/** The light: {state: grey|green|amber|red, text, title} for a node's values and its server's status. */
 export function lightFor(values, status) {
   const n = Number(values?.n_blocks_remote);
   if (n === 0) {
@@ -39,6 +39,9 @@ export function lightFor(values, status) {
       `, holding the last ${status.n_blocks} of ${status.n_blocks_max} blocks.` +
       (status.auth_needed ? " Token saved." : " No authentication.");
     return { state: "green", text, title };
+  }
+  if (status.state === "amber" && status.token_rejected) {
+    return { state: "amber", text: `${where} · token rejected`, title: status.error || "token rejected" };
   }
   const error = status.error || "unreachable";
   const text = status.reachable && Number.isInteger(status.n_blocks)
@@ -181,7 +184,8 @@ export function parseStored(text) {
 export const HELP_SECTIONS = [
   ["Connection", "Icarus (this node) runs the first blocks of the model here and sends the state at the seam to " +
     "Daedalus, which runs the last n_blocks_remote blocks and the output layer. remote_host/remote_port name the " +
-    "Daedalus machine (127.0.0.1 for a second GPU in this PC). The light: green = reachable and usable, red = " +
+    "Daedalus machine (127.0.0.1 for a second GPU in this PC). The light: green = reachable and usable, amber = the " +
+    "saved token is rejected (save the one Daedalus prints), red = " +
     "not (the text says why), grey = local or not checked yet. Daedalus prints a token at its first start: paste it " +
     "with Token… (it is kept in ComfyUI's user folder, never in the workflow)."],
   ["n_blocks_remote", "How many blocks, counted from the END of the model, run on Daedalus. It must equal the " +

@@ -31,6 +31,14 @@ test("light: grey when local, unknown or unaddressed; green; red with the reason
   assert.match(rr.text, /server n=4 · token needed/);
 });
 
+test("light: amber when the saved token is rejected", () => {
+  const why = "token rejected: the saved token is not this server's";
+  const a = L.lightFor(node(), { ...green, state: "amber", token_rejected: true, error: why });
+  assert.equal(a.state, "amber");
+  assert.equal(a.text, "127.0.0.1:7777 · token rejected");
+  assert.equal(a.title, why);
+});
+
 test("mismatch: confirm when the server differs, range when the model is too small, none otherwise", () => {
   assert.equal(L.mismatch(node(), green), null);
   assert.equal(L.mismatch(node({ n_blocks_remote: 0 }), green), null);
