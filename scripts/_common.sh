@@ -86,3 +86,33 @@ comfy_requirements() {
   fi
   run "$1" -m pip install -r "$reqs"
 }
+
+# The torch build for this machine: MESH_TORCH (cuda|cpu), else cuda with an NVIDIA driver, else cpu.
+mesh_torch_build() {
+  if [ -n "${MESH_TORCH:-}" ]; then
+    echo "$MESH_TORCH"
+  elif [ "$(mesh_default_device)" = cpu ]; then echo cpu; else echo cuda; fi
+}
+
+# The wheel index for that build: MESH_TORCH_INDEX, else PyTorch's CPU index for a CPU build on Linux
+# (there the default wheel is the multi-GB CUDA build), else "" (the default index).
+mesh_torch_index() {
+  if [ -n "${MESH_TORCH_INDEX:-}" ]; then
+    echo "$MESH_TORCH_INDEX"
+  elif [ "$(mesh_torch_build)" = cpu ] && [ "$(uname -s)" = Linux ]; then
+    echo https://download.pytorch.org/whl/cpu
+  fi
+}
+
+# install_torch PYTHON PACKAGE...: pip-install torch (and friends) from this machine's index.
+install_torch() {
+  local py=$1 index
+  shift
+  index=$(mesh_torch_index)
+  if [ -n "$index" ]; then
+    run "$py" -m pip install "$@" --index-url "$index"
+  else
+    run "$py" -m pip install "$@"
+  fi
+}
+

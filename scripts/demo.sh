@@ -26,10 +26,10 @@ if [ -z "${COMFYUI_PATH:-}" ]; then
   fi
 fi
 export COMFYUI_PATH
-# ComfyUI needs torchvision and torchaudio next to torch.
-python -c "import torch, torchvision, torchaudio" 2>/dev/null || python -m pip install -q torch torchvision torchaudio
 # shellcheck source=_common.sh source-path=SCRIPTDIR
 . "$HERE/_common.sh"
+# ComfyUI needs torchvision and torchaudio next to torch (the CPU build where there is no NVIDIA driver).
+python -c "import torch, torchvision, torchaudio" 2>/dev/null || install_torch python -q torch torchvision torchaudio
 comfy_requirements python "$COMFYUI_PATH"
 python -m pip install -q -e ".[codecs]"
 exec python -m comfyui_mesh.demo --comfyui "$COMFYUI_PATH" "$@"

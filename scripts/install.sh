@@ -26,20 +26,8 @@ say "2/6 torch"
 if [ -x "$PY" ] && "$PY" -c "import torch" >/dev/null 2>&1 && [ -z "${MESH_TORCH:-}${MESH_TORCH_INDEX:-}" ]; then
   say "    kept: $("$PY" -c 'import torch; print(torch.__version__)')"
 else
-  want=${MESH_TORCH:-}
-  if [ -z "$want" ]; then
-    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then want=cuda; else want=cpu; fi
-  fi
-  index=${MESH_TORCH_INDEX:-}
-  if [ -z "$index" ] && [ "$want" = cpu ] && [ "$(uname -s)" = Linux ]; then
-    index=https://download.pytorch.org/whl/cpu # Linux's default wheel is the large CUDA build
-  fi
-  say "    installing the $want build"
-  if [ -n "$index" ]; then
-    run "$PY" -m pip install torch torchvision torchaudio --index-url "$index"
-  else
-    run "$PY" -m pip install torch torchvision torchaudio
-  fi
+  say "    installing the $(mesh_torch_build) build"
+  install_torch "$PY" torch torchvision torchaudio
 fi
 
 say "3/6 ComfyUI"

@@ -10,8 +10,11 @@ PY=${PYTHON:-python3}
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
 python -m pip install -q --upgrade pip
-# CPU torch is enough for the tests (on this project's machines 2.13.0 comes from local disk).
-python -c "import torch" 2>/dev/null || python -m pip install -q "torch==2.13.0"
+# The tests need no GPU: without an NVIDIA driver torch comes from PyTorch's CPU index (the default
+# Linux wheel is the multi-GB CUDA build; on this project's machines 2.13.0 is a local CPU wheel).
+# shellcheck source=_common.sh source-path=SCRIPTDIR
+. scripts/_common.sh
+python -c "import torch" 2>/dev/null || install_torch python -q "torch==2.13.0"
 python -m pip install -q -e ".[codecs,test]"
 # System tools the GUI/launcher tests use (a virtual display, clicks, screenshots, shell lint).
 # Installed only in CI (CI=true) or on request; elsewhere those tests skip with a reason.

@@ -90,7 +90,9 @@ def test_install_dry_run_clones_the_pinned_release_when_no_comfyui_is_around(tmp
     cmds = commands(out)
     assert cmds[0] == f"python3 -m venv {venv}"
     assert f"git clone --depth 1 --branch v0.28.0 https://github.com/Comfy-Org/ComfyUI {repo}/.vendor/ComfyUI" in cmds
-    assert any(c.startswith(f"{venv}/bin/python -m pip install torch torchvision torchaudio") for c in cmds)
+    (torch,) = [c for c in cmds if c.startswith(f"{venv}/bin/python -m pip install torch torchvision torchaudio")]
+    if not shutil.which("nvidia-smi"):  # no NVIDIA driver: the CPU build, not Linux's default CUDA wheel
+        assert torch.endswith("--index-url https://download.pytorch.org/whl/cpu")
     assert any(c.endswith(f"-m pip install -r {venv}/comfyui-requirements.txt") for c in cmds)
     assert any("-m pip install -e" in c and "[codecs" in c for c in cmds)
     assert cmds[-1] == f"{venv}/bin/python -m comfyui_mesh.server.check --comfyui {repo}/.vendor/ComfyUI"
