@@ -80,3 +80,6 @@ SERVER_CONST_CACHE_BYTES = 2 << 30
 
 # The client name of the node's status probe: Daedalus neither logs nor shows it as a client session.
 STATUS_CLIENT_NAME = "icarus-status"
+
+# How a user adds the optional codec libraries (zstandard, PyAV): the README's install line.
+CODECS_EXTRA_HINT = 'from ComfyUI/custom_nodes, python -m pip install -e "ComfyUI-Mesh[codecs]"'

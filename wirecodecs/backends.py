@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from ..constants import ANS_CHUNK_BYTES
+from ..constants import ANS_CHUNK_BYTES, CODECS_EXTRA_HINT
 from ..errors import BackendUnavailable, CodecError, LocalError
 from .base import host_view, optional_import, to_bytes
 
 BACKENDS = ("zstd", "ans")
 
-ZSTD_HINT = "pip install zstandard (or: pip install 'comfyui-mesh[codecs]')"
+ZSTD_HINT = f"pip install zstandard (or: {CODECS_EXTRA_HINT})"
 NVCOMP_HINT = (
     "pip install nvidia-nvcomp-cu12 nvidia-libnvcomp-cu12 (-cu13 for a CUDA 13 torch) on a machine with an NVIDIA GPU"
 )

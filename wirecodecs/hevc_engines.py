@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..constants import CODECS_EXTRA_HINT
 from ..errors import CodecError, LocalError
 from .base import optional_import
 from .hevc_layout import NVENC_PRESET, Geometry, Settings
@@ -29,7 +30,7 @@ log = logging.getLogger("comfyui_mesh")
 NVENC_SESSIONS = 3  # cached NVENC sessions (consumer cards allow few concurrent sessions)
 NVENC_GOP = 1 << 16  # no periodic I-frames: each tensor starts with a forced IDR
 
-AV_HINT = "pip install av (or: pip install 'comfyui-mesh[codecs]')"
+AV_HINT = f"pip install av (or: {CODECS_EXTRA_HINT})"
 NVC_HINT = (
     "pip install pynvvideocodec, on a machine whose NVIDIA driver exposes the video libraries "
     "(libnvidia-encode, libnvcuvid; in containers NVIDIA_DRIVER_CAPABILITIES must include 'video')"
