@@ -35,7 +35,7 @@ ruff check .                 # lint
 ruff format --check .        # formatting
 mypy                         # type-check the core (files listed in pyproject.toml)
 set +e
-python -m pytest tests -q "$@"
+python -m pytest tests -q --cov=comfyui_mesh --cov-report=term "$@"  # with the coverage table
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
