@@ -312,23 +312,39 @@ def set_model_options_patch_replace(
 
 
 class FakeGuider:
-    """CFGGuider's shape: ``outer_sample`` loads the model, runs the steps, unloads it."""
+    """CFGGuider's shape (``model_patcher``, ``model_options``, ``conds``, ``cfg``): ``outer_sample``
+    takes ComfyUI's arguments, loads the model, runs the steps (Euler), unloads it."""
 
-    def __init__(self, patcher: FakeModelPatcher, model_options: dict, cfg: float):
+    def __init__(self, patcher: FakeModelPatcher, model_options: dict, cfg: float, conds: list[dict], extra: dict):
         self.model_patcher = patcher
         self.model_options = model_options
         self.cfg = cfg
+        self.conds = conds
+        self.extra = extra
         self.model_calls = 0
 
-    def outer_sample(self, noise: Any, sigmas: torch.Tensor, conds: list[dict[str, Any]], extra: dict) -> Any:
+    def outer_sample(
+        self,
+        noise: Any,
+        latent_image: Any,
+        sampler: Any,
+        sigmas: torch.Tensor,
+        denoise_mask: Any = None,
+        callback: Any = None,
+        disable_pbar: bool = False,
+        seed: int | None = None,
+        latent_shapes: Any = None,
+    ) -> Any:
         p = self.model_patcher
         p.patch_model()
         try:
             x = noise
             for i in range(len(sigmas) - 1):
-                v = self.predict(x, sigmas[i], sigmas, conds, extra)
+                v = self.predict(x, sigmas[i], sigmas, self.conds, self.extra)
                 dt = sigmas[i + 1] - sigmas[i]
                 x = _map2(lambda a, b: a + dt * b, x, v)  # noqa: B023 (used at once)
+                if callback is not None:
+                    callback(i, v, x, len(sigmas) - 1)
             return x
         finally:
             p.cleanup()
@@ -386,15 +402,17 @@ def sample(
         raise RuntimeError("fake_comfy.sample needs comfy.patcher_extension installed (use the fixture)")
     options = copy_nested(patcher.model_options)
     pe.merge_nested_dicts(options["transformer_options"].setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    guider = FakeGuider(patcher, options, cfg)
     conds = [positive] + ([negative] if negative is not None else [])
+    guider = FakeGuider(patcher, options, cfg, conds, extra)
+    options["transformer_options"]["sample_sigmas"] = sigmas
     executor = pe.WrapperExecutor.new_class_executor(
         guider.outer_sample,
         guider,
         pe.get_all_wrappers(pe.WrappersMP.OUTER_SAMPLE, options, is_model_options=True),
     )
+    latent = _map(torch.zeros_like, noise)
     with torch.inference_mode():
-        out = executor.execute(noise, sigmas, conds, extra)
+        out = executor.execute(noise, latent, "euler", sigmas, None, None, True, 0, latent_shapes=None)
     return out, guider
 
 

@@ -31,10 +31,21 @@ class Empty(torch.nn.Module):
         raise RuntimeError("a module the back half never runs was called on the server")
 
 
-class StandinBackend:
-    comfyui_version = fake_comfy.FAKE_VERSION
+def comfy_version() -> str:
+    """The version the client side sees (the fake's, or the real ComfyUI's), so the handshake agrees."""
+    try:
+        import comfyui_version  # type: ignore[import-not-found]
 
-    def __init__(self, family: str, n_blocks: int, seed: int = 0, device: str = "cpu", **config: Any):
+        return str(comfyui_version.__version__)
+    except ImportError:
+        return ""
+
+
+class StandinBackend:
+    def __init__(
+        self, family: str, n_blocks: int, seed: int = 0, device: str = "cpu", version: str | None = None, **config: Any
+    ):
+        self.comfyui_version = comfy_version() if version is None else version
         self.adapter = arch.get(family)
         self.arch = family
         full = fake_dit.build(family, seed, **config)
@@ -96,11 +107,14 @@ class StandinBackend:
 
 
 @contextlib.contextmanager
-def serve(family: str, n_blocks: int, seed: int = 0, token: str | None = TOKEN, **config: Any) -> Iterator[Any]:
+def serve(
+    family: str, n_blocks: int, seed: int = 0, token: str | None = TOKEN, version: str | None = None, **config: Any
+) -> Iterator[Any]:
     """A loopback Daedalus serving the last ``n_blocks`` of the stand-in; yields the server
-    (``.address``, ``.state.backend``)."""
+    (``.address``, ``.state.backend``). ``version``: the ComfyUI version it reports (default: ours)."""
     cfg = ServerConfig(port=0, device="cpu", n_blocks=n_blocks, auth=token is not None)
-    srv = DaedalusServer(ServerState(cfg, lambda n: StandinBackend(family, n, seed, **config), token=token))
+    backend = lambda n: StandinBackend(family, n, seed, version=version, **config)  # noqa: E731
+    srv = DaedalusServer(ServerState(cfg, backend, token=token))
     host, port = srv.start()
     try:
         yield srv

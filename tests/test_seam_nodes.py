@@ -122,6 +122,9 @@ def test_a_server_with_another_cut_or_model_is_named(comfy_env, monkeypatch):
     with serve("ltxav", 3) as srv:
         with pytest.raises(LocalError, match="serves a ltxav model"):
             run_node(FLUX, **inputs(FLUX, model, srv, n_blocks_remote=3))
+    with serve("flux2", 3, version="0.1.0") as srv:
+        with pytest.raises(LocalError, match="loads its model with ComfyUI 0.1.0, this ComfyUI is"):
+            run_node(FLUX, **inputs(FLUX, model, srv, n_blocks_remote=3))
 
 
 def test_an_old_comfyui_is_named_with_its_version(comfy_env, monkeypatch):

@@ -302,7 +302,8 @@ def test_the_fake_sampler_runs_wrappers_like_comfyui(comfy_env):
 
     def outer(name):
         def w(executor, *args, **kwargs):
-            log.append((name, "in", type(executor.class_obj).__name__))
+            # ComfyUI's outer_sample arguments: (noise, latent_image, sampler, sigmas, ...)
+            log.append((name, "in", type(executor.class_obj).__name__, torch.equal(args[3], SIGMAS)))
             try:
                 return executor(*args, **kwargs)
             finally:
@@ -320,8 +321,34 @@ def test_the_fake_sampler_runs_wrappers_like_comfyui(comfy_env):
     clone.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, "c", inner)
     noise, pos, neg = standin("flux2").inputs()
     sample(clone, noise, SIGMAS, pos, neg, control={"input": [], "output": []})
-    assert log == [("a", "in", "FakeGuider"), ("b", "in", "FakeGuider"), ("dm", "Flux", "control"),
+    assert log == [("a", "in", "FakeGuider", True), ("b", "in", "FakeGuider", True), ("dm", "Flux", "control"),
                    ("dm", "Flux", "control"), ("b", "out"), ("a", "out")]  # fmt: skip
     log.clear()
     sample(model, noise, SIGMAS, pos, neg)
-    assert log == [("a", "in", "FakeGuider"), ("a", "out")]
+    assert log == [("a", "in", "FakeGuider", True), ("a", "out")]
+
+
+def test_flux2_server_forward_refuses_garbage_as_protocol_errors(comfy_env):
+    """What a peer could send wrong reaches the server's adapter as a RemoteProtocolError."""
+    from comfyui_mesh.errors import RemoteProtocolError
+    from seam_server import StandinBackend
+
+    b = StandinBackend("flux2", cut("flux2", "middle"))  # one double block and every single block remote
+    h = b.dm.hidden_size
+    good = {"img": torch.randn(2, 12, h), "txt": torch.randn(2, 5, h), "mod_img": torch.randn(2, 1, 6 * h),
+            "mod_txt": torch.randn(2, 1, 6 * h), "mod_single": torch.randn(2, 1, 3 * h), "vec": torch.randn(2, h),
+            "pe": fake_dit.Flux().pe_embedder(torch.zeros(2, 17, 4))}  # fmt: skip
+    scalars = {"seam": "double_blocks", "txt_len": 5, "img_len": 12}
+    assert b.forward(dict(good), dict(scalars))["out"].shape == (2, 12, 8)
+    bad = [
+        ({k: v for k, v in good.items() if k != "pe"}, scalars, "lacks"),
+        ({k: v for k, v in good.items() if k != "mod_txt"}, scalars, r"lacks tensors \['mod_txt'\]"),
+        (good, {**scalars, "seam": "single_blocks"}, "first block is in double_blocks"),
+        (good, {**scalars, "img_len": 40}, "do not fit"),
+        (good, {"seam": "double_blocks"}, "lacks"),
+    ]
+    for tensors, s, match in bad:
+        with pytest.raises(RemoteProtocolError, match=match):
+            b.forward(dict(tensors), dict(s))
+    with pytest.raises(RemoteProtocolError, match="carries none"):
+        b.forward(dict(good), {**scalars, "lora": "0" * 64})
