@@ -40,7 +40,7 @@ ruff format --check .        # formatting
 mkdir -p .dev/typecheck && ln -sfn ../.. .dev/typecheck/comfyui_mesh
 MYPYPATH=.dev/typecheck mypy -p comfyui_mesh   # type-check (settings in pyproject.toml)
 set +e
-python -m pytest tests -q "$@"
+python -m pytest tests -q --cov=comfyui_mesh --cov-report=term "$@"  # with the coverage table
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then

@@ -1,0 +1,905 @@
+"""Tiny torch stand-ins for ComfyUI's FLUX.2 ``Flux`` and LTX-AV ``LTXAVModel`` (CPU, deterministic).
+
+They match what Icarus and the ``arch`` adapters rely on, read from ComfyUI's
+comfy/ldm/flux/model.py + layers.py and comfy/ldm/lightricks/model.py + av_model.py (and
+written here, much smaller, not copied):
+
+* class names (``Flux``, ``LTXAVModel``, ``LTXVModel``, ``CompressedTimestep``,
+  ``GuideAttentionMask``: the LTX adapter finds the last two in the model's own module), the
+  attribute names of blocks, heads, embedders and modulation layers, and the state-dict keys the
+  adapters detect a family by;
+* ``forward`` runs the ``DIFFUSION_MODEL`` wrappers of ``transformer_options`` around ``_forward``
+  (positional arguments in ComfyUI's order, so a wrapper finds ``control`` at index 6);
+* the block loops call ``transformer_options["patches_replace"]["dit"][(name, i)](args,
+  {"original_block": fn})`` with ComfyUI's args dict, and update hidden states in place;
+* block call signatures are ComfyUI's, so ``arch/*.server_forward`` can call them.
+
+The maths is a small but complete transformer (attention with RoPE, modulation from the time
+vector, gated MLPs), so a wrong tensor at the seam changes the output. ``BaseModel`` wraps a
+diffusion model the way ComfyUI's ``model_base`` does (``apply_model`` -> ``diffusion_model(...)``).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+
+def _wrapped(dm: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], transformer_options: dict) -> Any:
+    pe = sys.modules["comfy.patcher_extension"]
+    wrappers = pe.get_all_wrappers(pe.WrappersMP.DIFFUSION_MODEL, transformer_options)
+    return pe.WrapperExecutor.new_class_executor(dm._forward, dm, wrappers).execute(*args, **kwargs)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, time_factor: float = 1000.0) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    args = (t.float() * time_factor)[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x) * self.weight
+
+
+def _dit_hook(transformer_options: dict, key: tuple[str, int]) -> Any:
+    return transformer_options.get("patches_replace", {}).get("dit", {}).get(key)
+
+
+# ============================================================================= FLUX.2
+
+
+@dataclass
+class FluxParams:
+    in_channels: int = 8
+    out_channels: int = 8
+    context_in_dim: int = 16
+    hidden_size: int = 48
+    mlp_ratio: float = 2.0
+    num_heads: int = 3
+    depth: int = 3
+    depth_single_blocks: int = 4
+    axes_dim: list[int] = field(default_factory=lambda: [4, 4, 4, 4])
+    theta: int = 2000
+    global_modulation: bool = True
+    guidance_embed: bool = False
+    vec_in_dim: int | None = None
+    txt_ids_dims: list[int] = field(default_factory=lambda: [3])
+    default_ref_method: str = "index"
+    ref_index_scale: float = 10.0
+
+
+def rope(pos: torch.Tensor, dim: int, theta: int) -> torch.Tensor:
+    """[..., n] positions -> [..., n, dim/2, 2, 2] rotation matrices (float32)."""
+    omega = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    ang = pos.double()[..., None] * omega
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    return torch.stack([cos, -sin, sin, cos], dim=-1).reshape(*ang.shape, 2, 2).float()
+
+
+def apply_rope(x: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
+    x2 = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    out = pe[..., 0] * x2[..., 0] + pe[..., 1] * x2[..., 1]
+    return out.reshape(*x.shape).type_as(x)
+
+
+def flux_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pe: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """q, k, v [B, heads, L, d] -> [B, L, heads*d]."""
+    q, k = apply_rope(q, pe), apply_rope(k, pe)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1)
+
+
+class EmbedND(nn.Module):
+    def __init__(self, dim: int, theta: int, axes_dim: list[int]):
+        super().__init__()
+        self.dim, self.theta, self.axes_dim = dim, theta, axes_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        emb = torch.cat([rope(ids[..., i], self.axes_dim[i], self.theta) for i in range(ids.shape[-1])], dim=-3)
+        return emb.unsqueeze(1)
+
+
+class MLPEmbedder(nn.Module):
+    def __init__(self, in_dim: int, hidden_dim: int):
+        super().__init__()
+        self.in_layer = nn.Linear(in_dim, hidden_dim, bias=False)
+        self.silu = nn.SiLU()
+        self.out_layer = nn.Linear(hidden_dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_layer(self.silu(self.in_layer(x)))
+
+
+@dataclass
+class ModulationOut:
+    shift: torch.Tensor
+    scale: torch.Tensor
+    gate: torch.Tensor
+
+
+class Modulation(nn.Module):
+    def __init__(self, dim: int, double: bool):
+        super().__init__()
+        self.is_double = double
+        self.multiplier = 6 if double else 3
+        self.lin = nn.Linear(dim, self.multiplier * dim, bias=False)
+
+    def forward(self, vec: torch.Tensor) -> tuple[ModulationOut, ModulationOut | None]:
+        if vec.ndim == 2:
+            vec = vec[:, None, :]
+        out = self.lin(F.silu(vec)).chunk(self.multiplier, dim=-1)
+        return ModulationOut(*out[:3]), ModulationOut(*out[3:]) if self.is_double else None
+
+
+class QKNorm(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.query_norm = RMSNorm(dim)
+        self.key_norm = RMSNorm(dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.query_norm(q).to(v), self.key_norm(k).to(v)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.norm = QKNorm(dim // num_heads)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+
+class SiLUActivation(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=-1)
+        return F.silu(a) * b
+
+
+def _mlp(hidden: int, mlp_hidden: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Linear(hidden, 2 * mlp_hidden, bias=False), SiLUActivation(), nn.Linear(mlp_hidden, hidden, bias=False)
+    )
+
+
+def _mod(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.addcmul(shift, x, scale) if shift is not None else x * scale
+
+
+def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = qkv.view(qkv.shape[0], qkv.shape[1], 3, heads, -1).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
+class DoubleStreamBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.num_heads = num_heads
+        mlp_hidden = int(hidden * mlp_ratio)
+        self.img_norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.img_attn = SelfAttention(hidden, num_heads)
+        self.img_norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.img_mlp = _mlp(hidden, mlp_hidden)
+        self.txt_norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.txt_attn = SelfAttention(hidden, num_heads)
+        self.txt_norm2 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.txt_mlp = _mlp(hidden, mlp_hidden)
+
+    def forward(
+        self,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        vec: Any,
+        pe: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        modulation_dims_img: Any = None,
+        modulation_dims_txt: Any = None,
+        transformer_options: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if modulation_dims_img is not None or modulation_dims_txt is not None:
+            raise NotImplementedError("stand-in: per-token modulation is not modelled")
+        (im1, im2), (tm1, tm2) = vec
+        iq, ik, iv = _heads(self.img_attn.qkv(_mod(self.img_norm1(img), 1 + im1.scale, im1.shift)), self.num_heads)
+        iq, ik = self.img_attn.norm(iq, ik, iv)
+        tq, tk, tv = _heads(self.txt_attn.qkv(_mod(self.txt_norm1(txt), 1 + tm1.scale, tm1.shift)), self.num_heads)
+        tq, tk = self.txt_attn.norm(tq, tk, tv)
+        attn = flux_attention(
+            torch.cat((tq, iq), 2), torch.cat((tk, ik), 2), torch.cat((tv, iv), 2), pe=pe, mask=attn_mask
+        )
+        t_attn, i_attn = attn[:, : txt.shape[1]], attn[:, txt.shape[1] :]
+        img += self.img_attn.proj(i_attn) * im1.gate
+        img += self.img_mlp(_mod(self.img_norm2(img), 1 + im2.scale, im2.shift)) * im2.gate
+        txt += self.txt_attn.proj(t_attn) * tm1.gate
+        txt += self.txt_mlp(_mod(self.txt_norm2(txt), 1 + tm2.scale, tm2.shift)) * tm2.gate
+        return img, txt
+
+
+class SingleStreamBlock(nn.Module):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+        super().__init__()
+        self.hidden_size, self.num_heads = hidden, num_heads
+        self.mlp_hidden = int(hidden * mlp_ratio)
+        self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * self.mlp_hidden, bias=False)
+        self.linear2 = nn.Linear(hidden + self.mlp_hidden, hidden, bias=False)
+        self.norm = QKNorm(hidden // num_heads)
+        self.pre_norm = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.mlp_act = SiLUActivation()
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        vec: Any,
+        pe: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        modulation_dims: Any = None,
+        transformer_options: dict | None = None,
+    ) -> torch.Tensor:
+        if modulation_dims is not None:
+            raise NotImplementedError("stand-in: per-token modulation is not modelled")
+        qkv, mlp = torch.split(
+            self.linear1(_mod(self.pre_norm(x), 1 + vec.scale, vec.shift)),
+            [3 * self.hidden_size, 2 * self.mlp_hidden],
+            -1,
+        )
+        q, k, v = _heads(qkv, self.num_heads)
+        q, k = self.norm(q, k, v)
+        attn = flux_attention(q, k, v, pe=pe, mask=attn_mask)
+        x += self.linear2(torch.cat((attn, self.mlp_act(mlp)), 2)) * vec.gate
+        return x
+
+
+class LastLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_channels, bias=False)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden, bias=False))
+
+    def forward(self, x: torch.Tensor, vec: torch.Tensor, modulation_dims: Any = None) -> torch.Tensor:
+        if vec.ndim == 2:
+            vec = vec[:, None, :]
+        shift, scale = self.adaLN_modulation(vec).chunk(2, dim=-1)
+        return self.linear(_mod(self.norm_final(x), 1 + scale, shift))
+
+
+class Flux(nn.Module):
+    """FLUX.2's DiT: ComfyUI's ``Flux`` with ``global_modulation`` (patch size 1)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = FluxParams(**kwargs)
+        self.hidden_size, self.num_heads = p.hidden_size, p.num_heads
+        self.in_channels, self.out_channels = p.in_channels, p.out_channels
+        self.pe_embedder = EmbedND(p.hidden_size // p.num_heads, p.theta, p.axes_dim)
+        self.img_in = nn.Linear(p.in_channels, p.hidden_size, bias=False)
+        self.time_in = MLPEmbedder(256, p.hidden_size)
+        self.vector_in = None
+        self.guidance_in = nn.Identity()
+        self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size, bias=False)
+        self.txt_norm = None
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(p.hidden_size, p.out_channels)
+        self.double_stream_modulation_img = Modulation(p.hidden_size, double=True)
+        self.double_stream_modulation_txt = Modulation(p.hidden_size, double=True)
+        self.single_stream_modulation = Modulation(p.hidden_size, double=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        y: Any = None,
+        guidance: Any = None,
+        ref_latents: Any = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = transformer_options or {}
+        return _wrapped(self, (x, timestep, context, y, guidance, ref_latents, control, to), kwargs, to)
+
+    def process_img(self, x: torch.Tensor, index: float = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, h, w = x.shape
+        img = x.reshape(b, c, h * w).transpose(1, 2)
+        ids = torch.zeros(h, w, len(self.params.axes_dim))
+        ids[..., 0] = index
+        ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
+        ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
+        return img, ids.reshape(1, h * w, -1).expand(b, -1, -1)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        y: Any = None,
+        guidance: Any = None,
+        ref_latents: Any = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = transformer_options or {}
+        b, _, h, w = x.shape
+        img, img_ids = self.process_img(x)
+        img_tokens = img.shape[1]
+        if ref_latents is not None:  # the "index" reference method: tokens appended, axis 0 = 10 * k
+            counts = []
+            for k, ref in enumerate(ref_latents, start=1):
+                r, r_ids = self.process_img(ref, index=k * self.params.ref_index_scale)
+                img, img_ids = torch.cat([img, r], 1), torch.cat([img_ids, r_ids], 1)
+                counts.append(r.shape[1])
+            to = {**to, "reference_image_num_tokens": counts}
+        txt_ids = torch.zeros(b, context.shape[1], len(self.params.axes_dim))
+        for i in self.params.txt_ids_dims:
+            txt_ids[..., i] = torch.arange(context.shape[1], dtype=torch.float32)
+        out = self.forward_orig(img, img_ids, context, txt_ids, timestep, control, to, kwargs.get("attention_mask"))
+        out = out[:, :img_tokens]
+        return out.transpose(1, 2).reshape(b, self.out_channels, h, w)
+
+    def forward_orig(
+        self,
+        img: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt: torch.Tensor,
+        txt_ids: torch.Tensor,
+        timesteps: torch.Tensor,
+        control: Any,
+        transformer_options: dict,
+        attn_mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        to = dict(transformer_options)
+        img = self.img_in(img)
+        vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+        txt = self.txt_in(txt)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        vec_orig = vec
+        dvec = (self.double_stream_modulation_img(vec_orig), self.double_stream_modulation_txt(vec_orig))
+        to["total_blocks"], to["block_type"] = len(self.double_blocks), "double"
+        for i, block in enumerate(self.double_blocks):
+            to["block_index"] = i
+            hook = _dit_hook(to, ("double_block", i))
+            if hook is not None:
+
+                def block_wrap(args: dict, _block: nn.Module = block) -> dict:
+                    o = {}
+                    o["img"], o["txt"] = _block(
+                        img=args["img"],
+                        txt=args["txt"],
+                        vec=args["vec"],
+                        pe=args["pe"],
+                        attn_mask=args.get("attn_mask"),
+                        transformer_options=args.get("transformer_options"),
+                    )
+                    return o
+
+                args = {
+                    "img": img,
+                    "txt": txt,
+                    "vec": dvec,
+                    "pe": pe,
+                    "attn_mask": attn_mask,
+                    "transformer_options": to,
+                }
+                out = hook(args, {"original_block": block_wrap})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img=img, txt=txt, vec=dvec, pe=pe, attn_mask=attn_mask, transformer_options=to)
+            if control is not None:
+                add = control.get("input", [])[i] if i < len(control.get("input", [])) else None
+                if add is not None:
+                    img[:, : add.shape[1]] += add
+        img = torch.cat((txt, img), 1)
+        svec, _ = self.single_stream_modulation(vec_orig)
+        to["total_blocks"], to["block_type"] = len(self.single_blocks), "single"
+        to["img_slice"] = [txt.shape[1], img.shape[1]]
+        for i, block in enumerate(self.single_blocks):
+            to["block_index"] = i
+            hook = _dit_hook(to, ("single_block", i))
+            if hook is not None:
+
+                def single_wrap(args: dict, _block: nn.Module = block) -> dict:
+                    return {
+                        "img": _block(
+                            args["img"],
+                            vec=args["vec"],
+                            pe=args["pe"],
+                            attn_mask=args.get("attn_mask"),
+                            transformer_options=args.get("transformer_options"),
+                        )
+                    }
+
+                args = {"img": img, "vec": svec, "pe": pe, "attn_mask": attn_mask, "transformer_options": to}
+                img = hook(args, {"original_block": single_wrap})["img"]
+            else:
+                img = block(img, vec=svec, pe=pe, attn_mask=attn_mask, transformer_options=to)
+            if control is not None:
+                add = control.get("output", [])[i] if i < len(control.get("output", [])) else None
+                if add is not None:
+                    img[:, txt.shape[1] : txt.shape[1] + add.shape[1]] += add
+        img = img[:, txt.shape[1] :]
+        return self.final_layer(img, vec_orig)
+
+
+# ============================================================================= LTX-AV
+
+
+class CompressedTimestep:
+    """A per-token timestep table stored one row per frame (ComfyUI's slots and methods)."""
+
+    __slots__ = ("data", "batch_size", "num_frames", "patches_per_frame", "feature_dim")
+
+    def __init__(self, tensor: torch.Tensor, patches_per_frame: int | None, per_frame: bool = False):
+        self.batch_size, n, self.feature_dim = tensor.shape
+        if per_frame and patches_per_frame is not None:
+            self.patches_per_frame, self.num_frames, self.data = patches_per_frame, n, tensor
+        elif patches_per_frame is not None and n >= patches_per_frame and n % patches_per_frame == 0:
+            self.patches_per_frame = patches_per_frame
+            self.num_frames = n // patches_per_frame
+            self.data = tensor.view(self.batch_size, self.num_frames, patches_per_frame, -1)[:, :, 0].contiguous()
+        else:
+            self.patches_per_frame, self.num_frames, self.data = 1, n, tensor
+
+    def expand(self) -> torch.Tensor:
+        if self.patches_per_frame == 1:
+            return self.data
+        e = self.data.unsqueeze(2).expand(self.batch_size, self.num_frames, self.patches_per_frame, self.feature_dim)
+        return e.reshape(self.batch_size, -1, self.feature_dim)
+
+    def expand_for_computation(self, table: torch.Tensor, batch_size: int, indices: slice = slice(None)) -> tuple:
+        rows = self.data.reshape(batch_size, self.data.shape[1], table.shape[0], -1)[:, :, indices]
+        vals = (table[indices][None, None].to(self.data) + rows).unbind(dim=2)
+        if self.patches_per_frame == 1:
+            return vals
+        return tuple(
+            v.unsqueeze(2)
+            .expand(batch_size, self.num_frames, self.patches_per_frame, -1)
+            .reshape(batch_size, -1, v.shape[-1])
+            for v in vals
+        )
+
+
+class GuideAttentionMask:
+    """Per-guide self-attention attenuation (only its slots matter here)."""
+
+    __slots__ = ("guide_start", "tracked_count", "noisy_mask", "tracked_mask")
+
+
+def ltx_rope(pos: torch.Tensor, heads: int, head_dim: int, batch: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Split-mode RoPE for positions [L] -> (cos, sin [B, heads, L, head_dim/2], True)."""
+    half = head_dim // 2
+    freqs = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = pos.double()[:, None] * freqs[None] + torch.arange(heads, dtype=torch.float64)[:, None, None] * 0.1
+    cos, sin = torch.cos(ang).float(), torch.sin(ang).float()
+    return cos.expand(batch, -1, -1, -1).clone(), sin.expand(batch, -1, -1, -1).clone(), True
+
+
+def _apply_ltx_rope(x: torch.Tensor, pe: Any) -> torch.Tensor:
+    cos, sin = pe[0], pe[1]
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([a * cos - b * sin, b * cos + a * sin], dim=-1)
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, query_dim: int, context_dim: int | None, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner)
+        self.to_k = nn.Linear(context_dim or query_dim, inner)
+        self.to_v = nn.Linear(context_dim or query_dim, inner)
+        self.q_norm = RMSNorm(inner)
+        self.k_norm = RMSNorm(inner)
+        self.to_out = nn.Sequential(nn.Linear(inner, query_dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: Any = None,
+        pe: Any = None,
+        k_pe: Any = None,
+        transformer_options: dict | None = None,
+    ) -> torch.Tensor:
+        ctx = x if context is None else context
+        q, k, v = self.q_norm(self.to_q(x)), self.k_norm(self.to_k(ctx)), self.to_v(ctx)
+        b, h = x.shape[0], self.heads
+        q, k, v = (t.view(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        if pe is not None:
+            q = _apply_ltx_rope(q, pe)
+            k = _apply_ltx_rope(k, pe if k_pe is None else k_pe)
+        if isinstance(mask, GuideAttentionMask):
+            raise NotImplementedError("stand-in: guide attention masks are not modelled")
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.to_out(out.transpose(1, 2).reshape(b, x.shape[1], -1))
+
+
+def _ff(dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim))
+
+
+class BasicAVTransformerBlock(nn.Module):
+    def __init__(self, v_dim: int, v_heads: int, a_dim: int, a_heads: int):
+        super().__init__()
+        self.attn1 = CrossAttention(v_dim, None, v_heads, v_dim // v_heads)
+        self.attn2 = CrossAttention(v_dim, v_dim, v_heads, v_dim // v_heads)
+        self.audio_attn1 = CrossAttention(a_dim, None, a_heads, a_dim // a_heads)
+        self.audio_attn2 = CrossAttention(a_dim, a_dim, a_heads, a_dim // a_heads)
+        self.audio_to_video_attn = CrossAttention(v_dim, a_dim, a_heads, a_dim // a_heads)
+        self.video_to_audio_attn = CrossAttention(a_dim, v_dim, a_heads, a_dim // a_heads)
+        self.ff = _ff(v_dim)
+        self.audio_ff = _ff(a_dim)
+        self.scale_shift_table = nn.Parameter(torch.randn(6, v_dim) / v_dim**0.5)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(6, a_dim) / a_dim**0.5)
+        self.scale_shift_table_a2v_ca_audio = nn.Parameter(torch.randn(5, a_dim) / a_dim**0.5)
+        self.scale_shift_table_a2v_ca_video = nn.Parameter(torch.randn(5, v_dim) / v_dim**0.5)
+
+    @staticmethod
+    def ada(table: torch.Tensor, batch: int, ts: Any, indices: slice = slice(None)) -> tuple:
+        if isinstance(ts, CompressedTimestep):
+            return ts.expand_for_computation(table, batch, indices)
+        rows = ts.reshape(batch, ts.shape[1], table.shape[0], -1)[:, :, indices]
+        return (table[indices][None, None].to(ts) + rows).unbind(dim=2)
+
+    def forward(
+        self,
+        x: tuple[torch.Tensor, torch.Tensor],
+        v_context: Any = None,
+        a_context: Any = None,
+        attention_mask: Any = None,
+        v_timestep: Any = None,
+        a_timestep: Any = None,
+        v_pe: Any = None,
+        a_pe: Any = None,
+        v_cross_pe: Any = None,
+        a_cross_pe: Any = None,
+        v_cross_scale_shift_timestep: Any = None,
+        a_cross_scale_shift_timestep: Any = None,
+        v_cross_gate_timestep: Any = None,
+        a_cross_gate_timestep: Any = None,
+        transformer_options: dict | None = None,
+        self_attention_mask: Any = None,
+        v_prompt_timestep: Any = None,
+        a_prompt_timestep: Any = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        to = transformer_options or {}
+        vx, ax = x
+        run_vx, run_ax = to.get("run_vx", True), to.get("run_ax", True) and ax.numel() > 0
+        run_a2v = run_vx and to.get("a2v_cross_attn", True) and ax.numel() > 0
+        run_v2a = run_ax and to.get("v2a_cross_attn", True)
+        b = vx.shape[0]
+        if run_vx:
+            shift, scale = self.ada(self.scale_shift_table, b, v_timestep, slice(0, 2))
+            out = self.attn1(rms_norm(vx) * (1 + scale) + shift, pe=v_pe, mask=self_attention_mask)
+            vx.addcmul_(out, self.ada(self.scale_shift_table, b, v_timestep, slice(2, 3))[0])
+            q = rms_norm(vx) if v_prompt_timestep is None else rms_norm(vx) * (1 + v_prompt_timestep.mean(1, True))
+            vx.add_(self.attn2(q, context=v_context, mask=attention_mask))
+        if run_ax:
+            shift, scale = self.ada(self.audio_scale_shift_table, b, a_timestep, slice(0, 2))
+            out = self.audio_attn1(rms_norm(ax) * (1 + scale) + shift, pe=a_pe)
+            ax.addcmul_(out, self.ada(self.audio_scale_shift_table, b, a_timestep, slice(2, 3))[0])
+            q = rms_norm(ax) if a_prompt_timestep is None else rms_norm(ax) * (1 + a_prompt_timestep.mean(1, True))
+            ax.add_(self.audio_attn2(q, context=a_context, mask=attention_mask))
+        if run_a2v or run_v2a:
+            vn, an = rms_norm(vx), rms_norm(ax)
+            a_ss = self.ada(self.scale_shift_table_a2v_ca_audio[:4], b, a_cross_scale_shift_timestep)
+            v_ss = self.ada(self.scale_shift_table_a2v_ca_video[:4], b, v_cross_scale_shift_timestep)
+            if run_a2v:
+                out = self.audio_to_video_attn(
+                    vn * (1 + v_ss[0]) + v_ss[1], context=an * (1 + a_ss[0]) + a_ss[1], pe=v_cross_pe, k_pe=a_cross_pe
+                )
+                vx.addcmul_(out, self.ada(self.scale_shift_table_a2v_ca_video[4:], b, v_cross_gate_timestep)[0])
+            if run_v2a:
+                out = self.video_to_audio_attn(
+                    an * (1 + a_ss[2]) + a_ss[3], context=vn * (1 + v_ss[2]) + v_ss[3], pe=a_cross_pe, k_pe=v_cross_pe
+                )
+                ax.addcmul_(out, self.ada(self.scale_shift_table_a2v_ca_audio[4:], b, a_cross_gate_timestep)[0])
+        if run_vx:
+            shift, scale = self.ada(self.scale_shift_table, b, v_timestep, slice(3, 5))
+            out = self.ff(rms_norm(vx) * (1 + scale) + shift)
+            vx.addcmul_(out, self.ada(self.scale_shift_table, b, v_timestep, slice(5, 6))[0])
+        if run_ax:
+            shift, scale = self.ada(self.audio_scale_shift_table, b, a_timestep, slice(3, 5))
+            out = self.audio_ff(rms_norm(ax) * (1 + scale) + shift)
+            ax.addcmul_(out, self.ada(self.audio_scale_shift_table, b, a_timestep, slice(5, 6))[0])
+        return vx, ax
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(64, dim)
+        self.act = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(timestep_embedding(t, 64, time_factor=1.0))))
+
+
+class TimestepEmbedding(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedder(dim)
+
+    def forward(self, t: torch.Tensor, hidden_dtype: Any = None, **_: Any) -> torch.Tensor:
+        return self.timestep_embedder(t).to(hidden_dtype or torch.float32)
+
+
+class AdaLayerNormSingle(nn.Module):
+    """timestep [N] -> (coefficient * dim modulation [N, k*dim], embedded timestep [N, dim])."""
+
+    def __init__(self, dim: int, coefficient: int = 6):
+        super().__init__()
+        self.emb = TimestepEmbedding(dim)
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, coefficient * dim)
+
+    def forward(
+        self, timestep: torch.Tensor, added_cond_kwargs: Any = None, batch_size: int = 1, hidden_dtype: Any = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        emb = self.emb(timestep, hidden_dtype=hidden_dtype)
+        return self.linear(self.silu(emb)), emb
+
+
+@dataclass
+class LTXParams:
+    in_channels: int = 8  # video latent channels (patch size 1)
+    audio_in_channels: int = 8  # audio latent channels x frequency bins, patchified
+    caption_channels: int = 12
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    audio_num_attention_heads: int = 2
+    audio_attention_head_dim: int = 8
+    num_layers: int = 4
+
+
+class LTXVModel(nn.Module):
+    """Video-only LTXV: only its name matters (the adapters refuse it)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        self.transformer_blocks = nn.ModuleList([nn.Linear(4, 4)])
+
+
+class LTXAVModel(LTXVModel):
+    """LTX-2.x audio+video DiT: one list of AV blocks, both output heads."""
+
+    def __init__(self, **kwargs: Any):
+        nn.Module.__init__(self)
+        p = self.params = LTXParams(**kwargs)
+        self.inner_dim = v = p.num_attention_heads * p.attention_head_dim
+        self.audio_inner_dim = a = p.audio_num_attention_heads * p.audio_attention_head_dim
+        self.patchify_proj = nn.Linear(p.in_channels, v)
+        self.audio_patchify_proj = nn.Linear(p.audio_in_channels, a)
+        self.adaln_single = AdaLayerNormSingle(v)
+        self.audio_adaln_single = AdaLayerNormSingle(a)
+        self.av_ca_video_scale_shift_adaln_single = AdaLayerNormSingle(v, 4)
+        self.av_ca_a2v_gate_adaln_single = AdaLayerNormSingle(v, 1)
+        self.av_ca_audio_scale_shift_adaln_single = AdaLayerNormSingle(a, 4)
+        self.av_ca_v2a_gate_adaln_single = AdaLayerNormSingle(a, 1)
+        self.caption_projection = nn.Linear(p.caption_channels, v)
+        self.audio_caption_projection = nn.Linear(p.caption_channels, a)
+        self.transformer_blocks = nn.ModuleList(
+            BasicAVTransformerBlock(v, p.num_attention_heads, a, p.audio_num_attention_heads)
+            for _ in range(p.num_layers)
+        )
+        self.scale_shift_table = nn.Parameter(torch.randn(2, v) / v**0.5)
+        self.norm_out = nn.LayerNorm(v, elementwise_affine=False, eps=1e-6)
+        self.proj_out = nn.Linear(v, p.in_channels)
+        self.audio_scale_shift_table = nn.Parameter(torch.randn(2, a) / a**0.5)
+        self.audio_norm_out = nn.LayerNorm(a, elementwise_affine=False, eps=1e-6)
+        self.audio_proj_out = nn.Linear(a, p.audio_in_channels)
+
+    def forward(
+        self,
+        x: list[torch.Tensor],
+        timestep: Any,
+        context: torch.Tensor,
+        attention_mask: Any = None,
+        frame_rate: float = 25,
+        transformer_options: dict | None = None,
+        keyframe_idxs: Any = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        if isinstance(timestep, (tuple, list)) and len(timestep) == 2:
+            timestep, kwargs["a_timestep"] = timestep
+        else:
+            kwargs["a_timestep"] = timestep
+        to = transformer_options or {}
+        denoise_mask = kwargs.pop("denoise_mask", None)
+        args = (x, timestep, context, attention_mask, frame_rate, to, keyframe_idxs)
+        return _wrapped(self, args, {"denoise_mask": denoise_mask, **kwargs}, to)
+
+    def _forward(
+        self,
+        x: list[torch.Tensor],
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        attention_mask: Any,
+        frame_rate: float = 25,
+        transformer_options: dict | None = None,
+        keyframe_idxs: Any = None,
+        denoise_mask: Any = None,
+        **kwargs: Any,
+    ) -> list[torch.Tensor]:
+        to = transformer_options or {}
+        p = self.params
+        v_lat, a_lat = x
+        b, _, frames, h, w = v_lat.shape
+        ppf = h * w
+        vx = self.patchify_proj(v_lat.flatten(2).transpose(1, 2))  # [B, F*h*w, D]
+        ax = self.audio_patchify_proj(a_lat.permute(0, 2, 1, 3).flatten(2))  # [B, T, Da]
+        ref = kwargs.get("ref_audio")
+        n_ref = 0
+        if isinstance(ref, dict) and isinstance(ref.get("tokens"), torch.Tensor):  # ID-LoRA reference audio
+            tokens = self.audio_patchify_proj(ref["tokens"])
+            n_ref = tokens.shape[1]
+            ax = torch.cat([tokens, ax], 1)
+        dtype = vx.dtype
+        # timesteps: video one row per frame (compressed), audio per token (reference tokens at t=0)
+        v_ts = timestep.float().view(b, 1).expand(b, frames)
+        v_t, v_emb = self.adaln_single(v_ts.flatten() * 1000, batch_size=b, hidden_dtype=dtype)
+        v_timestep = CompressedTimestep(v_t.view(b, frames, -1), ppf, per_frame=True)
+        v_embedded = CompressedTimestep(v_emb.view(b, frames, -1), ppf, per_frame=True)
+        a_ts = kwargs["a_timestep"].float().view(b, 1).expand(b, ax.shape[1]).clone()
+        a_ts[:, :n_ref] = 0
+        a_t, a_emb = self.audio_adaln_single(a_ts.flatten() * 1000, batch_size=b, hidden_dtype=dtype)
+        v_tok = timestep.float().view(b, 1).expand(b, frames * ppf).flatten() * 1000
+        vss, _ = self.av_ca_video_scale_shift_adaln_single(v_tok, batch_size=b, hidden_dtype=dtype)
+        a2v, _ = self.av_ca_a2v_gate_adaln_single(v_tok.flip(0), batch_size=b, hidden_dtype=dtype)
+        ass, _ = self.av_ca_audio_scale_shift_adaln_single(a_ts.flatten() * 1000, batch_size=b, hidden_dtype=dtype)
+        v2a, _ = self.av_ca_v2a_gate_adaln_single(a_ts.flatten() * 500, batch_size=b, hidden_dtype=dtype)
+        v_cross_ss = CompressedTimestep(vss.view(b, frames * ppf, -1), ppf)
+        v_cross_gate = CompressedTimestep(a2v.view(b, frames * ppf, -1), ppf)
+        a_cross_ss, a_cross_gate = ass.view(b, ax.shape[1], -1), v2a.view(b, ax.shape[1], -1)
+        a_timestep, a_embedded = a_t.view(b, ax.shape[1], -1), a_emb.view(b, ax.shape[1], -1)
+        v_context, a_context = self.caption_projection(context), self.audio_caption_projection(context)
+        if attention_mask is not None:  # [B, L] keep = 1 -> additive [B, 1, 1, L]
+            attention_mask = ((attention_mask.to(dtype) - 1) * 1e4).view(b, 1, 1, -1)
+        v_pos = torch.arange(frames * ppf, dtype=torch.float32)
+        a_pos = torch.arange(ax.shape[1], dtype=torch.float32)
+        v_pe = ltx_rope(v_pos, p.num_attention_heads, p.attention_head_dim, b)
+        a_pe = ltx_rope(a_pos, p.audio_num_attention_heads, p.audio_attention_head_dim, b)
+        v_cross_pe = ltx_rope(v_pos // ppf, p.audio_num_attention_heads, p.audio_attention_head_dim, b)
+        a_cross_pe = ltx_rope(a_pos * frames / max(ax.shape[1], 1), p.audio_num_attention_heads,
+                              p.audio_attention_head_dim, b)  # fmt: skip
+        block_args = {
+            "v_context": v_context,
+            "a_context": a_context,
+            "attention_mask": attention_mask,
+            "v_timestep": v_timestep,
+            "a_timestep": a_timestep,
+            "v_pe": v_pe,
+            "a_pe": a_pe,
+            "v_cross_pe": v_cross_pe,
+            "a_cross_pe": a_cross_pe,
+            "v_cross_scale_shift_timestep": v_cross_ss,
+            "a_cross_scale_shift_timestep": a_cross_ss,
+            "v_cross_gate_timestep": v_cross_gate,
+            "a_cross_gate_timestep": a_cross_gate,
+            "self_attention_mask": None,
+            "v_prompt_timestep": None,
+            "a_prompt_timestep": None,
+        }
+        for i, block in enumerate(self.transformer_blocks):
+            hook = _dit_hook(to, ("double_block", i))
+            if hook is not None:
+
+                def block_wrap(args: dict, _block: nn.Module = block) -> dict:
+                    kw = {k: args.get(k) for k in block_args}
+                    return {"img": _block(args["img"], transformer_options=args["transformer_options"], **kw)}
+
+                out = hook({"img": (vx, ax), **block_args, "transformer_options": to}, {"original_block": block_wrap})
+                vx, ax = out["img"]
+            else:
+                vx, ax = block((vx, ax), transformer_options=to, **block_args)
+        # output heads
+        if n_ref:
+            ax = ax[:, n_ref:]
+            if a_embedded.shape[1] > 1:
+                a_embedded = a_embedded[:, n_ref:]
+        ve = v_embedded.expand()
+        table = self.scale_shift_table[None, None].to(device=vx.device, dtype=vx.dtype) + ve[:, :, None]
+        vx = self.proj_out(self.norm_out(vx) * (1 + table[:, :, 1]) + table[:, :, 0])
+        table = self.audio_scale_shift_table[None, None].to(device=a_embedded.device, dtype=a_embedded.dtype)
+        table = table + a_embedded[:, :, None]
+        ax = self.audio_proj_out(self.audio_norm_out(ax) * (1 + table[:, :, 1]) + table[:, :, 0])
+        v_out = vx.transpose(1, 2).reshape(b, -1, frames, h, w)
+        a_out = ax.view(b, a_lat.shape[2], a_lat.shape[1], a_lat.shape[3]).permute(0, 2, 1, 3)
+        return [v_out, a_out]
+
+
+# ============================================================================= BaseModel + builders
+
+
+class BaseModel(nn.Module):
+    """``comfy.model_base.BaseModel``'s role: holds ``diffusion_model`` and maps conds to its call."""
+
+    def __init__(self, diffusion_model: nn.Module):
+        super().__init__()
+        self.diffusion_model = diffusion_model
+
+    def apply_model(self, x: Any, t: torch.Tensor, transformer_options: dict, **conds: Any) -> Any:
+        dm = self.diffusion_model
+        if isinstance(dm, LTXAVModel):
+            context = conds.pop("context")
+            mask = conds.pop("attention_mask", None)
+            return dm(x, (t, t), context, attention_mask=mask, transformer_options=transformer_options, **conds)
+        context = conds.pop("context")
+        return dm(x, t, context=context, control=conds.pop("control", None), transformer_options=transformer_options,
+                  **conds)  # fmt: skip
+
+
+def init_weights(module: nn.Module, seed: int) -> nn.Module:
+    """Deterministic weights from ``seed`` (every parameter in state-dict order)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):  # RMSNorm scales (query_norm, key_norm, q_norm, k_norm) near 1
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p.shape[-1] if p.ndim > 1 else p.shape[0]
+                p.copy_(torch.randn(p.shape, generator=g) / fan_in**0.5)
+    return module
+
+
+@dataclass
+class StandIn:
+    """How to build and drive one family's stand-in."""
+
+    family: str
+    build: Any  # (**config) -> diffusion model (random init; call init_weights for the seeded one)
+    inputs: Any  # (seed) -> (noise, positive conds, negative conds)
+    total_blocks: int
+
+
+def flux2_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    p = FluxParams()
+    noise = torch.randn(1, p.in_channels, 3, 4, generator=g)
+    pos = {"context": torch.randn(1, 5, p.context_in_dim, generator=g)}
+    neg = {"context": torch.randn(1, 5, p.context_in_dim, generator=g)}
+    return noise, pos, neg
+
+
+def ltxav_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    p = LTXParams()
+    noise = [torch.randn(1, p.in_channels, 2, 2, 3, generator=g), torch.randn(1, 2, 5, 4, generator=g)]
+    mask = torch.ones(1, 6)
+    mask[:, -2:] = 0
+    pos = {"context": torch.randn(1, 6, p.caption_channels, generator=g), "attention_mask": mask}
+    neg = {"context": torch.randn(1, 6, p.caption_channels, generator=g), "attention_mask": torch.ones(1, 6)}
+    return noise, pos, neg
+
+
+STANDINS: dict[str, StandIn] = {
+    "flux2": StandIn("flux2", Flux, flux2_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
+    "ltxav": StandIn("ltxav", LTXAVModel, ltxav_inputs, LTXParams().num_layers),
+}
+
+
+def build(family: str, seed: int = 0, **config: Any) -> nn.Module:
+    return init_weights(STANDINS[family].build(**config), seed)

@@ -1,0 +1,118 @@
+"""The contract every registered family adapter keeps, checked on its stand-in DiT (tests/fake_dit.py).
+A family registered without a stand-in fails here, by name."""
+
+from __future__ import annotations
+
+import fake_dit
+import pytest
+from comfyui_mesh import arch
+from comfyui_mesh.errors import LocalError
+
+FAMILIES = sorted(arch.REGISTRY)
+
+
+def standin_model(family: str):
+    assert family in fake_dit.STANDINS, f"family {family!r} has no stand-in: add one to tests/fake_dit.py"
+    return fake_dit.build(family)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_stand_in_is_detected_as_its_own_family_only(family):
+    dm = standin_model(family)
+    keys = set(dm.state_dict())
+    a = arch.get(family)
+    assert a.family == family and a.detect_model(dm) and a.detect_keys(keys)
+    assert arch.for_model(dm) is a and arch.for_keys(keys) is a
+    for other in FAMILIES:
+        if other != family:
+            assert not arch.get(other).detect_model(dm)
+            assert not arch.get(other).detect_keys(keys)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_adapter_names_what_the_model_has(family):
+    dm = standin_model(family)
+    a = arch.get(family)
+    assert set(a.hook_names) == set(a.block_groups) == set(a.config_keys)
+    for g in a.block_groups:
+        assert len(getattr(dm, g)) > 0
+    for head in a.heads:
+        assert hasattr(dm, head), f"head {head} missing on the {family} stand-in"
+    assert set(a.client_heads()) <= set(a.heads)
+    blocks_and_heads = set(a.block_groups) | set(a.heads)
+    assert not blocks_and_heads & set(a.server_drops)
+    assert a.count_blocks(dm.state_dict()) == {g: len(getattr(dm, g)) for g in a.block_groups}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_plan_takes_a_tail_in_execution_order(family):
+    dm = standin_model(family)
+    a = arch.get(family)
+    counts = {g: len(getattr(dm, g)) for g in a.block_groups}
+    total = sum(counts.values())
+    for n in range(total + 1):
+        plan = a.plan(counts, n)
+        assert sum(plan.remote.values()) == plan.n_remote == n
+        # remote blocks are the last n in execution order: a group is remote only if every later one is all remote
+        seen_partial = False
+        for g in reversed(a.block_groups):
+            r = plan.remote[g]
+            assert 0 <= r <= counts[g]
+            assert not (seen_partial and r), f"n={n}: {g} has remote blocks before a partly local group"
+            seen_partial = seen_partial or r < counts[g]
+            assert list(plan.remote_indices(g)) == list(range(counts[g] - r, counts[g]))
+        if n:
+            g, i = plan.seam(a.block_groups)
+            assert plan.remote[g] and i == plan.first_remote(g)
+            assert all(not plan.remote[h] for h in a.block_groups[: a.block_groups.index(g)])
+        else:
+            with pytest.raises(LocalError, match="nothing runs remotely"):
+                plan.seam(a.block_groups)
+    for bad in (-1, total + 1):
+        with pytest.raises(LocalError, match=rf"choose 1\.\.{total}"):
+            a.plan(counts, bad)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_remote_key_and_original_key_are_inverses(family):
+    dm = standin_model(family)
+    a = arch.get(family)
+    counts = {g: len(getattr(dm, g)) for g in a.block_groups}
+    keys = list(dm.state_dict())
+    for n in range(1, sum(counts.values()) + 1):
+        plan = a.plan(counts, n)
+        kept = {}
+        for k in keys:
+            slim = a.remote_key(k, plan)
+            parts = a.split_key(k)
+            if parts is not None:
+                g, i, _ = parts
+                assert (slim is not None) == (i >= plan.first_remote(g))
+            else:
+                assert (slim is not None) == any(k == h or k.startswith(h + ".") for h in a.heads)
+            if slim is not None:
+                assert a.original_key(slim, plan) == k
+                kept[slim] = k
+                slim_parts = a.split_key(slim)
+                if slim_parts is not None:
+                    assert 0 <= slim_parts[1] < plan.remote[slim_parts[0]]
+        assert len(kept) == len(set(kept.values())), "two full keys map to one slim key"
+        # the slim keys are exactly those of a model built with the cut counts
+        slim_model = fake_dit.STANDINS[family].build(**{a.config_keys[g]: plan.remote[g] for g in a.block_groups})
+        slim_keys = {k for k in slim_model.state_dict() if a.remote_key(a.original_key(k, plan), plan) is not None}
+        assert slim_keys == set(kept)
+
+
+def test_registry_errors_name_what_is_supported():
+    with pytest.raises(LocalError, match="supported: " + ", ".join(FAMILIES)):
+        arch.get("wan")
+    with pytest.raises(LocalError, match="registered twice"):
+        arch.register(arch.get(FAMILIES[0]))
+    with pytest.raises(LocalError, match="not a model ComfyUI-Mesh can split"):
+        arch.for_keys({"some.weight"})
+    with pytest.raises(LocalError, match="split not supported for Linear"):
+        arch.for_model(__import__("torch").nn.Linear(2, 2))
+    a = arch.get(FAMILIES[0])
+    g = a.block_groups[0]
+    with pytest.raises(LocalError, match="gaps"):
+        a.count_blocks({f"{g}.0.w", f"{g}.2.w"})
