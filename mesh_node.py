@@ -45,6 +45,10 @@ TOOLTIPS = {
     "LoRAs loaded AFTER this node stay local (front half only).",
 }
 
+# Marks an Icarus node in /object_info (an option of its model input): the node UI (web/mesh.js)
+# decorates every node type that carries it, so a new node needs no change there.
+ICARUS_FLAG = "comfyui_mesh_icarus"
+
 # Every input after ``model``: (type, options without the tooltip). A node shows a subset, in its order.
 INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "n_blocks_remote": ("INT", {"default": 4, "min": 0, "max": 256}),
@@ -70,7 +74,7 @@ class NodeSpec:
     tooltips: dict[str, str] = field(default_factory=dict)  # input -> tooltip, over TOOLTIPS
 
     def input_types(self) -> dict[str, Any]:
-        required: dict[str, Any] = {"model": ("MODEL",)}
+        required: dict[str, Any] = {"model": ("MODEL", {ICARUS_FLAG: True})}
         for name in self.inputs:
             kind, opts = INPUTS[name]
             default = self.defaults.get(name, opts["default"])
