@@ -6,8 +6,12 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
   so their weights never reach this GPU (and come back when the clone is unloaded);
 * ``patches_replace["dit"]`` hooks: the first remote block sends the seam state to the
   server, the other remote blocks pass through;
-* a keyed ``DIFFUSION_MODEL`` wrapper scopes the per-call state (the captured time vector,
-  the server's answer) to one model call and checks what cannot cross the split.
+* a keyed ``DIFFUSION_MODEL`` wrapper scopes the per-call state (the adapter's captures,
+  the server's answer) to one model call and checks what cannot cross the split;
+* a keyed ``OUTER_SAMPLE`` wrapper (as ComfyUI's EasyCache does) scopes a generation: the
+  call counter, a generation id that names the temporal codec stream (cond and uncond
+  calls keep separate references), the adapter's scratch and the constants memo are fresh
+  for every sampling run, and the connection's temporal codec state is dropped at its end.
 
 The stubbed head returns the server's output, so the rest of ComfyUI sees a normal model.
 """
@@ -26,57 +30,17 @@ from typing import Any
 import torch
 
 from . import arch, codec, lora_io
-from .auth import TokenStore
 from .config import ClientConfig
 from .constants import SEAM_DUMP_ENV, SEAM_DUMP_MAX_CALLS
 from .errors import LocalError
 from .fingerprint import fingerprint
+from .host import check_comfy_contract, comfyui_version
+from .payload import ConstMemo
 from .transport import MeshClient, StepStats, pooled_client
 
 log = logging.getLogger("comfyui_mesh")
 
 WRAPPER_KEY = "comfyui_mesh"
-
-
-def comfyui_version() -> str:
-    try:
-        import comfyui_version as v
-
-        return str(v.__version__)
-    except ImportError:
-        return ""
-
-
-def token_store() -> TokenStore:
-    try:
-        import folder_paths
-
-        return TokenStore(Path(folder_paths.get_user_directory()) / "comfyui-mesh" / "tokens.json")
-    except (ImportError, AttributeError):
-        return TokenStore(None)
-
-
-def check_comfy_contract() -> None:
-    """Fail at node execution, with the version named, if ComfyUI lacks what we rely on."""
-    import comfy.model_patcher as mp
-    import comfy.patcher_extension as pe
-
-    missing = [
-        name
-        for name, ok in (
-            ("ModelPatcher.clone", hasattr(mp.ModelPatcher, "clone")),
-            ("ModelPatcher.add_object_patch", hasattr(mp.ModelPatcher, "add_object_patch")),
-            ("ModelPatcher.set_model_patch_replace", hasattr(mp.ModelPatcher, "set_model_patch_replace")),
-            ("ModelPatcher.add_wrapper_with_key", hasattr(mp.ModelPatcher, "add_wrapper_with_key")),
-            ("WrappersMP.DIFFUSION_MODEL", hasattr(pe.WrappersMP, "DIFFUSION_MODEL")),
-        )
-        if not ok
-    ]
-    if missing:
-        raise LocalError(
-            f"ComfyUI {comfyui_version() or '(unknown version)'} lacks {', '.join(missing)}, which ComfyUI-Mesh "
-            "needs: update ComfyUI (tested with 0.28)"
-        )
 
 
 class RemoteStub(torch.nn.Module):
@@ -108,7 +72,7 @@ class HeadStub(torch.nn.Module):
             raise LocalError(
                 "ComfyUI-Mesh: the model finished without calling the remote half (was the seam hook replaced?)"
             )
-        if out.shape[1] < img.shape[1]:  # reference-image tokens: discarded by the model anyway
+        if self.run.adapter.pad_head_tokens and out.shape[1] < img.shape[1]:  # tokens the model discards
             pad = out.new_zeros((out.shape[0], img.shape[1] - out.shape[1], *out.shape[2:]))
             out = torch.cat([out, pad], dim=1)
         return out
@@ -127,7 +91,7 @@ class SplitSettings:
 
 
 class SplitRun:
-    """State for one configured clone: plan, client, per-call scratch, last stats."""
+    """State for one configured clone: plan, client, per-call scratch, per-generation scope, last stats."""
 
     def __init__(self, adapter: arch.Adapter, plan: arch.SplitPlan, settings: SplitSettings, fp: str):
         self.adapter = adapter
@@ -137,9 +101,16 @@ class SplitRun:
         self.seam = plan.seam(adapter.block_groups)
         self._tls = threading.local()
         self.last_stats: StepStats | None = None
-        self.calls = 0
         self.lora: tuple[str, torch.Tensor] | None = None  # (patch-set hash, safetensors blob)
-        self.adapter_state: dict[str, Any] = {}  # the adapter's own per-run caches (client_payload ctx["state"])
+        self.modules: dict[str, Any] = {}  # adapter.payload_modules resolved on the client's model
+        # Per generation (reset by ``begin_generation``; without OUTER_SAMPLE they span every run):
+        self.calls = 0  # remote calls in this generation
+        self.generation: str | None = None  # names the temporal codec stream (Forward.stream["gen"])
+        self.generations = 0  # generations begun
+        self.adapter_state: dict[str, Any] = {}  # the adapter's own scratch (SeamCall.state)
+        self.memo = ConstMemo()  # per-generation constants, kept the same objects while unchanged
+        self._depth = 0
+        self._used: list[MeshClient] = []  # clients this generation sent to (their streams end with it)
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
@@ -153,32 +124,61 @@ class SplitRun:
             raise LocalError("ComfyUI-Mesh: model called outside its wrapper (unsupported sampler path)")
         return call
 
+    # ------------------------------------------------------------------ generation scope
+    def begin_generation(self) -> None:
+        """A sampling run starts (nested runs share the outermost one's scope)."""
+        self._depth += 1
+        if self._depth > 1:
+            return
+        self.generation = uuid.uuid4().hex[:16]
+        self.generations += 1
+        self.calls = 0
+        self.adapter_state.clear()
+        self.memo.clear()
+        self._used = []
+
+    def end_generation(self) -> None:
+        """The run ended (or failed): drop its temporal references and per-run caches."""
+        self._depth = max(self._depth - 1, 0)
+        if self._depth:
+            return
+        used, self._used = self._used, []
+        for client in used:
+            # The client side drops at once; the server drops its references when the next
+            # generation's first call names another ``gen`` (or the connection closes).
+            client.end_stream()
+        self.generation = None
+        self.adapter_state.clear()
+        self.memo.clear()
+
+    def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        self.begin_generation()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.end_generation()
+
     # ------------------------------------------------------------------ wrapper
     def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj
-        if self.adapter.extra.get("control_keys"):
+        if self.adapter.control_keys:
             self._check_control(args[6] if len(args) > 6 else kwargs.get("control"))
-        call: dict[str, Any] = {"out": None}
-        call_info = self.adapter.extra.get("call_info")  # facts of this call the hook args lack
-        if call_info is not None:
-            call.update(call_info(args, kwargs))
+        call: dict[str, Any] = {"out": None, "values": self.adapter.call_info(args, kwargs)}
+        values: dict[str, Any] = call["values"]
         handles = []
-        # captures: {name: (module attribute, "in" | "out", index)}: the first value that module
-        # receives (in) or returns (out) in this model call, for the adapter's client_payload.
-        for name, (attr, where, index) in self.adapter.extra.get("captures", {}).items():
-            call[name] = None
-            module = getattr(dm, attr, None)
+        # captures: the first value a module receives (in) or returns (out) in this model call
+        for name, cap in self.adapter.captures.items():
+            values[name] = None
+            module = getattr(dm, cap.module, None)
             if not isinstance(module, torch.nn.Module):
                 continue
 
-            def grab(
-                _module: Any, inputs: Any, output: Any = None, _n: str = name, _w: str = where, _i: int = index
-            ) -> None:
-                if call[_n] is None:
-                    value = inputs if _w == "in" else output
-                    call[_n] = value[_i] if isinstance(value, (tuple, list)) else value
+            def grab(_module: Any, inputs: Any, output: Any = None, _n: str = name, _c: arch.Capture = cap) -> None:
+                if values[_n] is None:
+                    value = inputs if _c.where == "in" else output
+                    values[_n] = value[_c.index] if isinstance(value, (tuple, list)) else value
 
-            if where == "in":
+            if cap.where == "in":
                 handles.append(module.register_forward_pre_hook(grab))
             else:
                 handles.append(module.register_forward_hook(grab))
@@ -193,7 +193,7 @@ class SplitRun:
     def _check_control(self, control: Any) -> None:
         if not control:
             return
-        for group, key in self.adapter.extra.get("control_keys", {}).items():
+        for group, key in self.adapter.control_keys.items():
             residuals = control.get(key) or []
             for i in self.plan.remote_indices(group):
                 if i < len(residuals) and residuals[i] is not None:
@@ -204,11 +204,17 @@ class SplitRun:
                     )
 
     # ------------------------------------------------------------------ hooks
+    def stream(self, args: dict[str, Any]) -> dict[str, Any]:
+        """``Forward.stream`` of this call: the generation, and which CFG rows it carries, so cond and
+        uncond sent as separate calls keep separate temporal references (codec_temporal)."""
+        rows = (args.get("transformer_options") or {}).get("cond_or_uncond")
+        return {"gen": self.generation, "cond": [int(r) for r in rows] if rows is not None else None}
+
     def seam_hook(self, args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         call = self.current()
-        coded, exact, consts, scalars = self.adapter.extra["client_payload"](
-            args, self.plan, self.seam[0], call, {**extra, "state": self.adapter_state}
-        )
+        sc = arch.SeamCall(self.plan, self.seam[0], call["values"], self.modules, self.adapter_state, self.memo)
+        coded, exact, consts, scalars = self.adapter.client_payload(args, sc)
+        consts = self.memo.tensors(consts)  # unchanged constants: the same objects (no copy, no hash)
         s = self.settings
         dump = os.environ.get(SEAM_DUMP_ENV)
         if dump and self.calls < SEAM_DUMP_MAX_CALLS:
@@ -216,7 +222,10 @@ class SplitRun:
         if self.lora is not None:
             scalars["lora"], consts["lora"] = self.lora
         device = next(iter(coded.values())).device
-        out, stats = self.client().forward(
+        client = self.client()
+        if self.generation is not None and client not in self._used:
+            self._used.append(client)
+        out, stats = client.forward(
             arch=self.adapter.family,
             n_blocks=self.plan.n_remote,
             coded=coded,
@@ -226,6 +235,7 @@ class SplitRun:
             codec_name=s.codec_name,
             codec_params=s.codec_params,
             reply_codec=s.reply_codec,
+            stream=self.stream(args),
             device=device,
         )
         call["out"] = out
@@ -237,7 +247,7 @@ class SplitRun:
                 s.on_step(self.calls, stats)
             except Exception:  # stats are for the UI: never fail a step over them
                 log.debug("ComfyUI-Mesh: on_step callback failed", exc_info=True)
-        return passthrough(args)
+        return self.adapter.passthrough(args)
 
 
 def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:
@@ -252,13 +262,6 @@ def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:
             log.warning(
                 "ComfyUI-Mesh: %s is set: writing the seam tensor %r of every call to %s", SEAM_DUMP_ENV, name, path
             )
-
-
-def passthrough(args: dict[str, Any]) -> dict[str, Any]:
-    out = {"img": args["img"]}
-    if "txt" in args:
-        out["txt"] = args["txt"]
-    return out
 
 
 def bypass_patches(m: Any, remote_prefixes: list[str]) -> dict[str, list[tuple[Any, ...]]]:
@@ -324,7 +327,7 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
     remote_prefixes = []
     freed = 0
     seam_group, seam_index = run.seam
-    single_mod = getattr(dm, adapter.extra.get("single_mod", ""), None)
+    run.modules = {role: getattr(dm, attr, None) for role, attr in adapter.payload_modules.items()}
     for g in adapter.block_groups:
         hook = adapter.hook_names[g]
         for i in plan.remote_indices(g):
@@ -334,13 +337,13 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
             remote_prefixes.append(name + ".")
             if (g, i) == (seam_group, seam_index):
 
-                def fn(args: dict[str, Any], extra: dict[str, Any], _run: SplitRun = run) -> dict[str, Any]:
-                    return _run.seam_hook(args, {**extra, "single_mod": single_mod})
+                def fn(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+                    return run.seam_hook(args, extra)
 
             else:
 
                 def fn(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-                    return passthrough(args)
+                    return adapter.passthrough(args)
 
             m.set_model_patch_replace(fn, "dit", hook, i)
     for head, key in adapter.client_heads().items():
@@ -364,6 +367,14 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
             len(remote_patches),
         )
     m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, run.diffusion_model_wrapper)
+    outer = getattr(pe.WrappersMP, "OUTER_SAMPLE", None)  # a feature check, not a version check
+    if outer is not None:
+        m.add_wrapper_with_key(outer, WRAPPER_KEY, run.outer_sample_wrapper)
+    else:
+        log.warning(
+            "ComfyUI-Mesh: this ComfyUI has no WrappersMP.OUTER_SAMPLE: nothing is scoped to one generation "
+            "(the call counter runs on, temporal codecs continue their stream across runs; results stay correct)"
+        )
     m.patches_uuid = uuid.uuid4()
     m.size = max(int(model.model_size()) - freed, 1)
     return m, run

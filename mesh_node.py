@@ -1,20 +1,25 @@
-"""Icarus for FLUX.2: the "ComfyUI Mesh : Icarus" node (id MeshSplitFlux).
+"""Icarus: the "ComfyUI Mesh : Icarus" node (id MeshSplitFlux, kept for saved workflows) and the
+``NodeSpec`` its per-family variants override.
 
+The node splits any model a registered ``arch`` adapter recognises (FLUX.2, LTX-AV, ...).
 Inputs keep the original project's names and order so its saved workflows still load;
-newer inputs are optional and come last.
+newer inputs are optional and come last. A variant (``mesh_node_ltx.MeshSplitLTX``) is a
+subclass with another ``SPEC``: which families it accepts, which inputs it shows (a subset,
+in the original order of that node) and their defaults, its display name.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
-from . import codec
-from . import routes as ui
+from . import arch, codec, ui_events
 from .config import ClientConfig
 from .constants import DEFAULT_HOST, DEFAULT_PORT
 from .errors import LocalError, MeshError
-from .icarus import SplitSettings, split_model, token_store
+from .host import token_store
+from .icarus import SplitSettings, split_model
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -22,8 +27,9 @@ log = logging.getLogger("comfyui_mesh")
 CODEC_MODES = ["raw", "auto", "lossless", "quant", "quant-t", "int8", "q4", "clip-sparse", "lossless-t", "nvenc"]
 
 TOOLTIPS = {
-    "n_blocks_remote": "Blocks run on Daedalus, counted from the END of the model (single blocks first, then "
-    "double blocks). Must match the server's --n-blocks. 0 = run everything locally.",
+    "n_blocks_remote": "Blocks run on Daedalus, counted from the END of the model in execution order (for "
+    "FLUX.2: single blocks first, then double blocks); the server also runs the output head. Must match the "
+    "server's --n-blocks. 0 = run everything locally.",
     "remote_host": "Address of the Daedalus machine (127.0.0.1 for a second GPU in this PC).",
     "remote_port": "Daedalus port (default 7777).",
     "codec_mode": "How the seam state crosses the wire. raw: exact bytes (bit-identical, best on fast links). "
@@ -39,52 +45,84 @@ TOOLTIPS = {
     "LoRAs loaded AFTER this node stay local (front half only).",
 }
 
+# Marks an Icarus node in /object_info (an option of its model input): the node UI (web/mesh.js)
+# decorates every node type that carries it, so a new node needs no change there.
+ICARUS_FLAG = "comfyui_mesh_icarus"
+
+# Every input after ``model``: (type, options without the tooltip). A node shows a subset, in its order.
+INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
+    "n_blocks_remote": ("INT", {"default": 4, "min": 0, "max": 256}),
+    "remote_host": ("STRING", {"default": DEFAULT_HOST}),
+    "remote_port": ("INT", {"default": DEFAULT_PORT, "min": 1, "max": 65535}),
+    "codec_mode": (CODEC_MODES, {"default": "raw"}),
+    "codec_qp": ("INT", {"default": 18, "min": 0, "max": 51}),
+    "codec_lossless": ("BOOLEAN", {"default": False}),
+    "codec_tile_dim": ([1, 2, 4, 8], {"default": 8}),
+    "forward_client_loras": ("BOOLEAN", {"default": True}),
+}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What tells one Icarus node from another: data only, the behaviour is shared."""
+
+    display: str  # the node's name in the UI, its banners and its errors
+    description: str
+    inputs: tuple[str, ...] = tuple(INPUTS)  # shown after "model", in this order (saved workflows: by order)
+    families: tuple[str, ...] = ()  # arch families this node splits; empty: every registered family
+    defaults: dict[str, Any] = field(default_factory=dict)  # input -> default, over INPUTS'
+    tooltips: dict[str, str] = field(default_factory=dict)  # input -> tooltip, over TOOLTIPS
+
+    def input_types(self) -> dict[str, Any]:
+        required: dict[str, Any] = {"model": ("MODEL", {ICARUS_FLAG: True})}
+        for name in self.inputs:
+            kind, opts = INPUTS[name]
+            default = self.defaults.get(name, opts["default"])
+            required[name] = (kind, {**opts, "default": default, "tooltip": self.tooltips.get(name, TOOLTIPS[name])})
+        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+
+    def bind(self, values: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
+        """The node's input values (positional in ``inputs`` order, or by name) over the defaults."""
+        if len(values) > len(self.inputs):
+            raise TypeError(f"{self.display} takes {len(self.inputs)} inputs after model, got {len(values)}")
+        unknown = set(named) - set(self.inputs)
+        clash = set(named) & set(self.inputs[: len(values)])
+        if unknown or clash:
+            raise TypeError(f"{self.display}: unknown inputs {sorted(unknown)} or given twice {sorted(clash)}")
+        bound = {name: self.defaults.get(name, opts["default"]) for name, (_, opts) in INPUTS.items()}
+        bound.update(zip(self.inputs, values, strict=False))
+        bound.update(named)
+        return bound
+
 
 class MeshSplitFlux:
-    """Split a FLUX.2 model: the last n_blocks_remote blocks and the final layer run on Daedalus."""
+    """Split a diffusion transformer (FLUX.2, LTX-AV): its last n_blocks_remote blocks and its output head run
+    on Daedalus."""
 
-    DISPLAY = "ComfyUI Mesh : Icarus"  # the node's name in the UI, its banners and its errors
+    SPEC = NodeSpec(display="ComfyUI Mesh : Icarus", description=__doc__ or "")
+    DISPLAY = SPEC.display
+    DESCRIPTION = SPEC.description
     CATEGORY = "ComfyUI-Mesh"
     RETURN_TYPES = ("MODEL",)
     FUNCTION = "configure"
-    DESCRIPTION = __doc__
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.DISPLAY, cls.DESCRIPTION = cls.SPEC.display, cls.SPEC.description
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
-        t = TOOLTIPS
-        return {
-            "required": {
-                "model": ("MODEL",),
-                "n_blocks_remote": ("INT", {"default": 4, "min": 0, "max": 256, "tooltip": t["n_blocks_remote"]}),
-                "remote_host": ("STRING", {"default": DEFAULT_HOST, "tooltip": t["remote_host"]}),
-                "remote_port": ("INT", {"default": DEFAULT_PORT, "min": 1, "max": 65535, "tooltip": t["remote_port"]}),
-                "codec_mode": (CODEC_MODES, {"default": "raw", "tooltip": t["codec_mode"]}),
-                "codec_qp": ("INT", {"default": 18, "min": 0, "max": 51, "tooltip": t["codec_qp"]}),
-                "codec_lossless": ("BOOLEAN", {"default": False, "tooltip": t["codec_lossless"]}),
-                "codec_tile_dim": ([1, 2, 4, 8], {"default": 8, "tooltip": t["codec_tile_dim"]}),
-                "forward_client_loras": ("BOOLEAN", {"default": True, "tooltip": t["forward_client_loras"]}),
-            },
-            "hidden": {"unique_id": "UNIQUE_ID"},
-        }
+        return cls.SPEC.input_types()
 
-    def configure(
-        self,
-        model: Any,
-        n_blocks_remote: int,
-        remote_host: str,
-        remote_port: int,
-        codec_mode: str = "raw",
-        codec_qp: int = 18,
-        codec_lossless: bool = False,
-        codec_tile_dim: int = 8,
-        forward_client_loras: bool = True,
-        unique_id: str = "",
-    ) -> tuple[Any]:
+    def configure(self, model: Any, *values: Any, unique_id: str = "", **named: Any) -> tuple[Any]:
+        """ComfyUI passes the inputs by name; positional values follow ``SPEC.inputs``."""
+        v = self.SPEC.bind(values, named)
+        codec_mode = str(v["codec_mode"])
         try:
             self.check_model(model)
-            if n_blocks_remote == 0:
+            if int(v["n_blocks_remote"]) == 0:
                 log.info("ComfyUI-Mesh: n_blocks_remote=0, the whole model runs locally")
-                ui.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
+                ui_events.send_banner(unique_id, "info", "n_blocks_remote is 0: the whole model runs locally")
                 return (model,)
             try:
                 why = codec.by_name(codec_mode).available()
@@ -92,38 +130,51 @@ class MeshSplitFlux:
                 why = "it is not part of this ComfyUI-Mesh release"
             if why:
                 raise LocalError(f"codec_mode {codec_mode!r} cannot be used here: {why}; choose raw, lossless or quant")
-            host = remote_host.strip()
-            cfg = ClientConfig(host=host, port=int(remote_port), token=token_store().get(host, int(remote_port)))
+            host, port = str(v["remote_host"]).strip(), int(v["remote_port"])
+            cfg = ClientConfig(host=host, port=port, token=token_store().get(host, port))
             settings = SplitSettings(
-                n_remote=int(n_blocks_remote),
+                n_remote=int(v["n_blocks_remote"]),
                 client=cfg,
                 codec_name=codec_mode,
                 codec_params={
-                    "qp": codec_qp,
-                    "lossless": codec_lossless,
-                    "tile_dim": int(codec_tile_dim),
+                    "qp": v["codec_qp"],
+                    "lossless": v["codec_lossless"],
+                    "tile_dim": int(v["codec_tile_dim"]),
                     "cosine": 0.999,  # fidelity target of the quant family and auto
                 },
-                forward_loras=bool(forward_client_loras),
+                forward_loras=bool(v["forward_client_loras"]),
                 node_id=str(unique_id),
-                on_step=ui.step_reporter(unique_id, codec_mode),
+                on_step=ui_events.step_reporter(unique_id, codec_mode),
             )
             m, run = split_model(model, settings)
         except MeshError as e:
-            ui.send_banner(unique_id, "error", str(e))
+            ui_events.send_banner(unique_id, "error", str(e))
             raise
         try:
             server = run.client().connect()  # fail at queue time with a clear message, not mid-sampling
         except MeshError as e:
-            ui.send_banner(unique_id, "error", str(e))
+            ui_events.send_banner(unique_id, "error", str(e))
             raise LocalError(f"{self.DISPLAY} (node {unique_id}): {e}") from e
-        ui.send_banner(
+        ui_events.send_banner(
             unique_id, "ok", f"{cfg.address}: {server.model}, last {server.n_blocks} blocks on {server.device}"
         )
         return (m,)
 
     def check_model(self, model: Any) -> None:
-        """Raise a LocalError, naming the fix, for a model this node does not split (subclasses narrow it)."""
+        """Refuse, with the fix named, a model of a family this node does not split (``SPEC.families``)."""
+        families = self.SPEC.families
+        if not families:
+            return  # every registered family: split_model names the supported ones if it is none of them
+        try:
+            adapter = arch.for_model(model.get_model_object("diffusion_model"))
+        except LocalError as e:
+            raise LocalError(f"{self.DISPLAY}: {e}") from None
+        if adapter.family not in families:
+            names = ", ".join(arch.get(f).display for f in families)
+            raise LocalError(
+                f"{self.DISPLAY} splits {names} models; this model is {adapter.display}: "
+                f"use the '{MeshSplitFlux.SPEC.display}' node for it"
+            )
 
 
 NODE_CLASS_MAPPINGS = {"MeshSplitFlux": MeshSplitFlux}

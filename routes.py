@@ -13,12 +13,12 @@ these routes; nothing here is specific to one model family.
 ``POST /mesh/token``                 ``{host, port, token}``: save (or, empty, delete) the token for
                                       host:port in ComfyUI's user folder; tokens are never returned.
 
-Websocket events sent during a run: ``mesh-banner`` ``{node_id, level, text}`` and
-``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``.
+The websocket events sent during a run (banners, per-step stats) are in ``ui_events.py``.
 
-The probe is the protocol's pre-authentication half: Hello -> Challenge -> Bye. It needs no
-token, reads the server's model and n_blocks from the Challenge, and leaves no trace in the
-server's log or client list (a full login every few seconds from every open browser tab would).
+The probe reads the server's model and n_blocks from the Challenge (Hello -> Challenge -> Bye).
+When a token is saved for that server it also answers the challenge with it, so a wrong token shows
+as "token rejected" (amber) before a run fails on it; Daedalus keeps these logins (client name
+``STATUS_CLIENT_NAME``) out of its log and client list, so polling leaves no trace there.
 
 Security (SSRF): these routes make ComfyUI open TCP connections to a host:port named in the
 request, like the original's reconfigure route did. What limits it: the address is validated
@@ -33,12 +33,12 @@ to untrusted networks anyway; to pin the reachable servers set ``COMFYUI_MESH_AL
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
 import re
 import socket
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -48,6 +48,7 @@ from .auth import new_nonce
 from .config import ClientConfig
 from .constants import PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME, TOKEN_ENV
 from .errors import LocalError, MeshError
+from .host import comfyui_version, token_store
 from .netio import recv_message, send_message
 from .protocol import Auth, Bye, Challenge, Error, ErrorCode, FrameDecoder
 from .transport import MeshClient, drop_pooled
@@ -87,25 +88,14 @@ def parse_address(host: Any, port: Any) -> tuple[str, int]:
     return h, p
 
 
-def _token_store():
-    from .icarus import token_store
-
-    return token_store()
-
-
-def _comfyui_version() -> str:
-    from .icarus import comfyui_version
-
-    return comfyui_version()
-
-
 # ---------------------------------------------------------------------------- probe
 def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, Any]:
-    """Hello -> Challenge -> Bye against host:port; a JSON-able status (never raises)."""
+    """Hello -> Challenge (-> Auth with the saved token) -> Bye against host:port; a JSON-able status
+    (never raises)."""
     address = f"{host}:{port}"
     out: dict[str, Any] = {"address": address, "state": "red", "reachable": False, "error": None}
     try:
-        store = _token_store()
+        store = token_store()
         out["token_saved"] = store.has(host, port)
         out["token_env"] = bool(os.environ.get(TOKEN_ENV, "").strip())
     except MeshError as e:
@@ -125,7 +115,7 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     token_rejected = ""
     try:
         sock.settimeout(timeout)
-        versions = handshake.local_versions(_comfyui_version())
+        versions = handshake.local_versions(comfyui_version())
         hello = handshake.make_hello(
             handshake.Expect(),
             versions,
@@ -213,7 +203,7 @@ class Prober:
         if fut is None:
             fut = asyncio.get_running_loop().run_in_executor(_EXECUTOR, self.probe_fn, host, port)
             self._inflight[key] = fut
-            fut.add_done_callback(lambda f, k=key: self._done(k, f))
+            fut.add_done_callback(functools.partial(self._done, key))
         result = await asyncio.shield(fut)  # a client that goes away must not cancel the others' probe
         return {**result, "cached": False}
 
@@ -229,9 +219,9 @@ class Prober:
 
 # ---------------------------------------------------------------------------- actions
 def _client(host: str, port: int) -> MeshClient:
-    token = _token_store().get(host, port)
+    token = token_store().get(host, port)
     cfg = ClientConfig(host=host, port=port, token=token, client_name="icarus-ui")
-    return MeshClient(cfg, comfyui_version=_comfyui_version())
+    return MeshClient(cfg, comfyui_version=comfyui_version())
 
 
 def reconfigure(host: str, port: int, n_blocks: int) -> dict[str, Any]:
@@ -251,7 +241,7 @@ def save_token(host: str, port: int, token: str) -> dict[str, Any]:
     token = token.strip()
     if len(token) > 512 or any(c.isspace() for c in token):
         raise LocalError("that does not look like a Daedalus token (one line of letters and digits)")
-    _token_store().set(host, port, token)
+    token_store().set(host, port, token)
     drop_pooled(host, port)
     out: dict[str, Any] = {"ok": True, "saved": bool(token), "verified": None, "message": "token removed"}
     if os.environ.get(TOKEN_ENV, "").strip():
@@ -268,52 +258,6 @@ def save_token(host: str, port: int, token: str) -> dict[str, Any]:
     finally:
         c.close("token check")
     return out
-
-
-# ---------------------------------------------------------------------------- websocket events
-def _prompt_server() -> Any:
-    """ComfyUI's PromptServer instance if this process is a running ComfyUI, else None (imports nothing)."""
-    srv = sys.modules.get("server")
-    return getattr(getattr(srv, "PromptServer", None), "instance", None)
-
-
-def _send(event: str, data: dict[str, Any]) -> None:
-    ps = _prompt_server()
-    if ps is None:
-        return
-    try:
-        ps.send_sync(event, data, getattr(ps, "client_id", None))
-    except Exception:  # the UI is a courtesy: never fail a run over it
-        log.debug("ComfyUI-Mesh: could not send %s", event, exc_info=True)
-
-
-def send_banner(node_id: Any, level: str, text: str) -> None:
-    """Show ``text`` under the node (level: ok, info, warn, error); node_id may be a subgraph path 'a:b'."""
-    _send("mesh-banner", {"node_id": str(node_id), "level": level, "text": text})
-
-
-def step_reporter(node_id: Any, codec_name: str):
-    """A callback(call, StepStats) that sends ``mesh-stats`` for one node after every remote step."""
-
-    def report(call: int, stats: Any) -> None:
-        s = stats.server
-        chosen = getattr(stats, "codec", None) or {}  # what was used (codec "auto" picks one per link)
-        _send(
-            "mesh-stats",
-            {
-                "node_id": str(node_id),
-                "call": call,
-                "codec": str(chosen.get("codec") or codec_name),
-                "bytes_out": stats.bytes_out,
-                "bytes_in": stats.bytes_in,
-                "encode_ms": round(stats.encode_ms, 2),
-                "round_trip_ms": round(stats.wait_ms, 2),
-                "decode_ms": round(stats.decode_ms, 2),
-                "server_forward_ms": round(float(s.get("forward", 0.0)), 2),
-            },
-        )
-
-    return report
 
 
 # ---------------------------------------------------------------------------- registration
@@ -393,4 +337,4 @@ def register(prompt_server: Any) -> bool:
     return True
 
 
-__all__ = ["PROBER", "Prober", "parse_address", "probe", "register", "send_banner", "step_reporter"]
+__all__ = ["PROBER", "Prober", "parse_address", "probe", "register"]

@@ -3,8 +3,12 @@
 An adapter says, for one model family: which block lists exist and in what order they
 run, where the model may be cut (the last N blocks in execution order go remote), which
 head modules the server runs after the blocks, which config keys hold the block counts,
-how to recognise the family from a checkpoint's keys and from a built model, and the two
-functions that move one model call across the seam (client payload, server forward).
+how to recognise the family from a checkpoint's keys and from a built model, the two
+functions that move one model call across the seam (client payload, server forward), and
+what the client's glue (``icarus``) needs to feed the client payload: values captured from
+model modules during the call (``Capture``), facts from the model call's own arguments
+(``call_info``), modules the payload calls, ControlNet residual keys, what a remote block's
+hook returns, and how the stubbed output head fixes up the server's output.
 
 Adding Wan / FLUX.1 / Qwen-Image means one new module here that calls ``register``.
 No module in this package imports ComfyUI.
@@ -15,9 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..errors import LocalError
+from ..payload import ConstMemo, SeamPayload
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,33 @@ class SplitPlan:
 
 
 @dataclass(frozen=True)
+class Capture:
+    """The first value a diffusion-model module receives (``where="in"``: its positional argument
+    ``index``) or returns (``"out"``: element ``index`` of its output, or the output itself when
+    it is not a tuple) in one model call."""
+
+    module: str  # attribute of the diffusion model, e.g. "double_stream_modulation_img"
+    where: Literal["in", "out"]
+    index: int = 0
+
+
+@dataclass
+class SeamCall:
+    """What ``Adapter.client_payload`` gets besides the block hook's ``args``."""
+
+    plan: SplitPlan
+    seam: str  # block group of the first remote block
+    values: dict[str, Any]  # this model call's captures and call_info, by name
+    modules: dict[str, Any]  # ``Adapter.payload_modules`` resolved on the client's model (None: absent)
+    state: dict[str, Any]  # the adapter's own scratch, emptied at every generation start
+    memo: ConstMemo  # per-generation constants memo (see payload.ConstMemo)
+
+
+def no_call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    return {}
+
+
+@dataclass(frozen=True)
 class Adapter:
     family: str  # wire name, e.g. "flux2"
     display: str  # for messages, e.g. "FLUX.2"
@@ -57,11 +89,31 @@ class Adapter:
     detect_keys: Callable[[set[str]], bool]  # checkpoint keys (prefix stripped) -> is this family
     detect_model: Callable[[Any], bool]  # built diffusion model -> is this family
     server_forward: Callable[..., dict[str, Any]]  # (model, plan, tensors, scalars) -> outputs
+    # The seam block hook's args -> what crosses the wire for this model call.
+    client_payload: Callable[[dict[str, Any], SeamCall], SeamPayload]
     notes: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Values the client payload needs that the hook's args lack, captured from model modules.
+    captures: dict[str, Capture] = field(default_factory=dict)
+    # (args, kwargs) of the diffusion model's forward -> more such values (e.g. token counts).
+    call_info: Callable[[tuple[Any, ...], dict[str, Any]], dict[str, Any]] = no_call_info
+    # Diffusion-model modules the client payload calls (role -> attribute), e.g. a modulation
+    # layer it evaluates when the seam is before the blocks that use it.
+    payload_modules: dict[str, str] = field(default_factory=dict)
+    # Block group -> key of ``control`` whose residual list ControlNets add to that group's
+    # blocks (remote blocks must have none). Empty: the family takes no ControlNet residuals.
+    control_keys: dict[str, str] = field(default_factory=dict)
+    # Keys of a block hook's args that its result holds (a remote block passes them through).
+    hook_returns: tuple[str, ...] = ("img",)
+    # The server returns only the main tokens; the head stub pads its output with zeros to the
+    # head input's token count (tokens the model discards after the head, e.g. FLUX reference images).
+    pad_head_tokens: bool = False
     # Head modules the client swaps for stubs returning the server's output of that name.
     # Empty: every head returns the output "out" (one head, one output).
     head_outputs: dict[str, str] = field(default_factory=dict)
+
+    def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
+        """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
+        return {k: args[k] for k in self.hook_returns if k in args}
 
     def client_heads(self) -> dict[str, str]:
         """Head module -> name of the server output its client stub returns."""

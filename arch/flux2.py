@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from ..errors import LocalError, RemoteProtocolError
-from . import Adapter, SplitPlan, register
+from ..payload import SeamPayload
+from . import Adapter, Capture, SeamCall, SplitPlan, register
 
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
 
@@ -58,17 +59,16 @@ def detect_model(dm: Any) -> bool:
     )
 
 
-def client_payload(
-    args: dict[str, Any], plan: SplitPlan, seam: str, call: dict[str, Any], ctx: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def client_payload(args: dict[str, Any], sc: SeamCall) -> SeamPayload:
     """Split one block-hook call at the seam into (coded, exact, consts, scalars).
 
-    ``call["vec"]`` is the un-modulated vector the model fed its modulation layers (captured);
-    ``ctx["single_mod"]`` computes the single-stream modulation from it (needed when the seam
-    is in the doubles).
+    ``sc.values["vec"]`` is the un-modulated vector the model fed its modulation layers
+    (captured); ``sc.modules["single_mod"]`` computes the single-stream modulation from it
+    (needed when the seam is in the doubles).
     """
-    vec: torch.Tensor | None = call.get("vec")
-    single_mod: Any = ctx.get("single_mod")
+    plan, seam = sc.plan, sc.seam
+    vec: torch.Tensor | None = sc.values.get("vec")
+    single_mod: Any = sc.modules.get("single_mod")
     if vec is None:
         raise LocalError("FLUX.2 split: the time vector was not captured (unexpected model code path)")
     if vec.ndim != 2:
@@ -85,6 +85,8 @@ def client_payload(
         coded["img"], coded["txt"] = img, txt
         exact["mod_img"], exact["mod_txt"] = _pack(im1, im2), _pack(tm1, tm2)
         if plan.remote[SINGLE]:
+            if single_mod is None:
+                raise LocalError("FLUX.2 split: the model has no single_stream_modulation (unexpected model code)")
             exact["mod_single"] = _pack(single_mod(vec)[0])
         txt_len, img_all = txt.shape[1], img.shape[1]
     else:
@@ -100,7 +102,7 @@ def client_payload(
     if args.get("attn_mask") is not None:
         consts["attn_mask"] = args["attn_mask"]
     scalars = {"seam": seam, "txt_len": int(txt_len), "img_len": int(img_len)}
-    return coded, exact, consts, scalars
+    return SeamPayload(coded, exact, consts, scalars)
 
 
 def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -170,13 +172,13 @@ ADAPTER = register(
         detect_keys=detect_keys,
         detect_model=detect_model,
         server_forward=server_forward,
+        client_payload=client_payload,
         notes="Dev 8+48 blocks, Klein 9B 8+24, Klein 4B 5+20",
-        extra={
-            "client_payload": client_payload,
-            # the input of double_stream_modulation_img is the un-modulated time vector
-            "captures": {"vec": ("double_stream_modulation_img", "in", 0)},
-            "single_mod": "single_stream_modulation",
-            "control_keys": {DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
-        },
+        # the input of double_stream_modulation_img is the un-modulated time vector
+        captures={"vec": Capture("double_stream_modulation_img", "in", 0)},
+        payload_modules={"single_mod": "single_stream_modulation"},
+        control_keys={DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
+        hook_returns=("img", "txt"),  # double blocks return both streams, single blocks "img"
+        pad_head_tokens=True,  # reference-image tokens: the server returns the main image tokens only
     )
 )

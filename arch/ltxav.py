@@ -24,7 +24,8 @@ import torch
 
 from .. import payload_ltx
 from ..errors import LocalError, RemoteProtocolError
-from . import Adapter, SplitPlan, register
+from ..payload import SeamPayload, is_compressed_timestep
+from . import Adapter, Capture, SeamCall, SplitPlan, register
 
 BLOCKS = "transformer_blocks"
 
@@ -51,13 +52,10 @@ def detect_model(dm: Any) -> bool:
     return name == "LTXAVModel" and hasattr(dm, BLOCKS) and hasattr(dm, "audio_proj_out")
 
 
-def client_payload(
-    args: dict[str, Any], plan: SplitPlan, seam: str, call: dict[str, Any], ctx: dict[str, Any]
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any]]:
+def client_payload(args: dict[str, Any], sc: SeamCall) -> SeamPayload:
     """One block-hook call at the seam -> (coded, exact, consts, scalars); see payload_ltx."""
-    state = ctx.get("state")
-    memo = state.setdefault("const_memo", payload_ltx.ConstMemo()) if isinstance(state, dict) else None
-    return payload_ltx.flatten(args, call.get("v_emb"), call.get("a_emb"), memo, call.get("ref_audio_len", 0))
+    v = sc.values
+    return payload_ltx.flatten(args, v.get("v_emb"), v.get("a_emb"), sc.memo, v.get("ref_audio_len", 0))
 
 
 def call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +90,7 @@ def comfy_classes(dm: Any) -> dict[str, type]:
 
 def video_head(dm: Any, x: torch.Tensor, emb: Any) -> torch.Tensor:
     """The video output head of ``LTXVModel._process_output`` up to ``proj_out`` (no unpatchify)."""
-    if payload_ltx.is_compressed_timestep(emb):
+    if is_compressed_timestep(emb):
         emb = emb.expand()
     if emb.ndim != 3 or emb.shape[0] != x.shape[0] or emb.shape[1] not in (1, x.shape[1]):
         raise RemoteProtocolError(f"LTX-AV request: video head timestep {list(emb.shape)} for tokens {list(x.shape)}")
@@ -164,13 +162,11 @@ ADAPTER = register(
         detect_keys=detect_keys,
         detect_model=detect_model,
         server_forward=server_forward,
+        client_payload=client_payload,
         notes="LTX-2 (19B) and LTX-2.3 (22B): 48 audio+video blocks",
-        extra={
-            "client_payload": client_payload,
-            "call_info": call_info,
-            # the heads' embedded timesteps: second output of the two timestep AdaLNs
-            "captures": {"v_emb": ("adaln_single", "out", 1), "a_emb": ("audio_adaln_single", "out", 1)},
-        },
+        call_info=call_info,
+        # the heads' embedded timesteps: second output of the two timestep AdaLNs
+        captures={"v_emb": Capture("adaln_single", "out", 1), "a_emb": Capture("audio_adaln_single", "out", 1)},
         head_outputs={"proj_out": "vx", "audio_proj_out": "ax"},
     )
 )

@@ -188,19 +188,19 @@ def test_other_checkpoint_is_refused_by_fingerprint(setup):
 def test_comfyui_compressed_timestep_round_trips_without_recompressing():
     import_comfy()
     from comfy.ldm.lightricks.av_model import CompressedTimestep, LTXAVModel
-    from comfyui_mesh import payload_ltx
+    from comfyui_mesh import payload
     from comfyui_mesh.arch import ltxav
 
     b, f, p, d = 2, 3, 4, 6 * 8
     per_frame = torch.randn(b, f, 1, d)
     ct = CompressedTimestep(per_frame.expand(b, f, p, d).reshape(b, f * p, d), p)  # ComfyUI compresses
     assert ct.data.shape == (b, f, d) and ct.patches_per_frame == p
-    parts = payload_ltx.parts_of("ct", ct)
-    tensors, info = payload_ltx.pack("ct", "v_timestep", parts)
+    parts = payload.parts_of("ct", ct)
+    tensors, info = payload.pack("ct", "v_timestep", parts)
     assert tensors["v_timestep"] is ct.data  # compressed rows, not expanded
     classes = ltxav.comfy_classes(object.__new__(LTXAVModel))  # found through the model's own modules
     assert classes["CompressedTimestep"] is CompressedTimestep
-    back = payload_ltx.build("ct", payload_ltx.unpack("ct", "v_timestep", tensors, info), classes)
+    back = payload.build("ct", payload.unpack("ct", "v_timestep", tensors, info), classes)
     assert type(back) is CompressedTimestep and back.data is ct.data
     assert torch.equal(back.expand(), ct.expand())
     table = torch.randn(6, 8)
@@ -210,7 +210,7 @@ def test_comfyui_compressed_timestep_round_trips_without_recompressing():
 
 @needs_narrow_flux2
 def test_node_accepts_ltxav_and_refuses_other_models(setup, monkeypatch):
-    from comfyui_mesh import routes
+    from comfyui_mesh import ui_events
     from comfyui_mesh.config import ClientConfig
     from comfyui_mesh.errors import LocalError
     from comfyui_mesh.mesh_node_ltx import MeshSplitLTX
@@ -230,7 +230,7 @@ def test_node_accepts_ltxav_and_refuses_other_models(setup, monkeypatch):
     probe.reconfigure(2)
     probe.close()
     banners = []
-    monkeypatch.setattr(routes, "send_banner", lambda node_id, level, text: banners.append((node_id, level, text)))
+    monkeypatch.setattr(ui_events, "send_banner", lambda node_id, level, text: banners.append((node_id, level, text)))
     (m,) = MeshSplitLTX().configure(model, 2, "127.0.0.1", srv.port, "raw", False, unique_id="7")
     assert m is not model
     assert banners[-1][:2] == ("7", "ok"), banners  # MeshSplitFlux's UI hooks, inherited

@@ -12,7 +12,7 @@ import json
 
 import pytest
 import torch
-from comfyui_mesh import arch, payload_ltx
+from comfyui_mesh import arch, payload, payload_ltx
 from comfyui_mesh.arch import ltxav
 from comfyui_mesh.errors import LocalError, RemoteProtocolError
 
@@ -168,12 +168,12 @@ def test_per_token_tables_with_repeated_rows_go_as_unique_rows():
     assert torch.equal(call.block_kwargs["v_timestep"].data, data)
     # bf16 rows are compared bit for bit
     t = data.to(torch.bfloat16)
-    uniq, idx = payload_ltx.dedup_rows(t)
+    uniq, idx = payload.dedup_rows(t)
     assert uniq.dtype == torch.bfloat16 and torch.equal(uniq[idx.long()].reshape(t.shape), t)
 
 
 def test_memo_hands_the_transport_the_same_tensor_while_values_are_unchanged():
-    memo = payload_ltx.ConstMemo()
+    memo = payload.ConstMemo()
     first = hook_args(seed=0)
     _, _, c1, _ = payload_ltx.flatten(first, *embs(first), memo)
     second = hook_args(seed=1)  # a new step: new seam state and timesteps, constants recomputed (new objects)

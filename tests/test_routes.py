@@ -10,7 +10,6 @@ import re
 import socket
 import sys
 import threading
-import types
 
 import pytest
 from comfyui_mesh import routes
@@ -19,7 +18,6 @@ from comfyui_mesh.constants import SKEW_ENV
 from comfyui_mesh.errors import LocalError
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend
-from comfyui_mesh.transport import StepStats
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 
@@ -164,25 +162,6 @@ class FakePromptServer:
 
     def send_sync(self, event, data, sid=None):
         self.sent.append((event, data, sid))
-
-
-def test_banners_and_stats_reach_the_prompt_server_only_when_there_is_one(monkeypatch):
-    routes.send_banner("12:5", "error", "nothing here")  # no ComfyUI: a silent no-op
-    ps = FakePromptServer()
-    fake = types.ModuleType("server")
-    fake.PromptServer = types.SimpleNamespace(instance=ps)
-    monkeypatch.setitem(sys.modules, "server", fake)
-    routes.send_banner("12:5", "error", "cannot reach it")
-    stats = StepStats(bytes_out=5_000_000, bytes_in=4_000_000, encode_ms=1.234, wait_ms=130.0, decode_ms=2.0)
-    stats.server = {"forward": 80.5}
-    routes.step_reporter(7, "raw")(3, stats)
-    assert ps.sent[0] == ("mesh-banner", {"node_id": "12:5", "level": "error", "text": "cannot reach it"}, "browser-1")
-    event, data, sid = ps.sent[1]
-    assert event == "mesh-stats" and sid == "browser-1"
-    assert data == {"node_id": "7", "call": 3, "codec": "raw", "bytes_out": 5_000_000, "bytes_in": 4_000_000,
-                    "encode_ms": 1.23, "round_trip_ms": 130.0, "decode_ms": 2.0, "server_forward_ms": 80.5}  # fmt: skip
-    ps.send_sync = lambda *a: (_ for _ in ()).throw(RuntimeError("ws closed"))
-    routes.send_banner("1", "info", "never raises")
 
 
 def test_importing_the_pack_outside_comfyui_registers_nothing():

@@ -1,4 +1,4 @@
-// ComfyUI-Mesh node UI, shared by every Icarus node type (MESH_NODE_TYPES in mesh_logic.js):
+// ComfyUI-Mesh node UI, shared by every Icarus node type (isIcarusDef in mesh_logic.js):
 // connection light, Confirm flow, banners and per-step stats from the Python side, token dialog,
 // help panel, last-used values for new nodes. Talks to Python only through the pack's routes
 // (/mesh/status, /mesh/reconfigure, /mesh/token) and its websocket events (mesh-banner, mesh-stats).
@@ -362,7 +362,8 @@ function register() {
   app.registerExtension({
     name: "comfyui-mesh.icarus",
     async beforeRegisterNodeDef(nodeType, nodeData) {
-      if (!L.MESH_NODE_TYPES.includes(nodeData.name)) return;
+      if (!L.isIcarusDef(nodeData)) return;
+      if (!L.MESH_NODE_TYPES.includes(nodeData.name)) L.MESH_NODE_TYPES.push(nodeData.name);
       const created = nodeType.prototype.onNodeCreated;
       nodeType.prototype.onNodeCreated = function (...args) {
         const r = created?.apply(this, args);

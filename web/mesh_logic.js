@@ -4,8 +4,17 @@
 // ComfyUI loads every .js file of the pack's web folder as an extension module; this one only
 // exports, so loading it on its own does nothing.
 
-// Every Icarus node type the UI decorates. A new model family's node is one more name here.
-export const MESH_NODE_TYPES = ["MeshSplitFlux", "MeshSplitLTX"];
+// Icarus node types are found in /object_info: their model input carries this option
+// (ICARUS_FLAG in mesh_node.py), so a new node type needs no change here.
+export const ICARUS_FLAG = "comfyui_mesh_icarus";
+
+/** Whether a node definition from /object_info is an Icarus node. */
+export function isIcarusDef(nodeData) {
+  return nodeData?.input?.required?.model?.[1]?.[ICARUS_FLAG] === true;
+}
+
+// Every Icarus node type the UI decorates: filled by mesh.js as ComfyUI registers node definitions.
+export const MESH_NODE_TYPES = [];
 
 export const POLL_MS = 3000; // status poll period per server address
 export const STALE_MS = 30000; // an older status no longer blocks queueing

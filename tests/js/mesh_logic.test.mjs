@@ -3,6 +3,8 @@ import assert from "node:assert/strict";
 import { test } from "node:test";
 import * as L from "../../web/mesh_logic.js";
 
+const ICARUS = ["MeshSplitFlux", "MeshSplitLTX"]; // what mesh.js collects from /object_info
+
 const green = { state: "green", reachable: true, n_blocks: 4, n_blocks_max: 8, model: "toy-8x64", arch: "toy",
   device: "cpu", auth_needed: true, server_version: "0.2.0" };
 const node = (over = {}) => ({ n_blocks_remote: 4, remote_host: "127.0.0.1", remote_port: 7777, ...over });
@@ -63,10 +65,10 @@ test("blockingProblems judges only Icarus nodes with literal inputs and a fresh 
     "5:7": { class_type: "MeshSplitLTX", inputs: { ...node({ n_blocks_remote: 2 }) } },
     "6": { class_type: "MeshSplitFlux", inputs: { ...node({ remote_port: 7778, n_blocks_remote: 2 }) } },
   };
-  const p = L.blockingProblems(output, statuses, L.MESH_NODE_TYPES, now);
+  const p = L.blockingProblems(output, statuses, ICARUS, now);
   assert.deepEqual(p.map((x) => x.nodeId), ["2", "5:7"]);
   assert.match(p[0].text, /^Icarus node 2: 127.0.0.1:7777 holds 4 blocks, this node asks for 6/);
-  assert.deepEqual(L.blockingProblems(output, statuses, L.MESH_NODE_TYPES, now + L.STALE_MS + 2000), []);
+  assert.deepEqual(L.blockingProblems(output, statuses, ICARUS, now + L.STALE_MS + 2000), []);
   assert.deepEqual(L.blockingProblems(undefined, statuses), []);
 });
 
@@ -123,5 +125,11 @@ test("banner levels and help", () => {
   assert.equal(L.BANNER_LEVELS.ok.persist, false);
   const titles = L.HELP_SECTIONS.map(([t]) => t);
   assert.deepEqual(titles, ["Connection", "n_blocks_remote", "LoRA order", "Codecs"]);
-  assert.ok(L.MESH_NODE_TYPES.includes("MeshSplitFlux"));
+});
+
+test("Icarus node definitions are found by the flag on their model input", () => {
+  assert.equal(L.isIcarusDef({ name: "X", input: { required: { model: ["MODEL", { [L.ICARUS_FLAG]: true }] } } }), true);
+  assert.equal(L.isIcarusDef({ name: "MeshSplitFlux", input: { required: { model: ["MODEL"] } } }), false);
+  assert.equal(L.isIcarusDef({ name: "KSampler", input: { required: { model: ["MODEL", {}] } } }), false);
+  assert.equal(L.isIcarusDef(undefined), false);
 });

@@ -1,0 +1,63 @@
+"""Websocket events of the Icarus node UI (``web/mesh.js``), sent during a run.
+
+``mesh-banner`` ``{node_id, level, text}``: a line under the node (ok, info, warn, error).
+``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``: after every remote step.
+
+They go through ComfyUI's running ``PromptServer`` (looked up, never imported: outside a
+running ComfyUI every send is a silent no-op). No aiohttp, no sockets; the HTTP routes
+behind the same UI are in ``routes.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger("comfyui_mesh")
+
+
+def prompt_server() -> Any:
+    """ComfyUI's PromptServer instance if this process is a running ComfyUI, else None (imports nothing)."""
+    srv = sys.modules.get("server")
+    return getattr(getattr(srv, "PromptServer", None), "instance", None)
+
+
+def _send(event: str, data: dict[str, Any]) -> None:
+    ps = prompt_server()
+    if ps is None:
+        return
+    try:
+        ps.send_sync(event, data, getattr(ps, "client_id", None))
+    except Exception:  # the UI is a courtesy: never fail a run over it
+        log.debug("ComfyUI-Mesh: could not send %s", event, exc_info=True)
+
+
+def send_banner(node_id: Any, level: str, text: str) -> None:
+    """Show ``text`` under the node (level: ok, info, warn, error); node_id may be a subgraph path 'a:b'."""
+    _send("mesh-banner", {"node_id": str(node_id), "level": level, "text": text})
+
+
+def step_reporter(node_id: Any, codec_name: str) -> Callable[[int, Any], None]:
+    """A callback(call, StepStats) that sends ``mesh-stats`` for one node after every remote step."""
+
+    def report(call: int, stats: Any) -> None:
+        s = stats.server
+        chosen = getattr(stats, "codec", None) or {}  # what was used (codec "auto" picks one per link)
+        _send(
+            "mesh-stats",
+            {
+                "node_id": str(node_id),
+                "call": call,
+                "codec": str(chosen.get("codec") or codec_name),
+                "bytes_out": stats.bytes_out,
+                "bytes_in": stats.bytes_in,
+                "encode_ms": round(stats.encode_ms, 2),
+                "round_trip_ms": round(stats.wait_ms, 2),
+                "decode_ms": round(stats.decode_ms, 2),
+                "server_forward_ms": round(float(s.get("forward", 0.0)), 2),
+            },
+        )
+
+    return report
