@@ -27,6 +27,7 @@ log = logging.getLogger("comfyui_mesh")
 CODEC_MODES = ["raw", "auto", "lossless", "quant", "quant-t", "int8", "q4", "clip-sparse", "lossless-t", "nvenc"]
 
 TOOLTIPS = {
+    "model": "The diffusion model from the loader; its last n_blocks_remote blocks run on Daedalus.",
     "n_blocks_remote": "Blocks run on Daedalus, counted from the END of the model in execution order (for "
     "FLUX.2: single blocks first, then double blocks); the server also runs the output head. Must match the "
     "server's --n-blocks. 0 = run everything locally.",
@@ -74,7 +75,9 @@ class NodeSpec:
     tooltips: dict[str, str] = field(default_factory=dict)  # input -> tooltip, over TOOLTIPS
 
     def input_types(self) -> dict[str, Any]:
-        required: dict[str, Any] = {"model": ("MODEL", {ICARUS_FLAG: True})}
+        required: dict[str, Any] = {
+            "model": ("MODEL", {ICARUS_FLAG: True, "tooltip": self.tooltips.get("model", TOOLTIPS["model"])})
+        }
         for name in self.inputs:
             kind, opts = INPUTS[name]
             default = self.defaults.get(name, opts["default"])
