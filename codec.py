@@ -99,6 +99,11 @@ for _c in _ALL:
     register(_c)
 
 
+def names() -> list[str]:
+    """Every registered codec name (usable here or not)."""
+    return sorted(c.name for c in CODECS.values())
+
+
 def available_ids() -> list[int]:
     return sorted(i for i, c in CODECS.items() if c.available() is None)
 

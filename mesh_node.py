@@ -132,7 +132,10 @@ class MeshSplitFlux:
             except LocalError:
                 why = "it is not part of this ComfyUI-Mesh release"
             if why:
-                raise LocalError(f"codec_mode {codec_mode!r} cannot be used here: {why}; choose raw, lossless or quant")
+                usable = [m for m in CODEC_MODES if m in codec.names() and codec.by_name(m).available() is None]
+                raise LocalError(
+                    f"codec_mode {codec_mode!r} cannot be used here: {why}; usable here: {', '.join(usable)}"
+                )
             host, port = str(v["remote_host"]).strip(), int(v["remote_port"])
             cfg = ClientConfig(host=host, port=port, token=token_store().get(host, port))
             settings = SplitSettings(

@@ -95,7 +95,12 @@ def test_errors_name_the_fix_and_show_under_the_node(comfy_env, monkeypatch):
         (LTX, flux, {}, "ComfyUI Mesh : Icarus LTX splits LTX-AV .*use the 'ComfyUI Mesh : Icarus' node"),
         (LTX, FakeModelPatcher(fake_dit.BaseModel(fake_dit.LTXVModel())), {}, "video-only LTXV"),
         (FLUX, FakeModelPatcher(fake_dit.BaseModel(torch.nn.Linear(2, 2))), {}, "split not supported for Linear"),
-        (FLUX, flux, {"codec_mode": "no-such-codec"}, "cannot be used here: .*choose raw, lossless or quant"),
+        (
+            FLUX,
+            flux,
+            {"codec_mode": "no-such-codec"},
+            "cannot be used here: .*; usable here: raw, auto, lossless, quant",
+        ),
         (FLUX, flux, {"n_blocks_remote": 99}, r"has 7 blocks .*choose 1\.\.7"),
         # nothing listens on port 1: the node says so at queue time, with its name and id
         (FLUX, flux, {"n_blocks_remote": 2}, r"ComfyUI Mesh : Icarus \(node 7\): .*127\.0\.0\.1:1"),
