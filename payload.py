@@ -313,8 +313,19 @@ class ConstMemo:
         self._t.clear()
 
 
+def _class(classes: Mapping[str, type], name: str) -> type:
+    cls = classes.get(name)
+    if cls is None:  # an older ComfyUI on this side: the client's model makes objects this one never does
+        raise RemoteProtocolError(
+            f"request carries a {name}, which this side's ComfyUI does not have: run the same ComfyUI release "
+            "on both machines"
+        )
+    return cls
+
+
 def build(kind: str, parts: tuple[Any, ...], classes: Mapping[str, type]) -> Any:
-    """parts -> the object the block expects (tensor, CompressedTimestep, RoPE tuple, guide mask)."""
+    """parts -> the object the block expects (tensor, CompressedTimestep, RoPE tuple, guide mask).
+    ``classes``: the ComfyUI classes this side has (older releases lack some; see ``_class``)."""
     if kind == "none":
         return None
     if kind == "t":
@@ -322,12 +333,12 @@ def build(kind: str, parts: tuple[Any, ...], classes: Mapping[str, type]) -> Any
     if kind == "pe":
         return tuple(parts)
     if kind == "ct":
-        obj: Any = object.__new__(classes["CompressedTimestep"])  # no __init__: the data is compressed already
+        obj: Any = object.__new__(_class(classes, "CompressedTimestep"))  # no __init__: the data is compressed already
         for name, value in zip(("data", *CT_INTS), parts, strict=True):
             setattr(obj, name, value)
         return obj
     if kind == "guide":
-        guide: Any = object.__new__(classes["GuideAttentionMask"])
+        guide: Any = object.__new__(_class(classes, "GuideAttentionMask"))
         guide.noisy_mask, guide.tracked_mask, guide.guide_start, guide.tracked_count = parts
         return guide
     raise RemoteProtocolError(f"request: unknown kind {kind!r}")

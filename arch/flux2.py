@@ -93,7 +93,16 @@ def client_payload(args: dict[str, Any], sc: SeamCall) -> SeamPayload:
         x = args["img"]
         coded["x"] = x
         exact["mod_single"] = _pack(args["vec"])
-        txt_len = int(topts["img_slice"][0])
+        # ComfyUI >= 0.9 names the text length in transformer_options; older releases do not, and
+        # then it is the length of txt_in's output (captured as "txt").
+        img_slice = topts.get("img_slice")
+        txt = sc.values.get("txt")
+        if img_slice is not None:
+            txt_len = int(img_slice[0])
+        elif isinstance(txt, torch.Tensor):
+            txt_len = int(txt.shape[1])
+        else:
+            raise LocalError("FLUX.2 split: the text length was not captured (unexpected model code path)")
         img_all = x.shape[1] - txt_len
     if exact.get("mod_single") is not None and exact["mod_single"].shape[1] != 1:
         raise LocalError("FLUX.2 split: per-token modulation (index_timestep_zero) is not supported")
@@ -175,7 +184,7 @@ ADAPTER = register(
         client_payload=client_payload,
         notes="Dev 8+48 blocks, Klein 9B 8+24, Klein 4B 5+20",
         # the input of double_stream_modulation_img is the un-modulated time vector
-        captures={"vec": Capture("double_stream_modulation_img", "in", 0)},
+        captures={"vec": Capture("double_stream_modulation_img", "in", 0), "txt": Capture("txt_in", "out", 0)},
         payload_modules={"single_mod": "single_stream_modulation"},
         control_keys={DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
         hook_returns=("img", "txt"),  # double blocks return both streams, single blocks "img"

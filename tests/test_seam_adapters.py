@@ -116,3 +116,28 @@ def test_registry_errors_name_what_is_supported():
     g = a.block_groups[0]
     with pytest.raises(LocalError, match="gaps"):
         a.count_blocks({f"{g}.0.w", f"{g}.2.w"})
+
+
+def test_flux2_single_seam_text_length_without_img_slice():
+    """ComfyUI before 0.9 puts no img_slice in transformer_options: the text length comes from the
+    captured txt_in output; with img_slice it comes from there; with neither the call stops clearly."""
+    import torch
+    from comfyui_mesh.arch import SeamCall, flux2
+    from comfyui_mesh.errors import LocalError
+    from comfyui_mesh.payload import ConstMemo
+
+    plan = flux2.ADAPTER.plan({"double_blocks": 2, "single_blocks": 3}, 2)
+    x, vec = torch.randn(1, 10, 8), torch.randn(1, 8)
+    mod = torch.randn(1, 1, 8)
+    args = {"img": x, "vec": flux2.Mod(mod, mod, mod), "pe": torch.randn(1, 1, 10, 2, 2, 2), "transformer_options": {}}
+
+    def payload(values, topts):
+        sc = SeamCall(plan, "single_blocks", values, {}, {}, ConstMemo())
+        return flux2.client_payload({**args, "transformer_options": topts}, sc)
+
+    old = payload({"vec": vec, "txt": torch.randn(1, 4, 8)}, {})
+    assert (old.scalars["txt_len"], old.scalars["img_len"]) == (4, 6)
+    new = payload({"vec": vec, "txt": torch.randn(1, 4, 8)}, {"img_slice": [3, 10]})
+    assert (new.scalars["txt_len"], new.scalars["img_len"]) == (3, 7)
+    with pytest.raises(LocalError, match="text length was not captured"):
+        payload({"vec": vec}, {})
