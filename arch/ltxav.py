@@ -17,6 +17,7 @@ Video-only LTXV (``LTXVModel``, a different block) is refused with a clear messa
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any
 
@@ -104,6 +105,25 @@ def audio_head(dm: Any, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
     return dm.audio_proj_out(dm.audio_norm_out(x) * (1 + scale) + shift)
 
 
+def block_kwargs_for(block: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` for this ComfyUI's block: arguments its ``forward`` lacks (added by later releases,
+    e.g. ``self_attention_mask``) are left out when they are None, and refused when they carry a value."""
+    try:
+        params = inspect.signature(type(block).forward).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    extra = [k for k in kwargs if k not in params]
+    carried = [k for k in extra if kwargs[k] is not None]
+    if carried:
+        raise RemoteProtocolError(
+            f"LTX-AV request carries {', '.join(carried)}, which this side's ComfyUI's blocks do not take: run the "
+            "same ComfyUI release on both machines"
+        )
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Run the slim model's blocks, then both output heads."""
     call = payload_ltx.rebuild(t, s, comfy_classes(dm))
@@ -114,8 +134,9 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
             f"{dm.inner_dim} / {dm.audio_inner_dim}"
         )
     topts: dict[str, Any] = dict(call.flags)  # what a block reads from transformer_options
+    kwargs = block_kwargs_for(dm.transformer_blocks[0], call.block_kwargs) if len(dm.transformer_blocks) else {}
     for block in dm.transformer_blocks:
-        vx, ax = block((vx, ax), transformer_options=topts, **call.block_kwargs)
+        vx, ax = block((vx, ax), transformer_options=topts, **kwargs)
     a_emb = call.a_emb
     if call.ref_audio:  # reference-audio tokens are dropped before the audio head, as the model does
         ax = ax[:, call.ref_audio :]

@@ -385,11 +385,16 @@ class ComfyBackend:
         import comfy.float
         import comfy.lora
         import comfy.model_management as mm
+        import comfy.model_patcher
         import comfy.utils
 
-        temp = mm.cast_to_device(weight, weight.device, mm.lora_compute_dtype(weight.device), copy=True)
+        # Releases differ: the compute dtype is float32 before lora_compute_dtype existed (0.3.x), and
+        # string_to_seed lived in model_patcher before it moved to utils.
+        compute = mm.lora_compute_dtype(weight.device) if hasattr(mm, "lora_compute_dtype") else torch.float32
+        seed_of = getattr(comfy.utils, "string_to_seed", None) or comfy.model_patcher.string_to_seed
+        temp = mm.cast_to_device(weight, weight.device, compute, copy=True)
         out = comfy.lora.calculate_weight(patches, temp, key)
-        return comfy.float.stochastic_rounding(out, weight.dtype, seed=comfy.utils.string_to_seed(key))
+        return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed_of(key))
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
         h = scalars.get("lora") or ""

@@ -14,8 +14,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from comfy_ltx_support import make_ltx
+from comfy_ltx_support import make_ltx, style_config
 from comfy_support import headless_stack, ksampler_node, needs_comfy
+
+CTX = style_config("ltx2")[1]  # the text-context width this ComfyUI's LTX-2 takes
 
 pytestmark = needs_comfy
 
@@ -27,8 +29,8 @@ def workflow(daedalus_port: int | None, prefix: str) -> dict:
     model = ["2", 0] if daedalus_port else ["1", 0]
     g = {
         "1": {"class_type": "UNETLoader", "inputs": {"unet_name": MODEL_NAME, "weight_dtype": "default"}},
-        "3": {"class_type": "MeshTestConditioning", "inputs": {"seed": 2, "tokens": 7, "width": 64}},
-        "4": {"class_type": "MeshTestConditioning", "inputs": {"seed": 3, "tokens": 7, "width": 64}},
+        "3": {"class_type": "MeshTestConditioning", "inputs": {"seed": 2, "tokens": 7, "width": CTX}},
+        "4": {"class_type": "MeshTestConditioning", "inputs": {"seed": 3, "tokens": 7, "width": CTX}},
         "5": {"class_type": "MeshTestAVLatent", "inputs": {"frames": 2, "height": 2, "width": 3, "audio": 5}},
         "6": ksampler_node(model),
         "7": {"class_type": "LTXVSeparateAVLatent", "inputs": {"av_latent": ["6", 0]}},
