@@ -55,23 +55,23 @@ def pyav() -> tuple[Any, str | None]:
     return optional_import("av", AV_HINT)
 
 
-def x265_status() -> str | None:
-    """None when PyAV with libx265 can encode here, else why not."""
+def _pyav_status(codec: str, use: str, part: str) -> str | None:
+    """None when PyAV has ``codec`` here, else why not (``use`` needs it; the build lacks ``part``)."""
     av, why = pyav()
     if why:
-        return f"the libx265 encoder needs PyAV: {why}"
-    if "libx265" not in av.codecs_available:
-        return "this PyAV build has no libx265 encoder; install the PyPI wheel of av"
+        return f"{use} needs PyAV: {why}"
+    if codec not in av.codecs_available:
+        return f"this PyAV build has no {part}; install the PyPI wheel of av"
     return None
+
+
+def x265_status() -> str | None:
+    """None when PyAV with libx265 can encode here, else why not."""
+    return _pyav_status("libx265", "the libx265 encoder", "libx265 encoder")
 
 
 def pyav_decode_status() -> str | None:
-    av, why = pyav()
-    if why:
-        return f"HEVC decoding on the CPU needs PyAV: {why}"
-    if "hevc" not in av.codecs_available:
-        return "this PyAV build has no HEVC decoder; install the PyPI wheel of av"
-    return None
+    return _pyav_status("hevc", "HEVC decoding on the CPU", "HEVC decoder")
 
 
 def nvc_module() -> tuple[Any, str | None]:
