@@ -285,7 +285,10 @@ def test_install_check_with_comfyui_says_daedalus_can_run():
     )
     assert r.returncode == 0, r.stdout + r.stderr
     lines = r.stdout.splitlines()
-    assert lines[-1] == "Daedalus can run here: python -m comfyui_mesh.server --weights <model.safetensors>"
+    import torch
+
+    cpu = "" if torch.cuda.is_available() else " --device cpu"  # the command this machine can run
+    assert lines[-1] == "Daedalus can run here: python -m comfyui_mesh.server --weights <model.safetensors>" + cpu
     (comfy,) = [row for row in _rows(lines) if row[1] == "ComfyUI"]
     assert comfy[0] == "ok" and comfy[2].startswith(f"{root} version ") and comfy[2].endswith("model code imports")
     assert ("tested with" in comfy[2]) != comfy[2].startswith(f"{root} version {TESTED_COMFYUI},")
