@@ -18,7 +18,7 @@ from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
 from comfyui_mesh.wirecodecs import backends
-from comfyui_mesh.wirecodecs.temporal import MAX_STREAMS, stream_state
+from comfyui_mesh.wirecodecs.temporal import MAX_KEY_CHARS, MAX_STREAMS, end_stream, state_bytes, stream_state
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")  # cuda: the codec tests run on the GPU
@@ -77,6 +77,23 @@ def test_stream_state_keys_generations_and_lru():
 
 
 # ---------------------------------------------------------------------------- lossless-t
+
+
+def test_end_stream_drops_only_its_generation():
+    conn: dict = {}
+    sub = stream_state(conn, {"gen": "a", "cond": [0]})
+    sub[("dec", 7, "x")] = {"g": 1, "i": 0, "ref": torch.zeros(4, 8), "shape": (4, 8), "dtype": torch.float32}
+    stream_state(conn, {"gen": "a", "cond": [1]})[("dec", 7, "x")] = {"ref": torch.zeros(2, dtype=torch.bfloat16)}
+    assert state_bytes(conn) == 4 * 8 * 4 + 2 * 2
+    assert not end_stream(conn, "b") and state_bytes(conn) == 132  # another generation's: kept
+    assert end_stream(conn, "a") and conn == {} and state_bytes(conn) == 0
+    assert not end_stream(conn)  # nothing held
+    stream_state(conn, {"gen": 3})
+    assert end_stream(conn) and conn == {}  # None: whatever it holds
+    with pytest.raises(errors.LocalError, match="at most 512"):
+        end_stream(conn, "x" * (MAX_KEY_CHARS + 1))
+    with pytest.raises(ValueError):
+        end_stream(conn, 5, ValueError)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
