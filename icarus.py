@@ -11,7 +11,8 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
 * a keyed ``OUTER_SAMPLE`` wrapper (as ComfyUI's EasyCache does) scopes a generation: the
   call counter, a generation id that names the temporal codec stream (cond and uncond
   calls keep separate references), the adapter's scratch and the constants memo are fresh
-  for every sampling run, and the connection's temporal codec state is dropped at its end.
+  for every sampling run, and the connection's temporal codec state is dropped at its end,
+  on the server too.
 
 The stubbed head returns the server's output, so the rest of ComfyUI sees a normal model.
 """
@@ -144,9 +145,9 @@ class SplitRun:
             return
         used, self._used = self._used, []
         for client in used:
-            # The client side drops at once; the server drops its references when the next
-            # generation's first call names another ``gen`` (or the connection closes).
-            client.end_stream()
+            # Both sides drop this generation's references now (END_STREAM); a server that cannot
+            # be told (gone, link down) is logged, never fails the run.
+            client.end_stream(self.generation)
         self.generation = None
         self.adapter_state.clear()
         self.memo.clear()

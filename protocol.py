@@ -61,6 +61,8 @@ class MsgKind(enum.IntEnum):
     PING = 10
     PONG = 11
     BYE = 12
+    END_STREAM = 13
+    STREAM_ENDED = 14
 
 
 # Element types a tensor descriptor may name. Codecs decide what they accept; the
@@ -250,6 +252,27 @@ class Bye(Message):
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class EndStream(Message):
+    """Client -> server: a generation ended; drop the connection's temporal codec state if it
+    belongs to generation ``gen`` (the ``Forward.stream["gen"]`` it was coded under), or whatever
+    state the connection holds when ``gen`` is None (at most ``wirecodecs.temporal.MAX_KEY_CHARS``
+    characters)."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.END_STREAM
+    gen: str | None = None
+
+
+@dataclass(frozen=True)
+class StreamEnded(Message):
+    """Server -> client, the reply to END_STREAM: ``released`` bytes of references were dropped
+    (0: the connection held no state of that generation)."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.STREAM_ENDED
+    gen: str | None = None
+    released: int = 0
+
+
 MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -265,6 +288,8 @@ MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
         Ping,
         Pong,
         Bye,
+        EndStream,
+        StreamEnded,
     )
 }
 assert len(MESSAGE_TYPES) == len(MsgKind), "every MsgKind needs exactly one message class"

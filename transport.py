@@ -6,6 +6,7 @@ timeouts and errors that name host:port and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import socket
@@ -31,6 +32,7 @@ from .netio import recv_message, send_message, tune_socket
 from .protocol import (
     Bye,
     Challenge,
+    EndStream,
     Error,
     ErrorCode,
     Forward,
@@ -41,12 +43,13 @@ from .protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    StreamEnded,
     WireTensor,
     content_hash,
     tensor_map,
 )
 from .wirecodecs import auto as codec_auto
-from .wirecodecs.temporal import stream_state
+from .wirecodecs import temporal
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -266,11 +269,31 @@ class MeshClient:
         self._seq += 1
         return self._seq
 
-    def end_stream(self) -> None:
-        """Drop this connection's temporal codec state (generation end); the next frames are keyframes.
-        Passing a new ``stream["gen"]`` does the same on both sides."""
+    def end_stream(self, gen: str | None = None) -> None:
+        """Generation end: drop this connection's temporal codec state of generation ``gen`` (the
+        ``stream["gen"]`` it was coded under; None: whatever it holds) here, and, when connected, on
+        the server (END_STREAM); that generation's next frames would be keyframes. Never raises for
+        the server: a failure is logged and the server's state goes at the next ``gen`` anyway.
+        The reply is awaited for at most the handshake timeout (it needs no GPU work)."""
         with self._lock:
-            self._codec_state.clear()
+            temporal.end_stream(self._codec_state, gen)
+            sock = self._sock
+            if sock is None:
+                return
+            try:
+                sock.settimeout(min(self.cfg.read_timeout_s, self.cfg.handshake_timeout_s))
+                reply, _, _ = self._roundtrip(EndStream(gen=gen))  # closes the socket when the link failed
+            except (MeshError, OSError) as e:
+                log.info("ComfyUI-Mesh: could not tell %s the generation ended (%s)", self.cfg.address, e)
+                return
+            finally:
+                if self._sock is sock:
+                    with contextlib.suppress(OSError):
+                        sock.settimeout(self.cfg.read_timeout_s)
+            if isinstance(reply, StreamEnded):
+                log.debug("ComfyUI-Mesh: %s released %d bytes of codec references", self.cfg.address, reply.released)
+            else:
+                log.info("ComfyUI-Mesh: %s answered end of stream with %s", self.cfg.address, type(reply).__name__)
 
     def link_info(self) -> codec_auto.LinkInfo:
         """The link to this server (lock held, connected), for the ``auto`` codec: measured
@@ -337,7 +360,7 @@ class MeshClient:
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
-        sub = stream_state(self._codec_state, stream)
+        sub = temporal.stream_state(self._codec_state, stream)
         return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
 
     def _reset_codec_state(self) -> None:

@@ -30,6 +30,7 @@ from ..netio import recv_message, send_message, tune_socket
 from ..protocol import (
     Bye,
     Challenge,
+    EndStream,
     Error,
     ErrorCode,
     Forward,
@@ -40,10 +41,11 @@ from ..protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    StreamEnded,
     WireTensor,
     content_hash,
 )
-from ..wirecodecs.temporal import stream_state
+from ..wirecodecs import temporal
 
 log = logging.getLogger("daedalus")
 
@@ -73,6 +75,7 @@ class ServerStats:
     bytes_out: int = 0
     last_step: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
+    codec_state_bytes: int = 0  # temporal codec references held by all open connections
 
 
 class ServerState:
@@ -92,6 +95,7 @@ class ServerState:
         self.token = token if cfg.auth else None
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
+        self._stats_lock = threading.Lock()
         self.on_event = on_event
         self.backend: Backend = factory(cfg.n_blocks)
 
@@ -101,6 +105,10 @@ class ServerState:
                 self.on_event(event)
             except Exception:  # a GUI callback must never take the server down
                 log.exception("event callback failed")
+
+    def add_codec_state_bytes(self, delta: int) -> None:
+        with self._stats_lock:  # connection threads update it concurrently
+            self.stats.codec_state_bytes += delta
 
     def reconfigure(self, n_blocks: int) -> tuple[Backend, bool]:
         with self.gpu_lock:
@@ -161,6 +169,7 @@ class Session:
         self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
+        self._codec_bytes = 0  # their size as last added to the server's stats
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         dev = self.state.backend.device
@@ -177,6 +186,21 @@ class Session:
             self.state.stats.errors += 1
             log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
             return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
+        finally:
+            self._account_codec_state()
+
+    def release(self) -> None:
+        """The connection closed: its codec references leave the server's stats."""
+        self.codec_state.clear()
+        self._account_codec_state()
+
+    def _account_codec_state(self) -> int:
+        """Bring ``stats.codec_state_bytes`` up to date with this session's references; their size."""
+        now = temporal.state_bytes(self.codec_state)
+        if now != self._codec_bytes:
+            self.state.add_codec_state_bytes(now - self._codec_bytes)
+            self._codec_bytes = now
+        return now
 
     @property
     def phase(self) -> str:
@@ -234,7 +258,18 @@ class Session:
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
         if isinstance(msg, Forward):
             return [self._forward(msg, bytes_in)]
+        if isinstance(msg, EndStream):
+            return [self._end_stream(msg)]
         return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
+
+    def _end_stream(self, msg: EndStream) -> StreamEnded:
+        """Generation end: drop this connection's temporal references if they are that
+        generation's (those of another generation are still in use). Counts no step."""
+        held = self._account_codec_state()
+        released = held if temporal.end_stream(self.codec_state, msg.gen, RemoteProtocolError) else 0
+        if released:
+            log.debug("%s: generation ended, released %.2f MB of codec references", self.peer, released / 1e6)
+        return StreamEnded(gen=msg.gen, released=released)
 
     @staticmethod
     def _mismatch(msg: Forward, b: Backend) -> Error | None:
@@ -290,7 +325,7 @@ class Session:
             return _err(
                 ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
             )
-        sub = stream_state(self.codec_state, msg.stream, RemoteProtocolError)
+        sub = temporal.stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
                 if not st.cfg.gpu_entropy and wt.meta.get("be") == "ans":
@@ -464,6 +499,7 @@ class DaedalusServer:
                         session.closed = True
                         break
         finally:
+            session.release()
             st.stats.clients -= 1
             if session.phase == "ready" and not session.status_probe:
                 log.info("%s: disconnected", peer)

@@ -121,6 +121,8 @@ NON_DEFAULT: dict[type, dict] = {
     protocol.Ping: dict(seq=-1, echo_bytes=1 << 20),
     protocol.Pong: dict(seq=99),
     protocol.Bye: dict(reason="shutting down"),
+    protocol.EndStream: dict(gen="0123456789abcdef"),
+    protocol.StreamEnded: dict(gen="fedcba9876543210", released=3 << 30),
 }
 
 TENSOR_SETS = {
@@ -404,7 +406,7 @@ def test_wrong_protocol_version(version):
     expect_error(bytes(frame), rf"protocol v{version}, this side v{V}")
 
 
-@pytest.mark.parametrize("kind", [0, 13, 255, 0xFFFF])
+@pytest.mark.parametrize("kind", [0, max(MsgKind) + 1, 255, 0xFFFF])
 def test_unknown_kind(kind):
     expect_error(forge(kind, {}), rf"unknown message kind {kind}\b")
 
@@ -525,6 +527,9 @@ def test_deeply_nested_header_is_a_protocol_error():
         (MsgKind.RECONFIGURED, {"no_op": 1}, r"Reconfigured\.no_op"),
         (MsgKind.ERROR, {"message": None}, r"Error\.message"),
         (MsgKind.PING, {"echo_bytes": "1"}, r"Ping\.echo_bytes"),
+        (MsgKind.END_STREAM, {"gen": 7}, r"EndStream\.gen"),
+        (MsgKind.END_STREAM, {"gen": ["a"]}, r"EndStream\.gen"),
+        (MsgKind.STREAM_ENDED, {"released": 1.5}, r"StreamEnded\.released"),
     ],
 )
 def test_wrong_field_type(kind, header, match):
@@ -864,6 +869,46 @@ def test_protocol_md_section_9_lists_exactly_the_error_codes():
     assert set(documented) == {c.value for c in protocol.ErrorCode}
     # the check fails when either side drifts
     assert _documented_error_codes(text.replace("| `busy` |", "| `busy2` |")) != documented
+
+
+def _protocol_md() -> str:
+    from pathlib import Path
+
+    return (Path(__file__).resolve().parents[1] / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+
+
+def _documented_kinds(text: str) -> dict[int, str]:
+    """Kind number -> name from the table of PROTOCOL.md section 4 (``| 8 / 9 | A / B |`` rows)."""
+    section = re.search(r"^## 4\. Messages\n(.*?)^## ", text, re.S | re.M)
+    assert section, "docs/PROTOCOL.md has no '## 4. Messages' section"
+    kinds: dict[int, str] = {}
+    for nums, names in re.findall(r"^\| ([0-9][0-9 /]*) \| ([A-Z_][A-Z_ /]*) \|", section.group(1), re.M):
+        pairs = list(zip(nums.split(" / "), names.split(" / "), strict=True))
+        for n, name in pairs:
+            assert int(n) not in kinds, f"kind {n} is documented twice"
+            kinds[int(n)] = name.strip()
+    return kinds
+
+
+def test_protocol_md_lists_exactly_the_message_kinds():
+    text = _protocol_md()
+    documented = _documented_kinds(text)
+    assert documented == {int(k): k.name for k in MsgKind}
+    # the frame table's kind range too
+    assert f"u16 `MsgKind` (1..{max(MsgKind)}, §4)" in text
+    assert _documented_kinds(text.replace("| 12 | BYE |", "| 12 | BYE2 |")) != documented
+
+
+def test_end_stream_round_trip_and_bounds():
+    sent = protocol.EndStream(gen="g" * 512)
+    (got,) = protocol.decode_all(protocol.encode_bytes(sent))
+    assert got == sent and got.KIND == MsgKind.END_STREAM
+    assert protocol.decode_all(protocol.encode_bytes(protocol.EndStream()))[0].gen is None  # "every generation"
+    # a header too big for the frame limit is refused before sending
+    with pytest.raises(errors.LocalError, match="MAX_HEADER_BYTES"):
+        protocol.encode(protocol.EndStream(gen="g" * constants.MAX_HEADER_BYTES))
+    ended = protocol.StreamEnded(gen=None, released=0)
+    assert protocol.decode_all(protocol.encode_bytes(ended)) == [ended]
 
 
 def test_error_codes_travel_as_their_string_values():

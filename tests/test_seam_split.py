@@ -116,6 +116,33 @@ def test_exact_codecs_are_bit_identical_and_lossy_ones_within_budget(comfy_env, 
     assert {"lossless", "int8"} <= set(ran)
 
 
+@pytest.mark.parametrize("name", ["lossless-t", "quant-t"])
+def test_the_server_releases_the_temporal_state_when_a_sampling_run_ends(comfy_env, name):
+    """OUTER_SAMPLE closes the generation: the server's codec references go with it (END_STREAM),
+    not at the next generation or when the connection closes."""
+    if codec.by_name(name).available():
+        pytest.skip(f"{name} is not available here")
+    family = "flux2"
+    n = cut(family, "middle")
+    noise, pos, neg = standin(family).inputs()
+    with serve(family, n) as srv:
+        held: list[int] = []
+        on_step = lambda call, stats: held.append(srv.state.stats.codec_state_bytes)  # noqa: E731
+        m, run = split_model(patcher(family), settings(srv, n, codec_name=name, on_step=on_step))
+        client, ended = run.client(), []
+        end_stream = client.end_stream
+        client.end_stream = lambda gen=None: (ended.append(gen), end_stream(gen))[1]  # type: ignore[method-assign]
+        for generation in (1, 2):
+            sample(m, noise, SIGMAS, pos, neg)
+            assert run.generations == generation and run.generation is None
+            assert len(held) == generation * (len(SIGMAS) - 1) and min(held) > 0  # held while sampling
+            assert srv.state.stats.codec_state_bytes == 0  # released at the run's end
+            assert run.client().connected  # by the message, not by a closed connection
+        assert len(ended) == 2 and len(set(ended)) == 2 and all(isinstance(g, str) and g for g in ended)
+        assert srv.state.stats.errors == 0  # both sides dropped the same state: no stream_reset
+        assert srv.state.stats.steps == 2 * (len(SIGMAS) - 1)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forwarded_weight_patches_reach_the_server(comfy_env, family):
     """LoRAs loaded before Icarus: the remote part travels to the server (only it), the local part

@@ -11,10 +11,10 @@ from comfyui_mesh.icarus import SplitRun, SplitSettings
 
 class Client:
     def __init__(self):
-        self.ended = 0
+        self.ended: list[str | None] = []  # the generations whose streams were ended
 
-    def end_stream(self):
-        self.ended += 1
+    def end_stream(self, gen=None):
+        self.ended.append(gen)
 
 
 def make_run(monkeypatch) -> tuple[SplitRun, Client]:
@@ -42,27 +42,30 @@ def test_each_generation_gets_a_fresh_scope_and_closes_its_stream(monkeypatch):
     assert run.outer_sample_wrapper(sampler, "b") == "b"
     (_, gen_a, calls_a), (_, gen_b, calls_b) = seen
     assert calls_a == calls_b == 0 and gen_a and gen_b and gen_a != gen_b
-    assert run.generations == 2 and run.generation is None and client.ended == 2
+    assert run.generations == 2 and run.generation is None and client.ended == [gen_a, gen_b]
     assert run.adapter_state == {} and run.memo.tensor("pe", torch.ones(2)) is not None and run.memo.hits == 0
 
 
 def test_a_failing_run_still_ends_its_stream_and_nested_runs_share_the_outer_scope(monkeypatch):
     run, client = make_run(monkeypatch)
 
+    gens = []
+
     def inner():
-        gen = run.generation
-        return run.outer_sample_wrapper(lambda: (run._used.append(client), run.generation == gen)[1])
+        gens.append(run.generation)
+        return run.outer_sample_wrapper(lambda: (run._used.append(client), run.generation == gens[0])[1])
 
     assert run.outer_sample_wrapper(inner) is True
-    assert client.ended == 1 and run.generations == 1
+    assert client.ended == gens and run.generations == 1  # ended once, by the outer run
 
     def boom():
+        gens.append(run.generation)
         run._used.append(client)
         raise RuntimeError("interrupted")
 
     with pytest.raises(RuntimeError):
         run.outer_sample_wrapper(boom)
-    assert client.ended == 2 and run.generation is None
+    assert client.ended == gens and run.generation is None
 
 
 def test_stream_names_the_generation_and_the_cfg_rows(monkeypatch):

@@ -7,18 +7,20 @@ import dataclasses
 import json
 import math
 import os
+import threading
+import time
 
 import pytest
 import torch
 from comfyui_mesh import codec, errors
 from comfyui_mesh.config import ClientConfig, ServerConfig
-from comfyui_mesh.protocol import WireTensor
+from comfyui_mesh.protocol import EndStream, Error, StreamEnded, WireTensor
 from comfyui_mesh.server import core
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
 from comfyui_mesh.wirecodecs import backends
-from comfyui_mesh.wirecodecs.temporal import MAX_STREAMS, stream_state
+from comfyui_mesh.wirecodecs.temporal import MAX_KEY_CHARS, MAX_STREAMS, end_stream, state_bytes, stream_state
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")  # cuda: the codec tests run on the GPU
@@ -77,6 +79,23 @@ def test_stream_state_keys_generations_and_lru():
 
 
 # ---------------------------------------------------------------------------- lossless-t
+
+
+def test_end_stream_drops_only_its_generation():
+    conn: dict = {}
+    sub = stream_state(conn, {"gen": "a", "cond": [0]})
+    sub[("dec", 7, "x")] = {"g": 1, "i": 0, "ref": torch.zeros(4, 8), "shape": (4, 8), "dtype": torch.float32}
+    stream_state(conn, {"gen": "a", "cond": [1]})[("dec", 7, "x")] = {"ref": torch.zeros(2, dtype=torch.bfloat16)}
+    assert state_bytes(conn) == 4 * 8 * 4 + 2 * 2
+    assert not end_stream(conn, "b") and state_bytes(conn) == 132  # another generation's: kept
+    assert end_stream(conn, "a") and conn == {} and state_bytes(conn) == 0
+    assert not end_stream(conn)  # nothing held
+    stream_state(conn, {"gen": 3})
+    assert end_stream(conn) and conn == {}  # None: whatever it holds
+    with pytest.raises(errors.LocalError, match="at most 512"):
+        end_stream(conn, "x" * (MAX_KEY_CHARS + 1))
+    with pytest.raises(ValueError):
+        end_stream(conn, 5, ValueError)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
@@ -333,6 +352,111 @@ def test_loopback_generation_change_drops_both_sides(server, sent):
     _fwd(c, fronts[2], bias, "quant-t", {"gen": 2})
     assert sent[-1].meta["f"] == "i"  # end_stream dropped the client's references
     c.close()
+
+
+def _wait_for(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.parametrize("name", ["quant-t", "lossless-t"])
+def test_loopback_end_stream_releases_the_server_state(server, sent, name):
+    srv, host, port = server
+    stats = srv.state.stats
+    model, bias, fronts = _steps(5)
+    params = {"cosine": 0.9999} if name == "quant-t" else None
+    c = _client(host, port)
+    for front in fronts[:3]:
+        _fwd(c, front, bias, name, {"gen": "g1", "cond": [0, 1]}, params)
+    assert sent[-1].meta["f"] == "p"
+    held = stats.codec_state_bytes
+    assert held >= fronts[0].numel() * fronts[0].element_size()  # at least one reference per coded tensor
+    (session,) = RecordingSession.made
+    assert stats.codec_state_bytes == state_bytes(session.codec_state)
+    steps, errors_before = stats.steps, stats.errors
+    c.end_stream("g1")
+    assert stats.codec_state_bytes == 0 and state_bytes(session.codec_state) == 0
+    assert (stats.steps, stats.errors) == (steps, errors_before)  # END_STREAM counts nothing else
+    # the next generation (or the same id again) opens with a keyframe that the server decodes
+    out, _ = _fwd(c, fronts[3], bias, name, {"gen": "g1", "cond": [0, 1]}, params)
+    assert sent[-1].meta["f"] == "i" and stats.errors == errors_before
+    ref = model.run(fronts[3], bias, 5)
+    assert float((out["out"] - ref).norm() / ref.norm()) < 0.01
+    _fwd(c, fronts[4], bias, name, {"gen": "g1", "cond": [0, 1]}, params)
+    assert sent[-1].meta["f"] == "p"  # and the new stream goes on
+    assert len(RecordingSession.made) == 1  # on the same connection
+    c.close()
+    assert _wait_for(lambda: stats.codec_state_bytes == 0)  # a closed connection's references leave too
+
+
+def test_loopback_end_stream_of_another_generation_keeps_the_state(server, sent):
+    srv, host, port = server
+    _, bias, fronts = _steps(3)
+    c = _client(host, port)
+    _fwd(c, fronts[0], bias, "quant-t", {"gen": "live"})
+    held = srv.state.stats.codec_state_bytes
+    assert held > 0
+    c.end_stream("finished-elsewhere")  # not this connection's generation: both sides keep theirs
+    assert srv.state.stats.codec_state_bytes == held
+    _fwd(c, fronts[1], bias, "quant-t", {"gen": "live"})
+    assert sent[-1].meta["f"] == "p" and srv.state.stats.errors == 0
+    c.end_stream()  # None: whatever the connection holds
+    assert srv.state.stats.codec_state_bytes == 0
+    _fwd(c, fronts[2], bias, "quant-t", {"gen": "live"})
+    assert sent[-1].meta["f"] == "i" and srv.state.stats.errors == 0
+    c.close()
+
+
+def test_loopback_end_stream_with_the_server_gone_does_not_raise(server, sent):
+    srv, host, port = server
+    _, bias, fronts = _steps(2)
+    c = _client(host, port)
+    _fwd(c, fronts[0], bias, "quant-t", {"gen": "g"})
+    srv.shutdown()
+    t0 = time.monotonic()
+    c.end_stream("g")  # logged, not raised
+    assert time.monotonic() - t0 < 5
+    assert not c.connected and not c._codec_state
+    c.end_stream("g")  # not connected: nothing to tell
+    # a server that never answers: the client waits the handshake timeout, then gives up the link
+    srv2 = DaedalusServer(ServerState(ServerConfig(port=0, device="cpu", n_blocks=3), ToyBackend, token=TOKEN))
+    host2, port2 = srv2.start()
+    try:
+        cfg = ClientConfig(host=host2, port=port2, token=TOKEN, handshake_timeout_s=0.3)
+        c2 = MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
+        _fwd(c2, fronts[1], bias, "quant-t", {"gen": "g"})
+        release = threading.Event()
+        stuck = RecordingSession.made[-1]
+        stuck._end_stream = lambda msg: (release.wait(10), StreamEnded(gen=msg.gen))[1]
+        t0 = time.monotonic()
+        c2.end_stream("g")
+        assert time.monotonic() - t0 < 3
+        assert not c2.connected  # its reply would come late: the connection is dropped, not reused
+        release.set()
+        out, _ = _fwd(c2, fronts[1], bias, "quant-t", {"gen": "g2"})  # reconnects
+        assert sent[-1].meta["f"] == "i"
+        c2.close()
+    finally:
+        release.set()
+        srv2.shutdown()
+
+
+def test_end_stream_bad_input_gets_an_error_frame(server):
+    srv, host, port = server
+    c = _client(host, port)
+    with pytest.raises(errors.RemoteFailure) as e:
+        c.request(EndStream(gen="g" * (MAX_KEY_CHARS + 1)))
+    assert e.value.code == "bad_request" and "at most 512 characters" in e.value.message
+    with pytest.raises(errors.LocalError, match="at most 512"):
+        c.end_stream("g" * (MAX_KEY_CHARS + 1))  # our misuse: refused before anything is sent
+    assert c.ping()[0] > 0 and len(RecordingSession.made) == 1  # the connection stays usable
+    c.close()
+    # before authentication it is the handshake's "expected hello"
+    session = core.Session(srv.state, "peer")
+    (err,) = session.handle(EndStream(gen="g"))
+    assert isinstance(err, Error) and err.code == "bad_request" and "expected hello, got EndStream" in err.message
 
 
 def test_loopback_codec_unavailable_falls_back_to_zstd(server, monkeypatch):

@@ -7,7 +7,8 @@ sides keep that reconstruction (closed loop), so quantization error never accumu
 State: ``stream_state(conn, stream)`` returns the dict for one stream of one connection
 (``conn`` is the connection's dict: ``MeshClient`` keeps one per socket, the server one per
 ``Session``). Keys of ``Forward.stream``: ``gen`` (generation id: a new value drops the
-connection's whole state, i.e. "generation end"), every other key (e.g. ``cond_or_uncond``,
+connection's whole state; ``end_stream`` drops it when the generation ends, on the server
+through an END_STREAM message), every other key (e.g. ``cond_or_uncond``,
 ``seam``) selects a sub-stream with its own references. Inside it each codec keeps, per
 tensor name, ``{g: GOP id, i: frame index, ref: tensor}`` under ("enc"|"dec", id, name).
 
@@ -61,6 +62,30 @@ def stream_state(conn: dict[str, Any], stream: Mapping[str, Any] | None, exc: ty
     while len(streams) > MAX_STREAMS:
         streams.popitem(last=False)
     return sub
+
+
+def end_stream(conn: dict[str, Any], gen: str | None = None, exc: type[Exception] = LocalError) -> bool:
+    """Generation end: clear ``conn`` if its state belongs to generation ``gen`` (the ``gen``
+    its streams were opened with), or whatever it holds when ``gen`` is None. The state of
+    another generation stays (it is still in use). True when something was dropped."""
+    if gen is not None and (not isinstance(gen, str) or len(gen) > MAX_KEY_CHARS):
+        raise exc(f"a generation id must be a string of at most {MAX_KEY_CHARS} characters")
+    if not conn or (gen is not None and conn.get("_gen") != gen):
+        return False
+    conn.clear()
+    return True
+
+
+def state_bytes(conn: dict[str, Any]) -> int:
+    """Bytes of the tensors (references) held in one connection's codec state."""
+    total, todo = 0, [conn]
+    while todo:
+        for v in todo.pop().values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+            elif isinstance(v, dict):
+                todo.append(v)
+    return total
 
 
 class TemporalCodec(EntropyCodec):
