@@ -220,6 +220,11 @@ def auth_problems(ch: Challenge, have_token: bool, where: str = "the server") ->
     ]
 
 
+def auth_reply(ch: Challenge, token: str, nonce: str) -> Auth:
+    """The client's AUTH answer to ``ch`` (``nonce``: the one its HELLO carried)."""
+    return Auth(mac="" if ch.auth == AUTH_NONE else auth.client_proof(token, nonce, ch.nonce))
+
+
 def remote_error(where: str, err: Error) -> MeshError:
     """What an error frame raises on the client."""
     if err.code == ErrorCode.AUTH_FAILED:
@@ -290,8 +295,7 @@ class ClientHandshake:
                 self.error = p.exception()
                 return [Bye(reason=p.bye)]
             self.phase = "welcome"
-            mac = "" if msg.auth == AUTH_NONE else auth.client_proof(self.token, self.nonce, msg.nonce)
-            return [Auth(mac=mac)]
+            return [auth_reply(msg, self.token, self.nonce)]
         if phase == "welcome":
             ch = self.challenge
             assert ch is not None

@@ -43,14 +43,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import auth, codec, handshake
+from . import codec, handshake
 from .auth import new_nonce
 from .config import ClientConfig
 from .constants import PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME, TOKEN_ENV
 from .errors import LocalError, MeshError
 from .host import comfyui_version, token_store
 from .netio import recv_message, send_message
-from .protocol import Auth, Bye, Challenge, Error, ErrorCode, FrameDecoder
+from .protocol import Bye, Challenge, Error, ErrorCode, FrameDecoder
 from .transport import MeshClient, drop_pooled
 
 log = logging.getLogger("comfyui_mesh")
@@ -170,7 +170,7 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
 
 def _try_token(sock: socket.socket, dec: FrameDecoder, ch: Challenge, nonce: str, token: str) -> str:
     """Complete the handshake with the saved token: "" when the server accepts it, else why not."""
-    send_message(sock, Auth(mac=auth.client_proof(token, nonce, ch.nonce)))
+    send_message(sock, handshake.auth_reply(ch, token, nonce))
     reply, _ = recv_message(sock, dec)
     if isinstance(reply, Error) and ErrorCode.of(reply.code) is ErrorCode.AUTH_FAILED:
         source = f"{TOKEN_ENV} (set in ComfyUI's environment)" if os.environ.get(TOKEN_ENV, "").strip() else "saved"
