@@ -68,6 +68,18 @@ SEAM_DUMP_MAX_CALLS = 64  # per split, so a forgotten variable cannot fill a dis
 # Measured on an H200 (Klein 9B seam, quant at cosine 0.995): 64 KiB 3.86 bit/value, 256 KiB
 # 3.66, 1 MiB 3.61 (= CPU zstd), 4 MiB 3.61 but slower; entropy stage 0.5 ms either way.
 ANS_CHUNK_BYTES = 1 << 20
+# Per-channel fidelity of the lossy codecs (``wirecodecs.fidelity``): the floor every channel
+# keeps by default, as the SNR of the channel against its own spread (variance over tokens), in
+# dB; 27.0 dB = the old whole-tensor default "cosine 0.999" read per standardized channel.
+DEFAULT_SNR_DB = 27.0
+# A channel whose standard deviation over the tokens is below this (absolute, in the tensor's
+# units) counts as constant: it may be sent as its mean alone (its variation is not kept).
+MIN_CHANNEL_STD = 1e-6
+# Per-channel floors of the fixed-rate codecs (they have no fidelity parameter of their own
+# beyond ``snr_db``; a channel below its floor is sent exactly instead).
+Q4_SNR_DB = 15.0
+CLIP_SPARSE_SNR_DB = 25.0
+HEVC_SNR_DB = 20.0
 # The ``auto`` codec's link measurement (client side): cached per host:port this long; the
 # probe payload size; the rate assumed when nothing could be measured (gigabit Ethernet).
 LINK_TTL_S = 600.0

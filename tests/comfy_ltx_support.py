@@ -12,13 +12,31 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_support import HAVE_COMFY, import_comfy
+from comfy_support import COMFY, HAVE_COMFY, SKIP_REASON, import_comfy
+
+
+def _ltxav_problem() -> str | None:
+    """Why this ComfyUI cannot build LTX-AV models (with the fix), or None. Checked by file, before
+    importing ComfyUI: releases before 0.8.0 have no comfy/ldm/lightricks/av_model.py."""
+    if not HAVE_COMFY:
+        return SKIP_REASON
+    if not (Path(COMFY) / "comfy" / "ldm" / "lightricks" / "av_model.py").is_file():
+        return (
+            f"the ComfyUI at COMFYUI_PATH={COMFY} has no LTX-AV model (comfy/ldm/lightricks/av_model.py): "
+            "LTX-AV needs ComfyUI 0.8.0 or newer; point COMFYUI_PATH at a newer release to run these tests"
+        )
+    return None
+
+
+LTXAV_SKIP_REASON = _ltxav_problem()
+HAVE_LTXAV = LTXAV_SKIP_REASON is None
+needs_ltxav = pytest.mark.skipif(not HAVE_LTXAV, reason=LTXAV_SKIP_REASON or "")
 
 
 def _styles() -> tuple[str, ...]:
     """The styles the installed ComfyUI builds: LTXAVModel takes unknown options silently, so an
     LTX-2.3 config that yields the LTX-2 tensors means this ComfyUI predates LTX-2.3."""
-    if not HAVE_COMFY:
+    if not HAVE_LTXAV:
         return ("ltx2", "ltx23")
     import_comfy()
     from comfyui_mesh.tiny import LTXAV2_TINY, LTXAV23_TINY, ltxav_shapes
@@ -29,7 +47,7 @@ def _styles() -> tuple[str, ...]:
 def _raw_text_context() -> bool:
     """Does LTXAVModel run raw text features through its connectors itself (newer ComfyUI)? Older
     releases take the processed (video | audio) context, caption_channels x 2 wide."""
-    if not HAVE_COMFY:
+    if not HAVE_LTXAV:
         return True
     import_comfy()
     import comfy.ldm.lightricks.av_model as av

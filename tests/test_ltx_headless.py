@@ -14,12 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from comfy_ltx_support import make_ltx, style_config
-from comfy_support import headless_stack, ksampler_node, needs_comfy
+from comfy_ltx_support import make_ltx, needs_ltxav, style_config
+from comfy_support import headless_stack, ksampler_node
 
 CTX = style_config("ltx2")[1]  # the text-context width this ComfyUI's LTX-2 takes
 
-pytestmark = needs_comfy
+pytestmark = needs_ltxav  # ComfyUI with LTX-AV (0.8.0 or newer)
 
 MODEL_NAME = "tiny_ltxav.safetensors"
 

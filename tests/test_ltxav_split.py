@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
+from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23, needs_ltxav
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_narrow_flux2
 
-pytestmark = needs_comfy
+pytestmark = needs_ltxav  # ComfyUI with LTX-AV (0.8.0 or newer)
 
 
 @pytest.fixture(scope="module")
