@@ -16,7 +16,7 @@ from typing import Any
 
 from . import arch, codec, ui_events
 from .config import ClientConfig
-from .constants import DEFAULT_HOST, DEFAULT_PORT
+from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB
 from .errors import LocalError, MeshError
 from .host import token_store
 from .icarus import SplitSettings, split_model
@@ -35,15 +35,19 @@ TOOLTIPS = {
     "remote_port": "Daedalus port (default 7777).",
     "codec_mode": "How the seam state crosses the wire. raw: exact bytes (bit-identical, best on fast links). "
     "auto: picks from the measured link speed and the GPUs. lossless: exact, entropy-coded (~1.4x smaller). "
-    "quant: one shared quantizer step for cosine 0.999 + entropy coding (~4x smaller, near the rate-distortion "
-    "bound). quant-t: quant on the change since the previous step (fewer bytes as sampling converges). "
-    "int8 / q4: per-channel 8-bit / 4-bit. clip-sparse: percentile clip + exact outliers (the original's "
+    "quant: one quantizer step shared by all channels in units of each channel's spread, entropy-coded: every "
+    "channel keeps fidelity_db (~4x smaller at 27 dB). quant-t: quant on the change since the previous step "
+    "(fewer bytes as sampling converges). int8 / q4: per-channel 8-bit / 4-bit (int8 has no per-channel floor). clip-sparse: percentile clip + exact outliers (the original's "
     "LTX mode). lossless-t: exact, temporal. nvenc: HEVC video coding (NVENC where the card has it, else x265).",
     "codec_qp": "HEVC quantizer for codec_mode=nvenc (lower = better quality, more bytes).",
     "codec_lossless": "nvenc: HEVC lossless. auto: consider exact codecs only.",
     "codec_tile_dim": "Channels per HEVC plane side for codec_mode=nvenc.",
     "forward_client_loras": "Send LoRAs loaded BEFORE this node to the server so the whole model gets them. "
     "LoRAs loaded AFTER this node stay local (front half only).",
+    "fidelity_db": "Per-channel fidelity floor of quant, quant-t and auto, in dB: every channel of the seam keeps "
+    "at least this signal-to-noise ratio against its own spread over the tokens, the few huge ('massive') "
+    "channels of trained models and the quiet ones alike. 27 dB (the default) = the old cosine 0.999; each "
+    "+6 dB costs about 1 bit per value more.",
 }
 
 # Marks an Icarus node in /object_info (an option of its model input): the node UI (web/mesh.js)
@@ -60,7 +64,11 @@ INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "codec_lossless": ("BOOLEAN", {"default": False}),
     "codec_tile_dim": ([1, 2, 4, 8], {"default": 8}),
     "forward_client_loras": ("BOOLEAN", {"default": True}),
+    "fidelity_db": ("FLOAT", {"default": DEFAULT_SNR_DB, "min": 6.0, "max": 60.0, "step": 0.5}),
 }
+# Inputs added after the original project's: optional, so saved workflows and API prompts
+# without them still validate (they get the default).
+OPTIONAL_INPUTS = ("fidelity_db",)
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class NodeSpec:
     display: str  # the node's name in the UI, its banners and its errors
     description: str
     inputs: tuple[str, ...] = tuple(INPUTS)  # shown after "model", in this order (saved workflows: by order)
+    # (an input in OPTIONAL_INPUTS is listed under "optional", after the required ones)
     families: tuple[str, ...] = ()  # arch families this node splits; empty: every registered family
     defaults: dict[str, Any] = field(default_factory=dict)  # input -> default, over INPUTS'
     tooltips: dict[str, str] = field(default_factory=dict)  # input -> tooltip, over TOOLTIPS
@@ -78,11 +87,17 @@ class NodeSpec:
         required: dict[str, Any] = {
             "model": ("MODEL", {ICARUS_FLAG: True, "tooltip": self.tooltips.get("model", TOOLTIPS["model"])})
         }
+        optional: dict[str, Any] = {}
         for name in self.inputs:
             kind, opts = INPUTS[name]
             default = self.defaults.get(name, opts["default"])
-            required[name] = (kind, {**opts, "default": default, "tooltip": self.tooltips.get(name, TOOLTIPS[name])})
-        return {"required": required, "hidden": {"unique_id": "UNIQUE_ID"}}
+            where = optional if name in OPTIONAL_INPUTS else required
+            where[name] = (kind, {**opts, "default": default, "tooltip": self.tooltips.get(name, TOOLTIPS[name])})
+        types: dict[str, Any] = {"required": required}
+        if optional:
+            types["optional"] = optional
+        types["hidden"] = {"unique_id": "UNIQUE_ID"}
+        return types
 
     def bind(self, values: tuple[Any, ...], named: dict[str, Any]) -> dict[str, Any]:
         """The node's input values (positional in ``inputs`` order, or by name) over the defaults."""
@@ -146,7 +161,7 @@ class MeshSplitFlux:
                     "qp": v["codec_qp"],
                     "lossless": v["codec_lossless"],
                     "tile_dim": int(v["codec_tile_dim"]),
-                    "cosine": 0.999,  # fidelity target of the quant family and auto
+                    "snr_db": float(v["fidelity_db"]),  # per-channel floor of the quant family and auto
                 },
                 forward_loras=bool(v["forward_client_loras"]),
                 node_id=str(unique_id),

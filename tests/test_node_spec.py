@@ -25,6 +25,11 @@ def test_input_names_and_order_stay_those_of_saved_workflows():
     for spec in (flux, ltx):
         assert spec["required"]["model"][1][ICARUS_FLAG] is True  # how web/mesh.js finds Icarus nodes
     assert (MeshSplitFlux.DISPLAY, MeshSplitLTX.DISPLAY) == ("ComfyUI Mesh : Icarus", "ComfyUI Mesh : Icarus LTX")
+    # inputs newer than the original's are optional: old workflows and API prompts without them validate
+    for spec in (flux, ltx):
+        assert list(spec["optional"]) == ["fidelity_db"]
+        kind, opts = spec["optional"]["fidelity_db"]
+        assert kind == "FLOAT" and opts["default"] == 27.0 and "per-channel" in opts["tooltip"].lower()
     assert "FLUX" not in MeshSplitFlux.DISPLAY and MeshSplitLTX.DESCRIPTION.startswith("Split an LTX-AV model")
 
 
@@ -33,12 +38,14 @@ def test_bind_reads_positional_values_in_the_nodes_own_order():
     assert (v["n_blocks_remote"], v["remote_host"], v["remote_port"], v["codec_mode"]) == (3, "h", 9, "quant")
     assert v["forward_client_loras"] is True and v["codec_qp"] == 18 and v["codec_tile_dim"] == 8
     assert MeshSplitLTX.SPEC.bind((), {})["n_blocks_remote"] == 8
+    assert MeshSplitLTX.SPEC.bind((), {})["fidelity_db"] == 27.0
+    assert MeshSplitFlux.SPEC.bind((), {"fidelity_db": 33.0})["fidelity_db"] == 33.0
     with pytest.raises(TypeError):
         MeshSplitLTX.SPEC.bind((), {"codec_qp": 3})  # not an input of this node
     with pytest.raises(TypeError):
         MeshSplitLTX.SPEC.bind((3,), {"n_blocks_remote": 4})
     with pytest.raises(TypeError):
-        MeshSplitLTX.SPEC.bind(tuple(range(6)), {})
+        MeshSplitLTX.SPEC.bind(tuple(range(7)), {})
 
 
 class _Model:

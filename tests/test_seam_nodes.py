@@ -138,3 +138,26 @@ def test_an_old_comfyui_is_named_with_its_version(comfy_env, monkeypatch):
     monkeypatch.setattr(mp, "ModelPatcher", type("ModelPatcher", (), {"clone": None}))
     with pytest.raises(LocalError, match="lacks ModelPatcher.add_object_patch.*update ComfyUI"):
         run_node(FLUX, **inputs(FLUX, patcher("flux2"), n_blocks_remote=2))
+
+
+def test_fidelity_db_sets_the_quant_floor_of_the_seam(comfy_env):
+    """The node's fidelity_db reaches the codec: a higher floor sends more bytes and lands closer
+    to the unsplit result; leaving it out (an old workflow) uses the 27 dB default."""
+    model = patcher("flux2")
+    noise, pos, neg = fake_dit.STANDINS["flux2"].inputs()
+    ref, _ = sample(model, noise, SIGMAS, pos, neg)
+    sent, errs = {}, {}
+    with serve("flux2", 5) as srv:
+        TokenStore(comfy_env.user_dir / "comfyui-mesh" / "tokens.json").set("127.0.0.1", srv.address[1], TOKEN)
+        for db in ("warm-up", None, 15.0, 40.0):  # the first call also carries the per-connection constants
+            over = {"codec_mode": "quant", "n_blocks_remote": 5}
+            if isinstance(db, float):
+                over["fidelity_db"] = db
+            (m,) = run_node(FLUX, **inputs(FLUX, model, srv, **over))
+            before = len(comfy_env.prompt_server.events)
+            out, _ = sample(m, noise, SIGMAS, pos, neg)
+            stats = [d for e, d in comfy_env.prompt_server.events[before:] if e == "mesh-stats"]
+            sent[db] = sum(d["bytes_out"] for d in stats)
+            errs[db] = float((out.double() - ref.double()).norm() / ref.double().norm())
+    assert sent[15.0] < sent[None] < sent[40.0]
+    assert errs[40.0] < errs[None] < errs[15.0]

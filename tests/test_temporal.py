@@ -20,6 +20,7 @@ from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
 from comfyui_mesh.wirecodecs import backends
+from comfyui_mesh.wirecodecs.fidelity import channel_snr_db, snr_from_cosine
 from comfyui_mesh.wirecodecs.temporal import MAX_KEY_CHARS, MAX_STREAMS, end_stream, state_bytes, stream_state
 
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -137,7 +138,9 @@ def test_quant_t_error_is_bounded_and_does_not_drift(dtype):
         assert wt.meta["f"] == ("i" if i == 0 else "p")
         y = codec.decode(wire_copy(wt), DEV, state=dec)
         err = (x.double() - y.double()).abs()
-        assert bool((err <= wt.meta["st"] / 2 * (1 + 1e-5) + slack(dtype, x, y)).all())
+        std = x.double().reshape(-1, x.shape[-1]).var(dim=0, correction=0).sqrt()
+        assert bool((err <= wt.meta["st"] * std * (1 + 2**-8) / 2 * (1 + 1e-5) + slack(dtype, x, y)).all())
+        assert float(channel_snr_db(x, y).min()) >= snr_from_cosine(0.999)  # 26.99 dB on every channel
         # the decoder's reference is what the encoder predicted from: bit for bit
         assert exact(enc[("enc", 7, "x")]["ref"], dec[("dec", 7, "x")]["ref"])
         errs.append(float((x.double() - y.double()).norm() / x.double().norm()))
@@ -500,9 +503,9 @@ def test_loopback_auto_reports_its_choice(server):
     model, bias, fronts = _steps(2)
     c = _client(host, port)
     out, stats = _fwd(c, fronts[0], bias, "auto", params={"cosine": 0.999})
-    assert stats.codec["codec"] in ("raw", "int8", "lossless", "quant-t")
+    assert stats.codec["codec"] in ("raw", "lossless", "quant-t")
     assert "link" in stats.codec and stats.codec["link"]["how"] == "measured"
-    assert "reason" in stats.codec and "fidelity floor cosine 0.999" in stats.codec["reason"]
+    assert "reason" in stats.codec and "fidelity floor 27.0 dB per channel" in stats.codec["reason"]
     rel = float((out["out"] - model.run(fronts[0], bias, 5)).norm() / out["out"].norm())
     assert rel < 0.05
     out, stats = _fwd(c, fronts[0], bias, "auto", params={"lossless": True})
@@ -520,7 +523,14 @@ def test_auto_choice_follows_the_link():
     assert choose(mb, 2, False, "cpu", fast, {"cosine": 0.999})["codec"] == "raw"
     exact_only = choose(mb, 2, False, "cpu", slow, {"lossless": True})
     assert exact_only["codec"] == "lossless" and exact_only["params"]["backend"] == "zstd"
-    assert choose(mb, 2, False, "cpu", slow, {"cosine": 0.99})["params"].get("cosine") in (None, 0.99)
+    picked = choose(mb, 2, False, "cpu", slow, {"cosine": 0.99})
+    assert picked["codec"] == "quant-t" and picked["params"]["snr_db"] == pytest.approx(16.99, abs=0.01)
+    assert choose(mb, 2, True, "cuda:0", slow, {"snr_db": 35.0})["params"]["snr_db"] == 35.0
+    # int8 has no per-channel floor: never picked, whatever the link and the floor
+    for bps in (12e6, 117e6, 300e6, 1.2e9, 5e9, 20e9):
+        for on_cuda, peer in ((True, "cuda:0"), (False, "cpu")):
+            for p in ({"cosine": 0.99}, {"snr_db": 20.0}, {}):
+                assert choose(mb, 2, on_cuda, peer, LinkInfo.assumed(bps), p)["codec"] != "int8"
 
 
 def test_server_without_gpu_entropy_asks_for_zstd(monkeypatch, caplog):

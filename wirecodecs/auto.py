@@ -3,12 +3,14 @@ link, GPUs and fidelity. No I/O: the client measures the link (``transport.MeshC
 hands the result in as a ``LinkInfo``.
 
 Inputs: the link, where the tensor lives (CUDA?), whether nvCOMP ANS runs here and the
-server's device (from its CHALLENGE), and a fidelity floor: ``cosine`` (default 0.999;
-``1`` or ``lossless: true`` means bit-exact).
+server's device (from its CHALLENGE), and a per-channel fidelity floor (``fidelity``):
+``snr_db`` (default 27 dB) or ``cosine`` (on the standardized tensor; ``1`` or ``lossless:
+true`` means bit-exact).
 
 The choice minimizes estimated encode + transfer + decode time over the candidates that
-meet the floor: ``raw``, ``lossless``, ``int8`` (cosine ~0.9999, only for floors <= 0.9999)
-and ``quant-t`` at the floor. Throughputs are rough constants (below), not measurements
+meet the floor on EVERY channel: ``raw``, ``lossless`` and ``quant-t`` at the floor. ``int8``
+is never picked: its symmetric per-channel scale has no per-channel floor (a channel with a
+large offset and a small spread keeps a few of its 255 levels; measured 3 dB on such a channel). Throughputs are rough constants (below), not measurements
 of this machine: on a LAN the order of candidates is what matters, and it is robust.
 The choice is returned as a report dict (``MeshClient.forward`` puts it in ``StepStats.codec``).
 """
@@ -28,7 +30,7 @@ from ..errors import CodecError
 from ..protocol import WireTensor
 from .backends import ANS, ZSTD
 from .base import LOSSY_DTYPES, Codec, dtype_name
-from .channels import param_float
+from .fidelity import target_db
 
 # Rough throughputs in bytes of *input* tensor per second, (encode, decode), by where the work
 # runs: "gpu" (all on the GPU, nvCOMP ANS), "hybrid" (quantize on the GPU, zstd on the CPU),
@@ -75,9 +77,9 @@ class LinkInfo:
         }
 
 
-def quant_bits(cosine: float) -> float:
-    """Expected bits/value of ``quant`` at a cosine target (Gaussian bound + coder overhead)."""
-    return max(1.0, 0.5 * math.log2(1.0 / max(2.0 * (1.0 - cosine), 1e-12)) + 0.6)
+def quant_bits(snr_db: float) -> float:
+    """Expected bits/value of ``quant`` at a per-channel SNR floor (Gaussian bound + coder overhead)."""
+    return max(1.0, 0.5 * math.log2(10.0 ** (snr_db / 10.0)) + 0.6)
 
 
 def choose(
@@ -91,23 +93,23 @@ def choose(
     """The codec for ``nbytes`` of activations sent up ``link``: a report with ``codec``,
     ``params``, ``reason``, ``estimates_ms``."""
     link_bps = link.up_bps
-    lossless_only = params.get("lossless") is True
-    floor = 1.0 if lossless_only else param_float(params, "cosine", 0.999, 0.0, 1.0)
+    exact = params.get("lossless") is True or (
+        isinstance(params.get("cosine"), (int, float)) and params["cosine"] >= 1.0 and "snr_db" not in params
+    )
+    floor = math.inf if exact else target_db(params)
     peer_cuda = peer_device.startswith("cuda")
     ans = on_cuda and ANS.available() is None and peer_cuda
     backend = "ans" if ans else "zstd"
     if ZSTD.available() is not None and not ans:
-        backend = ""  # no entropy coder at all: raw / int8 only
+        backend = ""  # no entropy coder at all: raw only
 
     def where(cuda: bool) -> str:
         return ("gpu" if ans else "hybrid") if cuda else "cpu"
 
     values = nbytes / max(itemsize, 1)
     sizes = {"raw": float(nbytes), "lossless": nbytes / LOSSLESS_RATIO}
-    if floor < 1.0:
+    if math.isfinite(floor):
         sizes["quant-t"] = values * quant_bits(floor) / 8
-        if floor <= 0.9999 and itemsize > 1:
-            sizes["int8"] = values * 1.0
     if not backend:
         sizes.pop("lossless", None)
         sizes.pop("quant-t", None)
@@ -120,13 +122,13 @@ def choose(
     if best in ("lossless", "quant-t"):
         chosen["backend"] = backend
     if best == "quant-t":
-        chosen["cosine"] = floor
+        chosen["snr_db"] = floor
         for k in ("keyint",):
             if k in params:
                 chosen[k] = params[k]
     reason = (
         f"link {link_bps / 1e6:.0f} MB/s, {'CUDA' if on_cuda else 'CPU'} tensor, entropy backend "
-        f"{backend or 'none'}, fidelity floor {'exact' if floor >= 1.0 else f'cosine {floor}'}: "
+        f"{backend or 'none'}, fidelity floor {f'{floor:.1f} dB per channel' if math.isfinite(floor) else 'exact'}: "
         + ", ".join(f"{k} ~{v:.1f} ms" for k, v in sorted(est.items(), key=lambda kv: kv[1]))
     )
     return {"codec": best, "params": chosen, "reason": reason, "estimates_ms": est}
@@ -148,7 +150,7 @@ def choose_for(
 
 class AutoCodec(Codec):
     """Registry entry so ``auto`` is a valid codec name; encodes with the codec ``choose``
-    picks (params: ``cosine``/``lossless`` floor, ``link_bps``, ``peer_device``), found
+    picks (params: ``snr_db``/``cosine``/``lossless`` floor, ``link_bps``, ``peer_device``), found
     through ``lookup`` (the registry's ``by_name``, handed in by ``codec.py``). Payloads
     carry the chosen codec's id, so this id never appears on the wire."""
 
@@ -173,7 +175,7 @@ class AutoCodec(Codec):
             params,
         )
         chosen = rep["codec"]
-        if chosen in ("int8", "quant-t") and dtype_name(t.dtype) not in LOSSY_DTYPES:
+        if chosen == "quant-t" and dtype_name(t.dtype) not in LOSSY_DTYPES:
             chosen = "lossless" if "lossless" in rep["estimates_ms"] else "raw"  # not a float: exact only
         return self.lookup(chosen).encode(t, name, rep["params"] if chosen == rep["codec"] else {}, state=state)
 

@@ -13,14 +13,15 @@ import functools
 import math
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..constants import CLIP_SPARSE_SNR_DB, MIN_CHANNEL_STD, Q4_SNR_DB
 from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 from .backends import pick_backend
 from .base import dtype_name, itemsize
 from .channels import channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
+from .fidelity import target_db
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_Q = 1 << 20  # largest quantized magnitude (keeps float32 integer arithmetic exact)
@@ -35,86 +36,133 @@ def f32(v: float) -> float:
 # ---------------------------------------------------------------------------- step choice
 
 
-def water_step(var: torch.Tensor, distortion: float) -> float:
-    """Quantizer step whose MSE is ``distortion`` per value, by reverse water-filling.
-
-    A uniform quantizer of step d costs about d^2/12 per value on a channel wider than that
-    and the channel's variance on a narrower one (it rounds to the channel mean): the water
-    level theta = d^2/12 solves mean_c min(theta, var_c) = distortion. Returns inf when
-    every channel can round to its mean."""
-    arr: Any = var.detach().double().cpu().numpy()
-    v = np.sort(arr.clip(0.0, None))  # numpy: ~20x fewer us than torch here
-    c = v.size
-    if c == 0 or distortion <= 0:
-        return 0.0
-    if distortion >= float(v.mean()):
-        return math.inf
-    below = np.cumsum(v) - v  # sum of the variances under index i
-    theta = (distortion * c - below) / np.arange(c, 0, -1, dtype=np.float64)
-    i = int(np.flatnonzero(theta <= v)[0])  # exists: at i = c-1, theta <= v[-1] since D < mean(v)
-    return math.sqrt(12.0 * float(theta[i]))
-
-
-def device_stats(
-    xt: torch.Tensor, energy_of: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, float, float, float]:
-    """What ``shared_encode`` needs of a CUDA tensor, read back in ONE host round trip:
-    (channel means, left on the device and subtracted from ``xt`` in place; per-channel
-    variances, on the host; lowest and highest centered value; the energy, that of
-    ``energy_of`` when given else the mean variance). float32 squares that overflow (values
-    beyond ~1e19) are recomputed in float64 after the round trip."""
+def centered_var(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, variance) per row of float32 [C, N]; subtracts the means from ``xt`` in place.
+    The variances are float64 on xt's device (no host round trip)."""
     n = xt.shape[1]
     mu = xt.sum(1, dtype=torch.float64).div_(n).float()  # float64 sums cannot overflow
     xt.sub_(mu[:, None])
     norm = torch.linalg.vector_norm(xt, dim=1)
-    lo, hi = torch.aminmax(xt)
-    parts = [norm.double(), lo.double().reshape(1), hi.double().reshape(1)]
-    if energy_of is not None:
-        m = energy_of.shape[1]
-        emu = energy_of.sum(1, dtype=torch.float64).div_(m)
-        ems = torch.linalg.vector_norm(energy_of, dim=1).double().square_().div_(m)
-        parts.append((ems - emu.square()).clamp_(min=0).mean().reshape(1))
-    host = torch.cat(parts).cpu()
-    c = norm.numel()
-    hn = host[:c]
-    if not bool(torch.isfinite(hn).all()):
-        hn = torch.linalg.vector_norm(xt, dim=1, dtype=torch.float64).cpu()
-    var = hn.square_().div_(n)
-    if energy_of is None:
-        energy = float(var.mean())
-    else:
-        energy = float(host[c + 2])
-        if not math.isfinite(energy):
-            energy = signal_energy(energy_of)
-    return mu, var, float(host[c]), float(host[c + 1]), energy
-
-
-def centered_var(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, variance) per row of float32 [C, N]; subtracts the means from ``xt`` in place."""
-    n = xt.shape[1]
-    mu = xt.sum(1).div_(n)
-    if not bool(torch.isfinite(mu).all()):  # float32 sums overflowed (values near 1e38)
-        mu = xt.sum(1, dtype=torch.float64).div_(n).float()
-    xt.sub_(mu[:, None])
-    norm = torch.linalg.vector_norm(xt, dim=1)
     if not bool(torch.isfinite(norm).all()):  # squares overflow float32 beyond ~1e19
         norm = torch.linalg.vector_norm(xt, dim=1, dtype=torch.float64)
-    return mu, norm.double().square_().div_(n)
+    return mu, norm.double().square_().div_(max(n, 1))
 
 
-def signal_energy(xt: torch.Tensor) -> float:
-    """Mean over channels of the per-channel variance of xt [C, N]: what a cosine target is
-    relative to. Channel means are left out (they cost 4 bytes a channel, exactly): a DiT's
-    massive, near-constant channels would otherwise let the target starve every other one."""
-    if xt.numel() == 0:
-        return 0.0
-    n = xt.shape[1]
-    mu = xt.sum(1, dtype=torch.float64).div_(n)
-    norm = torch.linalg.vector_norm(xt, dim=1)
-    if not bool(torch.isfinite(norm).all()):
-        norm = torch.linalg.vector_norm(xt, dim=1, dtype=torch.float64)
-    ms = norm.double().square_().div_(n)
-    return float((ms - mu.square()).clamp_(min=0).mean())
+def spread_var(x: torch.Tensor) -> torch.Tensor:
+    """Per-row variance (float64, x's device) of float32 [C, N] ``x``, left unchanged."""
+    n = x.shape[1]
+    if n == 0:
+        return torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    mu = x.sum(1, dtype=torch.float64).div_(n)
+    ms = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square_().div_(n)
+    return (ms - mu.square()).clamp_(min=0)
+
+
+def bf16_floor(s: torch.Tensor) -> torch.Tensor:
+    """Largest bfloat16 <= s (s >= 0, finite): a scale rounded down keeps its channel's floor."""
+    b = s.to(torch.bfloat16)
+    high = b.float() > s
+    return (b.view(torch.int16) - high.to(torch.int16)).view(torch.bfloat16)
+
+
+def channel_steps(st: float, scales: torch.Tensor) -> torch.Tensor:
+    """Per-channel quantizer steps: the shared standardized step ``st`` times the bfloat16
+    channel scales, in float32. The same op on both sides (a temporal reference is bit-exact)."""
+    return scales.float().mul_(st)
+
+
+# The last resort for a channel that still misses its floor: step = HARD_SCALE * std / sqrt(SNR).
+# The error before rounding is at most step / 2, and rounding to the output dtype at most doubles
+# it (the input is on that dtype's grid, and the rounded value is the grid point nearest the
+# reconstruction), so |x - x'| <= step and MSE <= var / SNR whatever the values.
+HARD_SCALE = 1.0
+# The shared step aims this much above the floor: a channel's measured MSE scatters around
+# step^2 / 12 (about +-0.06 dB over 4096 tokens), and a channel that misses costs a requantization.
+AIM_DB = 0.2
+
+
+def _channel_mse(
+    q: torch.Tensor, steps: torch.Tensor, z: torch.Tensor, base: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """Per-row MSE of the reconstruction q * step + base, rounded to ``dtype``, against z + base
+    (the input, which is on that dtype's grid)."""
+    fmax = torch.finfo(dtype).max
+    rec = (q * steps[:, None]).add_(base).clamp_(-fmax, fmax).to(dtype).float()
+    ref = (z + base).clamp_(-fmax, fmax).to(dtype).float()
+    return torch.linalg.vector_norm(rec.sub_(ref), dim=1, dtype=torch.float64).square_().div_(z.shape[1])
+
+
+def standardized_steps(
+    z: torch.Tensor, var: torch.Tensor, snr_db: float, base: torch.Tensor, dtype: torch.dtype
+) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Quantize the centered rows z (float32 [C, N]) so that EVERY channel keeps SNR >=
+    ``snr_db`` against its spread ``var`` (float64 [C], the variance of the signal the caller
+    measures fidelity against: z's own, or for a residual the frame's). ``base`` (float32,
+    [C, 1] or [C, N]) is what the decoder adds back (the channel means, plus the prediction of
+    a temporal frame) and ``dtype`` what it rounds to: the check measures the tensor the peer
+    will use.
+
+    One shared step d in the standardized domain: channel c's step is d * s_c with s_c ~ its
+    standard deviation (a bfloat16 scale, sent as side information), so every channel gets
+    about the same SNR 12 / d^2 whatever its magnitude -- massive channels no longer starve
+    the others. Then checked: a channel whose measured MSE misses the floor (a lumpy
+    distribution, a residual below half a step, coarse output rounding) gets its scale lowered
+    by the miss and is requantized, twice at most, and if it still misses, gets the hard-bound
+    step (``HARD_SCALE``). Channels with std < ``MIN_CHANNEL_STD`` get scale 0 (sent as their
+    mean). Returns (d, scales bf16 [C], q float32 [C, N] integers, per-channel steps float32 [C])."""
+    lin = 10.0 ** (snr_db / 10.0)
+    d = f32(math.sqrt(12.0 / lin) * 10.0 ** (-AIM_DB / 20.0))
+    std = var.sqrt().float()
+    live = std >= MIN_CHANNEL_STD
+    n = z.shape[1]
+    amax = z.abs().amax(1) if n else torch.zeros_like(std)
+    # at most MAX_Q levels a channel: a scale below amax / (MAX_Q d) is raised (only reached
+    # far beyond any sensible floor)
+    least = amax / (MAX_Q * d)
+    scales = torch.where(live, torch.maximum(std, least), torch.zeros_like(std)).to(torch.bfloat16)
+    steps = channel_steps(d, scales)
+    safe = torch.where(steps > 0, steps, torch.full_like(steps, math.inf))
+    q = torch.div(z, safe[:, None]).round_()
+    if not n:
+        return d, scales, q, steps
+    target = var / lin
+    mse = _channel_mse(q, steps, z, base, dtype)
+    per_token = base.shape[1] > 1
+    for attempt in range(3):
+        idx = torch.nonzero(live & (mse > target)).squeeze(1)  # one host round trip
+        if not idx.numel():
+            break
+        if attempt < 2:
+            shrink = (target[idx] / mse[idx]).sqrt_().mul_(0.97).float()
+            lower = scales[idx].float() * shrink
+        else:
+            lower = std[idx] * (HARD_SCALE / math.sqrt(lin) / d)
+        scales.index_copy_(0, idx, bf16_floor(torch.maximum(lower, least[idx])))
+        steps = channel_steps(d, scales)
+        zi = z.index_select(0, idx)
+        rows = zi.div(steps[idx][:, None]).round_()
+        q.index_copy_(0, idx, rows)
+        bi = base.index_select(0, idx) if per_token else base[idx]
+        mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, bi, dtype))
+    return d, scales, q, steps
+    target = var / lin
+    mse = _channel_mse(q, steps, z, n)
+    for attempt in range(2):
+        idx = torch.nonzero(live & (mse > target)).squeeze(1)  # one host round trip
+        if not idx.numel():
+            break
+        if attempt == 0:
+            shrink = (target[idx] / mse[idx]).sqrt_().mul_(0.97).float()
+            lower = scales[idx].float() * shrink
+        else:
+            lower = std[idx] * (HARD_SCALE / math.sqrt(lin) / d)
+        scales.index_copy_(0, idx, bf16_floor(torch.maximum(lower, least[idx])))
+        steps = channel_steps(d, scales)
+        zi = z.index_select(0, idx)
+        rows = zi.div(steps[idx][:, None]).round_()
+        q.index_copy_(0, idx, rows)
+        mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, n))
+    return d, scales, q, steps
 
 
 # ---------------------------------------------------------------------------- symbol streams
@@ -271,9 +319,12 @@ def get_symbols(r: SectionReader, meta: dict[str, Any], c: int, n: int) -> torch
     return z
 
 
-def dequant(q: torch.Tensor, step: float, mu: torch.Tensor) -> torch.Tensor:
-    """float32 [C, N] from integer-valued float32 q: q * step + mu_c, in place.
-    The same two ops on both sides, so a temporal reference matches bit for bit."""
+def dequant(q: torch.Tensor, step: float | torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """float32 [C, N] from integer-valued float32 q: q * step + mu_c, in place (``step`` one
+    number or float32 [C] per channel). The same ops on both sides, so a temporal reference
+    matches bit for bit."""
+    if isinstance(step, torch.Tensor):
+        return q.mul_(step[:, None]).add_(mu[:, None])
     return q.mul_(step).add_(mu[:, None])
 
 
@@ -283,53 +334,63 @@ def dequant(q: torch.Tensor, step: float, mu: torch.Tensor) -> torch.Tensor:
 def shared_encode(
     w: SectionWriter,
     xt: torch.Tensor,
-    energy_of: torch.Tensor | None,
     params: dict[str, Any],
+    dtype: torch.dtype,
+    pred: torch.Tensor | None = None,
     want_rec: bool = False,
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Quantize xt (float32 [C, N], consumed) with one step for all channels.
+    """Quantize xt (float32 [C, N], consumed) -- or with ``pred`` (float32 [C, N]) the residual
+    xt - pred -- and entropy-code the integers. ``dtype``: what the decoder rounds its result to.
 
-    The step gives an MSE of 2 (1 - ``cosine``) E per value, E = ``signal_energy`` of
-    ``energy_of`` (None: of xt itself), or is ``step`` when given.
-    Channel means are removed (sent as float32). Returns (meta, reconstruction [C, N])."""
-    if xt.is_cuda and xt.numel():
-        mu, var, lo, hi, energy = device_stats(xt, energy_of)
-    else:
-        mu, var = centered_var(xt)
-        if energy_of is None:
-            energy = float(var.mean()) if var.numel() else 0.0
-        else:
-            energy = signal_energy(energy_of)
-        lo_t, hi_t = torch.aminmax(xt) if xt.numel() else (torch.zeros(()), torch.zeros(()))
-        lo, hi = float(lo_t), float(hi_t)
+    Default: the per-channel floor ``fidelity.target_db(params)`` (``snr_db``, or ``cosine`` on
+    the standardized tensor; 27 dB) against the spread of xt (see ``standardized_steps``);
+    meta ``sd`` = 1, ``st`` = the standardized step, and a bfloat16 scale per channel after the
+    means. With ``step`` in params: that one absolute step for every channel (no floor
+    promised; the old explicit mode). Channel means (of the residual) are removed and sent as
+    float32. Returns (meta, reconstruction [C, N] in float32, prediction included)."""
+    spread = spread_var(xt) if pred is not None else None
+    if pred is not None:
+        xt = xt.sub_(pred)
+    mu, var = centered_var(xt)
     if "step" in params:
         step = param_float(params, "step", 1.0, 1e-30, 3e38)
+        if xt.numel():
+            lo_t, hi_t = torch.aminmax(xt)
+            span = max(-float(lo_t), float(hi_t))
+            if span / step > MAX_Q:
+                raise LocalError(f"quantizer step {step} is too small for values up to {span} (max {MAX_Q} levels)")
+        step = f32(step)
+        q = xt.div_(step).round_()
+        w.raw(mu.contiguous())
+        meta = put_symbols(w, q.to(torch.int32))
+        meta["st"] = step
+        rec = dequant(q, step, mu) if want_rec else None
     else:
-        cos = param_float(params, "cosine", 0.999, 0.0, 1.0)
-        step = water_step(var, 2.0 * (1.0 - cos) * energy)
-    span = max(-lo, hi)
-    if span == 0.0:
-        step = step if "step" in params else 1.0  # every value is its channel mean: any step is exact
-    elif step > 2.0 * span:
-        step = 2.0 * span  # every value rounds to its channel mean
-    elif step <= 0.0 or span / step > MAX_Q:
-        if "step" in params:
-            raise LocalError(f"quantizer step {step} is too small for values up to {span} (max {MAX_Q} levels)")
-        step = span / MAX_Q
-    step = f32(step)
-    q = xt.div_(step).round_()
-    w.raw(mu.contiguous())
-    qi = q.to(torch.int16 if span / step < 16000 else torch.int32)
-    meta = put_symbols(w, qi)
-    meta["st"] = step
-    return meta, (dequant(q, step, mu) if want_rec else None)
+        base = mu[:, None] if pred is None else pred.add(mu[:, None])
+        d, scales, q, steps = standardized_steps(xt, var if spread is None else spread, target_db(params), base, dtype)
+        w.raw(mu.contiguous())
+        w.raw(scales.contiguous())
+        top = float(q.abs().amax()) if q.numel() else 0.0
+        meta = put_symbols(w, q.to(torch.int16 if top < 16000 else torch.int32))
+        meta["st"] = d
+        meta["sd"] = 1
+        rec = dequant(q, steps, mu) if want_rec else None
+    if rec is not None and pred is not None:
+        rec = rec.add_(pred)
+    return meta, rec
 
 
 def shared_decode(r: SectionReader, meta: dict[str, Any], c: int, n: int) -> torch.Tensor:
     """Inverse of ``shared_encode``: float32 [C, N]."""
     step = meta_float(meta, "st", positive=True)
+    sd = meta_int(meta, "sd", 0, 1) if "sd" in meta else 0
     mu = r.raw(torch.float32, c, "channel means")
-    return dequant(get_symbols(r, meta, c, n), step, mu)
+    if not sd:
+        return dequant(get_symbols(r, meta, c, n), step, mu)
+    scales_h, scales = r.raw_both(torch.bfloat16, c, "channel scales")
+    if c and not bool((torch.isfinite(scales_h) & (scales_h >= 0)).all()):
+        raise CodecError("channel scales must be finite and not negative")
+    return dequant(get_symbols(r, meta, c, n), channel_steps(step, scales), mu)
 
 
 # ---------------------------------------------------------------------------- outlier channels
@@ -404,22 +465,21 @@ def merge_outliers(y: torch.Tensor, c: int, idx: torch.Tensor, vals: torch.Tenso
 
 
 class QuantCodec(EntropyCodec):
-    """The default lossy codec: ONE quantizer step shared by all channels, integers
-    entropy-coded. For an MSE / cosine target this is near the Gaussian rate-distortion
-    bound (quiet channels get few bits, loud ones many), unlike per-channel 8-bit levels.
+    """The default lossy codec: ONE quantizer step shared by all channels in the standardized
+    domain (each channel's values over its bfloat16 scale ~ its standard deviation), integers
+    entropy-coded. Every channel keeps the same SNR against its own spread, massive or quiet.
 
-    Params: ``cosine`` (default 0.999; the step is chosen by reverse water-filling over the
-    per-channel variances for an MSE of 2 (1 - cosine) x the mean channel variance, so the
-    cosine to the tensor is at least about the target -- higher when channel means are
-    large, as with DiT massive activations), or ``step`` (explicit);
-    ``outliers`` (default 0 = off): channels with absmax > outliers x the median channel
-    absmax are sent exactly (input dtype) and the target then applies to the other channels;
+    Params: ``snr_db`` (per-channel floor in dB, default 27.0) or ``cosine`` (the old name:
+    cosine on the per-channel standardized tensor; 0.999 = 27.0 dB), or ``step`` (one explicit
+    absolute step for every channel: no floor); ``outliers`` (default 0 = off): channels with
+    absmax > outliers x the median channel absmax are sent exactly (input dtype);
     ``backend`` (auto | zstd | ans).
 
-    Error budget: |x - x'| <= step / 2 for every element (step in ``meta["st"]``), plus the
-    rounding of the float32 result to the output dtype; outlier channels exact. Achieved
-    cosine is about the target or better (the step rule is a high-rate approximation: in
-    tests 1 - cos <= 1.25 x (1 - target))."""
+    Error budget: for every channel c with std_c >= ``MIN_CHANNEL_STD`` (constants),
+    SNR_c = var_c / mse_c >= the floor (checked on the encoder, channels that miss it are
+    requantized under the hard bound), and |x - x'| <= step_c / 2 per element with step_c =
+    ``meta["st"]`` x the channel's scale; before rounding to the output dtype. Channels below
+    ``MIN_CHANNEL_STD`` are sent as their mean; outlier channels exactly."""
 
     wire_id = 3
     name = "quant"
@@ -429,7 +489,7 @@ class QuantCodec(EntropyCodec):
         dname = dtype_name(t.dtype)
         w = SectionWriter(pick_backend(params, t.device))
         xt, idx = outliers_first(w, t, params, 0.0)
-        meta, _ = shared_encode(w, xt, None, params)
+        meta, _ = shared_encode(w, xt, params, t.dtype)
         meta["no"] = int(idx.numel())
         data, meta = w.finish(meta)
         return WireTensor(name, dname, tuple(t.shape), self.wire_id, data, meta)
@@ -451,16 +511,34 @@ def bf16_ceil(s: torch.Tensor) -> torch.Tensor:
     return (b.view(torch.int16) + low.to(torch.int16)).view(torch.bfloat16)
 
 
+def floor_db(params: dict[str, Any], default: float) -> float:
+    """A fixed-rate codec's per-channel floor (``floor_db``, dB): channels below it are sent
+    exactly. Not ``snr_db``/``cosine``: those set the quant family's rate, and the node passes
+    them to every codec."""
+    return param_float(params, "floor_db", default, 0.0, 80.0)
+
+
+def missing_floor(err: torch.Tensor, var: torch.Tensor, floor: float) -> torch.Tensor:
+    """Channels (bool [C]) whose MSE ``err`` misses SNR ``floor`` dB against ``var`` (both
+    float64 [C]); constant channels (std < ``MIN_CHANNEL_STD``) never do."""
+    live = var.sqrt() >= MIN_CHANNEL_STD
+    return live & (err * (10.0 ** (floor / 10.0)) > var)
+
+
 class Q4Codec(EntropyCodec):
-    """4-bit symmetric quantization, one bfloat16 scale per group of ``group`` consecutive
-    tokens of a channel (default 32), then entropy-coded (nibble pairs; scales as byte planes).
+    """4-bit symmetric quantization of each channel's deviation from its mean, one bfloat16
+    scale per group of ``group`` consecutive tokens of a channel (default 32), then
+    entropy-coded (nibble pairs; scales as byte planes; channel means float32).
 
     Params: ``group`` (even, 2..4096), ``outliers`` (default 8: channels with absmax > 8x the
-    median are sent exactly, so a massive channel's offset does not eat the 15 levels;
-    0 = off), ``backend``.
-    Error budget: |x - x'| <= s_g / 2 with s_g the group's scale = absmax_g / 7 rounded up to
-    bfloat16 (<= absmax_g / 7 * (1 + 2^-7)), plus output rounding; outlier channels exact.
-    About 4.5 bits/value before entropy coding, ~3.5-4 after."""
+    median are sent exactly; 0 = off), ``floor_db`` (default ``Q4_SNR_DB`` = 15 dB: every
+    channel whose 4-bit SNR against its own spread misses it is sent exactly instead),
+    ``backend``.
+    Error budget: per channel SNR >= ``floor_db`` (constant channels: their mean); per element
+    |x - x'| <= s_g / 2 with s_g the group's scale = absmax_g(x - mean) / 7 rounded up to
+    bfloat16, plus output rounding; exact channels exact. About 4.5 bits/value before
+    entropy coding, ~3.5-4 after. (Payloads without meta ``ct``, from before the centering,
+    still decode.)"""
 
     wire_id = 4
     name = "q4"
@@ -471,29 +549,42 @@ class Q4Codec(EntropyCodec):
         g = param_int(params, "group", 32, 2, 4096)
         if g % 2:
             raise LocalError(f"q4 group={g} must be even")
+        floor = floor_db(params, Q4_SNR_DB)
         w = SectionWriter(pick_backend(params, t.device))
-        xt, idx = outliers_first(w, t, params, 8.0)
-        c, n = xt.shape
+        xt = channel_major(t)
+        ratio_idx = outlier_channels(xt, param_float(params, "outliers", 8.0, 0.0, 1e9))
+        z = xt.clone()
+        mu, var = centered_var(z)
+        c, n = z.shape
         ng = -(-n // g)
         if ng * g != n:
-            padded = torch.zeros((c, ng * g), dtype=torch.float32, device=xt.device)
-            padded[:, :n] = xt
-            xt = padded
-        xg = xt.reshape(c, ng, g)
-        lo, hi = torch.aminmax(xg, dim=-1)
+            padded = torch.zeros((c, ng * g), dtype=torch.float32, device=z.device)
+            padded[:, :n] = z
+            z = padded
+        zg = z.reshape(c, ng, g)
+        lo, hi = torch.aminmax(zg, dim=-1)
         scale = bf16_ceil(torch.maximum(-lo, hi) / 7.0)
         sf = scale.float()
-        q = xg.div_(torch.where(sf > 0, sf, torch.ones_like(sf))[..., None]).round_().clamp_(-7, 7)
+        q = zg.div(torch.where(sf > 0, sf, torch.ones_like(sf))[..., None]).round_().clamp_(-7, 7)
+        err = torch.linalg.vector_norm((q * sf[..., None] - zg).reshape(c, -1), dim=1, dtype=torch.float64)
+        bad = torch.nonzero(missing_floor(err.square_().div_(n), var, floor)).squeeze(1)
+        idx = torch.unique(torch.cat([ratio_idx, bad])) if bad.numel() else ratio_idx
+        put_outliers(w, xt, idx, t.dtype)
+        if idx.numel():
+            keep = rest_of(c, idx)
+            mu, scale, q = mu[keep], scale[keep], q.index_select(0, keep)
         nib = q.add_(8).to(torch.uint8).reshape(-1, 2)
+        w.raw(mu.contiguous())
         put_planes(w, scale)
         w.coded(nib[:, 0] | (nib[:, 1] << 4))
-        data, meta = w.finish({"g": g, "no": int(idx.numel())})
+        data, meta = w.finish({"g": g, "no": int(idx.numel()), "ct": 1})
         return WireTensor(name, dname, tuple(t.shape), self.wire_id, data, meta)
 
     def _decode(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None) -> torch.Tensor:
         dtype, c, n = lossy_geometry(wt)
         g = meta_int(wt.meta, "g", 2, 4096)
         no = meta_int(wt.meta, "no", 0, c)
+        ct = meta_int(wt.meta, "ct", 0, 1) if "ct" in wt.meta else 0
         if g % 2:
             raise CodecError(f"q4 group {g} is odd")
         cr = c - no
@@ -502,11 +593,14 @@ class Q4Codec(EntropyCodec):
         # its groups are padded: up to g/2 + 2 bytes a group even for one token
         r = SectionReader(wt, device, coded_limit=no * n * size + cr * ng * (g // 2 + 2))
         idx, vals = get_outliers(r, no, c, n, dtype)
+        mu = r.raw(torch.float32, cr, "channel means") if ct else None
         scale = get_planes(r, torch.bfloat16, cr * ng, "group scales").float().reshape(cr, ng, 1)
         packed = r.coded(cr * ng * g // 2, "4-bit values")
         r.done()
         nib = torch.stack([packed & 15, packed >> 4], dim=1).reshape(cr, ng, g)
         y = nib.float().sub_(8.0).mul_(scale).reshape(cr, ng * g)[:, :n]
+        if mu is not None:
+            y = y.add_(mu[:, None])
         return output(merge_outliers(y, c, idx, vals), dtype, tuple(wt.shape))
 
 
@@ -516,10 +610,14 @@ class ClipSparseCodec(EntropyCodec):
     range (uint8), and every value outside it sent exactly as a sparse outlier (position
     deltas + value in the input dtype).
 
-    Params: ``pct`` (0 < pct < 50, default 0.5), ``backend``.
-    Error budget: inside the range |x - x'| <= (hi_c - lo_c) / 510 (half a level) plus output
-    rounding; sparse outliers exact (after the NaN policy). Spends 8 bits on every channel,
-    quiet or loud: the baseline the ``quant`` codec should beat at equal cosine."""
+    Params: ``pct`` (0 < pct < 50, default 0.5), ``floor_db`` (default ``CLIP_SPARSE_SNR_DB``
+    = 25 dB: a channel whose SNR against its own spread misses it has all its values sent as
+    sparse exact values; by Chebyshev's inequality the clipped range is at most 2 std / sqrt(pct
+    / 100) wide, so with enough tokens no channel of any distribution needs it), ``backend``.
+    Error budget: per channel SNR >= ``floor_db`` (constant channels exact); inside the range
+    |x - x'| <= (hi_c - lo_c) / 510 (half a level) plus output rounding; sparse values exact
+    (after the NaN policy). Spends 8 bits on every channel, quiet or loud: the baseline the
+    ``quant`` codec should beat at equal worst-channel SNR."""
 
     wire_id = 5
     name = "clip-sparse"
@@ -536,13 +634,20 @@ class ClipSparseCodec(EntropyCodec):
         hi = torch.kthvalue(xt, n - tail, dim=1).values
         scale = (hi - lo) / 255.0
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        out_mask = ((xt < lo[:, None]) | (xt > hi[:, None])).reshape(-1)
+        outside = (xt < lo[:, None]) | (xt > hi[:, None])
+        q = torch.minimum(torch.maximum(xt, lo[:, None]), hi[:, None]).sub_(lo[:, None]).div_(safe[:, None])
+        q = q.round_().clamp_(0, 255)
+        err = (q * scale[:, None] + lo[:, None] - xt).masked_fill_(outside, 0.0)
+        mse = torch.linalg.vector_norm(err, dim=1, dtype=torch.float64).square_().div_(n)
+        bad = missing_floor(mse, spread_var(xt), floor_db(params, CLIP_SPARSE_SNR_DB))
+        if bool(bad.any()):
+            outside |= bad[:, None]
+        out_mask = outside.reshape(-1)
         pos = torch.nonzero(out_mask).squeeze(1)
         vals = xt.reshape(-1)[pos].to(t.dtype)
-        q = torch.minimum(torch.maximum(xt, lo[:, None]), hi[:, None]).sub_(lo[:, None]).div_(safe[:, None])
         w.raw(lo.contiguous())
         w.raw(scale.contiguous())
-        w.coded(q.round_().clamp_(0, 255).to(torch.uint8))
+        w.coded(q.to(torch.uint8))
         gaps = torch.diff(pos, prepend=pos.new_zeros(1)) if pos.numel() else pos
         put_planes(w, gaps.to(torch.int32 if xt.numel() < 2**31 else torch.int64))
         put_planes(w, vals)

@@ -273,21 +273,24 @@ class LosslessTemporalCodec(TemporalCodec):
 
 
 class QuantTemporalCodec(TemporalCodec):
-    """``quant`` across steps: the residual x_t - a_c * ref_{t-1} is quantized with ONE step
-    chosen for the ``cosine`` target against x_t (not against the residual), so each step has
-    the same fidelity as intra ``quant`` at about log2(1/r) fewer bits per value for a
-    relative step residual r. a_c (float32 per channel) is the least-squares scale of the
-    reference, which follows channels whose magnitude drifts with the timestep.
+    """``quant`` across steps: the residual x_t - a_c * ref_{t-1} is quantized in the
+    standardized domain of x_t (per-channel scales ~ the std of x_t's channels, not of the
+    residual), so each step keeps the same per-channel floor as intra ``quant`` at about
+    log2(1/r) fewer bits per value for a relative step residual r. a_c (float32 per channel)
+    is the least-squares scale of the reference, which follows channels whose magnitude
+    drifts with the timestep.
 
-    Params: ``cosine`` (0.999) or ``step``, ``keyint`` (16), ``keyframe``, ``backend``.
-    Error budget: |x - x'| <= step / 2 for every element of every frame (``meta["st"]``),
-    plus output rounding -- closed loop, so it does not grow with the frame index."""
+    Params: ``snr_db`` (27.0) / ``cosine`` (0.999) or ``step``, ``keyint`` (16), ``keyframe``,
+    ``backend``.
+    Error budget: every frame keeps every channel at SNR >= the floor against that frame's own
+    spread (checked on the encoder, output rounding included) and |x - x'| <= step_c / 2 per
+    element before output rounding -- closed loop, so it does not grow with the frame index."""
 
     wire_id = 7
     name = "quant-t"
 
     def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        meta, rec = shared_encode(w, channel_major(t), None, params, want_rec=True)
+        meta, rec = shared_encode(w, channel_major(t), params, t.dtype, want_rec=True)
         assert rec is not None
         return output(rec, t.dtype, tuple(t.shape)), meta
 
@@ -302,9 +305,9 @@ class QuantTemporalCodec(TemporalCodec):
         alpha = alpha.clamp_(-4.0, 4.0).float()
         pred = pt.mul_(alpha[:, None])
         w.raw(alpha)
-        meta, rec = shared_encode(w, xt - pred, xt, params, want_rec=True)
+        meta, rec = shared_encode(w, xt, params, t.dtype, pred=pred, want_rec=True)
         assert rec is not None
-        return output(pred.add_(rec), t.dtype, tuple(t.shape)), meta
+        return output(rec, t.dtype, tuple(t.shape)), meta
 
     def decode_i(self, r: SectionReader, wt: WireTensor) -> torch.Tensor:
         dtype, c, n = lossy_geometry(wt)
