@@ -79,13 +79,17 @@ def make_flux2(
     config: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    massive: int = 0,
+    massive_gain: float = 100.0,
 ) -> Path:
     """Save a random FLUX.2 checkpoint with ComfyUI key names (ComfyUI must be importable).
 
-    ``device`` is where the random numbers are drawn (a GPU makes full-size models fast)."""
+    ``device`` is where the random numbers are drawn (a GPU makes full-size models fast);
+    ``massive`` > 0 plants that many massive channels (``plant_massive``)."""
     g = torch.Generator(device=device).manual_seed(seed)
     shapes = flux2_shapes(config or FLUX2_TINY, dtype)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    make = plant_massive(lambda n, s: _random_weight(n, s, g, device), "flux2", massive, massive_gain)
+    return write_safetensors_streaming(path, shapes, make, dtype, {})
 
 
 def flux2_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
@@ -182,6 +186,46 @@ def ltxav_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
+# Input projections whose output rows become the hidden-state channels of every token: scaling a
+# few rows plants "massive activations" (see ``plant_massive``). Per family, (weight, bias) keys.
+MASSIVE_KEYS = {
+    "flux2": (("img_in.weight", ""), ("txt_in.weight", "")),
+    "ltxav": (
+        ("patchify_proj.weight", "patchify_proj.bias"),
+        ("audio_patchify_proj.weight", "audio_patchify_proj.bias"),
+    ),
+}
+
+
+def massive_rows(hidden: int, count: int) -> list[int]:
+    """The ``count`` hidden channels that ``plant_massive`` makes massive: spread evenly."""
+    return [hidden * (2 * j + 1) // (2 * count) for j in range(min(count, hidden))]
+
+
+def plant_massive(make: Any, family: str, count: int, gain: float) -> Any:
+    """Wrap a weight maker so the model carries massive activations as trained DiTs do: ``count``
+    output rows of each input projection scaled by ``gain`` (the channel then varies over the
+    tokens with the input, ``gain`` times the others), and where the projection has a bias, a
+    sign-stable offset of ``gain`` on those rows. The residual stream carries them through every
+    block, so the split's seam has them."""
+    if count <= 0:
+        return make
+    weights = {w: b for w, b in MASSIVE_KEYS[family]}
+    biases = {b for _, b in MASSIVE_KEYS[family] if b}
+
+    def planted(name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        t = make(name, shape)
+        if name in weights or name in biases:
+            rows = torch.tensor(massive_rows(shape[0], count), device=t.device)
+            if name in weights:
+                t[rows] *= gain
+            else:
+                t[rows] = gain * torch.where(rows % 2 == 0, 1.0, -1.0).to(t)
+        return t
+
+    return planted
+
+
 def _random_weight(name: str, shape: tuple[int, ...], g: torch.Generator, device: str) -> torch.Tensor:
     """Random weights that keep the residual stream near unit variance (finite in bf16 over
     48 blocks): matrices ~ N(0, 1/fan_in), norm scales ~ 1, biases small."""
@@ -231,18 +275,20 @@ def make_ltxav(
     config: dict[str, Any] | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    massive: int = 0,
+    massive_gain: float = 100.0,
 ) -> Path:
     """Save a random LTX-AV checkpoint with ComfyUI key names and the metadata "config" that
     ComfyUI's detection reads (ComfyUI must be importable). Streams to disk; ``device`` is
-    where the random numbers are drawn (a GPU makes full-size models fast)."""
+    where the random numbers are drawn (a GPU makes full-size models fast); ``massive`` > 0
+    plants that many massive channels in the video and audio streams (``plant_massive``)."""
     import json
 
     cfg = dict(config or LTXAV2_TINY)
     g = torch.Generator(device=device).manual_seed(seed)
     meta = {"config": json.dumps({"transformer": cfg})}
-    return write_safetensors_streaming(
-        path, ltxav_shapes(cfg), lambda n, s: _random_weight(n, s, g, device), dtype, meta
-    )
+    make = plant_massive(lambda n, s: _random_weight(n, s, g, device), "ltxav", massive, massive_gain)
+    return write_safetensors_streaming(path, ltxav_shapes(cfg), make, dtype, meta)
 
 
 def ltxav_inputs(

@@ -73,12 +73,14 @@ def style_config(style: str) -> tuple[dict, int, dict]:
     return dict(LTXAV23_TINY), 96, {"unprocessed_ltxav_embeds": True}
 
 
-def make_ltx(path: Path, style: str = "ltx2", seed: int = 0, **overrides) -> Path:
+def make_ltx(
+    path: Path, style: str = "ltx2", seed: int = 0, massive: int = 0, massive_gain: float = 100.0, **overrides
+) -> Path:
     from comfyui_mesh.tiny import make_ltxav
 
     import_comfy()
     cfg, _, _ = style_config(style)
-    return make_ltxav(path, seed=seed, config={**cfg, **overrides})
+    return make_ltxav(path, seed=seed, config={**cfg, **overrides}, massive=massive, massive_gain=massive_gain)
 
 
 def ltx_sample(

@@ -91,13 +91,14 @@ needs_narrow_flux2 = pytest.mark.skipif(
 )
 
 
-def make_flux2(path: Path, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random FLUX.2 checkpoint (ComfyUI key names) to ``path``."""
+def make_flux2(path: Path, seed: int = 0, massive: int = 0, massive_gain: float = 100.0, **overrides) -> Path:
+    """Save a tiny random FLUX.2 checkpoint (ComfyUI key names) to ``path``; ``massive``: that
+    many planted massive channels (``tiny.plant_massive``)."""
     from comfyui_mesh.tiny import FLUX2_TINY
     from comfyui_mesh.tiny import make_flux2 as _make
 
     import_comfy()
-    return _make(path, seed=seed, config={**FLUX2_TINY, **overrides})
+    return _make(path, seed=seed, config={**FLUX2_TINY, **overrides}, massive=massive, massive_gain=massive_gain)
 
 
 class Daedalus(DaedalusProc):

@@ -594,3 +594,37 @@ def test_batched_decoding_refuses_inflated_tables_before_decoding(batched, monke
     table[k][1], table[k][2] = 0, table[k][2]  # a coded section that holds nothing
     with pytest.raises(errors.CodecError, match="bad section entry"):
         codec.decode(dataclasses.replace(wt, meta={**wt.meta, "s": table}))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])
+def test_quant_channel_scales_must_be_finite_and_not_negative(bad):
+    x = act((1, 200, 64), torch.bfloat16, seed=14)
+    wt = wire_copy(codec.encode(x.to(DEV), "x", "quant"))
+    table = wt.meta["s"]
+    k = [i for i, e in enumerate(table) if e[1] == 64 * 2 and e[0] == 0][0]  # the bfloat16 channel scales
+    off = sum(e[2] for e in table[:k])
+    data = bytearray(wt.data)
+    scales = torch.frombuffer(bytearray(data[off : off + 128]), dtype=torch.bfloat16).clone()
+    assert bool((scales > 0).all())
+    scales[5] = bad
+    data[off : off + 128] = scales.view(torch.uint8).numpy().tobytes()
+    with pytest.raises(errors.CodecError, match="channel scales"):
+        codec.decode(dataclasses.replace(wt, data=bytes(data)), DEV)
+
+
+def test_every_lossy_codec_keeps_every_channel_above_its_floor_on_massive_channels():
+    """Token-varying massive channels (spread ~300x the median's, sign-stable) on image and text
+    tokens, plus quiet channels with an offset: the old whole-tensor step rounded every ordinary
+    channel to its mean here (0 dB); now each codec keeps its floor on every channel."""
+    from comfyui_mesh.synthetic import seam_steps
+
+    x = seam_steps(1, grid=(24, 24), text=32, channels=192, massive=6, seed=3)[0]
+    x[..., 10] = (7.0 + 0.01 * torch.randn(x.shape[:-1])).to(x.dtype)  # quiet channel far from zero
+    x[..., 11] = (0.02 * torch.randn(x.shape[:-1])).to(x.dtype)
+    floors = {"quant": 27.0 - 0.02, "q4": 15.0, "clip-sparse": 25.0}  # quant: cosine 0.999 = 26.99 dB
+    for name, floor in floors.items():
+        wt, y = round_trip(x, name, {"cosine": 0.999})
+        snr = channel_snr_db(x, y)
+        assert float(snr.min()) >= floor, (name, snr.argmin(), float(snr.min()))
+    wt, y = round_trip(x, "quant", {"snr_db": 35.0})
+    assert float(channel_snr_db(x, y).min()) >= 35.0

@@ -568,3 +568,18 @@ def test_server_command_line_turns_gpu_entropy_off():
 
     assert config_from_args(build_parser().parse_args(["--toy"])).gpu_entropy is True
     assert config_from_args(build_parser().parse_args(["--toy", "--no-gpu-entropy"])).gpu_entropy is False
+
+
+def test_quant_t_keeps_every_channel_above_the_floor_over_50_steps_of_massive_channels():
+    """Massive channels that vary over the tokens and grow with the timestep: every frame of a
+    50-step stream keeps every channel at >= the floor (closed loop, keyframes every 16)."""
+    from comfyui_mesh.synthetic import seam_steps
+
+    seq = seam_steps(50, grid=(16, 16), text=16, channels=96, massive=4, r=0.2, seed=5)
+    enc, dec = {}, {}
+    worst = []
+    for x in seq:
+        wt = codec.encode(x, "x", "quant-t", {"snr_db": 30.0}, state=enc)
+        y = codec.decode(wire_copy(wt), DEV, state=dec)
+        worst.append(float(channel_snr_db(x, y).min()))
+    assert min(worst) >= 30.0, worst

@@ -11,6 +11,7 @@ among them, would take this package for it.)
     quant        ``quant``, ``q4``, ``clip-sparse`` (ids 3..5)
     temporal     ``lossless-t``, ``quant-t`` (ids 6, 7) and the per-stream state
     auto         the pure ``auto`` policy (id 15, never on the wire)
+    fidelity     the per-channel SNR measure and the targets every lossy codec states its floor in
     hevc_layout  HEVC parameters, geometry, quantize/pack, the payload header (pure)
     hevc_engines libx265/PyAV, NVENC, NVDEC
     hevc         ``nvenc``, ``hevc-orig`` (ids 16, 17)
