@@ -33,7 +33,9 @@ decoding is bit-exact, so any conforming decoder gives the same planes; lossless
 are the quantized values), rounds it to the output dtype as the peer does, and sends every
 channel below the floor (+ CHECK_MARGIN_DB) exactly in the fix-up section. Channels that miss
 the floor on quantization alone are blanked in the video first (constant planes cost almost
-nothing). ``verify=false`` skips the check: then no floor is promised and K = 0.
+nothing). Should the payload then be no smaller than the raw tensor, the raw bytes travel
+instead (``meta {"raw": true}``, exact). ``verify=false`` skips the check: then no floor is
+promised and K = 0.
 
 Payload (little-endian, layout version 2; version 1 = the same without the fix-up section,
 still read, and still written by id 17)::
