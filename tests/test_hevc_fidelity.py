@@ -135,11 +135,25 @@ def test_check_rounds_through_the_output_dtype():
     y = x + 0.3
     var = x.var(1, correction=0)
     assert bool((10 * torch.log10(var / 0.09) > 8.0).all()) and bool((10 * torch.log10(var / 0.25) < 8.0).all())
-    assert L.below_floor(x, y, 8.0, torch.float32).tolist() == []
-    assert L.below_floor(x, y, 8.0, torch.float16).tolist() == [0, 1]
-    assert L.below_floor(x, y, 5.0, torch.float16).tolist() == []
+    ref = L.floor_ref(x)
+    assert ref.scale is None
+    assert L.below_floor(ref, y.clone(), 8.0, torch.float32).tolist() == []
+    assert L.below_floor(ref, y.clone(), 8.0, torch.float16).tolist() == [0, 1]
+    assert L.below_floor(ref, y.clone(), 5.0, torch.float16).tolist() == []
     x[1] = 1000.0  # constant channels are never listed
-    assert L.below_floor(x, y, 8.0, torch.float16).tolist() == [0]
+    assert L.below_floor(L.floor_ref(x), y.clone(), 8.0, torch.float16).tolist() == [0]
+
+
+def test_check_of_huge_values():
+    """Values near float32's maximum: each channel is scaled by a power of two, same verdicts."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 1000, generator=g)
+    y = x + torch.tensor([0.01, 0.3, 1.0])[:, None] * torch.randn(3, 1000, generator=g)
+    want = L.below_floor(L.floor_ref(x), y.clone(), 20.0, torch.float32).tolist()
+    assert want == [1, 2]
+    big = L.floor_ref(x * 2.0**120)
+    assert big.scale is not None and bool(torch.isfinite(big.var).all())
+    assert L.below_floor(big, y * 2.0**120, 20.0, torch.float32).tolist() == want
 
 
 # ---------------------------------------------------------------------------- the shared step

@@ -60,6 +60,7 @@ from .hevc_layout import (
     below_floor,
     dequantize,
     fixup_section,
+    floor_ref,
     original_layout,
     pack,
     parse_header,
@@ -142,12 +143,13 @@ class HevcCodec(Codec):
         enc = self._pick_encoder(s, t.device)
         xt = channel_major(t)  # quantized and packed on the tensor's device, whichever encoder runs
         x = xt.clone() if s.verify else None  # the input, float32 [C, N], for the floor's check
+        ref = floor_ref(x) if x is not None else None
         q, center, step = quantize(xt, s.quant, s.share_q)
         del xt
         fix = torch.zeros(0, dtype=torch.long, device=t.device)
-        if x is not None:  # channels that fail on quantization alone: exact, and blank in the video
-            fix = below_floor(x, dequantize(q, center, step), s.snr_db, t.dtype)
-            if fix.numel():
+        if ref is not None and s.lossless:  # the planes arrive exactly: the quantization is the whole error
+            fix = below_floor(ref, dequantize(q, center, step), s.snr_db, t.dtype)
+            if fix.numel():  # those channels travel exactly: blank (constant) in the video
                 q[fix] = 128
                 center[fix] = 0.0
                 step[fix] = 0.0
@@ -163,12 +165,12 @@ class HevcCodec(Codec):
         if enc == "x265":
             bits = engines.encode_x265(frames, s)
         del frames
-        if x is not None and not s.lossless:  # the peer's reconstruction, from its decoder's planes
-            y = dequantize(
-                unpack(self._planes(memoryview(bits), g, x.device), g), center.to(x.device), step.to(x.device)
-            )
-            fix = torch.cat([fix, below_floor(x, y, s.snr_db, t.dtype)]).unique()  # sorted, ascending
+        if ref is not None and not s.lossless:  # the peer's reconstruction, from the decoder it uses
+            dev = ref.x.device
+            y = dequantize(unpack(self._planes(memoryview(bits), g, dev), g), center.to(dev), step.to(dev))
+            fix = below_floor(ref, y, s.snr_db, t.dtype)
             del y
+        del ref
         flags = (FLAG_LOSSLESS if s.lossless else 0) | (FLAG_ORIGINAL if s.original else 0)
         version = LAYOUT_V1 if s.original else LAYOUT_VERSION
         head = Header(s.quant, flags, g, len(bits), zlib.crc32(bits), version).pack()

@@ -31,8 +31,8 @@ parameter) in the tensor the peer gets. The encoder reconstructs what the peer w
 it decodes its own bitstream with the decoder the peer uses, libavcodec or NVDEC; HEVC
 decoding is bit-exact, so any conforming decoder gives the same planes; lossless: the planes
 are the quantized values), rounds it to the output dtype as the peer does, and sends every
-channel below the floor (+ CHECK_MARGIN_DB) exactly in the fix-up section. Channels that miss
-the floor on quantization alone are blanked in the video first (constant planes cost almost
+channel below the floor (+ CHECK_MARGIN_DB) exactly in the fix-up section (lossless: those
+channels are known before encoding and blanked in the video, constant planes cost almost
 nothing). Should the payload then be no smaller than the raw tensor, the raw bytes travel
 instead (``meta {"raw": true}``, exact). ``verify=false`` skips the check: then no floor is
 promised and K = 0.
@@ -426,23 +426,48 @@ def parse_header(data: memoryview, name: str, n: int, c: int, itemsize: int) -> 
 # ---------------------------------------------------------------------------- the floor's check
 
 
-def below_floor(x: torch.Tensor, y: torch.Tensor, floor_db: float, dtype: torch.dtype) -> torch.Tensor:
+# Above this magnitude (absolute) the check scales each channel by a power of two (exact) so
+# that sums of squares stay finite in float32.
+CHECK_SCALE_ABOVE = float(2**40)
+
+
+@dataclasses.dataclass(frozen=True)
+class FloorRef:
+    """The input side of the floor's check, computed once per tensor: x float32 [C, N] (scaled
+    by ``scale`` [C, 1] when its values are huge), its per-channel variance and liveness."""
+
+    x: torch.Tensor
+    scale: torch.Tensor | None
+    var: torch.Tensor
+    live: torch.Tensor
+
+
+def floor_ref(x: torch.Tensor) -> FloorRef:
+    """``x``: float32 [C, N], the input after the lossy non-finite policy (kept, not modified)."""
+    scale = None
+    lo, hi = torch.aminmax(x) if x.numel() else (torch.zeros(()), torch.zeros(()))
+    if max(-float(lo), float(hi)) > CHECK_SCALE_ABOVE:
+        _, e = torch.frexp(x.abs().amax(dim=1))
+        scale = torch.ldexp(torch.ones_like(x[:, 0]), -e)[:, None]
+        x = x * scale
+    var = x.var(dim=1, correction=0) if x.shape[1] > 1 else torch.zeros_like(x[:, 0])
+    floor_std = MIN_CHANNEL_STD * (scale[:, 0] if scale is not None else torch.ones_like(var))
+    return FloorRef(x, scale, var, var.sqrt() >= floor_std)
+
+
+def below_floor(ref: FloorRef, y: torch.Tensor, floor_db: float, dtype: torch.dtype) -> torch.Tensor:
     """Ascending int64 indices (on x's device) of the live channels whose SNR falls below
-    ``floor_db`` (+ ``CHECK_MARGIN_DB``): x float32 [C, N], the input; y float32 [C, N], what the
-    peer will reconstruct before its output rounding to ``dtype`` (applied here, as the peer does).
-    Constant channels (std < MIN_CHANNEL_STD) are never listed. Float32, each channel scaled by a
-    power of two (exact) so that squares of values near float32's maximum stay finite."""
+    ``floor_db`` (+ ``CHECK_MARGIN_DB``): y float32 [C, N] (consumed) is what the peer will
+    reconstruct before its output rounding to ``dtype``, which is applied here as the peer
+    does. Constant channels (std < MIN_CHANNEL_STD) are never listed. Float32."""
     fmax = torch.finfo(dtype).max
-    yr = y.clamp(-fmax, fmax)
+    y = y.clamp_(-fmax, fmax)
     if dtype != torch.float32:
-        yr = yr.to(dtype).float()
-    _, e = torch.frexp(x.abs().amax(dim=1))
-    scale = torch.ldexp(torch.ones_like(x[:, 0]), -e)[:, None]
-    xs = x * scale
-    mse = yr.mul_(scale).sub_(xs).square_().mean(dim=1)
-    var = xs.var(dim=1, correction=0) if x.shape[1] > 1 else torch.zeros_like(mse)
-    live = var.sqrt() >= MIN_CHANNEL_STD * scale[:, 0]
-    bad = live & (mse * 10.0 ** ((floor_db + CHECK_MARGIN_DB) / 10.0) > var)
+        y = y.to(dtype).float()
+    if ref.scale is not None:
+        y.mul_(ref.scale)
+    mse = torch.linalg.vector_norm(y.sub_(ref.x), dim=1).square_().div_(max(1, y.shape[1]))
+    bad = ref.live & (mse * 10.0 ** ((floor_db + CHECK_MARGIN_DB) / 10.0) > ref.var)
     return bad.nonzero().flatten()
 
 
