@@ -24,6 +24,7 @@ from comfyui_mesh import codec, errors  # noqa: E402
 from comfyui_mesh.constants import HEVC_SNR_DB  # noqa: E402
 from comfyui_mesh.protocol import WireTensor  # noqa: E402
 from comfyui_mesh.wirecodecs import fidelity  # noqa: E402
+from comfyui_mesh.wirecodecs import hevc as H  # noqa: E402
 from comfyui_mesh.wirecodecs import hevc_engines as E  # noqa: E402
 from comfyui_mesh.wirecodecs import hevc_layout as L  # noqa: E402
 
@@ -53,12 +54,12 @@ def seam(n: int = 1024, c: int = 256, seed: int = 0, dtype: torch.dtype = torch.
     x = x * sig + 0.3 * sig * torch.randn(c, generator=g)
     m = field(len(MASSIVE), side, g, passes=3)
     for k, ch in enumerate(MASSIVE):
-        x[:, ch] = (300.0 if k % 2 == 0 else -300.0) + 100.0 * m[:, k]
+        x[:, ch % c] = (300.0 if k % 2 == 0 else -300.0) + 100.0 * m[:, k]
     q = field(len(QUIET), side, g)
     for k, (ch, mu) in enumerate(QUIET.items()):
-        x[:, ch] = mu + 0.01 * q[:, k]
-    x[:, HEAVY] = torch.randn(n, generator=g)
-    x[torch.randperm(n, generator=g)[:4], HEAVY] = torch.tensor([50.0, -50.0, 50.0, 50.0])
+        x[:, ch % c] = mu + 0.01 * q[:, k]
+    x[:, HEAVY % c] = torch.randn(n, generator=g)
+    x[torch.randperm(n, generator=g)[:4], HEAVY % c] = torch.tensor([50.0, -50.0, 50.0, 50.0])
     return x.reshape(1, n, c).to(dtype)
 
 
@@ -109,6 +110,25 @@ def test_every_live_channel_keeps_the_floor(x, quant, lossless, snr_db):
     assert wt0.nbytes < wt.nbytes if fix else wt0.nbytes == wt.nbytes
     snr0 = fidelity.channel_snr_db(x, y0)
     assert all(float(snr0[ch]) < floor for ch in fix)
+
+
+def test_the_check_decodes_with_the_peers_decoder_path(monkeypatch):
+    """Lossy: the encoder decodes its own stream once, through the codec's decoder selection
+    (NVDEC on a CUDA tensor where it works, else libavcodec); lossless or verify=false: no decode."""
+    calls: list[str] = []
+    real = H.HevcCodec._planes
+
+    def spy(self, bits, g, dev):
+        calls.append(dev.type)
+        return real(self, bits, g, dev)
+
+    monkeypatch.setattr(H.HevcCodec, "_planes", spy)
+    x = seam(256, 16, seed=5)
+    codec.encode(x, "x", "nvenc", {**FAST, "tile_dim": 2})
+    assert calls == ["cpu"]
+    codec.encode(x, "x", "nvenc", {**FAST, "tile_dim": 2, "lossless": True})
+    codec.encode(x, "x", "nvenc", {**FAST, "tile_dim": 2, "verify": False})
+    assert calls == ["cpu"]
 
 
 def test_cosine_param_sets_the_floor(x):
