@@ -176,6 +176,7 @@ def main() -> None:
     ap.add_argument("--codecs", default="raw", help="split codecs to run, e.g. raw,int8")
     ap.add_argument("--workdir", default="", help="default: /dev/shm/mesh-ltx if it has room, else /tmp/mesh-ltx")
     ap.add_argument("--budget", type=float, default=540.0, help="seconds; later runs are skipped past it")
+    ap.add_argument("--layers", type=int, default=0, help="blocks of the model (default: the real 48); fewer = faster")
     ap.add_argument("--cpu", action="store_true", help="dry run on the CPU with a tiny model and tiny sizes")
     a = ap.parse_args()
     if not a.comfyui:
@@ -195,6 +196,8 @@ def main() -> None:
     ngpu = torch.cuda.device_count() if cuda else 0
     client_dev, server_dev = ("cpu", "cpu") if not cuda else ("cuda:0", "cuda:1" if ngpu > 1 else "cuda:0")
     config = dict(tiny.LTXAV23_TINY if a.cpu else tiny.LTXAV23_FULL)
+    if a.layers:
+        config["num_layers"] = a.layers
     res = "64x64x17" if a.cpu and a.res == ap.get_default("res") else a.res
     wd = Path(a.workdir or default_workdir())
     wd.mkdir(parents=True, exist_ok=True)

@@ -77,3 +77,13 @@ def summary(snr: torch.Tensor) -> tuple[float, float]:
     if live.numel() == 0:
         return math.inf, math.inf
     return float(live.min()), float(live.median())
+
+
+def floor_db(params: dict[str, Any], default: float) -> float:
+    """A fixed-rate codec's per-channel floor (``floor_db``, dB; q4, clip-sparse, nvenc): the
+    channels below it are sent exactly. Not ``snr_db``/``cosine``: those set the quant family's
+    rate, and the node passes them to every codec."""
+    v = params.get("floor_db", default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0.0 <= v <= MAX_SNR_DB):
+        raise LocalError(f"codec parameter floor_db={v!r} must be a number in [0, {MAX_SNR_DB}] (dB)")
+    return float(v)

@@ -21,7 +21,7 @@ from ..protocol import WireTensor
 from .backends import pick_backend
 from .base import dtype_name, itemsize
 from .channels import channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
-from .fidelity import target_db
+from .fidelity import floor_db, target_db
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_Q = 1 << 20  # largest quantized magnitude (keeps float32 integer arithmetic exact)
@@ -509,13 +509,6 @@ def bf16_ceil(s: torch.Tensor) -> torch.Tensor:
     b = s.to(torch.bfloat16)
     low = b.float() < s
     return (b.view(torch.int16) + low.to(torch.int16)).view(torch.bfloat16)
-
-
-def floor_db(params: dict[str, Any], default: float) -> float:
-    """A fixed-rate codec's per-channel floor (``floor_db``, dB): channels below it are sent
-    exactly. Not ``snr_db``/``cosine``: those set the quant family's rate, and the node passes
-    them to every codec."""
-    return param_float(params, "floor_db", default, 0.0, 80.0)
 
 
 def missing_floor(err: torch.Tensor, var: torch.Tensor, floor: float) -> torch.Tensor:
