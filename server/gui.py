@@ -20,9 +20,7 @@ import logging
 import queue
 import sys
 import threading
-import tkinter as tk
 from pathlib import Path
-from tkinter import filedialog, messagebox, scrolledtext, ttk
 from typing import Any
 
 from .. import auth
@@ -40,6 +38,19 @@ from .gui_runner import (
     inspect_checkpoint,
     list_devices,
 )
+
+NO_TK = (
+    "the Daedalus window needs Tk, which this Python lacks: install it (Debian/Ubuntu: sudo apt-get "
+    "install python3-tk; Fedora: sudo dnf install python3-tkinter) or run the server without a window: "
+    "python -m comfyui_mesh.server --weights FILE --n-blocks N"
+)
+try:
+    import tkinter as tk
+    from tkinter import filedialog, messagebox, scrolledtext, ttk
+except ImportError:
+    if __name__ == "__main__":
+        sys.exit(f"ComfyUI-Mesh: {NO_TK}")
+    raise ImportError(NO_TK) from None
 
 log = logging.getLogger("daedalus")
 

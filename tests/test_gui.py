@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("tkinter", reason="this Python has no tkinter (Debian/Ubuntu: apt-get install python3-tk)")
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = Path(os.environ.get("MESH_ARTIFACTS_DIR", REPO / "artifacts"))
 

@@ -65,3 +65,14 @@ def test_install_check_suggests_the_command_this_machine_can_run():
         ]
     else:
         assert not suggestion and lines[-1].startswith("Fix the MISSING lines above")
+
+
+def test_the_window_without_tk_says_how_to_get_it_or_run_without_it():
+    """A Python built without Tk (Debian's python3 without python3-tk): one line naming the fix."""
+    code = (
+        "import sys, runpy; sys.modules['tkinter'] = None; "
+        "runpy.run_module('comfyui_mesh.server.gui', run_name='__main__', alter_sys=True)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "python3-tk" in r.stderr and "python -m comfyui_mesh.server --weights" in r.stderr
