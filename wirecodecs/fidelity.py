@@ -61,7 +61,7 @@ def channel_snr_db(x: torch.Tensor, y: torch.Tensor, min_std: float = MIN_CHANNE
     """Per-channel SNR in dB of ``y`` against ``x`` (same shape, channels on the last axis),
     float64 on the CPU; +inf for an exact channel, NaN for a constant one (std < ``min_std``)."""
     a = x.detach().reshape(-1, x.shape[-1]).double()
-    b = y.detach().reshape(-1, y.shape[-1]).double()
+    b = y.detach().reshape(-1, y.shape[-1]).to(a.device).double()
     var = (
         a.var(dim=0, correction=0) if a.shape[0] > 1 else torch.zeros(a.shape[1], dtype=torch.float64, device=a.device)
     )

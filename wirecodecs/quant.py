@@ -82,25 +82,47 @@ AIM_DB = 0.2
 
 
 def _channel_mse(
-    q: torch.Tensor, steps: torch.Tensor, z: torch.Tensor, base: torch.Tensor, dtype: torch.dtype
+    q: torch.Tensor,
+    steps: torch.Tensor,
+    z: torch.Tensor,
+    mu: torch.Tensor,
+    pred: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Per-row MSE of the reconstruction q * step + base, rounded to ``dtype``, against z + base
-    (the input, which is on that dtype's grid)."""
-    fmax = torch.finfo(dtype).max
-    rec = (q * steps[:, None]).add_(base).clamp_(-fmax, fmax).to(dtype).float()
-    ref = (z + base).clamp_(-fmax, fmax).to(dtype).float()
-    return torch.linalg.vector_norm(rec.sub_(ref), dim=1, dtype=torch.float64).square_().div_(z.shape[1])
+    """Per-row MSE (float64 [C]) of what the decoder will hand over -- q * step + mu (+ pred), the
+    same ops in the same order as ``dequant`` and the temporal decoder, rounded to ``dtype`` --
+    against the input (z + mu (+ pred), which rounds back to the input's values)."""
+    rec = (q * steps[:, None]).add_(mu[:, None])
+    ref = z + mu[:, None]
+    if pred is not None:
+        rec = rec.add_(pred)
+        ref = ref.add_(pred)
+    if dtype != torch.float32:
+        if dtype == torch.float16:  # the decoder clamps to the finite range before narrowing
+            fmax = torch.finfo(dtype).max
+            rec, ref = rec.clamp_(-fmax, fmax), ref.clamp_(-fmax, fmax)
+        rec = rec.to(dtype).float()
+        ref = ref.to(dtype).float()
+    err = torch.linalg.vector_norm(rec.sub_(ref), dim=1)
+    if not bool(torch.isfinite(err).all()):
+        err = torch.linalg.vector_norm(rec, dim=1, dtype=torch.float64)
+    return err.double().square_().div_(z.shape[1])
 
 
 def standardized_steps(
-    z: torch.Tensor, var: torch.Tensor, snr_db: float, base: torch.Tensor, dtype: torch.dtype
+    z: torch.Tensor,
+    var: torch.Tensor,
+    snr_db: float,
+    mu: torch.Tensor,
+    pred: torch.Tensor | None,
+    dtype: torch.dtype,
 ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize the centered rows z (float32 [C, N]) so that EVERY channel keeps SNR >=
     ``snr_db`` against its spread ``var`` (float64 [C], the variance of the signal the caller
-    measures fidelity against: z's own, or for a residual the frame's). ``base`` (float32,
-    [C, 1] or [C, N]) is what the decoder adds back (the channel means, plus the prediction of
-    a temporal frame) and ``dtype`` what it rounds to: the check measures the tensor the peer
-    will use.
+    measures fidelity against: z's own, or for a residual the frame's). ``mu`` (float32 [C])
+    and ``pred`` (float32 [C, N] or None) are what the decoder adds back (the channel means, the
+    prediction of a temporal frame) and ``dtype`` what it rounds to: the check measures the
+    tensor the peer will use.
 
     One shared step d in the standardized domain: channel c's step is d * s_c with s_c ~ its
     standard deviation (a bfloat16 scale, sent as side information), so every channel gets
@@ -126,8 +148,7 @@ def standardized_steps(
     if not n:
         return d, scales, q, steps
     target = var / lin
-    mse = _channel_mse(q, steps, z, base, dtype)
-    per_token = base.shape[1] > 1
+    mse = _channel_mse(q, steps, z, mu, pred, dtype)
     for attempt in range(3):
         idx = torch.nonzero(live & (mse > target)).squeeze(1)  # one host round trip
         if not idx.numel():
@@ -142,8 +163,8 @@ def standardized_steps(
         zi = z.index_select(0, idx)
         rows = zi.div(steps[idx][:, None]).round_()
         q.index_copy_(0, idx, rows)
-        bi = base.index_select(0, idx) if per_token else base[idx]
-        mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, bi, dtype))
+        pi = pred.index_select(0, idx) if pred is not None else None
+        mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, mu[idx], pi, dtype))
     return d, scales, q, steps
     target = var / lin
     mse = _channel_mse(q, steps, z, n)
@@ -366,8 +387,9 @@ def shared_encode(
         meta["st"] = step
         rec = dequant(q, step, mu) if want_rec else None
     else:
-        base = mu[:, None] if pred is None else pred.add(mu[:, None])
-        d, scales, q, steps = standardized_steps(xt, var if spread is None else spread, target_db(params), base, dtype)
+        d, scales, q, steps = standardized_steps(
+            xt, var if spread is None else spread, target_db(params), mu, pred, dtype
+        )
         w.raw(mu.contiguous())
         w.raw(scales.contiguous())
         top = float(q.abs().amax()) if q.numel() else 0.0
