@@ -153,7 +153,8 @@ def one_mode(
     frames_cpu = frames.cpu()
     t_x265, _ = timed(lambda: E.encode_x265(frames_cpu, s), args.reps, sync)
     t_enc, wt = timed(lambda: codec.encode(x, "x", "nvenc", p), args.reps, sync)
-    head, _, stream = L.parse_header(memoryview(bytes(wt.data)), "x", n, c)
+    parsed = L.parse_header(memoryview(bytes(wt.data)), "x", n, c, x.element_size())
+    head, stream = parsed.head, parsed.bits
     t_cpu, planes_cpu = timed(lambda: E.decode_pyav(stream, head.geom), args.reps, sync)
     row: dict[str, Any] = {
         "mode": label,
