@@ -75,8 +75,8 @@ DEFAULT_SNR_DB = 27.0
 # A channel whose standard deviation over the tokens is below this (absolute, in the tensor's
 # units) counts as constant: it may be sent as its mean alone (its variation is not kept).
 MIN_CHANNEL_STD = 1e-6
-# Per-channel floors of the fixed-rate codecs (they have no fidelity parameter of their own
-# beyond ``snr_db``; a channel below its floor is sent exactly instead).
+# Per-channel floors of the fixed-rate codecs (their ``floor_db`` parameter; a channel below its
+# floor is sent exactly instead). ``snr_db`` / ``cosine`` set the quant family's rate only.
 Q4_SNR_DB = 15.0
 CLIP_SPARSE_SNR_DB = 25.0
 HEVC_SNR_DB = 20.0
