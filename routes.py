@@ -4,7 +4,7 @@ Node-side glue: registered from ``__init__.py`` only when ComfyUI's ``PromptServ
 exists, so importing the pack anywhere else registers nothing. Every Icarus node type shares
 these routes; nothing here is specific to one model family.
 
-``GET  /mesh/status?host=H&port=P``  probe a Daedalus (cached ``STATUS_TTL_S``, one probe per
+``POST /mesh/status``                ``{host, port, refresh}``: probe a Daedalus (cached ``STATUS_TTL_S``, one probe per
                                       address in flight): light state, the server's model and
                                       n_blocks, whether a token is needed / saved, ``problems``
                                       (handshake.problems + auth_problems) and the first as ``error``.
@@ -28,6 +28,13 @@ and a small worker pool, and reconfiguring needs the token saved for that server
 reach ComfyUI's HTTP port can already queue arbitrary workflows, so ComfyUI must not be exposed
 to untrusted networks anyway; to pin the reachable servers set ``COMFYUI_MESH_ALLOWED_HOSTS``
 (comma-separated host names/IPs) and every other address is refused.
+
+Security (cross-origin): every route acts (even the status probe opens a connection), so every
+route is a POST that takes only ``application/json`` and refuses a browser request from another
+origin itself (``write_problem``: the ``Origin`` must be this ComfyUI's scheme://host:port;
+without ``Origin``, ``Sec-Fetch-Site`` must be same-origin), whatever ComfyUI's own origin
+middleware or ``--enable-cors-header`` let through. A page elsewhere (another port of the same
+LAN name included) can then neither probe ports through ComfyUI nor save a token nor reconfigure.
 """
 
 from __future__ import annotations
@@ -260,6 +267,29 @@ def save_token(host: str, port: int, token: str) -> dict[str, Any]:
     return out
 
 
+# ---------------------------------------------------------------------------- request guard
+CROSS_ORIGIN = "cross-origin request refused"
+
+
+def write_problem(content_type: str, headers: Any, host: str, scheme: str) -> str | None:
+    """Why a request to one of our routes (all of them act: probe a host, save a token,
+    reconfigure a server) must be refused, or None. Our own checks, whatever ComfyUI's origin
+    middleware or ``--enable-cors-header`` let through: the body must be JSON (a cross-origin page
+    can send ``text/plain`` without a preflight, not ``application/json``), and a browser's
+    ``Origin`` must be this ComfyUI's own (scheme, host and port: a page on another port of the
+    same LAN name is another origin); without ``Origin``, ``Sec-Fetch-Site`` must not say the
+    request came from another site."""
+    if content_type != "application/json":
+        return f"the request body must be JSON (Content-Type: application/json), not {content_type or 'none'}"
+    origin = headers.get("Origin")
+    if origin is not None:
+        if origin != f"{scheme}://{host}":
+            return f"{CROSS_ORIGIN}: Origin {origin} is not this ComfyUI ({scheme}://{host})"
+    elif headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
+        return f"{CROSS_ORIGIN}: Sec-Fetch-Site {headers.get('Sec-Fetch-Site')}"
+    return None
+
+
 # ---------------------------------------------------------------------------- registration
 _REGISTERED = False
 PROBER = Prober()
@@ -278,6 +308,9 @@ def register(prompt_server: Any) -> bool:
         return web.json_response({"ok": False, "error": message}, status=status)
 
     async def body(request: web.Request) -> dict[str, Any]:
+        why = write_problem(request.content_type, request.headers, request.host, request.scheme)
+        if why:
+            raise LocalError(why)
         try:
             data = await request.json()
         except ValueError:
@@ -286,14 +319,14 @@ def register(prompt_server: Any) -> bool:
             raise LocalError("the request body must be a JSON object")
         return data
 
-    @routes.get("/mesh/status")
+    @routes.post("/mesh/status")
     async def status(request: web.Request) -> web.Response:
         try:
-            host, port = parse_address(request.query.get("host"), request.query.get("port"))
+            data = await body(request)
+            host, port = parse_address(data.get("host"), data.get("port"))
         except LocalError as e:
-            return fail(400, str(e))
-        refresh = request.query.get("refresh") == "1"
-        return web.json_response(await PROBER.status(host, port, refresh))
+            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
+        return web.json_response(await PROBER.status(host, port, data.get("refresh") is True))
 
     @routes.post("/mesh/reconfigure")
     async def reconfigure_route(request: web.Request) -> web.Response:
@@ -304,7 +337,7 @@ def register(prompt_server: Any) -> bool:
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise LocalError("n_blocks must be a whole number >= 1")
         except LocalError as e:
-            return fail(400, str(e))
+            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(_EXECUTOR, reconfigure, host, port, n)
@@ -323,7 +356,7 @@ def register(prompt_server: Any) -> bool:
             if not isinstance(token, str):
                 raise LocalError("token must be a string")
         except LocalError as e:
-            return fail(400, str(e))
+            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(_EXECUTOR, save_token, host, port, token)
@@ -337,4 +370,4 @@ def register(prompt_server: Any) -> bool:
     return True
 
 
-__all__ = ["PROBER", "Prober", "parse_address", "probe", "register"]
+__all__ = ["PROBER", "Prober", "parse_address", "probe", "register", "write_problem"]

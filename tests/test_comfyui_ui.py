@@ -55,9 +55,7 @@ def stack(tmp_path_factory):
 
 
 def status(comfy, port: int, host: str = "127.0.0.1", refresh: bool = True) -> tuple[int, dict]:
-    from urllib.parse import quote
-
-    return comfy.request(f"/mesh/status?host={quote(host)}&port={port}" + ("&refresh=1" if refresh else ""))
+    return comfy.request("/mesh/status", {"host": host, "port": port, "refresh": refresh})
 
 
 def test_routes_probe_save_the_token_and_reconfigure(stack):
@@ -75,12 +73,12 @@ def test_routes_probe_save_the_token_and_reconfigure(stack):
     assert "token needed" in s["error"]
     assert status(comfy, p, refresh=False)[1]["cached"] is True
 
-    code, s = comfy.request(f"/api/mesh/status?host=127.0.0.1&port={p}")  # the frontend's prefix works too
+    code, s = comfy.request("/api/mesh/status", {"host": "127.0.0.1", "port": p})  # the frontend's prefix works too
     assert code == 200 and s["n_blocks"] == 3
 
     for bad in ("http://evil/", "a b", "", "x/../y"):
         assert status(comfy, p, host=bad)[0] == 400, bad
-    assert comfy.request("/mesh/status?host=127.0.0.1&port=0")[0] == 400
+    assert comfy.request("/mesh/status", {"host": "127.0.0.1", "port": 0})[0] == 400
     from comfyui_proc import free_port
 
     code, s = status(comfy, free_port())

@@ -180,7 +180,7 @@ def test_register_adds_three_routes_once(monkeypatch):
     assert routes.register(ps) is True
     assert routes.register(ps) is False
     paths = sorted((r.method, r.path) for r in ps.routes)
-    assert paths == [("GET", "/mesh/status"), ("POST", "/mesh/reconfigure"), ("POST", "/mesh/token")]
+    assert paths == [("POST", "/mesh/reconfigure"), ("POST", "/mesh/status"), ("POST", "/mesh/token")]
 
 
 _ROW = re.compile(r"^\[\s*(\S+)\s*\] (\S+)\s+(.*)$")
@@ -292,3 +292,60 @@ def test_install_check_with_comfyui_says_daedalus_can_run():
     (comfy,) = [row for row in _rows(lines) if row[1] == "ComfyUI"]
     assert comfy[0] == "ok" and comfy[2].startswith(f"{root} version ") and comfy[2].endswith("model code imports")
     assert ("tested with" in comfy[2]) != comfy[2].startswith(f"{root} version {TESTED_COMFYUI},")
+
+
+def _app_client():
+    """An aiohttp app with the pack's routes, and a test client for it (no ComfyUI)."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    ps = FakePromptServer()
+    ps.routes = web.RouteTableDef()
+    routes._REGISTERED = False
+    try:
+        routes.register(ps)
+    finally:
+        routes._REGISTERED = False
+    app = web.Application()
+    app.add_routes(ps.routes)
+    return TestClient(TestServer(app))
+
+
+@pytest.mark.parametrize("path", ["/mesh/status", "/mesh/token", "/mesh/reconfigure"])
+def test_routes_refuse_non_json_and_cross_origin_writes_themselves(path, monkeypatch, tmp_path):
+    probes = []
+
+    async def fake_status(host, port, refresh=False):
+        probes.append((host, port))
+        return {"state": "red", "reachable": False}
+
+    monkeypatch.setattr(routes.PROBER, "status", fake_status)
+    monkeypatch.setattr(routes, "save_token", lambda h, p, t: {"ok": True, "saved": True})
+    monkeypatch.setattr(routes, "reconfigure", lambda h, p, n: {"ok": True, "n_blocks": n})
+    body = {"host": "127.0.0.1", "port": 7777, "token": "ab" * 32, "n_blocks": 2}
+
+    async def go():
+        async with _app_client() as c:
+            own = f"http://{c.server.host}:{c.server.port}"
+            text = await c.post(path, data=json.dumps(body), headers={"Content-Type": "text/plain"})
+            form = await c.post(path, data={"host": "127.0.0.1", "port": "7777"})
+            other_port = await c.post(path, json=body, headers={"Origin": f"http://{c.server.host}:1"})
+            other_site = await c.post(path, json=body, headers={"Sec-Fetch-Site": "cross-site"})
+            get = await c.get(path + "?host=127.0.0.1&port=7777")
+            ok = await c.post(path, json=body, headers={"Origin": own})
+            plain = await c.post(path, json=body)  # not a browser: no Origin, no Sec-Fetch-Site
+            return [
+                (r.status, await r.json() if r.content_type == "application/json" else {})
+                for r in (text, form, other_port, other_site, get, ok, plain)
+            ]
+
+    text, form, other_port, other_site, get, ok, plain = asyncio.run(go())
+    assert text[0] == 400 and "application/json" in text[1]["error"]
+    assert form[0] == 400 and "application/json" in form[1]["error"]
+    assert other_port[0] == 403 and "cross-origin request refused" in other_port[1]["error"]
+    assert other_site[0] == 403 and "cross-origin request refused" in other_site[1]["error"]
+    assert get[0] == 405  # nothing acts on a GET
+    assert ok[0] == 200 and plain[0] == 200
+    assert "ab" * 32 not in json.dumps([ok[1], plain[1]])  # the token is never returned
+    if path == "/mesh/status":
+        assert probes == [("127.0.0.1", 7777)] * 2  # only the two accepted requests probed anything

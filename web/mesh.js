@@ -67,7 +67,7 @@ async function fetchStatus(addr, refresh = false) {
   if (inflight.has(addr.key)) return;
   inflight.add(addr.key);
   try {
-    const r = await api.fetchApi(L.statusUrl(addr) + (refresh ? "&refresh=1" : ""));
+    const r = await api.fetchApi(...L.statusRequest(addr, refresh));
     const body = await r.json();
     const status = r.ok ? body : { state: "red", reachable: false, error: body.error || `HTTP ${r.status}` };
     statusByKey.set(addr.key, { status, at: Date.now() });

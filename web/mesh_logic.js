@@ -28,8 +28,16 @@ export function addressOf(values) {
   return { host, port, key: `${host.toLowerCase()}:${port}` };
 }
 
-export function statusUrl(addr) {
-  return `/mesh/status?host=${encodeURIComponent(addr.host)}&port=${addr.port}`;
+/** The status probe request: a JSON POST (the routes refuse anything else, so other origins cannot probe). */
+export function statusRequest(addr, refresh = false) {
+  return [
+    "/mesh/status",
+    {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ host: addr.host, port: addr.port, refresh }),
+    },
+  ];
 }
 
 /** The light: {state: grey|green|amber|red, text, title} for a node's values and its server's status. */

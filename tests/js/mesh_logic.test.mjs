@@ -15,7 +15,11 @@ test("addressOf validates host and port", () => {
   assert.equal(L.addressOf(node({ remote_port: 0 })), null);
   assert.equal(L.addressOf(node({ remote_port: 70000 })), null);
   assert.equal(L.addressOf(node({ remote_host: " GPU-Box " })).key, "gpu-box:7777");
-  assert.equal(L.statusUrl({ host: "a b", port: 1 }), "/mesh/status?host=a%20b&port=1");
+  const [url, init] = L.statusRequest({ host: "a b", port: 1 }, true);
+  assert.equal(url, "/mesh/status");
+  assert.equal(init.method, "POST");
+  assert.equal(init.headers["Content-Type"], "application/json");
+  assert.deepEqual(JSON.parse(init.body), { host: "a b", port: 1, refresh: true });
 });
 
 test("light: grey when local, unknown or unaddressed; green; red with the reason", () => {
