@@ -47,6 +47,7 @@ import os
 import re
 import socket
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -271,20 +272,23 @@ def save_token(host: str, port: int, token: str) -> dict[str, Any]:
 CROSS_ORIGIN = "cross-origin request refused"
 
 
-def write_problem(content_type: str, headers: Any, host: str, scheme: str) -> str | None:
+def write_problem(content_type: str, headers: Any, host: str) -> str | None:
     """Why a request to one of our routes (all of them act: probe a host, save a token,
     reconfigure a server) must be refused, or None. Our own checks, whatever ComfyUI's origin
     middleware or ``--enable-cors-header`` let through: the body must be JSON (a cross-origin page
     can send ``text/plain`` without a preflight, not ``application/json``), and a browser's
-    ``Origin`` must be this ComfyUI's own (scheme, host and port: a page on another port of the
-    same LAN name is another origin); without ``Origin``, ``Sec-Fetch-Site`` must not say the
+    ``Origin`` must name this ComfyUI's own host and port (a page on another port of the same
+    LAN name is another origin); without ``Origin``, ``Sec-Fetch-Site`` must not say the
     request came from another site."""
     if content_type != "application/json":
         return f"the request body must be JSON (Content-Type: application/json), not {content_type or 'none'}"
     origin = headers.get("Origin")
     if origin is not None:
-        if origin != f"{scheme}://{host}":
-            return f"{CROSS_ORIGIN}: Origin {origin} is not this ComfyUI ({scheme}://{host})"
+        # host:port only, as ComfyUI's own check: behind a TLS proxy the scheme differs (https
+        # page, http request), and a proxy that rewrites Host must pass it through anyway
+        netloc = urllib.parse.urlsplit(origin).netloc.lower()
+        if not netloc or netloc != host.lower():
+            return f"{CROSS_ORIGIN}: Origin {origin} is not this ComfyUI ({host})"
     elif headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
         return f"{CROSS_ORIGIN}: Sec-Fetch-Site {headers.get('Sec-Fetch-Site')}"
     return None
@@ -308,7 +312,7 @@ def register(prompt_server: Any) -> bool:
         return web.json_response({"ok": False, "error": message}, status=status)
 
     async def body(request: web.Request) -> dict[str, Any]:
-        why = write_problem(request.content_type, request.headers, request.host, request.scheme)
+        why = write_problem(request.content_type, request.headers, request.host)
         if why:
             raise LocalError(why)
         try:
