@@ -204,6 +204,26 @@ def test_server_config_rejects_bad_limits(bad):
         ServerConfig(**bad)
 
 
+def test_cli_sets_the_connection_limits():
+    from comfyui_mesh.server.__main__ import build_parser, config_from_args
+
+    default = config_from_args(build_parser().parse_args(["--toy"]))
+    assert (default.max_clients, default.max_unauthenticated, default.max_unauthenticated_per_address) == (
+        constants.MAX_CLIENTS,
+        constants.MAX_UNAUTHENTICATED,
+        constants.MAX_UNAUTHENTICATED_PER_ADDRESS,
+    )
+    assert (default.handshake_timeout_s, default.idle_timeout_s) == (
+        constants.HANDSHAKE_TIMEOUT_S,
+        constants.SERVER_IDLE_TIMEOUT_S,
+    )
+    argv = "--toy --max-clients 3 --max-unauthenticated 9 --max-unauthenticated-per-address 2"
+    argv += " --handshake-timeout 2.5 --idle-timeout 60"
+    cfg = config_from_args(build_parser().parse_args(argv.split()))
+    assert (cfg.max_clients, cfg.max_unauthenticated, cfg.max_unauthenticated_per_address) == (3, 9, 2)
+    assert (cfg.handshake_timeout_s, cfg.idle_timeout_s) == (2.5, 60.0)
+
+
 # ---------------------------------------------------------------------------- (c) per-address cap
 
 
