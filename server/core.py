@@ -257,7 +257,6 @@ class Session:
             return [_err(ErrorCode.BAD_REQUEST, f"bad handshake frame ({type(e).__name__})")]
         self.closed = hs.closed
         if hs.auth_failed:
-            self.state.stats.errors += 1
             self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
         elif hs.ready:
             if not self.state.admit():
