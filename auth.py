@@ -41,7 +41,22 @@ def server_proof(token: str, client_nonce: str, server_nonce: str) -> str:
     return _mac(token, b"daedalus", client_nonce, server_nonce)
 
 
-def check(expected: str, got: str) -> bool:
+MAC_CHARS = 2 * hashlib.sha256().digest_size  # a proof: lowercase hex SHA-256
+NONCE_CHARS = 2 * NONCE_BYTES
+_LOWER_HEX = frozenset("0123456789abcdef")
+
+
+def is_hex(value: object, n_chars: int) -> bool:
+    """``value`` is a str of exactly ``n_chars`` lowercase hex digits (what a nonce or a proof is on the
+    wire). Anything else a peer sends there (another type, non-ASCII, a lone surrogate) is False."""
+    return isinstance(value, str) and len(value) == n_chars and _LOWER_HEX.issuperset(value)
+
+
+def check(expected: str, got: object) -> bool:
+    """Constant-time comparison of a received proof; a malformed one is simply wrong, never an exception."""
+    if not is_hex(got, MAC_CHARS):
+        return False
+    assert isinstance(got, str)
     return hmac.compare_digest(expected.encode(), got.encode())
 
 

@@ -14,6 +14,8 @@ from .constants import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
+    MAX_UNAUTHENTICATED,
+    MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
@@ -66,8 +68,11 @@ class ServerConfig:
     comfyui_path: str = ""  # ComfyUI checkout; "" = COMFYUI_PATH or a sibling folder
     auth: bool = True  # False only with the explicit --no-auth flag
     state_dir: str = ""  # token + settings folder; "" = default_state_dir()
-    max_clients: int = MAX_CLIENTS  # concurrent connections (GPU work is serialized)
-    idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent client is dropped
+    max_clients: int = MAX_CLIENTS  # authenticated sessions at once (GPU work is serialized)
+    idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent authenticated client is dropped
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds from accept to WELCOME (a deadline)
+    max_unauthenticated: int = MAX_UNAUTHENTICATED  # connections still in the handshake, all addresses
+    max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS  # ... from one source address
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
@@ -80,6 +85,13 @@ class ServerConfig:
             raise LocalError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise LocalError(f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
+        for name in ("max_clients", "max_unauthenticated", "max_unauthenticated_per_address"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise LocalError(f"{name} must be an integer >= 1, got {v!r}")
+        for name in ("idle_timeout_s", "handshake_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 
     @property
     def state_path(self) -> Path:

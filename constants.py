@@ -45,11 +45,27 @@ CONNECT_TIMEOUT_S = 5.0
 # A back-half forward of FLUX.2 Dev on a slow card plus a big first LoRA upload can take
 # tens of seconds; a read that waits longer than this means the server is stuck.
 READ_TIMEOUT_S = 300.0
+# The whole HELLO -> WELCOME exchange, seconds. On the server a deadline counted from accept, however
+# the bytes trickle in (not a per-recv timeout); on the client the socket timeout while it runs.
 HANDSHAKE_TIMEOUT_S = 10.0
 SOCKET_CHUNK = 1 << 20  # recv/send granularity
-# The server drops a connection that sends nothing for this long (frees its slot).
+# The server drops an authenticated connection that sends nothing for this long, seconds (frees its slot).
 SERVER_IDLE_TIMEOUT_S = 3600.0
+# Authenticated sessions served at once (status probes included); one more gets `busy` instead of WELCOME.
+# Connections still in the handshake do not count here: they have their own caps below.
 MAX_CLIENTS = 16
+# Connections still in the handshake (not yet authenticated), all source addresses together / from one
+# source address. A new connection over either cap pushes out the oldest unauthenticated one (of its own
+# address first), so sockets that never authenticate cannot keep an authenticated client out.
+MAX_UNAUTHENTICATED = 64
+MAX_UNAUTHENTICATED_PER_ADDRESS = 8
+# Log lines about a peer's garbage (bad frames, failed auth, handshake timeouts, evictions), server-wide:
+# at most PEER_LOG_LINES per PEER_LOG_INTERVAL_S seconds, then one "suppressed K similar messages" line.
+PEER_LOG_LINES = 20
+PEER_LOG_INTERVAL_S = 10.0
+# After an error frame the server drains what the peer still sends for at most this long, seconds
+# (so the kernel does not reset the connection before the peer reads the error), then closes.
+LINGER_S = 1.0
 
 # ---------------------------------------------------------------------------- auth
 TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)

@@ -301,7 +301,10 @@ class ClientHandshake:
             assert ch is not None
             if not isinstance(msg, Welcome):
                 raise RemoteProtocolError(f"{self.where} answered auth with {type(msg).__name__}")
-            if ch.auth != AUTH_NONE and not auth.check(auth.server_proof(self.token, self.nonce, ch.nonce), msg.mac):
+            if ch.auth != AUTH_NONE and not (
+                auth.is_hex(ch.nonce, auth.NONCE_CHARS)
+                and auth.check(auth.server_proof(self.token, self.nonce, ch.nonce), msg.mac)
+            ):
                 raise AuthError(f"{self.where} could not prove it knows the token: is something else on that port?")
             self.problems = problems(ch, self.expect, self.versions, self.allow_skew, self.where)
             self.phase = "done"
@@ -337,6 +340,9 @@ class ServerHandshake:
         if self.phase == "hello":
             if not isinstance(msg, Hello):
                 return self._refuse(ErrorCode.BAD_REQUEST, f"expected hello, got {type(msg).__name__}")
+            if self.token and not auth.is_hex(msg.nonce, auth.NONCE_CHARS):
+                self.auth_failed = True  # no proof can be checked against a malformed nonce
+                return self._refuse(ErrorCode.AUTH_FAILED, f"malformed nonce (want {auth.NONCE_CHARS} lowercase hex)")
             self.hello = msg
             self.phase = "auth"
             return [dataclasses.replace(self.offer(), nonce=self.nonce, auth=AUTH_HMAC if self.token else AUTH_NONE)]
@@ -347,7 +353,10 @@ class ServerHandshake:
             mac = ""
             if self.token:
                 proof = auth.client_proof(self.token, self.hello.nonce, self.nonce)
-                if not msg.mac or not auth.check(proof, msg.mac):
+                if not auth.is_hex(msg.mac, auth.MAC_CHARS):  # empty, wrong length, non-ASCII, ...
+                    self.auth_failed = True
+                    return self._refuse(ErrorCode.AUTH_FAILED, "malformed or missing mac (wrong or missing token)")
+                if not auth.check(proof, msg.mac):
                     self.auth_failed = True
                     return self._refuse(ErrorCode.AUTH_FAILED, "wrong token")
                 mac = auth.server_proof(self.token, self.hello.nonce, self.nonce)

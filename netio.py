@@ -4,6 +4,7 @@ probe move bytes through these and nothing else."""
 from __future__ import annotations
 
 import socket
+import time
 
 from .constants import SOCKET_CHUNK
 from .protocol import NEED_DATA, FrameDecoder, Message, encode
@@ -28,8 +29,21 @@ def send_message(sock: socket.socket, msg: Message) -> int:
     return n
 
 
-def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
-    """Read until one whole frame is decoded; returns (message, bytes read). EOF -> ConnectionError."""
+def _until(sock: socket.socket, deadline: float | None) -> None:
+    """Before a recv: the socket timeout is what is left until ``deadline`` (time.monotonic)."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("deadline passed")
+    sock.settimeout(left)
+
+
+def recv_message(sock: socket.socket, dec: FrameDecoder, deadline: float | None = None) -> tuple[Message, int]:
+    """Read until one whole frame is decoded; returns (message, bytes read). EOF -> ConnectionError.
+
+    ``deadline`` (time.monotonic): the whole frame must be in by then, however its bytes trickle
+    (TimeoutError); None keeps the socket's own per-recv timeout."""
     got = 0
     while True:
         msg = dec.next_message()
@@ -41,6 +55,7 @@ def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
             k = 0
             try:
                 while k < need:
+                    _until(sock, deadline)
                     r = sock.recv_into(view[k:], min(need - k, SOCKET_CHUNK * 16))
                     if not r:
                         raise ConnectionError("peer closed the connection")
@@ -50,6 +65,7 @@ def recv_message(sock: socket.socket, dec: FrameDecoder) -> tuple[Message, int]:
                 dec.commit(k)
             got += k
             continue
+        _until(sock, deadline)
         chunk = sock.recv(min(need, SOCKET_CHUNK))
         if not chunk:
             raise ConnectionError("peer closed the connection")

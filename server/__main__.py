@@ -11,7 +11,16 @@ from pathlib import Path
 
 from .. import auth
 from ..config import ServerConfig
-from ..constants import DEFAULT_BIND, DEFAULT_PORT, PACKAGE_VERSION
+from ..constants import (
+    DEFAULT_BIND,
+    DEFAULT_PORT,
+    HANDSHAKE_TIMEOUT_S,
+    MAX_CLIENTS,
+    MAX_UNAUTHENTICATED,
+    MAX_UNAUTHENTICATED_PER_ADDRESS,
+    PACKAGE_VERSION,
+    SERVER_IDLE_TIMEOUT_S,
+)
 from ..errors import LocalError, MeshError
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-side LoRA slot applied to the back half (repeatable; strength default 1.0)",
     )
     p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
-    p.add_argument("--max-clients", type=int, default=16)
+    p.add_argument("--max-clients", type=int, default=MAX_CLIENTS, help="authenticated sessions served at once")
+    p.add_argument(
+        "--max-unauthenticated",
+        type=int,
+        default=MAX_UNAUTHENTICATED,
+        help="connections still in the handshake, all addresses (a new one pushes out the oldest)",
+    )
+    p.add_argument(
+        "--max-unauthenticated-per-address",
+        type=int,
+        default=MAX_UNAUTHENTICATED_PER_ADDRESS,
+        help="connections still in the handshake from one source address",
+    )
+    p.add_argument(
+        "--handshake-timeout",
+        type=float,
+        default=HANDSHAKE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="the whole handshake must end this long after connect",
+    )
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=SERVER_IDLE_TIMEOUT_S,
+        metavar="SECONDS",
+        help="drop an authenticated client silent this long",
+    )
     p.add_argument(
         "--no-gpu-entropy",
         action="store_true",
@@ -69,6 +104,10 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         auth=not a.no_auth,
         state_dir=a.state_dir,
         max_clients=a.max_clients,
+        max_unauthenticated=a.max_unauthenticated,
+        max_unauthenticated_per_address=a.max_unauthenticated_per_address,
+        handshake_timeout_s=a.handshake_timeout,
+        idle_timeout_s=a.idle_timeout,
         loras=tuple(_lora_arg(s) for s in a.lora),
         gpu_entropy=not a.no_gpu_entropy,
     )

@@ -23,7 +23,15 @@ import torch
 
 from .. import codec, hostmem
 from ..config import ServerConfig
-from ..constants import HANDSHAKE_TIMEOUT_S, MAX_BODY_BYTES, PACKAGE_VERSION, PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME
+from ..constants import (
+    LINGER_S,
+    MAX_BODY_BYTES,
+    PACKAGE_VERSION,
+    PEER_LOG_INTERVAL_S,
+    PEER_LOG_LINES,
+    PRE_AUTH_MAX_BODY,
+    STATUS_CLIENT_NAME,
+)
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
 from ..netio import recv_message, send_message, tune_socket
@@ -46,6 +54,7 @@ from ..protocol import (
     content_hash,
 )
 from ..wirecodecs import temporal
+from .ratelog import RateLimitedLog
 
 log = logging.getLogger("daedalus")
 
@@ -69,7 +78,7 @@ BackendFactory = Callable[[int], Backend]
 
 @dataclass
 class ServerStats:
-    clients: int = 0
+    clients: int = 0  # authenticated sessions open (status probes included)
     steps: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -97,7 +106,21 @@ class ServerState:
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
         self.on_event = on_event
+        # Lines a peer's garbage causes (bad frames, failed auth, timeouts): one budget for the server.
+        self.peer_log = RateLimitedLog(log, PEER_LOG_LINES, PEER_LOG_INTERVAL_S)
         self.backend: Backend = factory(cfg.n_blocks)
+
+    def admit(self) -> bool:
+        """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
+        with self._stats_lock:
+            if self.stats.clients >= self.cfg.max_clients:
+                return False
+            self.stats.clients += 1
+            return True
+
+    def leave(self) -> None:
+        with self._stats_lock:
+            self.stats.clients -= 1
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:
@@ -166,12 +189,15 @@ class Session:
         self.peer = peer
         self.closed = False
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
+        self.admitted = False  # authenticated and holding one of the server's client slots
         self.handshake = ServerHandshake(state.token, self._offer)
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
+        if not self.handshake.ready:
+            return self._handle_handshake(msg)
         dev = self.state.backend.device
         # The current CUDA device is per thread: make it the backend's in this connection thread.
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
@@ -180,7 +206,7 @@ class Session:
                 return self._handle(msg, bytes_in)
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
-            log.warning("%s: bad request: %s", self.peer, e)
+            self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
             return [_err(ErrorCode.BAD_REQUEST, str(e))]
         except Exception as e:  # a failing step must not take the server down
             self.state.stats.errors += 1
@@ -190,9 +216,63 @@ class Session:
             self._account_codec_state()
 
     def release(self) -> None:
-        """The connection closed: its codec references leave the server's stats."""
+        """The connection closed: its codec references and its client slot go back to the server."""
         self.codec_state.clear()
         self._account_codec_state()
+        if self.admitted:
+            self.admitted = False
+            self.state.leave()
+
+    def broken_frame(self, e: RemoteProtocolError) -> Error:
+        """The decoder failed on the peer's bytes: the error frame to send before closing. An AUTH
+        frame that cannot be read (a mac of the wrong type, ...) is a failed authentication."""
+        self.state.stats.errors += 1
+        self.closed = True
+        if self.phase == "auth":
+            self._auth_failed(f"unreadable auth frame: {e}")
+            return _err(ErrorCode.AUTH_FAILED, "malformed auth frame (wrong or missing token)")
+        self.state.peer_log.warning("%s: protocol error, closing: %s", self.peer, e)
+        return _err(ErrorCode.BAD_FRAME, str(e))
+
+    def _auth_failed(self, why: str) -> None:
+        self.state.peer_log.warning("%s: authentication failed (%s)", self.peer, why)
+        self.state.emit(kind="auth_failed", peer=self.peer)
+
+    def _handle_handshake(self, msg: Message) -> list[Message]:
+        """HELLO / AUTH / BYE before the session is open. Whatever the peer sent, this answers with
+        frames (an error frame closes): never an exception, never a traceback in the log."""
+        if isinstance(msg, Bye):
+            self.closed = True
+            return []
+        hs = self.handshake
+        try:
+            replies = hs.receive(msg)
+        except Exception as e:  # a malformed field the checks above missed: still only the peer's garbage
+            self.state.stats.errors += 1
+            self.closed = True
+            if hs.phase == "auth":
+                self._auth_failed(f"{type(e).__name__} on its auth frame")
+                return [_err(ErrorCode.AUTH_FAILED, "malformed auth frame (wrong or missing token)")]
+            self.state.peer_log.warning("%s: bad handshake frame, closing: %s", self.peer, type(e).__name__)
+            return [_err(ErrorCode.BAD_REQUEST, f"bad handshake frame ({type(e).__name__})")]
+        self.closed = hs.closed
+        if hs.auth_failed:
+            self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
+        elif hs.ready:
+            if not self.state.admit():
+                self.closed = True
+                n = self.state.cfg.max_clients
+                self.state.peer_log.warning("%s: authenticated, but %d clients are connected (the limit)", self.peer, n)
+                return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
+            self.admitted = True
+            name = hs.hello.client_name if hs.hello else "?"
+            self.status_probe = name == STATUS_CLIENT_NAME
+            if self.status_probe:  # a node's status light checking its token: not a client session
+                log.debug("%s: status probe authenticated", self.peer)
+            else:
+                log.info("%s: client '%s' connected", self.peer, name)
+                self.state.emit(kind="client", peer=self.peer, connected=True)
+        return replies
 
     def _account_codec_state(self) -> int:
         """Bring ``stats.codec_state_bytes`` up to date with this session's references; their size."""
@@ -227,22 +307,6 @@ class Session:
         if isinstance(msg, Bye):
             self.closed = True
             return []
-        hs = self.handshake
-        if not hs.ready:
-            replies = hs.receive(msg)
-            self.closed = hs.closed
-            if hs.auth_failed:
-                log.warning("%s: authentication failed (wrong or missing token)", self.peer)
-                self.state.emit(kind="auth_failed", peer=self.peer)
-            elif hs.ready:
-                name = hs.hello.client_name if hs.hello else "?"
-                self.status_probe = name == STATUS_CLIENT_NAME
-                if self.status_probe:  # a node's status light checking its token: not a client session
-                    log.debug("%s: status probe authenticated", self.peer)
-                else:
-                    log.info("%s: client '%s' connected", self.peer, name)
-                    self.state.emit(kind="client", peer=self.peer, connected=True)
-            return replies
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
@@ -376,35 +440,68 @@ class Session:
         return Result(seq=msg.seq, timings=timings, tensors=reply)
 
 
-def _linger(conn: socket.socket, limit: int = 4 << 20) -> None:
+def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_S) -> None:
     """Close politely after an error frame: stop writing, then drain what the peer is still
-    sending, so the kernel doesn't answer with a reset that destroys our error frame unread."""
+    sending, so the kernel doesn't answer with a reset that destroys our error frame unread.
+    At most ``within_s`` seconds in all, however slowly the peer keeps sending."""
     conn.shutdown(socket.SHUT_WR)
-    conn.settimeout(1.0)
+    deadline = time.monotonic() + within_s
     drained = 0
     while drained < limit:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        conn.settimeout(left)
         chunk = conn.recv(1 << 16)
         if not chunk:
             break
         drained += len(chunk)
 
 
+def _send_last(conn: socket.socket, msg: Message) -> None:
+    """Best effort: one error frame to a peer that may not be reading, then close politely."""
+    try:
+        conn.settimeout(LINGER_S)
+        send_message(conn, msg)
+        _linger(conn)
+    except (MeshError, OSError):
+        pass
+
+
 class DaedalusServer:
-    """Accepts several connections; one thread each; GPU work serialized by ServerState."""
+    """Accepts connections; one thread each; GPU work serialized by ServerState.
+
+    Before authentication a connection is one of at most ``cfg.max_unauthenticated`` (and
+    ``cfg.max_unauthenticated_per_address`` from its source address); a new one over a cap pushes
+    out the oldest unauthenticated one (of its own address first). The whole handshake must end within
+    ``cfg.handshake_timeout_s`` of accept. Only authenticated sessions count against ``cfg.max_clients``
+    (``ServerState.admit``); they are dropped after ``cfg.idle_timeout_s`` of silence.
+    """
 
     def __init__(self, state: ServerState):
         self.state = state
         self._sock: socket.socket | None = None
         self._threads: set[threading.Thread] = set()
         self._conns: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        # Connections still in the handshake -> their source address, oldest first.
+        self._pending: OrderedDict[socket.socket, str] = OrderedDict()
+        self._evicted: set[socket.socket] = set()
         self._stop = threading.Event()
         self._accept_thread: threading.Thread | None = None
         self.address: tuple[str, int] = ("", 0)
 
+    @property
+    def unauthenticated(self) -> int:
+        """Connections accepted and not yet authenticated (nor pushed out)."""
+        with self._lock:
+            return len(self._pending)
+
     def start(self) -> tuple[str, int]:
         cfg = self.state.cfg
         try:
-            s = socket.create_server((cfg.bind, cfg.port), reuse_port=False, backlog=cfg.max_clients)
+            # A deep backlog: a burst of connections must not make a client's SYN wait for a retransmit.
+            s = socket.create_server((cfg.bind, cfg.port), reuse_port=False, backlog=socket.SOMAXCONN)
         except OSError as e:
             raise LocalError(
                 f"cannot listen on {cfg.bind}:{cfg.port}: {e} — is another Daedalus running? Use --port"
@@ -440,6 +537,7 @@ class DaedalusServer:
             t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
+        self.state.peer_log.flush()
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
@@ -452,58 +550,101 @@ class DaedalusServer:
             except OSError:
                 break
             peer = f"{addr[0]}:{addr[1]}"
-            if len(self._conns) >= self.state.cfg.max_clients:
-                try:
-                    send_message(conn, _err(ErrorCode.BUSY, f"server has {len(self._conns)} clients, the limit"))
-                finally:
-                    conn.close()
-                continue
+            with self._lock:
+                victim = self._make_room(str(addr[0]))
+                self._pending[conn] = str(addr[0])
+                self._conns.add(conn)
+            if victim is not None:
+                self._push_out(victim)
             t = threading.Thread(target=self._serve_conn, args=(conn, peer), name=f"daedalus-{peer}", daemon=True)
             self._threads.add(t)
-            self._conns.add(conn)
             t.start()
+
+    def _make_room(self, source: str) -> socket.socket | None:
+        """Under ``_lock``: the unauthenticated connection a new one from ``source`` replaces, if any."""
+        cfg = self.state.cfg
+        same = [c for c, a in self._pending.items() if a == source]
+        if len(same) >= cfg.max_unauthenticated_per_address:
+            victim = same[0]
+        elif len(self._pending) >= cfg.max_unauthenticated:
+            victim = next(iter(self._pending))
+        else:
+            return None
+        del self._pending[victim]
+        self._evicted.add(victim)
+        return victim
+
+    def _push_out(self, conn: socket.socket) -> None:
+        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes."""
+        try:
+            conn.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def _authenticated(self, conn: socket.socket) -> bool:
+        """The handshake is over: the connection leaves the unauthenticated ones. False if it was
+        pushed out meanwhile."""
+        with self._lock:
+            return self._pending.pop(conn, None) is not None
 
     def _serve_conn(self, conn: socket.socket, peer: str) -> None:
         st = self.state
+        cfg = st.cfg
         session = Session(st, peer)
-        # Until the client has authenticated: small frames only, and a short deadline.
+        # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY)
-        st.stats.clients += 1
+        deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
         try:
             tune_socket(conn)
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
             while not session.closed and not self._stop.is_set():
-                if session.phase == "ready" and dec.max_body != MAX_BODY_BYTES:
-                    dec.max_body = MAX_BODY_BYTES
-                    if st.cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
-                        dec.body_alloc = hostmem.receive_alloc()
-                    conn.settimeout(st.cfg.idle_timeout_s)
                 try:
-                    msg, n = recv_message(conn, dec)
+                    msg, n = recv_message(conn, dec, deadline)
                 except RemoteProtocolError as e:
-                    log.warning("%s: protocol error, closing: %s", peer, e)
-                    st.stats.errors += 1
-                    try:
-                        send_message(conn, _err(ErrorCode.BAD_FRAME, str(e)))
-                        _linger(conn)
-                    except OSError:
-                        pass
+                    _send_last(conn, session.broken_frame(e))
                     break
-                except (TimeoutError, ConnectionError, OSError):
+                except TimeoutError:
+                    if deadline is not None:
+                        st.peer_log.warning(
+                            "%s: handshake not finished within %g s, closing", peer, cfg.handshake_timeout_s
+                        )
+                        _send_last(
+                            conn,
+                            _err(ErrorCode.BAD_REQUEST, f"handshake not finished within {cfg.handshake_timeout_s:g} s"),
+                        )
+                    else:
+                        log.info("%s: silent for %g s, closing", peer, cfg.idle_timeout_s)
                     break
-                for reply in session.handle(msg, n):
+                except (ConnectionError, OSError):
+                    if conn in self._evicted:
+                        st.peer_log.warning("%s: pushed out by newer unauthenticated connections", peer)
+                        _send_last(conn, _err(ErrorCode.BUSY, "too many unauthenticated connections; try again"))
+                    break
+                was_ready = session.phase == "ready"
+                replies = session.handle(msg, n)
+                if not was_ready and session.admitted:
+                    if not self._authenticated(conn):
+                        break  # pushed out just as it authenticated: its client reconnects
+                    deadline = None
+                    dec.max_body = MAX_BODY_BYTES
+                    if cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
+                        dec.body_alloc = hostmem.receive_alloc()
+                    conn.settimeout(cfg.idle_timeout_s)
+                for reply in replies:
                     try:
                         send_message(conn, reply)
                     except (MeshError, OSError) as e:
-                        log.warning("%s: cannot send reply: %s", peer, e)
+                        st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True
                         break
         finally:
+            admitted = session.admitted
             session.release()
-            st.stats.clients -= 1
-            if session.phase == "ready" and not session.status_probe:
+            if admitted and not session.status_probe:
                 log.info("%s: disconnected", peer)
                 st.emit(kind="client", peer=peer, connected=False)
-            self._conns.discard(conn)
+            with self._lock:
+                self._pending.pop(conn, None)
+                self._evicted.discard(conn)
+                self._conns.discard(conn)
             self._threads.discard(threading.current_thread())
             conn.close()
