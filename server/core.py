@@ -167,9 +167,14 @@ class ConstCache:
         return t
 
     def put(self, h: str, t: torch.Tensor) -> None:
+        """Cache ``t`` under ``h``. A tensor that is a view into a larger buffer (a raw constant
+        decoded on the CPU is a zero-copy view into its whole received frame) is copied first:
+        the cache must hold, and count, only the constant's own bytes."""
         if h in self._d:
             return
         n = t.numel() * t.element_size()
+        if t.untyped_storage().nbytes() > n:
+            t = t.clone()
         self._d[h] = t
         self.bytes += n
         while self.bytes > self.max_bytes and len(self._d) > 1:

@@ -357,3 +357,20 @@ def test_forward_recovery_table(server, monkeypatch, failures, tries, encodes, r
         assert (seen["tries"], seen["encodes"]) == (tries, encodes)
     finally:
         c.close()
+
+
+def test_a_cached_constant_holds_only_its_own_bytes():
+    """A raw constant decoded on the CPU is a view into its whole received frame: the cache keeps a
+    copy, so a 4-byte constant never pins a big frame, and counts only the constant's bytes."""
+    from comfyui_mesh.server.core import ConstCache
+
+    frame = torch.zeros(16 << 20, dtype=torch.uint8)  # 16 MiB "received frame"
+    view = frame[1024:1028].view(torch.float32)  # a 4-byte constant inside it
+    cache = ConstCache(1 << 20)
+    cache.put("h", view)
+    kept = cache.get("h")
+    assert kept is not None and torch.equal(kept, view)
+    assert kept.untyped_storage().nbytes() == 4 and cache.bytes == 4
+    own = torch.ones(8)
+    cache.put("o", own)
+    assert cache.get("o") is own  # a tensor that owns its storage is kept as is
