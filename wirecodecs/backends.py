@@ -114,14 +114,26 @@ class ZstdBackend(Backend):
             raise CodecError(f"zstd section is not a zstd frame: {e}") from None
         if size != n:
             raise CodecError(f"zstd section declares {size} bytes, the header says {n}")
+        if not n:
+            return torch.empty(0, dtype=torch.uint8, device=device)
+        # Straight into the one buffer the tensor keeps (a one-shot decompress returns bytes that
+        # would have to be copied: a highly compressible section would be held twice).
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
         try:
-            out = self._ctx()[1].decompress(comp, max_output_size=n)
+            with self._ctx()[1].stream_reader(comp, read_across_frames=False) as r:
+                while got < n:
+                    k = r.readinto(view[got:])
+                    if not k:
+                        break
+                    got += k
+                extra = r.read(1) if got == n else b""
         except zs.ZstdError as e:
             raise CodecError(f"zstd section does not decode: {e}") from None
-        if len(out) != n:
-            raise CodecError(f"zstd section decoded to {len(out)} bytes, expected {n}")
-        t = torch.frombuffer(bytearray(out), dtype=torch.uint8) if n else torch.empty(0, dtype=torch.uint8)
-        return t.to(device)
+        if got != n or extra:
+            raise CodecError(f"zstd section decoded to {'more than ' if extra else ''}{got} bytes, expected {n}")
+        return torch.frombuffer(buf, dtype=torch.uint8).to(device)
 
 
 def nvcomp_module() -> tuple[Any, str | None]:
