@@ -14,6 +14,7 @@ from .constants import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
+    MAX_DECODED_REQUEST_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
@@ -74,6 +75,7 @@ class ServerConfig:
     max_unauthenticated: int = MAX_UNAUTHENTICATED  # connections still in the handshake, all addresses
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS  # ... from one source address
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
+    max_decoded_request_bytes: int = MAX_DECODED_REQUEST_BYTES  # one request's tensors, decoded
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
@@ -85,7 +87,12 @@ class ServerConfig:
             raise LocalError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise LocalError(f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
-        for name in ("max_clients", "max_unauthenticated", "max_unauthenticated_per_address"):
+        for name in (
+            "max_clients",
+            "max_unauthenticated",
+            "max_unauthenticated_per_address",
+            "max_decoded_request_bytes",
+        ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LocalError(f"{name} must be an integer >= 1, got {v!r}")

@@ -102,6 +102,11 @@ LINK_TTL_S = 600.0
 LINK_PROBE_BYTES = 2 << 20
 DEFAULT_LINK_BPS = 117e6
 
+# Largest total size, once decoded, of the tensors of one request a server accepts (checked from
+# their descriptors before any decoding: a tiny entropy-coded payload can declare a huge tensor).
+# The largest real request, an LTX-AV 1280x704x121 seam with CFG plus its constants, is ~0.3 GB.
+MAX_DECODED_REQUEST_BYTES = 2 << 30
+
 # ---------------------------------------------------------------------------- caches
 # Per-connection cache of per-generation constants (RoPE tables, masks) on the server.
 SERVER_CONST_CACHE_BYTES = 2 << 30

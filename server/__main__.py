@@ -16,6 +16,7 @@ from ..constants import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
+    MAX_DECODED_REQUEST_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     PACKAGE_VERSION,
@@ -56,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
     p.add_argument("--max-clients", type=int, default=MAX_CLIENTS, help="authenticated sessions served at once")
+    p.add_argument(
+        "--max-request-mb",
+        type=int,
+        default=MAX_DECODED_REQUEST_BYTES >> 20,
+        metavar="MB",
+        help="largest total size of one request's tensors once decoded (checked before decoding)",
+    )
     p.add_argument(
         "--max-unauthenticated",
         type=int,
@@ -104,6 +112,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         auth=not a.no_auth,
         state_dir=a.state_dir,
         max_clients=a.max_clients,
+        max_decoded_request_bytes=a.max_request_mb << 20,
         max_unauthenticated=a.max_unauthenticated,
         max_unauthenticated_per_address=a.max_unauthenticated_per_address,
         handshake_timeout_s=a.handshake_timeout,

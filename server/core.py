@@ -54,6 +54,7 @@ from ..protocol import (
     content_hash,
 )
 from ..wirecodecs import temporal
+from ..wirecodecs.base import itemsize, numel, torch_dtype
 from .ratelog import RateLimitedLog
 
 log = logging.getLogger("daedalus")
@@ -362,10 +363,17 @@ class Session:
         codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
+        decoded = 0
         for wt in msg.tensors:
             if wt.name in incoming:
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
+            decoded += numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
+        if decoded > st.cfg.max_decoded_request_bytes:  # before any decoding allocates
+            raise RemoteProtocolError(
+                f"the request's tensors decode to {decoded} bytes, over this server's limit of "
+                f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
+            )
         fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
         for name, wt in list(incoming.items()):
             if name.startswith("const:"):

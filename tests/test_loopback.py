@@ -374,3 +374,34 @@ def test_a_cached_constant_holds_only_its_own_bytes():
     own = torch.ones(8)
     cache.put("o", own)
     assert cache.get("o") is own  # a tensor that owns its storage is kept as is
+
+
+def test_a_request_that_would_decode_past_the_budget_is_refused_before_decoding():
+    """A few-byte payload may declare a huge tensor (an all-zero quant class, a zstd bomb): the
+    server sums the descriptors' decoded sizes first and refuses past --max-request-mb, then still
+    serves the next request."""
+    import dataclasses
+
+    from comfyui_mesh import codec
+
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, max_decoded_request_bytes=1 << 20)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    try:
+        c = _client(host, port)
+        c.connect()
+        x, bias = _inputs()
+        big = dataclasses.replace(codec.encode(x, "x"), shape=(1, 1 << 20, 16))  # 64 MiB declared
+        msg = protocol.Forward(seq=1, arch="toy", n_blocks=3, consts={}, tensors=(big,))
+        with pytest.raises(
+            RemoteFailure, match=r"decode to 67108864 bytes, over this server's limit .*--max-request-mb"
+        ):
+            c.request(msg)
+        model = ToyModel()
+        out, _ = c.forward(
+            arch="toy", n_blocks=3, coded={"x": model.run(x, bias, 0, 5)}, exact={}, consts={"bias": bias}, scalars={}
+        )
+        assert torch.equal(out["out"], model.run(x, bias))
+        c.close()
+    finally:
+        srv.shutdown()
