@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from comfy_ltx_support import load, ltx_sample, make_ltx, needs_ltxav
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
 from comfyui_mesh import codec
 from comfyui_mesh.constants import SEAM_DUMP_ENV
 from comfyui_mesh.tiny import massive_rows
@@ -60,6 +60,7 @@ FLOORS = {"quant": snr_from_cosine(0.999), "q4": 15.0, "clip-sparse": 25.0}
 
 
 @needs_comfy
+@needs_narrow_flux2
 def test_flux2_with_massive_channels(tmp_path, monkeypatch):
     comfy = import_comfy()
     __import__("comfy.sample")
