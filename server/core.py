@@ -605,7 +605,9 @@ class DaedalusServer:
         cfg = st.cfg
         session = Session(st, peer)
         # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
-        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY)
+        # Big frames land in memory the OS commits as their bytes arrive (hostmem.lazy_buffer): a
+        # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.
+        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
         try:
             tune_socket(conn)

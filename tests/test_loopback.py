@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 
@@ -405,3 +406,52 @@ def test_a_request_that_would_decode_past_the_budget_is_refused_before_decoding(
         c.close()
     finally:
         srv.shutdown()
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads this process's RSS from /proc (Linux)")
+def test_a_declared_huge_body_allocates_nothing_before_its_bytes_arrive():
+    """A frame prefix declaring a 1 GiB body: the buffer the server receives into is committed as
+    bytes arrive (hostmem.lazy_buffer), not zero-filled at once."""
+    from comfyui_mesh import hostmem
+
+    size = 1 << 30
+    dec = protocol.FrameDecoder(max_body=2 << 30, body_alloc=hostmem.lazy_buffer)
+    header = b"{}"
+    prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 1, len(header), size, 0)
+    dec.feed(prefix + header)
+    assert dec.next_message() is protocol.NEED_DATA
+    before = _rss_bytes()
+    view = dec.reserve(dec.bytes_needed())
+    assert view.nbytes == size
+    view[:4096] = b"\x01" * 4096  # some bytes arrive
+    grown = _rss_bytes() - before
+    del view
+    dec.commit(4096)
+    assert grown < 64 << 20, f"RSS grew by {grown} bytes for 4 KiB received"
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads this process's RSS from /proc (Linux)")
+def test_the_server_does_not_commit_a_declared_body_before_it_arrives(server):
+    """An authenticated peer sends a prefix declaring a 1 GiB body and then a few bytes: the
+    server (in this process) does not zero-fill 1 GiB at once (it used to: a 3 GiB declaration
+    stalled every client for seconds, two connections got it OOM-killed)."""
+    import time
+
+    _, host, port = server
+    c = _client(host, port)
+    c.connect()
+    s = c._sock
+    assert s is not None
+    before = _rss_bytes()
+    header = b"{}"
+    prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 1 << 30, 0)
+    s.sendall(prefix + header + b"\0" * (2 << 20))  # past SOCKET_CHUNK: the server reserves the rest
+    time.sleep(1.0)
+    grown = _rss_bytes() - before
+    c.close()
+    assert grown < 256 << 20, f"server RSS grew by {grown >> 20} MiB for 2 MiB received"
