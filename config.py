@@ -14,6 +14,7 @@ from .constants import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
+    MAX_CODEC_STATE_BYTES,
     MAX_DECODED_REQUEST_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
@@ -76,6 +77,7 @@ class ServerConfig:
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS  # ... from one source address
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
     max_decoded_request_bytes: int = MAX_DECODED_REQUEST_BYTES  # one request's tensors, decoded
+    max_codec_state_bytes: int = MAX_CODEC_STATE_BYTES  # temporal references held per connection
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.

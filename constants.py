@@ -106,6 +106,10 @@ DEFAULT_LINK_BPS = 117e6
 # their descriptors before any decoding: a tiny entropy-coded payload can declare a huge tensor).
 # The largest real request, an LTX-AV 1280x704x121 seam with CFG plus its constants, is ~0.3 GB.
 MAX_DECODED_REQUEST_BYTES = 2 << 30
+# Temporal-codec references one connection may hold (all its streams and tensor names); a request
+# that would leave more is refused and the connection's references dropped. A real LTX-AV split
+# with CFG holds ~0.5 GB.
+MAX_CODEC_STATE_BYTES = 2 << 30
 
 # ---------------------------------------------------------------------------- caches
 # Per-connection cache of per-generation constants (RoPE tables, masks) on the server.

@@ -16,6 +16,7 @@ from ..constants import (
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
+    MAX_CODEC_STATE_BYTES,
     MAX_DECODED_REQUEST_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
@@ -63,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=MAX_DECODED_REQUEST_BYTES >> 20,
         metavar="MB",
         help="largest total size of one request's tensors once decoded (checked before decoding)",
+    )
+    p.add_argument(
+        "--max-codec-state-mb",
+        type=int,
+        default=MAX_CODEC_STATE_BYTES >> 20,
+        metavar="MB",
+        help="temporal-codec references one client connection may hold",
     )
     p.add_argument(
         "--max-unauthenticated",
@@ -113,6 +121,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         state_dir=a.state_dir,
         max_clients=a.max_clients,
         max_decoded_request_bytes=a.max_request_mb << 20,
+        max_codec_state_bytes=a.max_codec_state_mb << 20,
         max_unauthenticated=a.max_unauthenticated,
         max_unauthenticated_per_address=a.max_unauthenticated_per_address,
         handshake_timeout_s=a.handshake_timeout,

@@ -417,6 +417,17 @@ class Session:
             return _err(ErrorCode.STREAM_RESET, str(e))
         except BackendUnavailable as e:  # the client falls back to the CPU entropy coder
             return _err(ErrorCode.CODEC_UNAVAILABLE, str(e), backend=e.backend)
+        except Exception:  # references half updated by a failed request are useless: drop them all
+            self.codec_state.clear()
+            raise
+        held = temporal.state_bytes(self.codec_state)
+        if held > st.cfg.max_codec_state_bytes:
+            self.codec_state.clear()
+            raise RemoteProtocolError(
+                f"this connection's temporal-codec references would take {held} bytes, over this server's "
+                f"limit of {st.cfg.max_codec_state_bytes} (--max-codec-state-mb): send fewer tensors with a "
+                "temporal codec, or use quant / lossless"
+            )
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()

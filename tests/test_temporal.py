@@ -14,7 +14,7 @@ import pytest
 import torch
 from comfyui_mesh import codec, errors
 from comfyui_mesh.config import ClientConfig, ServerConfig
-from comfyui_mesh.protocol import EndStream, Error, StreamEnded, WireTensor
+from comfyui_mesh.protocol import EndStream, Error, Forward, StreamEnded, WireTensor
 from comfyui_mesh.server import core
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
@@ -583,3 +583,26 @@ def test_quant_t_keeps_every_channel_above_the_floor_over_50_steps_of_massive_ch
         y = codec.decode(wire_copy(wt), DEV, state=dec)
         worst.append(float(channel_snr_db(x, y).min()))
     assert min(worst) >= 30.0, worst
+
+
+def test_temporal_references_are_bounded_per_connection():
+    """Temporal references are kept per tensor name: many names would pin the server's memory.
+    Past --max-codec-state-mb the request is refused and the connection's references dropped;
+    the next request within the budget is served."""
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, max_codec_state_bytes=64 << 10)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    try:
+        c = MeshClient(ClientConfig(host=host, port=port, token=TOKEN))
+        c.connect()
+        extra = {f"pad{i}": torch.randn(64, 64) for i in range(8)}  # 8 x 16 KiB of float32 references
+        tensors = tuple(codec.encode(t, n, "lossless-t", state={}) for n, t in extra.items())
+        msg = Forward(seq=1, arch="toy", n_blocks=3, consts={}, tensors=tensors)
+        with pytest.raises(
+            errors.RemoteFailure, match=r"temporal-codec references would take \d+ bytes.*--max-codec-state-mb"
+        ):
+            c.request(msg)
+        assert srv.state.stats.codec_state_bytes == 0  # nothing kept after the refusal
+        c.close()
+    finally:
+        srv.shutdown()
