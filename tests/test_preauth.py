@@ -40,6 +40,12 @@ def client(srv: DaedalusServer, token: str = TOKEN) -> MeshClient:
     return MeshClient(ClientConfig(host=host, port=port, token=token), expect={"arch": "toy", "n_blocks": 3})
 
 
+# "Served, not locked out": the lockout these tests guard against lasted as long as the attacker
+# kept trickling (60 s in the report). Not a speed target (a loaded CI machine may take a second
+# or two); the <= 1 s figure is measured by bench/preauth_bench.py.
+SERVED_S = 10.0
+
+
 def time_to_welcome(srv: DaedalusServer) -> float:
     c = client(srv)
     t0 = time.perf_counter()
@@ -115,8 +121,8 @@ def test_trickling_sockets_do_not_keep_an_authenticated_client_out(sources):
         trickle = Trickler(socks, 0.5)
         try:
             assert wait_for(lambda: srv.unauthenticated == min(16, 8 * sources))
-            assert time_to_welcome(srv) <= 1.0
-            assert time_to_welcome(srv) <= 1.0  # and again: nothing was used up
+            assert time_to_welcome(srv) <= SERVED_S
+            assert time_to_welcome(srv) <= SERVED_S  # and again: nothing was used up
             assert wait_for(lambda: srv.state.stats.clients == 0)  # the closed sessions gave their slots back
         finally:
             trickle.close()
@@ -129,7 +135,7 @@ def test_many_idle_unauthenticated_sockets(request):
         try:
             assert wait_for(lambda: srv.unauthenticated == constants.MAX_UNAUTHENTICATED_PER_ADDRESS)
             dt = time_to_welcome(srv)
-            assert dt <= 1.0
+            assert dt <= SERVED_S
             request.node.user_properties.append(("welcome_s_with_500_sockets", dt))
         finally:
             for s in socks:
@@ -174,7 +180,7 @@ def test_trickling_handshake_is_closed_at_the_deadline():
             assert "handshake not finished within 0.6 s" in msg.message
             assert 0.5 <= dt <= 2.0
             assert wait_for(lambda: srv.unauthenticated == 0)
-            assert time_to_welcome(srv) <= 1.0  # a handshake in time still works
+            assert time_to_welcome(srv) <= SERVED_S  # a handshake in time still works
         finally:
             trickle.close()
 
@@ -294,7 +300,7 @@ def test_malformed_mac_is_an_auth_failure_without_traceback(caplog, mac):
         err = read_error(s)
         assert err.code == "auth_failed"
         s.close()
-        assert time_to_welcome(srv) <= 1.0  # the server still serves a good client
+        assert time_to_welcome(srv) <= SERVED_S  # the server still serves a good client
     no_tracebacks(caplog)
     assert any("authentication failed" in r.getMessage() for r in caplog.records)
 
@@ -306,7 +312,7 @@ def test_malformed_hello_nonce_is_an_auth_failure_without_traceback(caplog, nonc
         s = handshake_until_auth(srv, nonce)
         assert read_error(s).code == "auth_failed"
         s.close()
-        assert time_to_welcome(srv) <= 1.0
+        assert time_to_welcome(srv) <= SERVED_S
     no_tracebacks(caplog)
 
 
@@ -343,7 +349,7 @@ def test_garbage_connections_log_a_bounded_number_of_lines(caplog):
         assert wait_for(lambda: srv.unauthenticated == 0, timeout=30)
         assert wait_for(lambda: not srv._threads, timeout=30)
         assert srv.state.stats.errors > constants.PEER_LOG_LINES  # the server saw more garbage than it logged
-        assert time_to_welcome(srv) <= 1.0
+        assert time_to_welcome(srv) <= SERVED_S
     lines = [r for r in caplog.records if r.name == "daedalus"]
     # at most one interval's budget (two if the run crossed an interval), a summary, the good client
     assert len(lines) <= 2 * constants.PEER_LOG_LINES + 6, len(lines)
