@@ -166,24 +166,6 @@ def standardized_steps(
         pi = pred.index_select(0, idx) if pred is not None else None
         mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, mu[idx], pi, dtype))
     return d, scales, q, steps
-    target = var / lin
-    mse = _channel_mse(q, steps, z, n)
-    for attempt in range(2):
-        idx = torch.nonzero(live & (mse > target)).squeeze(1)  # one host round trip
-        if not idx.numel():
-            break
-        if attempt == 0:
-            shrink = (target[idx] / mse[idx]).sqrt_().mul_(0.97).float()
-            lower = scales[idx].float() * shrink
-        else:
-            lower = std[idx] * (HARD_SCALE / math.sqrt(lin) / d)
-        scales.index_copy_(0, idx, bf16_floor(torch.maximum(lower, least[idx])))
-        steps = channel_steps(d, scales)
-        zi = z.index_select(0, idx)
-        rows = zi.div(steps[idx][:, None]).round_()
-        q.index_copy_(0, idx, rows)
-        mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, n))
-    return d, scales, q, steps
 
 
 # ---------------------------------------------------------------------------- symbol streams
