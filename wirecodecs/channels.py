@@ -102,6 +102,15 @@ def output(yt: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torc
     return yt.t().contiguous().reshape(shape)
 
 
+def as_output(yt: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 [C, N] (modified) with the values ``output`` would hand over in ``dtype``, still
+    float32 [C, N]: what a fidelity check must measure."""
+    if dtype == torch.float32:
+        return yt
+    fmax = torch.finfo(dtype).max
+    return yt.clamp_(-fmax, fmax).to(dtype).float()
+
+
 def lossy_geometry(wt: WireTensor) -> tuple[torch.dtype, int, int]:
     """(dtype, channels, tokens) of a lossy payload's descriptor."""
     if wt.dtype not in LOSSY_DTYPES:

@@ -57,6 +57,16 @@ def target_db(params: dict[str, Any], default: float = DEFAULT_SNR_DB) -> float:
     return default
 
 
+def misses_floor(
+    mse: torch.Tensor, var: torch.Tensor, floor_db: float, live: torch.Tensor | None = None
+) -> torch.Tensor:
+    """bool [C]: the channels whose SNR ``var / mse`` is below ``floor_db``. Constant channels
+    (std < ``MIN_CHANNEL_STD``, or not ``live`` when the caller knows better) never are."""
+    if live is None:
+        live = var.sqrt() >= MIN_CHANNEL_STD
+    return live & (mse * 10.0 ** (floor_db / 10.0) > var)
+
+
 def channel_snr_db(x: torch.Tensor, y: torch.Tensor, min_std: float = MIN_CHANNEL_STD) -> torch.Tensor:
     """Per-channel SNR in dB of ``y`` against ``x`` (same shape, channels on the last axis),
     float64 on the CPU; +inf for an exact channel, NaN for a constant one (std < ``min_std``)."""

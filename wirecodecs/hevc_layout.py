@@ -76,7 +76,7 @@ import torch
 from ..constants import HEVC_SNR_DB, MIN_CHANNEL_STD
 from ..errors import CodecError, LocalError
 from . import fidelity
-from .channels import param_choice, param_int
+from .channels import as_output, param_choice, param_int
 
 # ---------------------------------------------------------------------------- constants
 
@@ -460,15 +460,11 @@ def below_floor(ref: FloorRef, y: torch.Tensor, floor_db: float, dtype: torch.dt
     ``floor_db`` (+ ``CHECK_MARGIN_DB``): y float32 [C, N] (consumed) is what the peer will
     reconstruct before its output rounding to ``dtype``, which is applied here as the peer
     does. Constant channels (std < MIN_CHANNEL_STD) are never listed. Float32."""
-    fmax = torch.finfo(dtype).max
-    y = y.clamp_(-fmax, fmax)
-    if dtype != torch.float32:
-        y = y.to(dtype).float()
+    y = as_output(y, dtype)
     if ref.scale is not None:
         y.mul_(ref.scale)
     mse = torch.linalg.vector_norm(y.sub_(ref.x), dim=1).square_().div_(max(1, y.shape[1]))
-    bad = ref.live & (mse * 10.0 ** ((floor_db + CHECK_MARGIN_DB) / 10.0) > ref.var)
-    return bad.nonzero().flatten()
+    return fidelity.misses_floor(mse, ref.var, floor_db + CHECK_MARGIN_DB, ref.live).nonzero().flatten()
 
 
 def fixup_section(idx: torch.Tensor, rows: torch.Tensor | None) -> bytes:

@@ -20,8 +20,8 @@ from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 from .backends import pick_backend
 from .base import dtype_name, itemsize
-from .channels import channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
-from .fidelity import floor_db, target_db
+from .channels import as_output, channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
+from .fidelity import floor_db, misses_floor, target_db
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_Q = 1 << 20  # largest quantized magnitude (keeps float32 integer arithmetic exact)
@@ -97,12 +97,7 @@ def _channel_mse(
     if pred is not None:
         rec = rec.add_(pred)
         ref = ref.add_(pred)
-    if dtype != torch.float32:
-        if dtype == torch.float16:  # the decoder clamps to the finite range before narrowing
-            fmax = torch.finfo(dtype).max
-            rec, ref = rec.clamp_(-fmax, fmax), ref.clamp_(-fmax, fmax)
-        rec = rec.to(dtype).float()
-        ref = ref.to(dtype).float()
+    rec, ref = as_output(rec, dtype), as_output(ref, dtype)
     err = torch.linalg.vector_norm(rec.sub_(ref), dim=1)
     if not bool(torch.isfinite(err).all()):
         err = torch.linalg.vector_norm(rec, dim=1, dtype=torch.float64)
@@ -150,7 +145,7 @@ def standardized_steps(
     target = var / lin
     mse = _channel_mse(q, steps, z, mu, pred, dtype)
     for attempt in range(3):
-        idx = torch.nonzero(live & (mse > target)).squeeze(1)  # one host round trip
+        idx = torch.nonzero(misses_floor(mse, var, snr_db, live)).squeeze(1)  # one host round trip
         if not idx.numel():
             break
         if attempt < 2:
@@ -515,13 +510,6 @@ def bf16_ceil(s: torch.Tensor) -> torch.Tensor:
     return (b.view(torch.int16) + low.to(torch.int16)).view(torch.bfloat16)
 
 
-def missing_floor(err: torch.Tensor, var: torch.Tensor, floor: float) -> torch.Tensor:
-    """Channels (bool [C]) whose MSE ``err`` misses SNR ``floor`` dB against ``var`` (both
-    float64 [C]); constant channels (std < ``MIN_CHANNEL_STD``) never do."""
-    live = var.sqrt() >= MIN_CHANNEL_STD
-    return live & (err * (10.0 ** (floor / 10.0)) > var)
-
-
 class Q4Codec(EntropyCodec):
     """4-bit symmetric quantization of each channel's deviation from its mean, one bfloat16
     scale per group of ``group`` consecutive tokens of a channel (default 32), then
@@ -564,7 +552,7 @@ class Q4Codec(EntropyCodec):
         sf = scale.float()
         q = zg.div(torch.where(sf > 0, sf, torch.ones_like(sf))[..., None]).round_().clamp_(-7, 7)
         err = torch.linalg.vector_norm((q * sf[..., None] - zg).reshape(c, -1), dim=1, dtype=torch.float64)
-        bad = torch.nonzero(missing_floor(err.square_().div_(n), var, floor)).squeeze(1)
+        bad = torch.nonzero(misses_floor(err.square_().div_(n), var, floor)).squeeze(1)
         idx = torch.unique(torch.cat([ratio_idx, bad])) if bad.numel() else ratio_idx
         put_outliers(w, xt, idx, t.dtype)
         if idx.numel():
@@ -636,7 +624,7 @@ class ClipSparseCodec(EntropyCodec):
         q = q.round_().clamp_(0, 255)
         err = (q * scale[:, None] + lo[:, None] - xt).masked_fill_(outside, 0.0)
         mse = torch.linalg.vector_norm(err, dim=1, dtype=torch.float64).square_().div_(n)
-        bad = missing_floor(mse, spread_var(xt), floor_db(params, CLIP_SPARSE_SNR_DB))
+        bad = misses_floor(mse, spread_var(xt), floor_db(params, CLIP_SPARSE_SNR_DB))
         if bool(bad.any()):
             outside |= bad[:, None]
         out_mask = outside.reshape(-1)
