@@ -272,7 +272,15 @@ def save_token(host: str, port: int, token: str) -> dict[str, Any]:
 CROSS_ORIGIN = "cross-origin request refused"
 
 
-def write_problem(content_type: str, headers: Any, host: str) -> str | None:
+class Refused(LocalError):
+    """A request our routes refuse, with its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def write_problem(content_type: str, headers: Any, host: str) -> Refused | None:
     """Why a request to one of our routes (all of them act: probe a host, save a token,
     reconfigure a server) must be refused, or None. Our own checks, whatever ComfyUI's origin
     middleware or ``--enable-cors-header`` let through: the body must be JSON (a cross-origin page
@@ -281,16 +289,18 @@ def write_problem(content_type: str, headers: Any, host: str) -> str | None:
     LAN name is another origin); without ``Origin``, ``Sec-Fetch-Site`` must not say the
     request came from another site."""
     if content_type != "application/json":
-        return f"the request body must be JSON (Content-Type: application/json), not {content_type or 'none'}"
+        return Refused(
+            400, f"the request body must be JSON (Content-Type: application/json), not {content_type or 'none'}"
+        )
     origin = headers.get("Origin")
     if origin is not None:
         # host:port only, as ComfyUI's own check: behind a TLS proxy the scheme differs (https
         # page, http request), and a proxy that rewrites Host must pass it through anyway
         netloc = urllib.parse.urlsplit(origin).netloc.lower()
         if not netloc or netloc != host.lower():
-            return f"{CROSS_ORIGIN}: Origin {origin} is not this ComfyUI ({host})"
+            return Refused(403, f"{CROSS_ORIGIN}: Origin {origin} is not this ComfyUI ({host})")
     elif headers.get("Sec-Fetch-Site", "same-origin") not in ("same-origin", "none"):
-        return f"{CROSS_ORIGIN}: Sec-Fetch-Site {headers.get('Sec-Fetch-Site')}"
+        return Refused(403, f"{CROSS_ORIGIN}: Sec-Fetch-Site {headers.get('Sec-Fetch-Site')}")
     return None
 
 
@@ -312,9 +322,9 @@ def register(prompt_server: Any) -> bool:
         return web.json_response({"ok": False, "error": message}, status=status)
 
     async def body(request: web.Request) -> dict[str, Any]:
-        why = write_problem(request.content_type, request.headers, request.host)
-        if why:
-            raise LocalError(why)
+        refused = write_problem(request.content_type, request.headers, request.host)
+        if refused:
+            raise refused
         try:
             data = await request.json()
         except ValueError:
@@ -329,7 +339,7 @@ def register(prompt_server: Any) -> bool:
             data = await body(request)
             host, port = parse_address(data.get("host"), data.get("port"))
         except LocalError as e:
-            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
+            return fail(getattr(e, "status", 400), str(e))
         return web.json_response(await PROBER.status(host, port, data.get("refresh") is True))
 
     @routes.post("/mesh/reconfigure")
@@ -341,7 +351,7 @@ def register(prompt_server: Any) -> bool:
             if not isinstance(n, int) or isinstance(n, bool) or n < 1:
                 raise LocalError("n_blocks must be a whole number >= 1")
         except LocalError as e:
-            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
+            return fail(getattr(e, "status", 400), str(e))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(_EXECUTOR, reconfigure, host, port, n)
@@ -360,7 +370,7 @@ def register(prompt_server: Any) -> bool:
             if not isinstance(token, str):
                 raise LocalError("token must be a string")
         except LocalError as e:
-            return fail(403 if str(e).startswith(CROSS_ORIGIN) else 400, str(e))
+            return fail(getattr(e, "status", 400), str(e))
         loop = asyncio.get_running_loop()
         try:
             result = await loop.run_in_executor(_EXECUTOR, save_token, host, port, token)
