@@ -11,18 +11,7 @@ from pathlib import Path
 
 from .. import auth
 from ..config import ServerConfig
-from ..constants import (
-    DEFAULT_BIND,
-    DEFAULT_PORT,
-    HANDSHAKE_TIMEOUT_S,
-    MAX_CLIENTS,
-    MAX_CODEC_STATE_BYTES,
-    MAX_DECODED_REQUEST_BYTES,
-    MAX_UNAUTHENTICATED,
-    MAX_UNAUTHENTICATED_PER_ADDRESS,
-    PACKAGE_VERSION,
-    SERVER_IDLE_TIMEOUT_S,
-)
+from ..constants import DEFAULT_BIND, DEFAULT_PORT, PACKAGE_VERSION
 from ..errors import LocalError, MeshError
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +22,22 @@ def _guard_sys_path() -> None:
     shadow ComfyUI's top-level modules of the same names. Our code is imported through the
     installed package only."""
     sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != _PKG_ROOT]
+
+
+# The server's limits on the command line: (flag, ServerConfig field, metavar, help). Defaults
+# come from ServerConfig (one source); fields in bytes are given in MB.
+LIMITS = (
+    ("--max-clients", "max_clients", None, "authenticated sessions served at once"),
+    ("--max-request-mb", "max_decoded_request_bytes", "MB",
+     "largest total size of one request's tensors once decoded (checked before decoding)"),
+    ("--max-codec-state-mb", "max_codec_state_bytes", "MB", "temporal-codec references one client connection may hold"),
+    ("--max-unauthenticated", "max_unauthenticated", None,
+     "connections still in the handshake, all addresses (a new one pushes out the oldest)"),
+    ("--max-unauthenticated-per-address", "max_unauthenticated_per_address", None,
+     "connections still in the handshake from one source address"),
+    ("--handshake-timeout", "handshake_timeout_s", "SECONDS", "the whole handshake must end this long after connect"),
+    ("--idle-timeout", "idle_timeout_s", "SECONDS", "drop an authenticated client silent this long"),
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,47 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="server-side LoRA slot applied to the back half (repeatable; strength default 1.0)",
     )
     p.add_argument("--toy", action="store_true", help="serve a model-free toy back half (tests, demos)")
-    p.add_argument("--max-clients", type=int, default=MAX_CLIENTS, help="authenticated sessions served at once")
-    p.add_argument(
-        "--max-request-mb",
-        type=int,
-        default=MAX_DECODED_REQUEST_BYTES >> 20,
-        metavar="MB",
-        help="largest total size of one request's tensors once decoded (checked before decoding)",
-    )
-    p.add_argument(
-        "--max-codec-state-mb",
-        type=int,
-        default=MAX_CODEC_STATE_BYTES >> 20,
-        metavar="MB",
-        help="temporal-codec references one client connection may hold",
-    )
-    p.add_argument(
-        "--max-unauthenticated",
-        type=int,
-        default=MAX_UNAUTHENTICATED,
-        help="connections still in the handshake, all addresses (a new one pushes out the oldest)",
-    )
-    p.add_argument(
-        "--max-unauthenticated-per-address",
-        type=int,
-        default=MAX_UNAUTHENTICATED_PER_ADDRESS,
-        help="connections still in the handshake from one source address",
-    )
-    p.add_argument(
-        "--handshake-timeout",
-        type=float,
-        default=HANDSHAKE_TIMEOUT_S,
-        metavar="SECONDS",
-        help="the whole handshake must end this long after connect",
-    )
-    p.add_argument(
-        "--idle-timeout",
-        type=float,
-        default=SERVER_IDLE_TIMEOUT_S,
-        metavar="SECONDS",
-        help="drop an authenticated client silent this long",
-    )
+    for flag, name, metavar, help_text in LIMITS:
+        default = getattr(ServerConfig, name)
+        p.add_argument(
+            flag,
+            dest=name,
+            type=type(default),
+            default=default >> 20 if name.endswith("_bytes") else default,
+            metavar=metavar,
+            help=help_text,
+        )
     p.add_argument(
         "--no-gpu-entropy",
         action="store_true",
@@ -119,13 +93,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         comfyui_path=a.comfyui,
         auth=not a.no_auth,
         state_dir=a.state_dir,
-        max_clients=a.max_clients,
-        max_decoded_request_bytes=a.max_request_mb << 20,
-        max_codec_state_bytes=a.max_codec_state_mb << 20,
-        max_unauthenticated=a.max_unauthenticated,
-        max_unauthenticated_per_address=a.max_unauthenticated_per_address,
-        handshake_timeout_s=a.handshake_timeout,
-        idle_timeout_s=a.idle_timeout,
+        **{name: getattr(a, name) << 20 if name.endswith("_bytes") else getattr(a, name) for _, name, _, _ in LIMITS},
         loras=tuple(_lora_arg(s) for s in a.lora),
         gpu_entropy=not a.no_gpu_entropy,
     )
