@@ -121,6 +121,26 @@ def ksampler_node(model: list) -> dict:
     return {"class_type": "KSampler", "inputs": inputs}
 
 
+def split(model, srv, n: int, codec: str = "raw", stats: list | None = None):
+    """Split ``model`` against Daedalus ``srv`` as the node does: the UI's Confirm (reconfigure to
+    ``n`` blocks), ``split_model``, a fresh connection checked against the expectations (so the
+    constants travel again), then the queue-time connect (arch, n_blocks, fingerprint).
+    ``stats``: a list that collects each call's StepStats. Returns (model, run)."""
+    from comfyui_mesh.config import ClientConfig
+    from comfyui_mesh.icarus import SplitSettings, split_model
+    from comfyui_mesh.transport import MeshClient, pooled_client
+
+    cfg = ClientConfig(port=srv.port, token=srv.token)
+    probe = MeshClient(cfg)  # no expectations: what the UI's Confirm button does
+    probe.reconfigure(n)
+    probe.close()
+    on_step = (lambda i, s: stats.append(s)) if stats is not None else None
+    m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=codec, on_step=on_step))
+    pooled_client(cfg, run.expect()).close()
+    run.client().connect()
+    return m, run
+
+
 @contextlib.contextmanager
 def headless_stack(tmp_path: Path, make_weights, model_name: str, n_blocks: int = 2):
     """Tiny model in tmp_path/models, a --no-auth Daedalus serving its last ``n_blocks``, and a

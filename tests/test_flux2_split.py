@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
 from comfyui_mesh import codec
 
 pytestmark = [needs_comfy, needs_narrow_flux2]
@@ -32,21 +32,6 @@ def sample(comfy, model, cfg=2.5, steps=3):
     pos = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2)), {}]]
     neg = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3)), {}]]
     return comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", pos, neg, torch.zeros(1, 128, 4, 6), seed=0)
-
-
-def split(model, srv, n, codec="raw"):
-    from comfyui_mesh.config import ClientConfig
-    from comfyui_mesh.icarus import SplitSettings, split_model
-    from comfyui_mesh.transport import MeshClient, pooled_client
-
-    cfg = ClientConfig(port=srv.port, token=srv.token)
-    probe = MeshClient(cfg)  # no expectations: what the UI's Confirm button does
-    probe.reconfigure(n)
-    probe.close()
-    m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=codec))
-    pooled_client(cfg, run.expect()).close()  # fresh handshake against the expectations
-    run.client().connect()  # what the node does at queue time: checks arch, n_blocks, fingerprint
-    return m, run
 
 
 @pytest.mark.parametrize("n", [1, 3, 4, 5])  # one single, all singles, into the doubles, every block

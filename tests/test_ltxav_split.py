@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23, needs_ltxav
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_narrow_flux2
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_narrow_flux2, split
 
 pytestmark = needs_ltxav  # ComfyUI with LTX-AV (0.8.0 or newer)
 
@@ -40,22 +40,6 @@ def reference(comfy, weights, style, audio):
         model = load(comfy, weights[style])
         _REF[key] = ltx_sample(comfy, model, style, audio=audio)
     return _REF[key]
-
-
-def split(model, srv, n, codec="raw", stats=None):
-    from comfyui_mesh.config import ClientConfig
-    from comfyui_mesh.icarus import SplitSettings, split_model
-    from comfyui_mesh.transport import MeshClient, pooled_client
-
-    cfg = ClientConfig(port=srv.port, token=srv.token)
-    probe = MeshClient(cfg)  # no expectations: what the UI's Confirm button does
-    probe.reconfigure(n)
-    probe.close()
-    on_step = (lambda i, s: stats.append(s)) if stats is not None else None
-    m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=codec, on_step=on_step))
-    pooled_client(cfg, run.expect()).close()  # a fresh connection: constants must travel again
-    run.client().connect()  # what the node does at queue time: checks arch, n_blocks, fingerprint
-    return m, run
 
 
 def assert_identical(out, ref):

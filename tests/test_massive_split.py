@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from comfy_ltx_support import load, ltx_sample, make_ltx, needs_ltxav
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
 from comfyui_mesh import codec
 from comfyui_mesh.constants import SEAM_DUMP_ENV
 from comfyui_mesh.tiny import massive_rows
@@ -17,20 +17,6 @@ from comfyui_mesh.wirecodecs.fidelity import channel_snr_db, snr_from_cosine
 
 MASSIVE = 4
 GAIN = 100.0
-
-
-def split(model, srv, n, name):
-    from comfyui_mesh.config import ClientConfig
-    from comfyui_mesh.icarus import SplitSettings, split_model
-    from comfyui_mesh.transport import MeshClient, pooled_client
-
-    cfg = ClientConfig(port=srv.port, token=srv.token)
-    probe = MeshClient(cfg)
-    probe.reconfigure(n)
-    probe.close()
-    m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=name))
-    pooled_client(cfg, run.expect()).close()
-    return m, run
 
 
 def seam_tensors(tmp_path, stream):
