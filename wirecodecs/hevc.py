@@ -148,7 +148,7 @@ class HevcCodec(Codec):
         del xt
         fix = torch.zeros(0, dtype=torch.long, device=t.device)
         if ref is not None and s.lossless:  # the planes arrive exactly: the quantization is the whole error
-            fix = below_floor(ref, dequantize(q, center, step), s.snr_db, t.dtype)
+            fix = below_floor(ref, dequantize(q, center, step), s.floor_db, t.dtype)
             if fix.numel():  # those channels travel exactly: blank (constant) in the video
                 q[fix] = 128
                 center[fix] = 0.0
@@ -168,7 +168,7 @@ class HevcCodec(Codec):
         if ref is not None and not s.lossless:  # the peer's reconstruction, from the decoder it uses
             dev = ref.x.device
             y = dequantize(unpack(self._planes(memoryview(bits), g, dev), g), center.to(dev), step.to(dev))
-            fix = below_floor(ref, y, s.snr_db, t.dtype)
+            fix = below_floor(ref, y, s.floor_db, t.dtype)
             del y
         del ref
         flags = (FLAG_LOSSLESS if s.lossless else 0) | (FLAG_ORIGINAL if s.original else 0)

@@ -124,7 +124,7 @@ class Settings:
     x265_preset: str = X265_PRESET
     nvenc_preset: str = NVENC_PRESET
     original: bool = False  # the original project's layout, truncation and padding
-    snr_db: float = HEVC_SNR_DB  # the per-channel floor the local check keeps (dB)
+    floor_db: float = HEVC_SNR_DB  # the per-channel floor the local check keeps (dB)
     verify: bool = True  # decode locally and send the channels below the floor exactly
 
 
@@ -161,7 +161,7 @@ def settings(params: dict[str, Any], original: bool = False) -> Settings:
         ),
         nvenc_preset=param_choice(params, "nvenc_preset", NVENC_PRESET, ("P1", "P2", "P3", "P4", "P5", "P6", "P7")),
         original=original,
-        snr_db=HEVC_SNR_DB if original else fidelity.floor_db(params, HEVC_SNR_DB),
+        floor_db=HEVC_SNR_DB if original else fidelity.floor_db(params, HEVC_SNR_DB),
         verify=False if original else verify,
     )
 
