@@ -15,7 +15,11 @@ from .constants import (
     HANDSHAKE_TIMEOUT_S,
     MAX_CLIENTS,
     MAX_CODEC_STATE_BYTES,
+    MAX_CODEC_STATE_TOTAL_BYTES,
+    MAX_CONST_TOTAL_BYTES,
     MAX_DECODED_REQUEST_BYTES,
+    MAX_INFLIGHT_BYTES,
+    MAX_LORA_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
@@ -78,6 +82,11 @@ class ServerConfig:
     const_cache_bytes: int = SERVER_CONST_CACHE_BYTES  # per-connection constants cache
     max_decoded_request_bytes: int = MAX_DECODED_REQUEST_BYTES  # one request's tensors, decoded
     max_codec_state_bytes: int = MAX_CODEC_STATE_BYTES  # temporal references held per connection
+    # Server-wide budgets (all connections together), bytes: server/budget.py.
+    max_inflight_bytes: int = MAX_INFLIGHT_BYTES  # frames being received + decoded requests being served
+    max_const_total_bytes: int = MAX_CONST_TOTAL_BYTES  # every connection's constants caches
+    max_codec_state_total_bytes: int = MAX_CODEC_STATE_TOTAL_BYTES  # every connection's temporal references
+    max_lora_bytes: int = MAX_LORA_BYTES  # forwarded LoRA sets kept unpacked by the back half
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
@@ -94,6 +103,12 @@ class ServerConfig:
             "max_unauthenticated",
             "max_unauthenticated_per_address",
             "max_decoded_request_bytes",
+            "const_cache_bytes",
+            "max_codec_state_bytes",
+            "max_inflight_bytes",
+            "max_const_total_bytes",
+            "max_codec_state_total_bytes",
+            "max_lora_bytes",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -30,8 +30,9 @@ BIG_BODY_BYTES = 1 << 20
 # Page-locked receive buffers alive at once, per process (the OS cannot swap them out; torch keeps
 # freed blocks for reuse). Beyond this, and for bigger frames, plain bytearrays.
 PINNED_RECEIVE_MAX_BYTES = 1 << 30
-# Before a client has authenticated it may only send small frames (hello/auth/bye).
+# Before a client has authenticated it may only send small frames (hello/auth/bye): body and header.
 PRE_AUTH_MAX_BODY = 64 << 10
+PRE_AUTH_MAX_HEADER = 16 << 10
 # Limits on tensor descriptors, checked before anything is allocated.
 MAX_TENSORS_PER_FRAME = 256
 MAX_TENSOR_NDIM = 8
@@ -112,8 +113,23 @@ MAX_DECODED_REQUEST_BYTES = 2 << 30
 MAX_CODEC_STATE_BYTES = 2 << 30
 
 # ---------------------------------------------------------------------------- caches
-# Per-connection cache of per-generation constants (RoPE tables, masks) on the server.
+# Per-connection cache of per-generation constants (RoPE tables, masks, forwarded LoRA blobs) on the
+# server (a soft limit: the newest constant is kept even when it alone is larger).
 SERVER_CONST_CACHE_BYTES = 2 << 30
+
+# ---------------------------------------------------------------------------- server-wide budgets
+# What all connections together may make one Daedalus hold (server/budget.py, docs/PROTOCOL.md §3.1);
+# checked before allocating. Frames being received (bodies of 1 MiB and more) and the decoded tensors
+# of the requests being served: two clients each sending the largest request (~0.3 GB frame + 0.3 GB
+# decoded, LTX-AV 1280x704x121 with CFG) use ~1.2 GB.
+MAX_INFLIGHT_BYTES = 6 << 30
+# Every connection's constants caches together.
+MAX_CONST_TOTAL_BYTES = 4 << 30
+# Every connection's temporal-codec references together.
+MAX_CODEC_STATE_TOTAL_BYTES = 4 << 30
+# Forwarded LoRA sets the back half keeps unpacked (on its device), all clients together; a set
+# larger than this alone is refused.
+MAX_LORA_BYTES = 4 << 30
 
 # The client name of the node's status probe: Daedalus neither logs nor shows it as a client session.
 STATUS_CLIENT_NAME = "icarus-status"

@@ -49,6 +49,16 @@ class BackendUnavailable(CodecError):
         self.backend = backend
 
 
+class OverBudget(MeshError):
+    """Neither side's fault: a server-wide memory budget (server/budget.py) has no room for what a
+    peer asked. The server answers ``busy``; ``transient`` is False when the request could never fit
+    (it is bigger than the whole budget), True when other clients hold the memory now."""
+
+    def __init__(self, message: str, transient: bool = True):
+        super().__init__(message)
+        self.transient = transient
+
+
 class VersionMismatch(LocalError):
     """Both sides work, but they disagree on a version, model or configuration."""
 

@@ -406,9 +406,15 @@ class FrameDecoder:
     the connection must be closed.
     """
 
-    def __init__(self, max_body: int = MAX_BODY_BYTES, body_alloc: Callable[[int], memoryview] | None = None):
+    def __init__(
+        self,
+        max_body: int = MAX_BODY_BYTES,
+        body_alloc: Callable[[int], memoryview] | None = None,
+        max_header: int = MAX_HEADER_BYTES,
+    ):
         self._buf = bytearray()
         self.max_body = max_body  # may be raised after the handshake (small before auth)
+        self.max_header = max_header  # likewise
         # Optional: where a frame with a body of at least BIG_BODY_BYTES is assembled when it is
         # received with reserve() (the caller passes page-locked memory there, so tensors in it
         # reach a GPU at full speed). Called with the frame's size; returns a writable buffer.
@@ -502,8 +508,8 @@ class FrameDecoder:
             mkind = MsgKind(kind)
         except ValueError:
             raise self._fail(f"unknown message kind {kind}") from None
-        if hlen > MAX_HEADER_BYTES:
-            raise self._fail(f"header length {hlen} exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
+        if hlen > self.max_header:
+            raise self._fail(f"header length {hlen} exceeds the limit of {self.max_header} bytes")
         if blen > self.max_body:
             raise self._fail(f"body length {blen} exceeds the limit of {self.max_body} bytes")
         self._prefix = (mkind, hlen, blen, crc)

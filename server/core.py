@@ -26,13 +26,15 @@ from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
     MAX_BODY_BYTES,
+    MAX_HEADER_BYTES,
     PACKAGE_VERSION,
     PEER_LOG_INTERVAL_S,
     PEER_LOG_LINES,
     PRE_AUTH_MAX_BODY,
+    PRE_AUTH_MAX_HEADER,
     STATUS_CLIENT_NAME,
 )
-from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
+from ..errors import BackendUnavailable, LocalError, MeshError, OverBudget, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
 from ..netio import recv_message, send_message, tune_socket
 from ..protocol import (
@@ -55,6 +57,7 @@ from ..protocol import (
 )
 from ..wirecodecs import temporal
 from ..wirecodecs.base import itemsize, numel, torch_dtype
+from .budget import Budget, Budgets, SizedLRU
 from .ratelog import RateLimitedLog
 
 log = logging.getLogger("daedalus")
@@ -109,6 +112,16 @@ class ServerState:
         self.on_event = on_event
         # Lines a peer's garbage causes (bad frames, failed auth, timeouts): one budget for the server.
         self.peer_log = RateLimitedLog(log, PEER_LOG_LINES, PEER_LOG_INTERVAL_S)
+        # What all connections together may make this server hold (server/budget.py).
+        self.budgets = Budgets(
+            inflight=Budget("frames and requests in flight, all clients", cfg.max_inflight_bytes, "--max-inflight-mb"),
+            consts=Budget("cached constants, all clients", cfg.max_const_total_bytes, "--max-consts-total-mb"),
+            codec_state=Budget(
+                "temporal-codec references, all clients",
+                cfg.max_codec_state_total_bytes,
+                "--max-codec-state-total-mb",
+            ),
+        )
         self.backend: Backend = factory(cfg.n_blocks)
 
     def admit(self) -> bool:
@@ -131,8 +144,10 @@ class ServerState:
                 log.exception("event callback failed")
 
     def add_codec_state_bytes(self, delta: int) -> None:
+        """Account references already held (checked against the budget before they were made)."""
         with self._stats_lock:  # connection threads update it concurrently
-            self.stats.codec_state_bytes += delta
+            self.budgets.codec_state.adjust(delta)
+            self.stats.codec_state_bytes = self.budgets.codec_state.used
 
     def reconfigure(self, n_blocks: int) -> tuple[Backend, bool]:
         with self.gpu_lock:
@@ -154,33 +169,33 @@ class ServerState:
 
 
 class ConstCache:
-    """Per-connection LRU of per-generation constants, bounded in bytes."""
+    """Per-connection LRU of per-generation constants, bounded in bytes by its own limit and by the
+    server-wide constants budget (``pool``)."""
 
-    def __init__(self, max_bytes: int):
-        self.max_bytes = max_bytes
-        self._d: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = 0
+    def __init__(self, max_bytes: int, pool: Budget | None = None):
+        self._lru: SizedLRU[torch.Tensor] = SizedLRU(max_bytes, lambda t: t.numel() * t.element_size(), pool)
+
+    @property
+    def bytes(self) -> int:
+        return self._lru.bytes
 
     def get(self, h: str) -> torch.Tensor | None:
-        t = self._d.get(h)
-        if t is not None:
-            self._d.move_to_end(h)
-        return t
+        return self._lru.get(h)
 
-    def put(self, h: str, t: torch.Tensor) -> None:
-        """Cache ``t`` under ``h``. A tensor that is a view into a larger buffer (a raw constant
-        decoded on the CPU is a zero-copy view into its whole received frame) is copied first:
-        the cache must hold, and count, only the constant's own bytes."""
-        if h in self._d:
-            return
-        n = t.numel() * t.element_size()
-        if t.untyped_storage().nbytes() > n:
+    def put(self, h: str, t: torch.Tensor) -> bool:
+        """Cache ``t`` under ``h``; False when the server-wide budget had no room (the request that
+        sent it still uses it; a later one that only names it gets ``missing_consts`` and resends).
+        A tensor that is a view into a larger buffer (a raw constant decoded on the CPU is a
+        zero-copy view into its whole received frame) is copied first: the cache must hold, and
+        count, only the constant's own bytes."""
+        if self._lru.get(h) is not None:
+            return True
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
             t = t.clone()
-        self._d[h] = t
-        self.bytes += n
-        while self.bytes > self.max_bytes and len(self._d) > 1:
-            _, old = self._d.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+        return self._lru.put(h, t)
+
+    def clear(self) -> None:
+        self._lru.clear()
 
 
 def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
@@ -197,7 +212,7 @@ class Session:
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
         self.handshake = ServerHandshake(state.token, self._offer)
-        self.consts = ConstCache(state.cfg.const_cache_bytes)
+        self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
 
@@ -210,6 +225,10 @@ class Session:
         try:
             with on_device:
                 return self._handle(msg, bytes_in)
+        except OverBudget as e:  # a server-wide budget has no room (now, or for a request this big)
+            self.state.stats.errors += 1
+            self.state.peer_log.warning("%s: refused: %s", self.peer, e)
+            return [_err(ErrorCode.BUSY, str(e), transient=e.transient)]
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
             self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
@@ -222,9 +241,10 @@ class Session:
             self._account_codec_state()
 
     def release(self) -> None:
-        """The connection closed: its codec references and its client slot go back to the server."""
+        """The connection closed: its codec references, constants and client slot go back to the server."""
         self.codec_state.clear()
         self._account_codec_state()
+        self.consts.clear()
         if self.admitted:
             self.admitted = False
             self.state.leave()
@@ -281,7 +301,8 @@ class Session:
         return replies
 
     def _account_codec_state(self) -> int:
-        """Bring ``stats.codec_state_bytes`` up to date with this session's references; their size."""
+        """Bring ``stats.codec_state_bytes`` and the server-wide budget up to date with this
+        session's references; their size."""
         now = temporal.state_bytes(self.codec_state)
         if now != self._codec_bytes:
             self.state.add_codec_state_bytes(now - self._codec_bytes)
@@ -374,6 +395,14 @@ class Session:
                 f"the request's tensors decode to {decoded} bytes, over this server's limit of "
                 f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
             )
+        with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
+            return self._forward_within_budget(msg, bytes_in, incoming, t0)
+
+    def _forward_within_budget(
+        self, msg: Forward, bytes_in: int, incoming: dict[str, WireTensor], t0: float
+    ) -> Message:
+        st = self.state
+        b = st.backend
         fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
         for name, wt in list(incoming.items()):
             if name.startswith("const:"):
@@ -428,6 +457,10 @@ class Session:
                 f"limit of {st.cfg.max_codec_state_bytes} (--max-codec-state-mb): send fewer tensors with a "
                 "temporal codec, or use quant / lossless"
             )
+        pool = st.budgets.codec_state
+        if pool.used - self._codec_bytes + held > pool.limit:  # with every other connection's references
+            self.codec_state.clear()
+            raise pool.refusal(held, "this connection's temporal-codec references")
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()
@@ -618,7 +651,7 @@ class DaedalusServer:
         # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
         # Big frames land in memory the OS commits as their bytes arrive (hostmem.lazy_buffer): a
         # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.
-        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, body_alloc=hostmem.lazy_buffer)
+        dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, max_header=PRE_AUTH_MAX_HEADER, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
         try:
             tune_socket(conn)
@@ -627,6 +660,11 @@ class DaedalusServer:
                     msg, n = recv_message(conn, dec, deadline)
                 except RemoteProtocolError as e:
                     _send_last(conn, session.broken_frame(e))
+                    break
+                except OverBudget as e:  # a frame the server-wide budget has no room for: refused unread
+                    st.stats.errors += 1
+                    st.peer_log.warning("%s: refused a frame: %s", peer, e)
+                    _send_last(conn, _err(ErrorCode.BUSY, str(e), transient=e.transient))
                     break
                 except TimeoutError:
                     if deadline is not None:
@@ -651,10 +689,13 @@ class DaedalusServer:
                     if not self._authenticated(conn):
                         break  # pushed out just as it authenticated: its client reconnects
                     deadline = None
-                    dec.max_body = MAX_BODY_BYTES
-                    if cfg.device.startswith("cuda"):  # big tensors land in page-locked memory
-                        dec.body_alloc = hostmem.receive_alloc()
+                    dec.max_body, dec.max_header = MAX_BODY_BYTES, MAX_HEADER_BYTES
+                    # Big tensors land in page-locked memory where a GPU takes them; every big
+                    # frame counts against the server-wide in-flight budget while it lives.
+                    alloc = hostmem.receive_alloc() if cfg.device.startswith("cuda") else hostmem.lazy_buffer
+                    dec.body_alloc = st.budgets.inflight.allocator(alloc)
                     conn.settimeout(cfg.idle_timeout_s)
+                del msg  # the frame (and its budget) is free while the connection waits for the next one
                 for reply in replies:
                     try:
                         send_message(conn, reply)
@@ -662,6 +703,7 @@ class DaedalusServer:
                         st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True
                         break
+                del replies
         finally:
             admitted = session.admitted
             session.release()

@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 import time
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,9 @@ import torch
 
 from .. import arch
 from ..config import ServerConfig
-from ..errors import LocalError, RemoteProtocolError
+from ..errors import LocalError, OverBudget, RemoteProtocolError
 from ..fingerprint import fingerprint
+from .budget import SizedLRU
 
 log = logging.getLogger("daedalus")
 
@@ -298,7 +298,10 @@ class ComfyBackend:
             for k, v in self.dm.state_dict().items()
             if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
         )
-        self._lora_cache: OrderedDict[str, list[tuple[torch.nn.Module, str, str, list]]] = OrderedDict()
+        # Forwarded LoRA sets, unpacked on the device, by hash: bounded in bytes (all clients share them).
+        self._lora_cache: SizedLRU[tuple[int, list[tuple[torch.nn.Module, str, str, list]]]] = SizedLRU(
+            cfg.max_lora_bytes, lambda entry: entry[0]
+        )
         log.info(
             "loaded %s: %s, %s, %.2f GB on %s (dtype %s)",
             self.model_name,
@@ -345,8 +348,14 @@ class ComfyBackend:
         """Unpack (once per hash) a forwarded patch set into (module, param, full key, patches)."""
         hit = self._lora_cache.get(h)
         if hit is not None:
-            self._lora_cache.move_to_end(h)
-            return hit
+            return hit[1]
+        size = blob.numel() * blob.element_size()  # unpacked, the patches take about the blob's bytes
+        if size > self._lora_cache.max_bytes:
+            raise OverBudget(
+                f"the forwarded LoRA set is {size / 1e6:.0f} MB, over this server's limit of "
+                f"{self._lora_cache.max_bytes / 1e6:.0f} MB for LoRA sets (--max-lora-mb)",
+                transient=False,
+            )
         import comfy.weight_adapter
 
         from .. import lora_io
@@ -365,7 +374,7 @@ class ComfyBackend:
             if param not in ("weight", "bias"):
                 raise RemoteProtocolError(f"forwarded LoRA patches {full_key}: only weights and biases can be patched")
             plan.append((self.dm.get_submodule(module_path), param, full_key, entries))
-        self._lora_cache[h] = plan
+        self._lora_cache.put(h, (size, plan))
         log.info(
             "client LoRA set %s: %d weights, %.1f MB, unpacked in %.1f ms",
             h[:12],
@@ -373,8 +382,6 @@ class ComfyBackend:
             blob.numel() / 1e6,
             (time.perf_counter() - t0) * 1e3,
         )
-        while len(self._lora_cache) > 8:
-            self._lora_cache.popitem(last=False)
         return plan
 
     @staticmethod

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LocalError
+from ..errors import LocalError, RemoteProtocolError
 from ..fingerprint import fingerprint
 
 
@@ -50,9 +50,12 @@ class ToyBackend:
         self.fingerprint = fingerprint(self.model.named_blocks(self.first))
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+        missing = [k for k in ("x", "bias") if k not in tensors]
+        if missing:
+            raise RemoteProtocolError(f"toy request lacks tensors {missing}")
         x, bias = tensors["x"], tensors["bias"]
         if x.ndim != 3 or x.shape[-1] != self.model.width:
-            raise ValueError(f"toy model expects x of shape [B, L, {self.model.width}], got {list(x.shape)}")
+            raise RemoteProtocolError(f"toy model expects x of shape [B, L, {self.model.width}], got {list(x.shape)}")
         out = self.model.run(x, bias, self.first)
         return {"out": out * float(scalars.get("scale", 1.0))}
 

@@ -414,7 +414,11 @@ def test_unknown_kind(kind):
 def test_header_len_over_limit_rejected_from_prefix():
     prefix = forge(MsgKind.PING, b"", hlen=constants.MAX_HEADER_BYTES + 1)
     assert len(prefix) == constants.PREFIX_SIZE
-    expect_error(prefix, "MAX_HEADER_BYTES")
+    expect_error(
+        prefix, f"header length {constants.MAX_HEADER_BYTES + 1} exceeds the limit of {constants.MAX_HEADER_BYTES}"
+    )
+    small = forge(MsgKind.PING, b"", hlen=1025)  # a decoder told a smaller limit (before auth) keeps to it
+    expect_error(small, "header length 1025 exceeds the limit of 1024", max_header=1024)
 
 
 def test_header_len_at_limit_is_accepted():
