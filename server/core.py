@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import codec, hostmem
+from .. import auth, codec, hostmem
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -53,6 +53,7 @@ from ..protocol import (
     WireTensor,
     content_hash,
 )
+from ..securelink import SecureLink
 from ..wirecodecs import temporal
 from ..wirecodecs.base import itemsize, numel, torch_dtype
 from .ratelog import RateLimitedLog
@@ -89,7 +90,10 @@ class ServerStats:
 
 
 class ServerState:
-    """What every connection shares: config, token, backend, GPU lock, stats."""
+    """What every connection shares: config, tokens, identity, backend, GPU lock, stats.
+
+    ``server_id``: the persistent identity the CLI and the window keep in the state folder
+    (``auth.load_or_create_server_id``); None makes one for this process (tests, demos)."""
 
     def __init__(
         self,
@@ -97,12 +101,15 @@ class ServerState:
         factory: BackendFactory,
         token: str | None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        server_id: str | None = None,
     ):
         if cfg.auth and not token:
             raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
         self.cfg = cfg
         self.factory = factory
-        self.token = token if cfg.auth else None
+        self.keyring: auth.Keyring | None = None
+        self.set_token(token)
+        self.server_id = server_id or auth.new_server_id()
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
@@ -110,6 +117,10 @@ class ServerState:
         # Lines a peer's garbage causes (bad frames, failed auth, timeouts): one budget for the server.
         self.peer_log = RateLimitedLog(log, PEER_LOG_LINES, PEER_LOG_INTERVAL_S)
         self.backend: Backend = factory(cfg.n_blocks)
+
+    def set_token(self, token: str | None) -> None:
+        """The default token (a regenerated one takes effect for new connections at once)."""
+        self.keyring = auth.Keyring.single(token) if self.cfg.auth and token else None
 
     def admit(self) -> bool:
         """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
@@ -196,7 +207,9 @@ class Session:
         self.closed = False
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
-        self.handshake = ServerHandshake(state.token, self._offer)
+        self.handshake = ServerHandshake(
+            state.keyring, self._offer, server_id=state.server_id, encrypt=state.cfg.encrypt
+        )
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
@@ -220,6 +233,17 @@ class Session:
             return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
         finally:
             self._account_codec_state()
+
+    @property
+    def link(self) -> SecureLink | None:
+        """The keys every frame after WELCOME is sealed with (None: not encrypted)."""
+        return self.handshake.link
+
+    @property
+    def token_name(self) -> str:
+        """The name of the token the client proved ("" without auth)."""
+        e = self.handshake.entry
+        return e.name if e is not None else ""
 
     def release(self) -> None:
         """The connection closed: its codec references and its client slot go back to the server."""
@@ -262,6 +286,8 @@ class Session:
             self.state.peer_log.warning("%s: bad handshake frame, closing: %s", self.peer, type(e).__name__)
             return [_err(ErrorCode.BAD_REQUEST, f"bad handshake frame ({type(e).__name__})")]
         self.closed = hs.closed
+        if hs.phase == "auth" and hs.unknown_key and hs.hello is not None and hs.hello.key_id:
+            self._auth_failed(f"unknown token (key id {hs.hello.key_id[:16]!r})")
         if hs.auth_failed:
             self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
         elif hs.ready:
@@ -482,11 +508,11 @@ def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_
         drained += len(chunk)
 
 
-def _send_last(conn: socket.socket, msg: Message) -> None:
+def _send_last(conn: socket.socket, msg: Message, link: SecureLink | None = None) -> None:
     """Best effort: one error frame to a peer that may not be reading, then close politely."""
     try:
         conn.settimeout(LINGER_S)
-        send_message(conn, msg)
+        send_message(conn, msg, link)
         _linger(conn)
     except (MeshError, OSError):
         pass
@@ -620,13 +646,14 @@ class DaedalusServer:
         # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
+        link: SecureLink | None = None  # after WELCOME: every frame sealed (securelink)
         try:
             tune_socket(conn)
             while not session.closed and not self._stop.is_set():
                 try:
-                    msg, n = recv_message(conn, dec, deadline)
+                    msg, n = recv_message(conn, dec, deadline, link)
                 except RemoteProtocolError as e:
-                    _send_last(conn, session.broken_frame(e))
+                    _send_last(conn, session.broken_frame(e), link)
                     break
                 except TimeoutError:
                     if deadline is not None:
@@ -657,11 +684,13 @@ class DaedalusServer:
                     conn.settimeout(cfg.idle_timeout_s)
                 for reply in replies:
                     try:
-                        send_message(conn, reply)
+                        send_message(conn, reply, link)
                     except (MeshError, OSError) as e:
                         st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True
                         break
+                if link is None and session.admitted:  # WELCOME went out in the clear; all else is sealed
+                    link = session.link
         finally:
             admitted = session.admitted
             session.release()

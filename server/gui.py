@@ -59,7 +59,9 @@ MAX_LOG_LINES = 2000
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BINDS = ("127.0.0.1", "0.0.0.0")
 # settings shown by a widget variable of the same name (the LoRA rows are handled on their own)
-SETTING_VARS = ("weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth", "gpu_entropy")
+SETTING_VARS = (
+    "weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth", "encrypt", "gpu_entropy"
+)  # fmt: skip
 COLORS = {"stopped": "#8a8f98", "starting": "#e0a030", "running": "#2fa84f", "stopping": "#e0a030", "error": "#d64545"}
 
 
@@ -115,7 +117,7 @@ class App:
         v.update({name: tk.StringVar() for name in str_vars})
         v.update(n_blocks=tk.IntVar(value=4), port=tk.IntVar(value=DEFAULT_PORT))
         v.update(auth=tk.BooleanVar(value=True), show_token=tk.BooleanVar(value=False))
-        v.update(gpu_entropy=tk.BooleanVar(value=True))
+        v.update(gpu_entropy=tk.BooleanVar(value=True), encrypt=tk.BooleanVar(value=True))
         row = 0
 
         def label(text: str) -> None:
@@ -182,8 +184,10 @@ class App:
         ttk.Button(f, text="Copy", command=self.copy_token).grid(row=0, column=2, padx=4)
         ttk.Button(f, text="Regenerate…", command=self.regenerate_token).grid(row=0, column=3)
         ttk.Checkbutton(f, text="require token", variable=v["auth"]).grid(row=0, column=4, padx=(8, 0))
+        # off = --no-encrypt: for a trusted same-host pair (clients accept it on loopback only)
+        ttk.Checkbutton(f, text="encrypt", variable=v["encrypt"]).grid(row=0, column=5, padx=(8, 0))
         # nvCOMP does not validate its bitstreams: untrusted clients should send zstd (--no-gpu-entropy)
-        ttk.Checkbutton(f, text="GPU-coded payloads", variable=v["gpu_entropy"]).grid(row=0, column=5, padx=(8, 0))
+        ttk.Checkbutton(f, text="GPU-coded payloads", variable=v["gpu_entropy"]).grid(row=0, column=6, padx=(8, 0))
         row += 1
         f = ttk.Frame(outer)
         f.grid(row=row, column=0, columnspan=3, sticky="ew", pady=(10, 4))
@@ -244,6 +248,7 @@ class App:
             comfyui_path=self.v["comfyui_path"].get().strip(),
             auth=bool(self.v["auth"].get()),
             gpu_entropy=bool(self.v["gpu_entropy"].get()),
+            encrypt=bool(self.v["encrypt"].get()),
             loras=loras,
         )
 

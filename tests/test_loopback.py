@@ -94,10 +94,10 @@ def test_wrong_token_is_rejected_and_server_stays_up(server):
 
 
 def test_server_proves_it_knows_the_token(server):
-    """A server without the token cannot fake the WELCOME proof."""
+    """A server that does not hold the client's token sends no proof: the client stops before its own."""
     srv, host, port = server
-    srv.state.token = "another-token-aaaaaaaaaaaa"  # server now checks against a different secret
-    with pytest.raises(AuthError):
+    srv.state.set_token("another-token-aaaaaaaaaaaa")  # server now holds a different secret
+    with pytest.raises(AuthError, match="rejected the token this ComfyUI uses"):
         _client(host, port).connect()
 
 
