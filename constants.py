@@ -77,6 +77,8 @@ SERVER_ID_BYTES = 16
 # HELLO names the token it will prove with by a key id: the first hex characters of
 # SHA-256("comfyui-mesh|key-id|" + token); "" without a token.
 KEY_ID_CHARS = 16
+# A running server looks for changes of its named tokens (<state dir>/tokens.json) this often, seconds.
+TOKEN_RELOAD_S = 1.0
 # "1" (exactly) lets the client accept a server that authenticates but does not encrypt (--no-encrypt)
 # on an address other than loopback.
 ALLOW_UNENCRYPTED_ENV = "COMFYUI_MESH_ALLOW_UNENCRYPTED"

@@ -202,6 +202,7 @@ class ErrorCode(str, enum.Enum):
     BUSY = "busy"
     STREAM_RESET = "stream_reset"
     CODEC_UNAVAILABLE = "codec_unavailable"
+    NOT_ALLOWED = "not_allowed"
 
     @classmethod
     def of(cls, code: str) -> "ErrorCode | None":

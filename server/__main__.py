@@ -42,7 +42,10 @@ LIMITS = (
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m comfyui_mesh.server", description="Daedalus: ComfyUI-Mesh back-half server"
+        prog="python -m comfyui_mesh.server",
+        description="Daedalus: ComfyUI-Mesh back-half server",
+        epilog="named tokens (per person or machine, with limits): python -m comfyui_mesh.server tokens "
+        "add NAME | revoke NAME | list (see its --help); a running server picks the changes up",
     )
     p.add_argument("--weights", help="model checkpoint (.safetensors), the same file the ComfyUI loader uses")
     p.add_argument("--n-blocks", type=int, default=4, help="blocks to serve, counted from the end of the model")
@@ -133,6 +136,15 @@ def make_factory(cfg: ServerConfig, toy: bool):
 
 def main(argv: list[str] | None = None) -> int:
     _guard_sys_path()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokens"]:  # named tokens: python -m comfyui_mesh.server tokens add|revoke|list
+        from .tokens import cli
+
+        try:
+            return cli(argv[1:])
+        except MeshError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     a = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
@@ -164,7 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("server id %s (clients pin it for this address)", server_id)
         if cfg.auth and not cfg.encrypt:
             log.warning("encryption is OFF (--no-encrypt): frames cross the network in the clear")
-        state = ServerState(cfg, make_factory(cfg, a.toy), token, server_id=server_id)
+        from .tokens import NamedTokens
+
+        named = NamedTokens(cfg.state_path) if cfg.auth else None
+        state = ServerState(cfg, make_factory(cfg, a.toy), token, server_id=server_id, named=named)
         server = DaedalusServer(state)
         host, port = server.start()
         b = state.backend

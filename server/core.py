@@ -31,6 +31,7 @@ from ..constants import (
     PEER_LOG_LINES,
     PRE_AUTH_MAX_BODY,
     STATUS_CLIENT_NAME,
+    TOKEN_RELOAD_S,
 )
 from ..errors import BackendUnavailable, LocalError, MeshError, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
@@ -56,7 +57,9 @@ from ..protocol import (
 from ..securelink import SecureLink
 from ..wirecodecs import temporal
 from ..wirecodecs.base import itemsize, numel, torch_dtype
+from . import tokens
 from .ratelog import RateLimitedLog
+from .tokens import NamedTokens
 
 log = logging.getLogger("daedalus")
 
@@ -93,7 +96,9 @@ class ServerState:
     """What every connection shares: config, tokens, identity, backend, GPU lock, stats.
 
     ``server_id``: the persistent identity the CLI and the window keep in the state folder
-    (``auth.load_or_create_server_id``); None makes one for this process (tests, demos)."""
+    (``auth.load_or_create_server_id``); None makes one for this process (tests, demos).
+    ``named``: the state folder's named tokens (``server.tokens``), accepted beside ``token`` (the
+    "default" one) and reloaded by ``reload_tokens``; None: the default token only."""
 
     def __init__(
         self,
@@ -102,13 +107,12 @@ class ServerState:
         token: str | None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         server_id: str | None = None,
+        named: NamedTokens | None = None,
     ):
         if cfg.auth and not token:
             raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
         self.cfg = cfg
         self.factory = factory
-        self.keyring: auth.Keyring | None = None
-        self.set_token(token)
         self.server_id = server_id or auth.new_server_id()
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
@@ -116,23 +120,87 @@ class ServerState:
         self.on_event = on_event
         # Lines a peer's garbage causes (bad frames, failed auth, timeouts): one budget for the server.
         self.peer_log = RateLimitedLog(log, PEER_LOG_LINES, PEER_LOG_INTERVAL_S)
+        self.named = named if cfg.auth else None
+        self.keyring: auth.Keyring | None = None
+        self._default_token = token
+        self._named_entries: list[auth.TokenEntry] = []
+        self._named_sig: object = "unread"
+        self._sessions: set[Session] = set()  # admitted (authenticated, holding a client slot)
+        self.reload_tokens()
         self.backend: Backend = factory(cfg.n_blocks)
 
     def set_token(self, token: str | None) -> None:
-        """The default token (a regenerated one takes effect for new connections at once)."""
-        self.keyring = auth.Keyring.single(token) if self.cfg.auth and token else None
+        """A new default token (the window's Regenerate…): new connections need it at once, and the
+        sessions that proved the old one are closed."""
+        self._default_token = token
+        self._swap_keyring()
 
-    def admit(self) -> bool:
-        """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
+    def reload_tokens(self) -> bool:
+        """Re-read the named tokens if their file changed (the CLI or the window edited it); sessions of
+        a revoked token are closed. False when nothing changed or the file cannot be read (the tokens
+        in use stay, one warning is logged)."""
+        if self.named is None:
+            if self.keyring is None:
+                self._swap_keyring()
+            return False
+        sig = self.named.signature()
+        if sig == self._named_sig:
+            return False
+        self._named_sig = sig
+        try:
+            self._named_entries = self.named.read()
+        except LocalError as e:
+            log.warning("%s (the tokens loaded before stay in use)", e)
+            return False
+        self._swap_keyring()
+        return True
+
+    def _swap_keyring(self) -> None:
+        ring = tokens.keyring(self._default_token, self._named_entries) if self.cfg.auth else None
         with self._stats_lock:
-            if self.stats.clients >= self.cfg.max_clients:
-                return False
-            self.stats.clients += 1
-            return True
+            self.keyring = ring
+            gone = [s for s in self._sessions if not self._holds(s)]
+        if ring is not None:
+            log.info("tokens: %s", ", ".join(e.name for e in ring.entries()))
+            self.emit(kind="tokens", names=[e.name for e in ring.entries()])
+        for s in gone:
+            log.info("%s: token '%s' was revoked or replaced: closing its session", s.peer, s.token_name)
+            s.kick()
 
-    def leave(self) -> None:
+    def _holds(self, session: Session) -> bool:
+        """Under ``_stats_lock``: the token ``session`` proved is still one this server accepts."""
+        e = session.handshake.entry
+        if e is None or self.keyring is None:
+            return e is None and self.keyring is None
+        now = self.keyring.lookup(auth.key_id(e.token))
+        return now is not None and now.name == e.name
+
+    def admit(self, session: Session) -> Error | None:
+        """An authenticated session takes one of ``cfg.max_clients`` slots (and, with a token limited to
+        ``max_sessions``, one of its own; status probes do not count there); the refusal otherwise."""
+        e = session.handshake.entry
+        with self._stats_lock:
+            if not self._holds(session):
+                return _err(ErrorCode.AUTH_FAILED, "token revoked")
+            n = self.cfg.max_clients
+            if self.stats.clients >= n:
+                return _err(ErrorCode.BUSY, f"server has {n} clients, the limit")
+            if e is not None and e.max_sessions and not session.status_probe:
+                mine = sum(1 for s in self._sessions if s.token_name == e.name and not s.status_probe)
+                if mine >= e.max_sessions:
+                    return _err(
+                        ErrorCode.BUSY,
+                        f"token '{e.name}' has {mine} sessions open, its limit (the server's operator sets it: "
+                        "tokens add --max-sessions)",
+                    )
+            self.stats.clients += 1
+            self._sessions.add(session)
+            return None
+
+    def leave(self, session: Session) -> None:
         with self._stats_lock:
             self.stats.clients -= 1
+            self._sessions.discard(session)
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:
@@ -213,6 +281,8 @@ class Session:
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
+        # Ends the connection from another thread (its token was revoked); the server sets it.
+        self.kick: Callable[[], None] = lambda: None
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
@@ -251,7 +321,7 @@ class Session:
         self._account_codec_state()
         if self.admitted:
             self.admitted = False
-            self.state.leave()
+            self.state.leave(self)
 
     def broken_frame(self, e: RemoteProtocolError) -> Error:
         """The decoder failed on the peer's bytes: the error frame to send before closing. An AUTH
@@ -291,19 +361,20 @@ class Session:
         if hs.auth_failed:
             self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
         elif hs.ready:
-            if not self.state.admit():
-                self.closed = True
-                n = self.state.cfg.max_clients
-                self.state.peer_log.warning("%s: authenticated, but %d clients are connected (the limit)", self.peer, n)
-                return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
-            self.admitted = True
             name = hs.hello.client_name if hs.hello else "?"
             self.status_probe = name == STATUS_CLIENT_NAME
+            refused = self.state.admit(self)
+            if refused is not None:
+                self.closed = True
+                self.state.peer_log.warning("%s: authenticated, but refused: %s", self.peer, refused.message)
+                return [refused]
+            self.admitted = True
+            token = f" (token '{self.token_name}')" if self.token_name else ""
             if self.status_probe:  # a node's status light checking its token: not a client session
-                log.debug("%s: status probe authenticated", self.peer)
+                log.debug("%s: status probe authenticated%s", self.peer, token)
             else:
-                log.info("%s: client '%s' connected", self.peer, name)
-                self.state.emit(kind="client", peer=self.peer, connected=True)
+                log.info("%s: client '%s' connected%s", self.peer, name, token)
+                self.state.emit(kind="client", peer=self.peer, connected=True, token=self.token_name)
         return replies
 
     def _account_codec_state(self) -> int:
@@ -344,6 +415,19 @@ class Session:
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
             return [Pong(seq=msg.seq, tensors=tensors)]
         if isinstance(msg, Reconfigure):
+            entry = self.handshake.entry
+            if entry is not None and not entry.may_reconfigure:
+                b = self.state.backend
+                self.state.peer_log.warning("%s: token '%s' may not reconfigure; refused", self.peer, entry.name)
+                return [
+                    _err(
+                        ErrorCode.NOT_ALLOWED,
+                        f"token '{entry.name}' may not reconfigure this server (it holds the last {b.n_blocks} "
+                        f"blocks of {b.model_name}): set n_blocks_remote to {b.n_blocks}, or ask the server's "
+                        "operator to allow it (a token made with tokens add --may-reconfigure)",
+                        n_blocks=b.n_blocks,
+                    )
+                ]
             try:
                 b, no_op = self.state.reconfigure(msg.n_blocks)
             except LocalError as e:
@@ -475,11 +559,18 @@ class Session:
         st.stats.steps += 1
         st.stats.bytes_in += bytes_in
         st.stats.bytes_out += bytes_out
-        st.stats.last_step = {"peer": self.peer, "bytes_in": bytes_in, "bytes_out": bytes_out, **timings}
+        st.stats.last_step = {
+            "peer": self.peer,
+            "token": self.token_name,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            **timings,
+        }
         log.info(
-            "step %d %s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
+            "step %d %s%s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
             msg.seq,
             self.peer,
+            f" [{self.token_name}]" if self.token_name else "",
             bytes_in / 1e6,
             bytes_out / 1e6,
             timings["decode"],
@@ -560,7 +651,16 @@ class DaedalusServer:
         self.address = s.getsockname()[:2]
         self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
         self._accept_thread.start()
+        if self.state.named is not None:  # the CLI or the window may add or revoke tokens while it runs
+            threading.Thread(target=self._watch_tokens, name="daedalus-tokens", daemon=True).start()
         return self.address
+
+    def _watch_tokens(self) -> None:
+        while not self._stop.wait(TOKEN_RELOAD_S):
+            try:
+                self.state.reload_tokens()
+            except Exception:  # never let the watcher die silently: the next change would go unnoticed
+                log.exception("reloading the named tokens failed")
 
     def serve_forever(self) -> None:
         if self._sock is None:
@@ -624,10 +724,11 @@ class DaedalusServer:
         self._evicted.add(victim)
         return victim
 
-    def _push_out(self, conn: socket.socket) -> None:
-        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes."""
+    def _push_out(self, conn: socket.socket, how: int = socket.SHUT_RD) -> None:
+        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes (with
+        SHUT_RDWR, a revoked token's session, it just closes)."""
         try:
-            conn.shutdown(socket.SHUT_RD)
+            conn.shutdown(how)
         except OSError:
             pass
 
@@ -641,6 +742,7 @@ class DaedalusServer:
         st = self.state
         cfg = st.cfg
         session = Session(st, peer)
+        session.kick = lambda: self._push_out(conn, socket.SHUT_RDWR)
         # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
         # Big frames land in memory the OS commits as their bytes arrive (hostmem.lazy_buffer): a
         # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.

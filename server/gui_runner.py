@@ -20,6 +20,7 @@ from .. import arch, auth
 from ..config import ServerConfig
 from ..constants import DEFAULT_BIND, DEFAULT_PORT
 from ..errors import LocalError, MeshError
+from .tokens import NamedTokens
 
 log = logging.getLogger("daedalus")
 
@@ -170,7 +171,12 @@ class ServerRunner:
             try:
                 sid = auth.load_or_create_server_id(cfg.server_id_path) if cfg.auth else None
                 state = ServerState(
-                    cfg, self._factory(cfg), token, on_event=lambda e: self.events.put(("server", e)), server_id=sid
+                    cfg,
+                    self._factory(cfg),
+                    token,
+                    on_event=lambda e: self.events.put(("server", e)),
+                    server_id=sid,
+                    named=NamedTokens(cfg.state_path) if cfg.auth else None,
                 )
                 server = DaedalusServer(state)
                 host, port = server.start()
@@ -220,8 +226,13 @@ class ServerRunner:
             log.info("stopped")
             self._status("stopped", "stopped")
 
+    def reload_tokens(self) -> None:
+        """The window changed the named tokens: the running server takes them now (not in a second)."""
+        if self.state is not None:
+            self.state.reload_tokens()
+
     def set_token(self, token: str | None) -> None:
-        """A regenerated token takes effect for new connections at once."""
+        """A regenerated token takes effect for new connections at once (sessions of the old one close)."""
         if self.state is not None and self.state.cfg.auth:
             self.state.set_token(token)
 

@@ -89,7 +89,7 @@ def test_paired_handshake_with_a_token_opens_the_session():
     )
     assert ch.nonce == session.handshake.nonce and log[0].nonce == client.nonce != ch.nonce
     assert client.problems == [] and client.error is None
-    assert events == [{"kind": "client", "peer": "memory:1", "connected": True}]
+    assert events == [{"kind": "client", "peer": "memory:1", "connected": True, "token": "default"}]
     assert session.handle(protocol.Ping(seq=7)) == [protocol.Pong(seq=7)]  # the session is open
 
 
