@@ -44,6 +44,11 @@ class ClientConfig:
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds for the hello/auth exchange
     read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply
     client_name: str = "icarus"
+    # The JSON file where the server id of each host:port is pinned on first use (auth.TokenStore: the
+    # node's tokens.json); "" = nothing pinned.
+    trust_file: str = ""
+    # Accept a server that authenticates but does not encrypt (--no-encrypt) on a non-loopback address.
+    allow_unencrypted: bool = False
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -73,6 +78,9 @@ class ServerConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (compute/storage dtype)
     comfyui_path: str = ""  # ComfyUI checkout; "" = COMFYUI_PATH or a sibling folder
     auth: bool = True  # False only with the explicit --no-auth flag
+    # Seal every frame after the handshake (AES-256-GCM, keys from the token); False (--no-encrypt) only
+    # for trusted same-host pairs: clients accept it on loopback or when their user allows it.
+    encrypt: bool = True
     state_dir: str = ""  # token + settings folder; "" = default_state_dir()
     max_clients: int = MAX_CLIENTS  # authenticated sessions at once (GPU work is serialized)
     idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent authenticated client is dropped
@@ -124,6 +132,10 @@ class ServerConfig:
     @property
     def token_path(self) -> Path:
         return self.state_path / "token"
+
+    @property
+    def server_id_path(self) -> Path:
+        return self.state_path / "server_id"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServerConfig:

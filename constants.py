@@ -12,7 +12,7 @@ PACKAGE_VERSION = "0.2.0"
 MAGIC = b"MESH"
 # Bumped on any change to the frame layout or to a message's required fields.
 # Both sides must speak the same version; the frame decoder names both on mismatch.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 # Frame prefix: magic(4) version(u16) kind(u16) header_len(u32) body_len(u64) crc32(u32).
 PREFIX_SIZE = 24
@@ -72,6 +72,20 @@ LINGER_S = 1.0
 TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)
 NONCE_BYTES = 32
 TOKEN_ENV = "COMFYUI_MESH_TOKEN"
+# The server's identity: random bytes, made on first start and kept in <state dir>/server_id (0600);
+# sent as lowercase hex in CHALLENGE, covered by both proofs, pinned by clients per host:port.
+SERVER_ID_BYTES = 16
+# HELLO names the token it will prove with by a key id: the first hex characters of
+# SHA-256("comfyui-mesh|key-id|" + token); "" without a token.
+KEY_ID_CHARS = 16
+# A running server looks for changes of its named tokens (<state dir>/tokens.json) this often, seconds.
+TOKEN_RELOAD_S = 1.0
+# "1" (exactly) lets the client accept a server that authenticates but does not encrypt (--no-encrypt)
+# on an address other than loopback.
+ALLOW_UNENCRYPTED_ENV = "COMFYUI_MESH_ALLOW_UNENCRYPTED"
+# The encrypted link (securelink.py): a frame travels as records of at most this many plaintext bytes,
+# each sealed with AES-256-GCM (16-byte tag) under a per-direction key and a counter nonce.
+RECORD_PLAINTEXT_BYTES = 4 << 20
 # "1" (exactly) accepts a different ComfyUI release, torch minor release or back-half fingerprint.
 SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
 # Debug option of Icarus: a path prefix; each remote call then writes the seam tensors it sends

@@ -123,15 +123,19 @@ class Hello(Message):
     fingerprint: str = ""  # hash of the back half as the client has it; "" = don't check
     codecs: list = field(default_factory=list)  # wire ids the client can decode
     client_name: str = ""
+    key_id: str = ""  # which token the client will prove with (auth.key_id); "" = none
 
 
 @dataclass(frozen=True)
 class Challenge(Message):
-    """Server -> client. Carries the server's nonce and everything the client checks."""
+    """Server -> client. Carries the server's nonce, identity and proof, and everything the client checks."""
 
     KIND: ClassVar[MsgKind] = MsgKind.CHALLENGE
     nonce: str = ""
     auth: str = "hmac-sha256"  # or "none" when the server runs with --no-auth
+    server_id: str = ""  # the server's persistent identity (hex); the client pins it per host:port
+    mac: str = ""  # the server's proof over the transcript; "" when it holds no token of HELLO's key id
+    link: str = "aes-256-gcm"  # frames after WELCOME: sealed (securelink), or "none" (--no-auth, --no-encrypt)
     package_version: str = ""
     comfyui_version: str = ""
     torch_version: str = ""
@@ -146,7 +150,7 @@ class Challenge(Message):
 
 @dataclass(frozen=True)
 class Auth(Message):
-    """Client -> server: HMAC(token, client proof) in hex."""
+    """Client -> server: the client's proof over the transcript, in hex (sent after it checked the server's)."""
 
     KIND: ClassVar[MsgKind] = MsgKind.AUTH
     mac: str = ""
@@ -154,10 +158,9 @@ class Auth(Message):
 
 @dataclass(frozen=True)
 class Welcome(Message):
-    """Server -> client: the session is open. ``mac`` proves the server knows the token."""
+    """Server -> client, the last frame in the clear: the session is open (sealed from the next frame on)."""
 
     KIND: ClassVar[MsgKind] = MsgKind.WELCOME
-    mac: str = ""
     session: str = ""
 
 
@@ -199,6 +202,7 @@ class ErrorCode(str, enum.Enum):
     BUSY = "busy"
     STREAM_RESET = "stream_reset"
     CODEC_UNAVAILABLE = "codec_unavailable"
+    NOT_ALLOWED = "not_allowed"
 
     @classmethod
     def of(cls, code: str) -> "ErrorCode | None":

@@ -14,11 +14,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from . import codec, handshake, hostmem
+from . import auth, codec, handshake, hostmem
 from .config import ClientConfig
 from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SKEW_ENV
 from .errors import (
@@ -28,7 +29,7 @@ from .errors import (
     RemoteFailure,
     RemoteProtocolError,
 )
-from .netio import recv_message, send_message, tune_socket
+from .netio import is_loopback, recv_message, send_message, tune_socket
 from .protocol import (
     Bye,
     Challenge,
@@ -48,6 +49,7 @@ from .protocol import (
     content_hash,
     tensor_map,
 )
+from .securelink import SecureLink
 from .wirecodecs import auto as codec_auto
 from .wirecodecs import temporal
 
@@ -94,6 +96,7 @@ class MeshClient:
         self.comfyui_version = comfyui_version
         self.server: Challenge | None = None
         self._sock: socket.socket | None = None
+        self._link: SecureLink | None = None  # the connection's keys (None: the server does not encrypt)
         self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
@@ -135,7 +138,7 @@ class MeshClient:
             self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
             try:
                 sock.settimeout(self.cfg.handshake_timeout_s)
-                self.server = self._handshake(sock)
+                self.server, self._link = self._handshake(sock)
             except BaseException:
                 sock.close()
                 raise
@@ -146,9 +149,9 @@ class MeshClient:
             self._reset_codec_state()  # a new server session: the next coded frames must be keyframes
             return self.server
 
-    def _recv(self, sock: socket.socket) -> tuple[Message, int]:
+    def _recv(self, sock: socket.socket, link: SecureLink | None = None) -> tuple[Message, int]:
         try:
-            msg, n = recv_message(sock, self._dec)
+            msg, n = recv_message(sock, self._dec, link=link)
         except TimeoutError:
             raise ServerTimeout(
                 f"{self._where()} did not answer within {sock.gettimeout():.0f} s — is the server stuck or overloaded?"
@@ -159,7 +162,13 @@ class MeshClient:
             raise handshake.remote_error(self._where(), msg)
         return msg, n
 
-    def _handshake(self, sock: socket.socket) -> Challenge:
+    def _pins(self) -> auth.TokenStore:
+        """Where the server id of each host:port is pinned (``ClientConfig.trust_file``)."""
+        return auth.TokenStore(Path(self.cfg.trust_file) if self.cfg.trust_file else None)
+
+    def _handshake(self, sock: socket.socket) -> tuple[Challenge, SecureLink | None]:
+        pins = self._pins()
+        pinned = pins.pinned_id(self.cfg.host, self.cfg.port)
         hs = handshake.ClientHandshake(
             handshake.Expect.of(self.expect),
             handshake.local_versions(self.comfyui_version),
@@ -168,6 +177,8 @@ class MeshClient:
             client_name=self.cfg.client_name,
             allow_skew=handshake.allow_skew(),
             where=self._where(),
+            pinned_id=pinned,
+            plaintext_ok=is_loopback(sock) or self.cfg.allow_unencrypted or handshake.allow_unencrypted(),
         )
         try:
             send_message(sock, hs.hello())
@@ -184,17 +195,20 @@ class MeshClient:
                 raise p.exception()
             log.warning("ComfyUI-Mesh: %s — accepted because %s=1", p.message, SKEW_ENV)
         assert hs.challenge is not None
-        return hs.challenge
+        if hs.authenticated and not pinned:  # trust on first use, once the server proved the token
+            pins.pin(self.cfg.host, self.cfg.port, hs.challenge.server_id)
+        return hs.challenge, hs.link
 
     def close(self, reason: str = "") -> None:
         with self._lock:
             sock, self._sock = self._sock, None
+            link, self._link = self._link, None
             self._sent_consts.clear()
             self._codec_state.clear()
             if sock is not None:
                 try:
                     sock.settimeout(1.0)
-                    send_message(sock, Bye(reason=reason))
+                    send_message(sock, Bye(reason=reason), link)
                 except OSError:
                     pass
                 sock.close()
@@ -204,7 +218,7 @@ class MeshClient:
         sock = self._sock
         assert sock is not None
         try:
-            sent = send_message(sock, msg)
+            sent = send_message(sock, msg, self._link)
         except TimeoutError:
             self.close()
             raise ConnectFailed(f"sending to {self._where()} timed out") from None
@@ -212,7 +226,7 @@ class MeshClient:
             self.close()
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         try:
-            reply, got = self._recv(sock)
+            reply, got = self._recv(sock, self._link)
         except (ConnectFailed, RemoteProtocolError):
             self.close()
             raise

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import codec, hostmem
+from .. import auth, codec, hostmem
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -33,6 +33,7 @@ from ..constants import (
     PRE_AUTH_MAX_BODY,
     PRE_AUTH_MAX_HEADER,
     STATUS_CLIENT_NAME,
+    TOKEN_RELOAD_S,
 )
 from ..errors import BackendUnavailable, LocalError, MeshError, OverBudget, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
@@ -55,10 +56,13 @@ from ..protocol import (
     WireTensor,
     content_hash,
 )
+from ..securelink import SecureLink
 from ..wirecodecs import temporal
 from ..wirecodecs.base import itemsize, numel, torch_dtype
+from . import tokens
 from .budget import Budget, Budgets, SizedLRU
 from .ratelog import RateLimitedLog
+from .tokens import NamedTokens
 
 log = logging.getLogger("daedalus")
 
@@ -92,7 +96,12 @@ class ServerStats:
 
 
 class ServerState:
-    """What every connection shares: config, token, backend, GPU lock, stats."""
+    """What every connection shares: config, tokens, identity, backend, GPU lock, stats.
+
+    ``server_id``: the persistent identity the CLI and the window keep in the state folder
+    (``auth.load_or_create_server_id``); None makes one for this process (tests, demos).
+    ``named``: the state folder's named tokens (``server.tokens``), accepted beside ``token`` (the
+    "default" one) and reloaded by ``reload_tokens``; None: the default token only."""
 
     def __init__(
         self,
@@ -100,12 +109,14 @@ class ServerState:
         factory: BackendFactory,
         token: str | None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        server_id: str | None = None,
+        named: NamedTokens | None = None,
     ):
         if cfg.auth and not token:
             raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
         self.cfg = cfg
         self.factory = factory
-        self.token = token if cfg.auth else None
+        self.server_id = server_id or auth.new_server_id()
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
@@ -122,19 +133,87 @@ class ServerState:
                 "--max-codec-state-total-mb",
             ),
         )
+        self.named = named if cfg.auth else None
+        self.keyring: auth.Keyring | None = None
+        self._default_token = token
+        self._named_entries: list[auth.TokenEntry] = []
+        self._named_sig: object = "unread"
+        self._sessions: set[Session] = set()  # admitted (authenticated, holding a client slot)
+        self.reload_tokens()
         self.backend: Backend = factory(cfg.n_blocks)
 
-    def admit(self) -> bool:
-        """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
-        with self._stats_lock:
-            if self.stats.clients >= self.cfg.max_clients:
-                return False
-            self.stats.clients += 1
-            return True
+    def set_token(self, token: str | None) -> None:
+        """A new default token (the window's Regenerate…): new connections need it at once, and the
+        sessions that proved the old one are closed."""
+        self._default_token = token
+        self._swap_keyring()
 
-    def leave(self) -> None:
+    def reload_tokens(self) -> bool:
+        """Re-read the named tokens if their file changed (the CLI or the window edited it); sessions of
+        a revoked token are closed. False when nothing changed or the file cannot be read (the tokens
+        in use stay, one warning is logged)."""
+        if self.named is None:
+            if self.keyring is None:
+                self._swap_keyring()
+            return False
+        sig = self.named.signature()
+        if sig == self._named_sig:
+            return False
+        self._named_sig = sig
+        try:
+            self._named_entries = self.named.read()
+        except LocalError as e:
+            log.warning("%s (the tokens loaded before stay in use)", e)
+            return False
+        self._swap_keyring()
+        return True
+
+    def _swap_keyring(self) -> None:
+        ring = tokens.keyring(self._default_token, self._named_entries) if self.cfg.auth else None
+        with self._stats_lock:
+            self.keyring = ring
+            gone = [s for s in self._sessions if not self._holds(s)]
+        if ring is not None:
+            log.info("tokens: %s", ", ".join(e.name for e in ring.entries()))
+            self.emit(kind="tokens", names=[e.name for e in ring.entries()])
+        for s in gone:
+            log.info("%s: token '%s' was revoked or replaced: closing its session", s.peer, s.token_name)
+            s.kick()
+
+    def _holds(self, session: Session) -> bool:
+        """Under ``_stats_lock``: the token ``session`` proved is still one this server accepts."""
+        e = session.handshake.entry
+        if e is None or self.keyring is None:
+            return e is None and self.keyring is None
+        now = self.keyring.lookup(auth.key_id(e.token))
+        return now is not None and now.name == e.name
+
+    def admit(self, session: Session) -> Error | None:
+        """An authenticated session takes one of ``cfg.max_clients`` slots (and, with a token limited to
+        ``max_sessions``, one of its own; status probes do not count there); the refusal otherwise."""
+        e = session.handshake.entry
+        with self._stats_lock:
+            if not self._holds(session):
+                return _err(ErrorCode.AUTH_FAILED, "token revoked")
+            n = self.cfg.max_clients
+            if self.stats.clients >= n:
+                return _err(ErrorCode.BUSY, f"server has {n} clients, the limit")
+            if e is not None and e.max_sessions and not session.status_probe:
+                mine = sum(1 for s in self._sessions if s.token_name == e.name and not s.status_probe)
+                if mine >= e.max_sessions:
+                    return _err(
+                        ErrorCode.BUSY,
+                        f"token '{e.name}' has {mine} sessions open, its limit (the server's operator sets it: "
+                        "tokens add --max-sessions)",
+                    )
+            self.stats.clients += 1
+            self._sessions.add(session)
+            return None
+
+    def leave(self, session: Session) -> None:
         with self._stats_lock:
             self.stats.clients -= 1
+            self._sessions.discard(session)
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:
@@ -211,10 +290,14 @@ class Session:
         self.closed = False
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
-        self.handshake = ServerHandshake(state.token, self._offer)
+        self.handshake = ServerHandshake(
+            state.keyring, self._offer, server_id=state.server_id, encrypt=state.cfg.encrypt
+        )
         self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
+        # Ends the connection from another thread (its token was revoked); the server sets it.
+        self.kick: Callable[[], None] = lambda: None
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
@@ -240,6 +323,17 @@ class Session:
         finally:
             self._account_codec_state()
 
+    @property
+    def link(self) -> SecureLink | None:
+        """The keys every frame after WELCOME is sealed with (None: not encrypted)."""
+        return self.handshake.link
+
+    @property
+    def token_name(self) -> str:
+        """The name of the token the client proved ("" without auth)."""
+        e = self.handshake.entry
+        return e.name if e is not None else ""
+
     def release(self) -> None:
         """The connection closed: its codec references, constants and client slot go back to the server."""
         self.codec_state.clear()
@@ -247,7 +341,7 @@ class Session:
         self.consts.clear()
         if self.admitted:
             self.admitted = False
-            self.state.leave()
+            self.state.leave(self)
 
     def broken_frame(self, e: RemoteProtocolError) -> Error:
         """The decoder failed on the peer's bytes: the error frame to send before closing. An AUTH
@@ -282,22 +376,25 @@ class Session:
             self.state.peer_log.warning("%s: bad handshake frame, closing: %s", self.peer, type(e).__name__)
             return [_err(ErrorCode.BAD_REQUEST, f"bad handshake frame ({type(e).__name__})")]
         self.closed = hs.closed
+        if hs.phase == "auth" and hs.unknown_key and hs.hello is not None and hs.hello.key_id:
+            self._auth_failed(f"unknown token (key id {hs.hello.key_id[:16]!r})")
         if hs.auth_failed:
             self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
         elif hs.ready:
-            if not self.state.admit():
-                self.closed = True
-                n = self.state.cfg.max_clients
-                self.state.peer_log.warning("%s: authenticated, but %d clients are connected (the limit)", self.peer, n)
-                return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
-            self.admitted = True
             name = hs.hello.client_name if hs.hello else "?"
             self.status_probe = name == STATUS_CLIENT_NAME
+            refused = self.state.admit(self)
+            if refused is not None:
+                self.closed = True
+                self.state.peer_log.warning("%s: authenticated, but refused: %s", self.peer, refused.message)
+                return [refused]
+            self.admitted = True
+            token = f" (token '{self.token_name}')" if self.token_name else ""
             if self.status_probe:  # a node's status light checking its token: not a client session
-                log.debug("%s: status probe authenticated", self.peer)
+                log.debug("%s: status probe authenticated%s", self.peer, token)
             else:
-                log.info("%s: client '%s' connected", self.peer, name)
-                self.state.emit(kind="client", peer=self.peer, connected=True)
+                log.info("%s: client '%s' connected%s", self.peer, name, token)
+                self.state.emit(kind="client", peer=self.peer, connected=True, token=self.token_name)
         return replies
 
     def _account_codec_state(self) -> int:
@@ -339,6 +436,19 @@ class Session:
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
             return [Pong(seq=msg.seq, tensors=tensors)]
         if isinstance(msg, Reconfigure):
+            entry = self.handshake.entry
+            if entry is not None and not entry.may_reconfigure:
+                b = self.state.backend
+                self.state.peer_log.warning("%s: token '%s' may not reconfigure; refused", self.peer, entry.name)
+                return [
+                    _err(
+                        ErrorCode.NOT_ALLOWED,
+                        f"token '{entry.name}' may not reconfigure this server (it holds the last {b.n_blocks} "
+                        f"blocks of {b.model_name}): set n_blocks_remote to {b.n_blocks}, or ask the server's "
+                        "operator to allow it (a token made with tokens add --may-reconfigure)",
+                        n_blocks=b.n_blocks,
+                    )
+                ]
             try:
                 b, no_op = self.state.reconfigure(msg.n_blocks)
             except LocalError as e:
@@ -482,11 +592,18 @@ class Session:
         st.stats.steps += 1
         st.stats.bytes_in += bytes_in
         st.stats.bytes_out += bytes_out
-        st.stats.last_step = {"peer": self.peer, "bytes_in": bytes_in, "bytes_out": bytes_out, **timings}
+        st.stats.last_step = {
+            "peer": self.peer,
+            "token": self.token_name,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            **timings,
+        }
         log.info(
-            "step %d %s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
+            "step %d %s%s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
             msg.seq,
             self.peer,
+            f" [{self.token_name}]" if self.token_name else "",
             bytes_in / 1e6,
             bytes_out / 1e6,
             timings["decode"],
@@ -515,11 +632,11 @@ def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_
         drained += len(chunk)
 
 
-def _send_last(conn: socket.socket, msg: Message) -> None:
+def _send_last(conn: socket.socket, msg: Message, link: SecureLink | None = None) -> None:
     """Best effort: one error frame to a peer that may not be reading, then close politely."""
     try:
         conn.settimeout(LINGER_S)
-        send_message(conn, msg)
+        send_message(conn, msg, link)
         _linger(conn)
     except (MeshError, OSError):
         pass
@@ -567,7 +684,16 @@ class DaedalusServer:
         self.address = s.getsockname()[:2]
         self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
         self._accept_thread.start()
+        if self.state.named is not None:  # the CLI or the window may add or revoke tokens while it runs
+            threading.Thread(target=self._watch_tokens, name="daedalus-tokens", daemon=True).start()
         return self.address
+
+    def _watch_tokens(self) -> None:
+        while not self._stop.wait(TOKEN_RELOAD_S):
+            try:
+                self.state.reload_tokens()
+            except Exception:  # never let the watcher die silently: the next change would go unnoticed
+                log.exception("reloading the named tokens failed")
 
     def serve_forever(self) -> None:
         if self._sock is None:
@@ -631,10 +757,11 @@ class DaedalusServer:
         self._evicted.add(victim)
         return victim
 
-    def _push_out(self, conn: socket.socket) -> None:
-        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes."""
+    def _push_out(self, conn: socket.socket, how: int = socket.SHUT_RD) -> None:
+        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes (with
+        SHUT_RDWR, a revoked token's session, it just closes)."""
         try:
-            conn.shutdown(socket.SHUT_RD)
+            conn.shutdown(how)
         except OSError:
             pass
 
@@ -648,23 +775,25 @@ class DaedalusServer:
         st = self.state
         cfg = st.cfg
         session = Session(st, peer)
+        session.kick = lambda: self._push_out(conn, socket.SHUT_RDWR)
         # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
         # Big frames land in memory the OS commits as their bytes arrive (hostmem.lazy_buffer): a
         # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, max_header=PRE_AUTH_MAX_HEADER, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
+        link: SecureLink | None = None  # after WELCOME: every frame sealed (securelink)
         try:
             tune_socket(conn)
             while not session.closed and not self._stop.is_set():
                 try:
-                    msg, n = recv_message(conn, dec, deadline)
+                    msg, n = recv_message(conn, dec, deadline, link)
                 except RemoteProtocolError as e:
-                    _send_last(conn, session.broken_frame(e))
+                    _send_last(conn, session.broken_frame(e), link)
                     break
                 except OverBudget as e:  # a frame the server-wide budget has no room for: refused unread
                     st.stats.errors += 1
                     st.peer_log.warning("%s: refused a frame: %s", peer, e)
-                    _send_last(conn, _err(ErrorCode.BUSY, str(e), transient=e.transient))
+                    _send_last(conn, _err(ErrorCode.BUSY, str(e), transient=e.transient), link)
                     break
                 except TimeoutError:
                     if deadline is not None:
@@ -698,12 +827,14 @@ class DaedalusServer:
                 del msg  # the frame (and its budget) is free while the connection waits for the next one
                 for reply in replies:
                     try:
-                        send_message(conn, reply)
+                        send_message(conn, reply, link)
                     except (MeshError, OSError) as e:
                         st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True
                         break
                 del replies
+                if link is None and session.admitted:  # WELCOME went out in the clear; all else is sealed
+                    link = session.link
         finally:
             admitted = session.admitted
             session.release()

@@ -153,7 +153,9 @@ def test_frames_of_all_connections_share_the_inflight_budget():
         a, sa = authenticated_socket(srv)
         header = b"{}"
         prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 6 * MiB, 0)
-        sa.sendall(prefix + header + b"\0" * (2 * MiB))  # the server reserves the whole frame now
+        assert a._link is not None  # frames after the handshake travel sealed
+        for rec_header, sealed in a._link.sealer.seal([prefix + header + b"\0" * (2 * MiB)]):
+            sa.sendall(rec_header + sealed)  # the server reserves the whole frame now
         assert wait_for(lambda: srv.state.budgets.inflight.used >= 6 * MiB)
         b = client(srv)
         with pytest.raises(RemoteFailure, match=r"other clients hold .*--max-inflight-mb.*try again") as e:

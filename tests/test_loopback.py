@@ -94,10 +94,10 @@ def test_wrong_token_is_rejected_and_server_stays_up(server):
 
 
 def test_server_proves_it_knows_the_token(server):
-    """A server without the token cannot fake the WELCOME proof."""
+    """A server that does not hold the client's token sends no proof: the client stops before its own."""
     srv, host, port = server
-    srv.state.token = "another-token-aaaaaaaaaaaa"  # server now checks against a different secret
-    with pytest.raises(AuthError):
+    srv.state.set_token("another-token-aaaaaaaaaaaa")  # server now holds a different secret
+    with pytest.raises(AuthError, match="rejected the token this ComfyUI uses"):
         _client(host, port).connect()
 
 
@@ -450,7 +450,10 @@ def test_the_server_does_not_commit_a_declared_body_before_it_arrives(server):
     before = _rss_bytes()
     header = b"{}"
     prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 1 << 30, 0)
-    s.sendall(prefix + header + b"\0" * (2 << 20))  # past SOCKET_CHUNK: the server reserves the rest
+    link = c._link
+    assert link is not None  # sealed like every frame after the handshake (else the record layer refuses it)
+    for rec_header, sealed in link.sealer.seal([prefix + header + b"\0" * (2 << 20)]):  # past SOCKET_CHUNK
+        s.sendall(rec_header + sealed)
     time.sleep(1.0)
     grown = _rss_bytes() - before
     c.close()

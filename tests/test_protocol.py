@@ -88,10 +88,14 @@ NON_DEFAULT: dict[type, dict] = {
         fingerprint="f" * 64,
         codecs=[0, 1],
         client_name="icarus-test",
+        key_id="0123456789abcdef",
     ),
     protocol.Challenge: dict(
         nonce="cd" * 32,
         auth="none",
+        server_id="5e" * 16,
+        mac="7" * 64,
+        link="none",
         package_version="0.2.0",
         comfyui_version="0.3.41",
         torch_version="2.6.0",
@@ -104,7 +108,7 @@ NON_DEFAULT: dict[type, dict] = {
         device="NVIDIA GeForce RTX 4090 (cuda:0)",
     ),
     protocol.Auth: dict(mac="e" * 64),
-    protocol.Welcome: dict(mac="9" * 64, session="sess-42"),
+    protocol.Welcome: dict(session="sess-42"),
     protocol.Forward: dict(
         seq=123456789012,
         arch="flux2",
