@@ -264,7 +264,7 @@ class LinkEmulator:
         s = socket.create_server(self.listen, reuse_port=False)
         self._sock = s
         self.port = s.getsockname()[1]
-        threading.Thread(target=self._accept, name="linkemu-accept", daemon=True).start()
+        threading.Thread(target=self._accept, args=(s,), name="linkemu-accept", daemon=True).start()
         return self.port
 
     def __enter__(self) -> LinkEmulator:
@@ -284,11 +284,10 @@ class LinkEmulator:
         with self._lock:
             return self._closed_bytes[1] + sum(c.down.bytes for c in self._conns)
 
-    def _accept(self) -> None:
-        assert self._sock is not None
+    def _accept(self, sock: socket.socket) -> None:
         while True:
             try:
-                client, _ = self._sock.accept()
+                client, _ = sock.accept()
             except OSError:
                 return  # closed
             try:

@@ -18,11 +18,20 @@ from pathlib import Path
 
 import pytest
 
-SPEC = importlib.util.spec_from_file_location("linkemu", Path(__file__).parents[1] / "bench" / "linkemu.py")
-assert SPEC is not None and SPEC.loader is not None
-linkemu = importlib.util.module_from_spec(SPEC)
-sys.modules["linkemu"] = linkemu  # dataclasses look their module up
-SPEC.loader.exec_module(linkemu)
+
+def _load():
+    """bench/linkemu.py, once per process (bench/split_link.py imports the same module)."""
+    if "linkemu" in sys.modules:
+        return sys.modules["linkemu"]
+    spec = importlib.util.spec_from_file_location("linkemu", Path(__file__).parents[1] / "bench" / "linkemu.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["linkemu"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+linkemu = _load()
 
 
 class Echo:
