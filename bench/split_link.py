@@ -50,14 +50,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # linkemu, run as a script or imported by path
 import linkemu  # noqa: E402
-
 from comfyui_mesh import codec  # noqa: E402
 from comfyui_mesh.config import ClientConfig  # noqa: E402
 from comfyui_mesh.icarus import SplitSettings, split_model  # noqa: E402
 from comfyui_mesh.transport import StepStats, drop_pooled  # noqa: E402
 
 DIRECT = "direct"  # no emulator: loopback TCP straight to Daedalus
-MODES: dict[str, dict[str, Any]] = {"tcp": {}}
+# "tcp": the node's settings (raw reply); "reply-lossless": the reply coded too, still bit-identical.
+MODES: dict[str, dict[str, Any]] = {"tcp": {}, "reply-lossless": {"reply_codec": "lossless"}}
 SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SplitSettings)} - {"n_remote", "client", "codec_name", "on_step"}
 CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)} - {"host", "port", "token"}
 
@@ -195,11 +195,15 @@ def measure(
                         host=host, port=port, token=token, **{k: v for k, v in over.items() if k in CLIENT_FIELDS}
                     )
                     stats: list[StepStats] = []
+
+                    def on_step(_call: int, s: StepStats, _stats: list[StepStats] = stats) -> None:
+                        _stats.append(s)
+
                     settings = SplitSettings(
                         n_remote=n_remote,
                         client=cfg,
                         codec_name=name,
-                        on_step=lambda _i, s: stats.append(s),
+                        on_step=on_step,
                         **{k: v for k, v in over.items() if k in SETTINGS_FIELDS},
                     )
                     m, _run = split_model(model, settings)
@@ -390,7 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     if not weights.exists():
         t = time.perf_counter()
         tiny.make_flux2(weights, config=config, dtype=dtype, device=a.device)
-        print(f"# wrote {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True)
+        print(
+            f"# wrote {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True
+        )
     server_dev = a.server_device or ("cuda:1" if cuda and torch.cuda.device_count() > 1 else a.device)
     srv = Daedalus(weights, n, server_dev, a.comfyui, wd / "state", threads)
     print(f"# Daedalus on {server_dev}, port {srv.port}", flush=True)
