@@ -1,11 +1,12 @@
 """The split over emulated links: every codec x link x mode against unsplit, through a real Daedalus.
 
-    python bench/split_link.py --comfyui PATH --model tiny|klein9b|dev [--res 1024] [--steps 4] \\
+    python bench/split_link.py --comfyui PATH --model tiny|klein9b|dev|ltx-tiny|ltx23 [--res 1024] [--steps 4] \\
         [--codecs raw,lossless,quant,quant-t,auto] [--links direct,relay,10gbe,2.5gbe,1gbe,vpn] \\
         [--modes tcp] [--n-blocks N] [--device cuda:0] [--server-device cuda:1] [--out results.json]
 
-FLUX.2 shapes with random weights (``tiny.make_flux2``), sampled by ComfyUI (Euler, CFG 1 unless
-``--cfg``); Daedalus is the real CLI process (token auth on) serving the last ``--n-blocks`` blocks.
+FLUX.2 (``tiny.make_flux2``) or LTX-AV (``tiny.make_ltxav``, LTX-2.3 flags; video + audio latents,
+as bench/ltx_gpu_check.py) shapes with random weights, sampled by ComfyUI under inference mode (Euler;
+CFG 1 for FLUX.2, 3 for LTX-AV unless ``--cfg``); Daedalus is the real CLI process (token auth on) serving the last ``--n-blocks`` blocks.
 The client reaches it directly (``direct``: loopback TCP) or through ``bench/linkemu.py`` with each
 link profile (``relay``: the emulator with no limit, its own cost). Per codec x link x mode:
 
@@ -37,6 +38,7 @@ import datetime
 import json
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -317,7 +319,47 @@ def links_table(links: Sequence[str]) -> str:
 
 # ---------------------------------------------------------------------------- ComfyUI + Daedalus process
 
-MODELS = {"tiny": ("FLUX2_TINY", 3, 64, 7), "klein9b": ("FLUX2_KLEIN_9B", 16, 12288, 512), "dev": ("FLUX2_DEV", 24, 15360, 512)}  # fmt: skip
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    family: str  # flux2 | ltxav
+    config: str  # the tiny.py shape table
+    n_blocks: int  # default blocks on Daedalus
+    res: str  # default size: "SIDE" (FLUX.2) or "WxHxFRAMES" (LTX-AV)
+    text_tokens: int
+    cfg: float
+
+
+MODELS = {
+    "tiny": Model("flux2", "FLUX2_TINY", 3, "256", 7, 1.0),
+    "klein9b": Model("flux2", "FLUX2_KLEIN_9B", 16, "1024", 512, 1.0),
+    "dev": Model("flux2", "FLUX2_DEV", 24, "1024", 512, 1.0),
+    "ltx-tiny": Model("ltxav", "LTXAV23_TINY", 2, "64x64x17", 7, 3.0),
+    "ltx23": Model("ltxav", "LTXAV23_FULL", 8, "768x512x121", 1024, 3.0),  # as bench/ltx_gpu_check.py
+}
+
+
+def model_inputs(spec: Model, config: dict[str, Any], res: str) -> dict[str, Any]:
+    """noise / positive / negative / latent_image for comfy.sample.sample (CPU tensors, seeded)."""
+    from comfyui_mesh import tiny
+
+    if spec.family == "flux2":
+        lat = int(res) // 16
+        return tiny.flux2_inputs(h=lat, w=lat, txt=spec.text_tokens, ctx=config["context_in_dim"])
+    from comfy.nested_tensor import NestedTensor
+
+    w, h, frames = (int(x) for x in res.split("x"))
+    g = torch.Generator().manual_seed(1)
+    video = (1, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
+    audio = (1, 8, max(1, round(frames / 25 * 25)), 16)  # 25 audio latents per second at 25 fps
+    ctx = config["cross_attention_dim"] + config["audio_cross_attention_dim"]  # processed (2.3) text features
+    text = {"frame_rate": 25.0}
+    return {
+        "noise": NestedTensor([torch.randn(video, generator=g), torch.randn(audio, generator=g)]),
+        "latent_image": NestedTensor([torch.zeros(video), torch.zeros(audio)]),
+        "positive": [[torch.randn(1, spec.text_tokens, ctx, generator=g), dict(text)]],
+        "negative": [[torch.randn(1, spec.text_tokens, ctx, generator=g), dict(text)]],
+    }
 
 
 class Daedalus:
@@ -362,10 +404,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout (COMFYUI_PATH)")
     ap.add_argument("--model", default="tiny", choices=list(MODELS))
-    ap.add_argument("--res", type=int, default=0, help="image side in pixels (default: 1024, tiny: 256)")
+    ap.add_argument("--res", default="", help="FLUX.2: image side in pixels; LTX-AV: WxHxFRAMES (default: per model)")
     ap.add_argument("--steps", type=int, default=4)
-    ap.add_argument("--cfg", type=float, default=1.0)
-    ap.add_argument("--n-blocks", type=int, default=0, help="blocks on Daedalus (default: tiny 3, klein9b 16, dev 24)")
+    ap.add_argument("--cfg", type=float, default=None, help="default: FLUX.2 1, LTX-AV 3")
+    ap.add_argument("--n-blocks", type=int, default=0, help="blocks on Daedalus (default: per model)")
     ap.add_argument("--codecs", default="raw,lossless,int8,quant,quant-t,auto")
     ap.add_argument("--links", default="direct,relay,10gbe,2.5gbe,1gbe,vpn", help="direct, linkemu profiles or UP[/DOWN]mbit@RTTms")  # fmt: skip
     ap.add_argument("--modes", default="tcp", help=f"named setting sets: {', '.join(MODES)}")
@@ -376,7 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads per process (0: torch's default)")
     ap.add_argument("--workdir", default="/tmp/mesh-bench")
     ap.add_argument("--out", default="", help="write the rows and settings as JSON here")
+    ap.add_argument("--selftest-mb", type=float, default=20, help="the emulator's own accuracy on this machine first, MB per transfer (0: skip)")  # fmt: skip
     a = ap.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally below stops Daedalus
     if not a.comfyui:
         ap.error("--comfyui PATH (or COMFYUI_PATH) is required")
     cuda = a.device.startswith("cuda")
@@ -391,21 +435,27 @@ def main(argv: list[str] | None = None) -> int:
     for n in links:
         if n != DIRECT:
             linkemu.parse_link(n)  # fail early on a typo
-    config_name, default_n, ctx, txt = MODELS[a.model]
-    config = getattr(tiny, config_name)
-    n = a.n_blocks or default_n
-    res = a.res or (256 if a.model == "tiny" else 1024)
+    spec = MODELS[a.model]
+    config = getattr(tiny, spec.config)
+    n = a.n_blocks or spec.n_blocks
+    res = a.res or spec.res
+    cfg_scale = spec.cfg if a.cfg is None else a.cfg
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16 if cuda else torch.float32
     weights = wd / f"{a.model}-{str(dtype).removeprefix('torch.')}.safetensors"
     if not weights.exists():
         t = time.perf_counter()
-        tiny.make_flux2(weights, config=config, dtype=dtype, device=a.device)
+        part = weights.with_suffix(".partial")
+        make = tiny.make_flux2 if spec.family == "flux2" else tiny.make_ltxav
+        make(part, config=config, dtype=dtype, device=a.device)
+        part.rename(weights)
         print(
             f"# wrote {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True
         )
     server_dev = a.server_device or ("cuda:1" if cuda and torch.cuda.device_count() > 1 else a.device)
+    emu_links = [linkemu.parse_link(k) for k in links if k != DIRECT]
+    emu_rows = linkemu.selftest(emu_links, a.selftest_mb) if a.selftest_mb > 0 and emu_links else []
     srv = Daedalus(weights, n, server_dev, a.comfyui, wd / "state", threads)
     print(f"# Daedalus on {server_dev}, port {srv.port}", flush=True)
 
@@ -414,18 +464,19 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
 
     try:
-        model = comfy.sd.load_diffusion_model(str(weights))
-        lat = res // 16
-        inputs = tiny.flux2_inputs(h=lat, w=lat, txt=txt, ctx=ctx)
+        with torch.inference_mode():  # as ComfyUI's node execution loads it
+            model = comfy.sd.load_diffusion_model(str(weights))
+        inputs = model_inputs(spec, config, res)
 
         def sample(m: Any) -> tuple[Any, float, list[float]]:
             stamps: list[float] = []
             sync()
             t = time.perf_counter()
-            out = comfy.sample.sample(
-                m, inputs["noise"], a.steps, a.cfg, "euler", "simple", inputs["positive"], inputs["negative"],
-                inputs["latent_image"], seed=0, disable_pbar=True, callback=lambda *_: stamps.append(time.perf_counter()),
-            )  # fmt: skip
+            with torch.inference_mode():
+                out = comfy.sample.sample(
+                    m, inputs["noise"], a.steps, cfg_scale, "euler", "simple", inputs["positive"], inputs["negative"],
+                    inputs["latent_image"], seed=0, disable_pbar=True, callback=lambda *_: stamps.append(time.perf_counter()),
+                )  # fmt: skip
             sync()
             total = time.perf_counter() - t
             return out, total, [b - c for b, c in zip(stamps[1:], stamps[:-1], strict=False)] or [total]
@@ -441,17 +492,21 @@ def main(argv: list[str] | None = None) -> int:
         srv.stop()
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     head = (
-        f"{a.model}, {res}x{res}, {a.steps} steps, CFG {a.cfg:g}, n_blocks {n}, client {a.device}, Daedalus {server_dev} "
+        f"{a.model}, {res if 'x' in res else f'{res}x{res}'}, {a.steps} steps, CFG {cfg_scale:g}, n_blocks {n}, client {a.device}, Daedalus {server_dev} "
         f"({device}{f', {threads} torch thread(s) each' if threads else ''}), torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}"
     )
     print(f"\n{head}\n\n{links_table(links)}\n\n{table(rows)}")
+    if emu_rows:
+        print(f"\nThe emulator on this machine ({a.selftest_mb:g} MB each way, no model running):\n")
+        print(linkemu.selftest_table(emu_rows))
     if a.out:
         doc = {
-            "settings": {**vars(a), "n_blocks": n, "res": res, "server_device": server_dev, "device_name": device,
+            "settings": {**vars(a), "n_blocks": n, "res": res, "cfg": cfg_scale, "server_device": server_dev, "device_name": device,
                          "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
                          "command": " ".join(sys.argv), "modes": modes,
                          "links": {k: dataclasses.asdict(linkemu.parse_link(k)) for k in links if k != DIRECT}},
+            "linkemu_selftest": emu_rows,
             "columns": COLUMNS,
             "rows": [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(r).items()} for r in rows],
         }  # fmt: skip

@@ -111,13 +111,14 @@ def test_the_script_on_tiny_flux2_with_comfyui(tmp_path):
     out = tmp_path / "out.json"
     cmd = [sys.executable, str(BENCH / "split_link.py"), "--comfyui", COMFY, "--model", "tiny", "--res", "64",
            "--steps", "3", "--codecs", "raw", "--links", "1gbe", "--repeats", "1", "--workdir", str(tmp_path),
-           "--out", str(out)]  # fmt: skip
+           "--selftest-mb", "2", "--out", str(out)]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     doc = json.loads(out.read_text())
     assert doc["columns"] == split_link.COLUMNS
     assert doc["settings"]["links"]["1gbe"]["up_mbps"] == 1000
+    assert [r["link"] for r in doc["linkemu_selftest"]] == ["direct loopback", "1gbe"]
     (row,) = doc["rows"]
     assert set(row) == set(split_link.COLUMNS)
     assert row["identical"] is True and row["psnr_db"] is None  # inf is not JSON
