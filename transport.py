@@ -100,7 +100,7 @@ class _Retry:
         if spent + self.delay > self.cfg.retry_budget_s:
             msg = (
                 f"gave up on {self.where} after retrying for {spent:.0f} s ({self.failures} failed tries, "
-                f"retry budget {self.cfg.retry_budget_s:.0f} s); last error: {e} — start Daedalus again "
+                f"retry budget {self.cfg.retry_budget_s:g} s); last error: {e} — start Daedalus again "
                 "(python -m comfyui_mesh.server) or check the network link to it, then queue the prompt again"
             )
             log.error("ComfyUI-Mesh: %s", msg)
@@ -223,7 +223,7 @@ class MeshClient:
             msg, n = recv_message(sock, self._dec)
         except TimeoutError:
             raise ServerSilent(
-                f"{self._where()} sent nothing for {sock.gettimeout():.0f} s (no reply, no heartbeat) — "
+                f"{self._where()} sent nothing for {sock.gettimeout():g} s (no reply, no heartbeat) — "
                 "the server or the link to it is down"
             ) from None
         except (ConnectionError, OSError) as e:
@@ -300,7 +300,7 @@ class MeshClient:
 
     def _overdue(self, read_timeout_s: float) -> str:
         return (
-            f"{self._where()} is alive but did not answer within {read_timeout_s:.0f} s — is the server stuck "
+            f"{self._where()} is alive but did not answer within {read_timeout_s:g} s — is the server stuck "
             "or overloaded? (its log shows what it is doing)"
         )
 
@@ -313,7 +313,7 @@ class MeshClient:
         except TimeoutError:
             self.close()
             raise ServerSilent(
-                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:.0f} s"
+                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:g} s"
             ) from None
         except OSError as e:
             self.close()
