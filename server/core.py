@@ -605,7 +605,8 @@ class DaedalusServer:
             except OSError:
                 pass
         for t in list(self._threads):
-            t.join(timeout=5)
+            if t.is_alive():  # one accepted this instant may not have started yet (it sees _stop and ends)
+                t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
         self.state.peer_log.flush()
