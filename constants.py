@@ -49,6 +49,10 @@ READ_TIMEOUT_S = 300.0
 # the bytes trickle in (not a per-recv timeout); on the client the socket timeout while it runs.
 HANDSHAKE_TIMEOUT_S = 10.0
 SOCKET_CHUNK = 1 << 20  # recv/send granularity
+# A frame's big buffers are written in pieces of this size, so a socket timeout (it bounds one whole
+# sendall) catches a stalled link without bounding a big frame's transfer time: 4 MiB within the
+# client's LIVENESS_TIMEOUT_S is a link slower than 0.2 MB/s.
+SEND_SLICE = 4 << 20
 # While the server serves a request (queued for the GPU, decoding, forward, encoding) it sends a PROGRESS
 # frame every HEARTBEAT_INTERVAL_S seconds, so a slow step is told apart from a dead server or link.
 HEARTBEAT_INTERVAL_S = 5.0

@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import time
 
-from .constants import SOCKET_CHUNK
+from .constants import SEND_SLICE, SOCKET_CHUNK
 from .protocol import NEED_DATA, FrameDecoder, Message, encode
 
 
@@ -21,11 +21,18 @@ def tune_socket(sock: socket.socket) -> None:
 
 
 def send_message(sock: socket.socket, msg: Message) -> int:
-    """Write one frame; returns bytes written."""
+    """Write one frame; returns bytes written. A big buffer goes out in ``SEND_SLICE`` pieces: a socket
+    timeout (which bounds one whole ``sendall``) then bounds a stalled link, not a big frame's transfer."""
     n = 0
     for buf in encode(msg):
-        sock.sendall(buf)
-        n += memoryview(buf).nbytes
+        mv = memoryview(buf)
+        if mv.nbytes <= SEND_SLICE:
+            sock.sendall(buf)
+        else:
+            mv = mv.cast("B")
+            for i in range(0, mv.nbytes, SEND_SLICE):
+                sock.sendall(mv[i : i + SEND_SLICE])
+        n += mv.nbytes
     return n
 
 

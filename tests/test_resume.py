@@ -357,3 +357,24 @@ def test_client_config_refuses_nonsense_retry_settings():
         ClientConfig(liveness_timeout_s=0)
     with pytest.raises(LocalError, match="retry_budget_s must be >= 0"):
         ClientConfig(retry_budget_s=-1)
+
+
+def test_big_buffers_are_sent_in_slices_so_a_timeout_bounds_a_stall_not_the_transfer():
+    """sendall's timeout bounds the whole call: a frame's big tensors go out in SEND_SLICE pieces, so
+    the client's liveness timeout on a send catches a stalled link without cutting a big frame short."""
+    from comfyui_mesh.constants import SEND_SLICE
+    from comfyui_mesh.netio import send_message
+
+    class Recorder:
+        def __init__(self):
+            self.pieces: list[bytes] = []
+
+        def sendall(self, buf):
+            self.pieces.append(bytes(buf))
+
+    body = bytes(range(256)) * ((2 * SEND_SLICE + 12345) // 256)
+    msg = protocol.Forward(seq=1, tensors=(protocol.WireTensor("x", "uint8", (len(body),), 0, body),))
+    rec = Recorder()
+    n = send_message(rec, msg)  # type: ignore[arg-type]
+    assert b"".join(rec.pieces) == protocol.encode_bytes(msg) and n == len(protocol.encode_bytes(msg))
+    assert max(len(p) for p in rec.pieces) == SEND_SLICE and len(rec.pieces) == 1 + 3
