@@ -13,6 +13,8 @@ from .constants import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS_TIMEOUT_S,
     MAX_CLIENTS,
     MAX_CODEC_STATE_BYTES,
     MAX_CODEC_STATE_TOTAL_BYTES,
@@ -23,6 +25,9 @@ from .constants import (
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
+    RETRY_BACKOFF_MAX_S,
+    RETRY_BACKOFF_S,
+    RETRY_BUDGET_S,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
 )
@@ -42,7 +47,12 @@ class ClientConfig:
     token: str | None = None  # None: no token (only works against a --no-auth server)
     connect_timeout_s: float = CONNECT_TIMEOUT_S  # seconds for TCP connect
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds for the hello/auth exchange
-    read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply
+    read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply (upper bound)
+    # seconds without any frame (reply or heartbeat) from a server serving a request = it is gone (retried)
+    liveness_timeout_s: float = LIVENESS_TIMEOUT_S
+    retry_backoff_s: float = RETRY_BACKOFF_S  # seconds before the first reconnect of a failed model call
+    retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S  # the wait doubles up to this many seconds
+    retry_budget_s: float = RETRY_BUDGET_S  # seconds a model call keeps retrying after its first failure
     client_name: str = "icarus"
     # The JSON file where the server id of each host:port is pinned on first use (auth.TokenStore: the
     # node's tokens.json); "" = nothing pinned.
@@ -54,6 +64,12 @@ class ClientConfig:
         _check_port(self.port)
         if not self.host.strip():
             raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
+        for name in ("connect_timeout_s", "handshake_timeout_s", "read_timeout_s", "liveness_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        for name in ("retry_backoff_s", "retry_backoff_max_s", "retry_budget_s"):
+            if not getattr(self, name) >= 0:
+                raise LocalError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
 
     @property
     def address(self) -> str:
@@ -84,6 +100,7 @@ class ServerConfig:
     state_dir: str = ""  # token + settings folder; "" = default_state_dir()
     max_clients: int = MAX_CLIENTS  # authenticated sessions at once (GPU work is serialized)
     idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent authenticated client is dropped
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S  # seconds between PROGRESS frames while serving a request
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds from accept to WELCOME (a deadline)
     max_unauthenticated: int = MAX_UNAUTHENTICATED  # connections still in the handshake, all addresses
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS  # ... from one source address
@@ -121,7 +138,7 @@ class ServerConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LocalError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("idle_timeout_s", "handshake_timeout_s"):
+        for name in ("idle_timeout_s", "handshake_timeout_s", "heartbeat_interval_s"):
             if not getattr(self, name) > 0:
                 raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 

@@ -50,6 +50,23 @@ READ_TIMEOUT_S = 300.0
 # the bytes trickle in (not a per-recv timeout); on the client the socket timeout while it runs.
 HANDSHAKE_TIMEOUT_S = 10.0
 SOCKET_CHUNK = 1 << 20  # recv/send granularity
+# A frame's big buffers are written in pieces of this size, so a socket timeout (it bounds one whole
+# sendall) catches a stalled link without bounding a big frame's transfer time: 4 MiB within the
+# client's LIVENESS_TIMEOUT_S is a link slower than 0.2 MB/s.
+SEND_SLICE = 4 << 20
+# While the server serves a request (queued for the GPU, decoding, forward, encoding) it sends a PROGRESS
+# frame every HEARTBEAT_INTERVAL_S seconds, so a slow step is told apart from a dead server or link.
+HEARTBEAT_INTERVAL_S = 5.0
+# Client: no frame at all (reply or PROGRESS) for this long while waiting for a reply, or no progress of a
+# send for this long, seconds = the server or the link is gone; the call is retried like a dropped
+# connection. Several heartbeat intervals, so a loaded server is not taken for a dead one.
+LIVENESS_TIMEOUT_S = 20.0
+# Client retry of a model call across reconnects (server restart, link drop, silent server): waits
+# RETRY_BACKOFF_S seconds before the first reconnect, doubling up to RETRY_BACKOFF_MAX_S, and gives up
+# (naming host:port and the fix) once RETRY_BUDGET_S seconds have passed since the call first failed.
+RETRY_BACKOFF_S = 0.5
+RETRY_BACKOFF_MAX_S = 8.0
+RETRY_BUDGET_S = 60.0
 # The server drops an authenticated connection that sends nothing for this long, seconds (frees its slot).
 SERVER_IDLE_TIMEOUT_S = 3600.0
 # Authenticated sessions served at once (status probes included); one more gets `busy` instead of WELCOME.

@@ -165,6 +165,7 @@ class MeshSplitFlux:
                 forward_loras=bool(v["forward_client_loras"]),
                 node_id=str(unique_id),
                 on_step=ui_events.step_reporter(unique_id, codec_mode),
+                on_status=ui_events.status_reporter(unique_id),
             )
             m, run = split_model(model, settings)
         except MeshError as e:

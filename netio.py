@@ -8,7 +8,7 @@ import ipaddress
 import socket
 import time
 
-from .constants import SOCKET_CHUNK
+from .constants import SEND_SLICE, SOCKET_CHUNK
 from .protocol import NEED_DATA, FrameDecoder, Message, encode
 from .securelink import Opener, SecureLink
 
@@ -40,12 +40,20 @@ def is_loopback(sock: socket.socket) -> bool:
 
 
 def send_message(sock: socket.socket, msg: Message, link: SecureLink | None = None) -> int:
-    """Write one frame (sealed when ``link`` is given); returns bytes written."""
+    """Write one frame (sealed when ``link`` is given); returns bytes written. A big buffer goes out in
+    ``SEND_SLICE`` pieces (sealed records are at most 4 MiB anyway): a socket timeout (which bounds one
+    whole ``sendall``) then bounds a stalled link, not a big frame's transfer."""
     n = 0
     if link is None:
         for buf in encode(msg):
-            sock.sendall(buf)
-            n += memoryview(buf).nbytes
+            mv = memoryview(buf)
+            if mv.nbytes <= SEND_SLICE:
+                sock.sendall(buf)
+            else:
+                mv = mv.cast("B")
+                for i in range(0, mv.nbytes, SEND_SLICE):
+                    sock.sendall(mv[i : i + SEND_SLICE])
+            n += mv.nbytes
         return n
     for header, sealed in link.sealer.seal(encode(msg)):
         if len(sealed) < _JOIN_WRITE_BELOW:

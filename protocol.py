@@ -63,6 +63,7 @@ class MsgKind(enum.IntEnum):
     BYE = 12
     END_STREAM = 13
     STREAM_ENDED = 14
+    PROGRESS = 15
 
 
 # Element types a tensor descriptor may name. Codecs decide what they accept; the
@@ -277,6 +278,19 @@ class StreamEnded(Message):
     released: int = 0
 
 
+@dataclass(frozen=True)
+class Progress(Message):
+    """Server -> client, a heartbeat while the server serves the client's request (queued for the GPU,
+    decoding, running the forward, encoding the reply): the server is alive, keep waiting for the reply.
+    ``seq``: the request's (FORWARD / PING; 0 for requests without one); ``phase``: ``queued``,
+    ``decode``, ``forward``, ``encode`` or ``""``; ``elapsed_ms``: since the request was received."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.PROGRESS
+    seq: int = 0
+    phase: str = ""
+    elapsed_ms: float = 0.0
+
+
 MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -294,6 +308,7 @@ MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
         Bye,
         EndStream,
         StreamEnded,
+        Progress,
     )
 }
 assert len(MESSAGE_TYPES) == len(MsgKind), "every MsgKind needs exactly one message class"

@@ -6,7 +6,6 @@ timeouts and errors that name host:port and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import socket
@@ -41,6 +40,7 @@ from .protocol import (
     Message,
     Ping,
     Pong,
+    Progress,
     Reconfigure,
     Reconfigured,
     Result,
@@ -57,7 +57,79 @@ log = logging.getLogger("comfyui_mesh")
 
 
 class ServerTimeout(ConnectFailed):
-    """The server accepted the request but did not answer in time (not retried: it may still be working)."""
+    """The server kept sending heartbeats but no reply within the read timeout (not retried: it is alive
+    and may still be working on it)."""
+
+
+class ServerSilent(ConnectFailed):
+    """Nothing at all (no reply, no PROGRESS heartbeat, no progress of a send) came from the server within
+    the liveness timeout: the server or the link is gone. Retried like a dropped connection."""
+
+
+class RetriesExhausted(ConnectFailed):
+    """A model call failed across reconnects until the retry budget was spent."""
+
+
+StatusCallback = Callable[[str, str], None]  # (level: ok / warn / error, text) for the node's banner
+
+
+class _Retry:
+    """Bounded exponential backoff across reconnects for one call: ``failed(e)`` logs, tells
+    ``on_status`` and sleeps before the next try, or raises ``RetriesExhausted`` once ``retry_budget_s``
+    would be spent; ``succeeded()`` reports a recovery."""
+
+    def __init__(self, cfg: ClientConfig, where: str, on_status: StatusCallback | None):
+        self.cfg = cfg
+        self.where = where
+        self.on_status = on_status
+        self.failures = 0
+        self.first: float | None = None
+        self.delay = cfg.retry_backoff_s
+
+    def _tell(self, level: str, text: str) -> None:
+        if self.on_status is not None:
+            try:
+                self.on_status(level, text)
+            except Exception:  # the UI is a courtesy: never fail a call over it
+                log.debug("ComfyUI-Mesh: status callback failed", exc_info=True)
+
+    def failed(self, e: ConnectFailed) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.failures += 1
+        spent = now - self.first
+        if spent + self.delay > self.cfg.retry_budget_s:
+            msg = (
+                f"gave up on {self.where} after retrying for {spent:.0f} s ({self.failures} failed tries, "
+                f"retry budget {self.cfg.retry_budget_s:g} s); last error: {e} — start Daedalus again "
+                "(python -m comfyui_mesh.server) or check the network link to it, then queue the prompt again"
+            )
+            log.error("ComfyUI-Mesh: %s", msg)
+            self._tell("error", msg)
+            raise RetriesExhausted(msg) from e
+        log.warning(
+            "ComfyUI-Mesh: %s — reconnecting to %s in %.1f s (try %d, %.0f s of the %.0f s retry budget spent)",
+            e,
+            self.cfg.address,
+            self.delay,
+            self.failures + 1,
+            spent,
+            self.cfg.retry_budget_s,
+        )
+        self._tell(
+            "warn",
+            f"reconnecting to {self.cfg.address}… (try {self.failures + 1}, {spent:.0f} s of "
+            f"{self.cfg.retry_budget_s:.0f} s): {e}",
+        )
+        time.sleep(self.delay)
+        self.delay = min(max(self.delay * 2, 0.05), self.cfg.retry_backoff_max_s)
+
+    def succeeded(self) -> None:
+        if self.failures and self.first is not None:
+            spent = time.monotonic() - self.first
+            log.warning("ComfyUI-Mesh: reconnected to %s; the call went through after %.1f s", self.cfg.address, spent)
+            self._tell("ok", f"reconnected to {self.cfg.address} after {spent:.0f} s")
 
 
 @dataclass
@@ -153,8 +225,9 @@ class MeshClient:
         try:
             msg, n = recv_message(sock, self._dec, link=link)
         except TimeoutError:
-            raise ServerTimeout(
-                f"{self._where()} did not answer within {sock.gettimeout():.0f} s — is the server stuck or overloaded?"
+            raise ServerSilent(
+                f"{self._where()} sent nothing for {sock.gettimeout():g} s (no reply, no heartbeat) — "
+                "the server or the link to it is down"
             ) from None
         except (ConnectionError, OSError) as e:
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
@@ -214,26 +287,60 @@ class MeshClient:
                 sock.close()
 
     # ------------------------------------------------------------------ requests
-    def _roundtrip(self, msg: Message) -> tuple[Message, int, int]:
+    def _await_reply(self, sock: socket.socket, read_timeout_s: float) -> tuple[Message, int]:
+        """The reply to the request just sent, skipping PROGRESS heartbeats. Each frame must arrive
+        within the liveness timeout (else ``ServerSilent``: retried); the reply within ``read_timeout_s``
+        however many heartbeats came (else ``ServerTimeout``: not retried, the server is still working)."""
+        deadline = time.monotonic() + read_timeout_s
+        got = 0
+        while True:
+            left = deadline - time.monotonic()
+            wait = min(self.cfg.liveness_timeout_s, left)
+            if wait <= 0:
+                raise ServerTimeout(self._overdue(read_timeout_s))
+            sock.settimeout(wait)
+            try:
+                msg, n = self._recv(sock, self._link)
+            except ServerSilent:
+                if wait < self.cfg.liveness_timeout_s:  # the read timeout ran out first
+                    raise ServerTimeout(self._overdue(read_timeout_s)) from None
+                raise
+            got += n
+            if not isinstance(msg, Progress):
+                return msg, got
+            log.debug(
+                "ComfyUI-Mesh: %s working on %d: %s, %.1f s", self.cfg.address, msg.seq, msg.phase, msg.elapsed_ms / 1e3
+            )
+
+    def _overdue(self, read_timeout_s: float) -> str:
+        return (
+            f"{self._where()} is alive but did not answer within {read_timeout_s:g} s — is the server stuck "
+            "or overloaded? (its log shows what it is doing)"
+        )
+
+    def _roundtrip(self, msg: Message, read_timeout_s: float | None = None) -> tuple[Message, int, int]:
         sock = self._sock
         assert sock is not None
         try:
+            sock.settimeout(self.cfg.liveness_timeout_s)  # a send that makes no progress this long: link down
             sent = send_message(sock, msg, self._link)
         except TimeoutError:
             self.close()
-            raise ConnectFailed(f"sending to {self._where()} timed out") from None
+            raise ServerSilent(
+                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:g} s"
+            ) from None
         except OSError as e:
             self.close()
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         try:
-            reply, got = self._recv(sock, self._link)
+            reply, got = self._await_reply(sock, self.cfg.read_timeout_s if read_timeout_s is None else read_timeout_s)
         except (ConnectFailed, RemoteProtocolError):
             self.close()
             raise
         return reply, sent, got
 
     def request(self, msg: Message, retry: bool = True) -> tuple[Message, int, int]:
-        """Send one request, reconnecting once if the connection had dropped."""
+        """Send one request, reconnecting once (at once) if the connection had dropped or went silent."""
         with self._lock:
             for attempt in (0, 1):
                 try:
@@ -294,16 +401,13 @@ class MeshClient:
             sock = self._sock
             if sock is None:
                 return
-            try:
-                sock.settimeout(min(self.cfg.read_timeout_s, self.cfg.handshake_timeout_s))
-                reply, _, _ = self._roundtrip(EndStream(gen=gen))  # closes the socket when the link failed
+            try:  # closes the socket when the link failed
+                reply, _, _ = self._roundtrip(
+                    EndStream(gen=gen), min(self.cfg.read_timeout_s, self.cfg.handshake_timeout_s)
+                )
             except (MeshError, OSError) as e:
                 log.info("ComfyUI-Mesh: could not tell %s the generation ended (%s)", self.cfg.address, e)
                 return
-            finally:
-                if self._sock is sock:
-                    with contextlib.suppress(OSError):
-                        sock.settimeout(self.cfg.read_timeout_s)
             if isinstance(reply, StreamEnded):
                 log.debug("ComfyUI-Mesh: %s released %d bytes of codec references", self.cfg.address, reply.released)
             else:
@@ -400,25 +504,17 @@ class MeshClient:
         self._reset_codec_state()
         return True
 
-    def _reconnect(self, e: ConnectFailed) -> bool:
-        if isinstance(e, ServerTimeout):  # the server may still be working on it: not retried
-            return False
-        log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
-        return True  # the failed round trip closed the socket; the next try connects again
-
     _RECOVERY: ClassVar[dict[ErrorCode, Callable[[MeshClient, RemoteFailure], bool]]] = {
         ErrorCode.MISSING_CONSTS: _forget_sent_consts,
         ErrorCode.STREAM_RESET: _drop_codec_state,
         ErrorCode.CODEC_UNAVAILABLE: _force_zstd,
     }
-    FORWARD_TRIES = 3  # a dropped connection is retried on the first try only
+    REMOTE_RECOVERIES = 2  # error frames recovered from per call (a dropped connection: the retry budget)
 
-    def _recover(self, e: ConnectFailed | RemoteFailure, attempt: int) -> bool:
-        if isinstance(e, ConnectFailed):
-            return attempt == 0 and self._reconnect(e)
+    def _recover(self, e: RemoteFailure, recovered: int) -> bool:
         code = ErrorCode.of(e.code)
         action = self._RECOVERY.get(code) if code is not None else None
-        return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
+        return recovered < self.REMOTE_RECOVERIES and action is not None and action(self, e)
 
     def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
         t1 = time.perf_counter()
@@ -451,13 +547,18 @@ class MeshClient:
         stream: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
         on_encoded: Callable[[StepStats], None] | None = None,
+        on_status: StatusCallback | None = None,
     ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """Run the back half: encode -> round trip -> decode. ``coded`` go through ``codec_name``;
         ``exact`` and ``consts`` raw.
 
-        Constants are sent once per connection (by content hash). A failed try is recovered by
-        ``_recover`` (resend the constants, resend keyframes, fall back to zstd, reconnect once)
-        and sent again, re-encoding the coded tensors whenever their codec state was reset.
+        Constants are sent once per connection (by content hash). A failed try is sent again:
+        after an error frame ``_recover`` adjusts (resend the constants, resend keyframes, fall back
+        to zstd); after a refused, dropped or silent connection the call reconnects with bounded
+        backoff until ``cfg.retry_budget_s`` is spent (``on_status`` hears "reconnecting"). A new
+        connection is a new server session: every constant (the LoRA set too) is resent, and the coded
+        tensors are re-encoded as keyframes whenever their codec state was reset. A FORWARD is a pure
+        function of its frame, so resending one the server may have run already is safe.
         """
         stats = StepStats()
         t0 = time.perf_counter()
@@ -469,35 +570,44 @@ class MeshClient:
         with self._lock:
             coded_wire: list[WireTensor] = []
             enc_gen = -1
-            for attempt in range(self.FORWARD_TRIES):
-                self.connect()  # coded tensors may depend on this connection's codec state
-                if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
-                    coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                    enc_gen = self._codec_gen
-                    if attempt == 0:
-                        stats.encode_ms = (time.perf_counter() - t0) * 1e3
-                        if on_encoded:
-                            on_encoded(stats)
-                missing = [h for h in const_data if h not in self._sent_consts]
-                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
-                msg = Forward(
-                    tensors=tuple(coded_wire + tensors + extra),
-                    seq=self._next_seq(),
-                    arch=arch,
-                    n_blocks=n_blocks,
-                    scalars=scalars,
-                    consts=const_keys,
-                    reply_codec=codec.by_name(reply_codec).wire_id,
-                    stream=stream or {},
-                )
+            retry = _Retry(self.cfg, self._where(), on_status)
+            recovered = 0
+            while True:
                 try:
+                    self.connect()  # coded tensors may depend on this connection's codec state
+                    if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
+                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                        if enc_gen == -1:
+                            stats.encode_ms = (time.perf_counter() - t0) * 1e3
+                            if on_encoded:
+                                on_encoded(stats)
+                        enc_gen = self._codec_gen
+                    missing = [h for h in const_data if h not in self._sent_consts]
+                    extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
+                    msg = Forward(
+                        tensors=tuple(coded_wire + tensors + extra),
+                        seq=self._next_seq(),
+                        arch=arch,
+                        n_blocks=n_blocks,
+                        scalars=scalars,
+                        consts=const_keys,
+                        reply_codec=codec.by_name(reply_codec).wire_id,
+                        stream=stream or {},
+                    )
                     reply = self._send_forward(msg, stats)
-                except (ConnectFailed, RemoteFailure) as e:
-                    if not self._recover(e, attempt):
+                except ServerTimeout:  # alive and still working on it: a resend would queue behind it
+                    raise
+                except ConnectFailed as e:  # refused, dropped, silent: the next try connects again
+                    retry.failed(e)
+                    continue
+                except RemoteFailure as e:
+                    if not self._recover(e, recovered):
                         raise
+                    recovered += 1
                     continue
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
+                retry.succeeded()
                 break
         return self._decode_result(reply, stats, device), stats
 

@@ -44,6 +44,8 @@ LIMITS = (
      "connections still in the handshake from one source address"),
     ("--handshake-timeout", "handshake_timeout_s", "SECONDS", "the whole handshake must end this long after connect"),
     ("--idle-timeout", "idle_timeout_s", "SECONDS", "drop an authenticated client silent this long"),
+    ("--heartbeat", "heartbeat_interval_s", "SECONDS",
+     "while serving a request, send the client a PROGRESS frame this often (its sign of life)"),
 )  # fmt: skip
 
 

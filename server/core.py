@@ -49,6 +49,7 @@ from ..protocol import (
     Message,
     Ping,
     Pong,
+    Progress,
     Reconfigure,
     Reconfigured,
     Result,
@@ -298,6 +299,7 @@ class Session:
         self._codec_bytes = 0  # their size as last added to the server's stats
         # Ends the connection from another thread (its token was revoked); the server sets it.
         self.kick: Callable[[], None] = lambda: None
+        self.step_phase = ""  # what the request being served is doing (PROGRESS.phase): decode, queued, ...
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
@@ -492,6 +494,7 @@ class Session:
         if mismatch:
             return mismatch
         codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
+        self.step_phase = "decode"
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
         decoded = 0
@@ -574,7 +577,9 @@ class Session:
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         t_dec = time.perf_counter()
+        self.step_phase = "queued"
         with st.gpu_lock:
+            self.step_phase = "forward"
             b = st.backend
             mismatch = self._mismatch(msg, b)  # another client may have reconfigured meanwhile
             if mismatch:
@@ -585,6 +590,7 @@ class Session:
             if b.device.type == "cuda":
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
+        self.step_phase = "encode"
         reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
         t3 = time.perf_counter()
         bytes_out = sum(w.nbytes for w in reply)
@@ -612,6 +618,56 @@ class Session:
         )
         st.emit(kind="step", **st.stats.last_step)
         return Result(seq=msg.seq, timings=timings, tensors=reply)
+
+
+class Heartbeat:
+    """While one request is served (queued for the GPU, decoding, forward, encoding): a PROGRESS frame
+    every ``interval`` seconds from a second thread, so the client tells a slow step from a dead server.
+    Frames go out whole under ``send_lock`` (the connection thread sends its replies under it too), and
+    none is sent once the block is left: the reply always comes after the last heartbeat."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        send_lock: threading.Lock,
+        session: Session,
+        msg: Message,
+        interval: float,
+        link: SecureLink | None = None,
+    ):
+        self.conn = conn
+        self.link = link
+        self.send_lock = send_lock
+        self.session = session
+        self.seq = int(getattr(msg, "seq", 0) or 0)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"daedalus-heartbeat-{session.peer}", daemon=True)
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> Heartbeat:
+        self.session.step_phase = ""
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.send_lock:  # a heartbeat being written finishes first; none starts after this
+            self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self.send_lock:
+                if self._stop.is_set():
+                    return
+                beat = Progress(
+                    seq=self.seq,
+                    phase=self.session.step_phase,
+                    elapsed_ms=round((time.monotonic() - self._t0) * 1e3, 1),
+                )
+                try:
+                    send_message(self.conn, beat, self.link)
+                except (MeshError, OSError):
+                    return  # the link is gone: the reply's send will notice and close
 
 
 def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_S) -> None:
@@ -717,7 +773,8 @@ class DaedalusServer:
             except OSError:
                 pass
         for t in list(self._threads):
-            t.join(timeout=5)
+            if t.is_alive():  # one accepted this instant may not have started yet (it sees _stop and ends)
+                t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
         self.state.peer_log.flush()
@@ -782,6 +839,7 @@ class DaedalusServer:
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, max_header=PRE_AUTH_MAX_HEADER, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
         link: SecureLink | None = None  # after WELCOME: every frame sealed (securelink)
+        send_lock = threading.Lock()  # whole frames: replies here, PROGRESS from the heartbeat thread
         try:
             tune_socket(conn)
             while not session.closed and not self._stop.is_set():
@@ -813,7 +871,11 @@ class DaedalusServer:
                         _send_last(conn, _err(ErrorCode.BUSY, "too many unauthenticated connections; try again"))
                     break
                 was_ready = session.phase == "ready"
-                replies = session.handle(msg, n)
+                if was_ready:
+                    with Heartbeat(conn, send_lock, session, msg, cfg.heartbeat_interval_s, link):
+                        replies = session.handle(msg, n)
+                else:
+                    replies = session.handle(msg, n)
                 if not was_ready and session.admitted:
                     if not self._authenticated(conn):
                         break  # pushed out just as it authenticated: its client reconnects
@@ -827,7 +889,8 @@ class DaedalusServer:
                 del msg  # the frame (and its budget) is free while the connection waits for the next one
                 for reply in replies:
                     try:
-                        send_message(conn, reply, link)
+                        with send_lock:
+                            send_message(conn, reply, link)
                     except (MeshError, OSError) as e:
                         st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True

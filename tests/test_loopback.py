@@ -31,7 +31,8 @@ def server():
 
 
 def _client(host, port, token=TOKEN, **expect):
-    return MeshClient(ClientConfig(host=host, port=port, token=token), expect=expect or {"arch": "toy", "n_blocks": 3})
+    cfg = ClientConfig(host=host, port=port, token=token, retry_backoff_s=0.05)
+    return MeshClient(cfg, expect=expect or {"arch": "toy", "n_blocks": 3})
 
 
 def _inputs():
@@ -323,17 +324,20 @@ def _scripted(c: MeshClient, failures: list, monkeypatch) -> dict:
         (["codec_unavailable", "codec_unavailable"], 2, 2, "codec_unavailable"),  # zstd already: give up
         (["forward_failed"], 1, 1, "forward_failed"),  # no recovery for it
         (["no_such_code"], 1, 1, "no_such_code"),
-        (["dropped"], 2, 2, None),  # reconnect once, re-encode against the new connection
-        (["missing_consts", "dropped"], 2, 1, "dropped"),  # a dropped connection is retried on the first try only
-        (["timeout"], 1, 1, "timeout"),  # the server may still be working: not retried
+        (["dropped"], 2, 2, None),  # reconnect, re-encode against the new connection
+        (["missing_consts", "dropped"], 3, 2, None),  # a dropped connection is retried on any try
+        (["dropped", "silent", "dropped"], 4, 4, None),  # ... across reconnects (within the retry budget)
+        (["timeout"], 1, 1, "timeout"),  # alive (heartbeats) but overdue, still working: not retried
     ],
 )
 def test_forward_recovery_table(server, monkeypatch, failures, tries, encodes, raised):
-    from comfyui_mesh.transport import ServerTimeout
+    from comfyui_mesh.transport import ServerSilent, ServerTimeout
 
     def error(name):
         if name == "dropped":
             return ConnectFailed("connection broke")
+        if name == "silent":
+            return ServerSilent("nothing for 20 s")
         if name == "timeout":
             return ServerTimeout("no answer")
         return RemoteFailure(name, f"server says {name}")

@@ -127,6 +127,7 @@ NON_DEFAULT: dict[type, dict] = {
     protocol.Bye: dict(reason="shutting down"),
     protocol.EndStream: dict(gen="0123456789abcdef"),
     protocol.StreamEnded: dict(gen="fedcba9876543210", released=3 << 30),
+    protocol.Progress: dict(seq=12, phase="forward", elapsed_ms=5012.5),
 }
 
 TENSOR_SETS = {
