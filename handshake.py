@@ -282,7 +282,7 @@ def remote_error(where: str, err: Error) -> MeshError:
             f"{where} rejected the token: {err.message}. Copy the token shown by the Daedalus window/console "
             f"into the Icarus node (its Token… button) or set {TOKEN_ENV}"
         )
-    return RemoteFailure(err.code, f"{where}: {err.message}")
+    return RemoteFailure(err.code, f"{where}: {err.message}", err.detail if isinstance(err.detail, dict) else None)
 
 
 class ClientHandshake:

@@ -93,7 +93,7 @@ class _Retry:
             except Exception:  # the UI is a courtesy: never fail a call over it
                 log.debug("ComfyUI-Mesh: status callback failed", exc_info=True)
 
-    def failed(self, e: ConnectFailed) -> None:
+    def failed(self, e: MeshError) -> None:
         now = time.monotonic()
         if self.first is None:
             self.first = now
@@ -601,6 +601,9 @@ class MeshClient:
                     retry.failed(e)
                     continue
                 except RemoteFailure as e:
+                    if e.code == ErrorCode.BUSY and e.detail.get("transient") is True:
+                        retry.failed(e)  # a server-wide memory budget held by other clients: wait, resend
+                        continue
                     if not self._recover(e, recovered):
                         raise
                     recovered += 1
