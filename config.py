@@ -19,6 +19,7 @@ from .constants import (
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
+    SAMEHOST_MAX_BYTES,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
 )
@@ -40,6 +41,8 @@ class ClientConfig:
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds for the hello/auth exchange
     read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply
     client_name: str = "icarus"
+    samehost: bool = True  # use the same-host fast path when the server proves it is on this host
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES  # this side's shared-memory segment, at most
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -82,6 +85,10 @@ class ServerConfig:
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
     gpu_entropy: bool = True
+    # Same-host fast path: offer it (clients on this host then move the seam through shared memory /
+    # CUDA IPC), and the most bytes one connection's segment may take on each side.
+    samehost: bool = True
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -94,6 +101,7 @@ class ServerConfig:
             "max_unauthenticated",
             "max_unauthenticated_per_address",
             "max_decoded_request_bytes",
+            "samehost_max_bytes",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

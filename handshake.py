@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth
+from . import auth, samehost
 from .constants import PACKAGE_VERSION, SKEW_ENV, TOKEN_ENV
 from .errors import AuthError, LocalError, MeshError, RemoteFailure, RemoteProtocolError, VersionMismatch
 from .protocol import Auth, Bye, Challenge, Error, ErrorCode, Hello, Message, Welcome
@@ -255,6 +255,7 @@ class ClientHandshake:
         allow_skew: bool,
         where: str = "the server",
         nonce: str | None = None,
+        samehost: bool = False,
     ):
         self.expect = expect
         self.versions = versions
@@ -268,6 +269,11 @@ class ClientHandshake:
         self.challenge: Challenge | None = None
         self.error: MeshError | None = None
         self.problems: list[Problem] = []
+        # Same-host fast path (samehost.py): asked for; the server's secret once proved; why not.
+        self.want_samehost = samehost
+        self.samehost_secret = b""
+        self.samehost = False
+        self.samehost_reason = "" if samehost else "off on this side"
 
     @property
     def done(self) -> bool:
@@ -295,7 +301,7 @@ class ClientHandshake:
                 self.error = p.exception()
                 return [Bye(reason=p.bye)]
             self.phase = "welcome"
-            return [auth_reply(msg, self.token, self.nonce)]
+            return [self._samehost_answer(auth_reply(msg, self.token, self.nonce), msg)]
         if phase == "welcome":
             ch = self.challenge
             assert ch is not None
@@ -307,9 +313,30 @@ class ClientHandshake:
             ):
                 raise AuthError(f"{self.where} could not prove it knows the token: is something else on that port?")
             self.problems = problems(ch, self.expect, self.versions, self.allow_skew, self.where)
+            self._samehost_verdict(msg)
             self.phase = "done"
             return []
         raise LocalError(f"handshake got {type(msg).__name__} in phase {phase}")
+
+    def _samehost_answer(self, reply: Auth, ch: Challenge) -> Auth:
+        """AUTH with the same-host proof added when the server offered the fast path and its host
+        secret is readable from here."""
+        if not self.want_samehost:
+            return reply
+        if not ch.samehost:
+            self.samehost_reason = f"{self.where} does not offer it"
+            return reply
+        proof, self.samehost_secret, why = samehost.answer(ch.samehost, self.nonce, ch.nonce)
+        if not proof:
+            self.samehost_reason = why
+            return reply
+        return dataclasses.replace(reply, samehost=proof)
+
+    def _samehost_verdict(self, msg: Welcome) -> None:
+        if not self.samehost_secret:
+            return
+        self.samehost = msg.samehost is True
+        self.samehost_reason = "" if self.samehost else f"{self.where} did not accept the same-host proof"
 
 
 class ServerHandshake:
@@ -319,7 +346,13 @@ class ServerHandshake:
     After each ``receive``, ``closed`` says the connection must end and ``ready`` that it is open.
     """
 
-    def __init__(self, token: str | None, offer: Callable[[], Challenge], nonce: str | None = None):
+    def __init__(
+        self,
+        token: str | None,
+        offer: Callable[[], Challenge],
+        nonce: str | None = None,
+        samehost: samehost.HostSecret | None = None,
+    ):
         self.token = token or ""
         self.offer = offer
         self.nonce = nonce or auth.new_nonce()
@@ -327,10 +360,27 @@ class ServerHandshake:
         self.hello: Hello | None = None
         self.closed = False
         self.auth_failed = False
+        self.host_secret = samehost
+        self.samehost = False  # the client proved it runs on this host (WELCOME.samehost)
+        self.samehost_reason = "off on this server" if samehost is None else ""
+        self.samehost_gpus: list = []  # the GPUs the client announced with its proof
 
     @property
     def ready(self) -> bool:
         return self.phase == "ready"
+
+    def _samehost_offer(self) -> dict[str, Any]:
+        return self.host_secret.offer() if self.host_secret is not None else {}
+
+    def _samehost_check(self, msg: Auth) -> bool:
+        """Whether the AUTH's same-host answer proves the client reads this host's secret."""
+        if self.host_secret is None:
+            return False
+        assert self.hello is not None
+        self.samehost, self.samehost_reason = self.host_secret.verify(msg.samehost, self.hello.nonce, self.nonce)
+        if self.samehost:
+            self.samehost_gpus = list(msg.samehost.get("gpus") or [])
+        return self.samehost
 
     def _refuse(self, code: ErrorCode, message: str) -> list[Message]:
         self.closed = True
@@ -345,7 +395,10 @@ class ServerHandshake:
                 return self._refuse(ErrorCode.AUTH_FAILED, f"malformed nonce (want {auth.NONCE_CHARS} lowercase hex)")
             self.hello = msg
             self.phase = "auth"
-            return [dataclasses.replace(self.offer(), nonce=self.nonce, auth=AUTH_HMAC if self.token else AUTH_NONE)]
+            auth_scheme = AUTH_HMAC if self.token else AUTH_NONE
+            return [
+                dataclasses.replace(self.offer(), nonce=self.nonce, auth=auth_scheme, samehost=self._samehost_offer())
+            ]
         if self.phase == "auth":
             if not isinstance(msg, Auth):
                 return self._refuse(ErrorCode.BAD_REQUEST, f"expected auth, got {type(msg).__name__}")
@@ -361,7 +414,7 @@ class ServerHandshake:
                     return self._refuse(ErrorCode.AUTH_FAILED, "wrong token")
                 mac = auth.server_proof(self.token, self.hello.nonce, self.nonce)
             self.phase = "ready"
-            return [Welcome(mac=mac, session=self.nonce[:16])]
+            return [Welcome(mac=mac, session=self.nonce[:16], samehost=self._samehost_check(msg))]
         raise LocalError(f"the handshake is over (phase {self.phase})")
 
 

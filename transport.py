@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,9 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import codec, handshake, hostmem
+from . import codec, handshake, hostmem, samehost
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SAMEHOST_ENV, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -68,6 +69,7 @@ class StepStats:
     server: dict[str, float] = field(default_factory=dict)
     consts_sent: int = 0
     codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
+    via: str = "tcp"  # "samehost": the big payloads went through shared memory / CUDA IPC (bytes_* count TCP only)
 
     def line(self) -> str:
         s = self.server
@@ -103,6 +105,7 @@ class MeshClient:
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
         self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
+        self._chan: samehost.Channel | None = None  # the same-host fast path of this connection
 
     # ------------------------------------------------------------------ connection
     @property
@@ -168,6 +171,7 @@ class MeshClient:
             client_name=self.cfg.client_name,
             allow_skew=handshake.allow_skew(),
             where=self._where(),
+            samehost=self.cfg.samehost and os.environ.get(SAMEHOST_ENV) != "0",
         )
         try:
             send_message(sock, hs.hello())
@@ -184,13 +188,42 @@ class MeshClient:
                 raise p.exception()
             log.warning("ComfyUI-Mesh: %s — accepted because %s=1", p.message, SKEW_ENV)
         assert hs.challenge is not None
+        self._open_samehost(hs)
         return hs.challenge
+
+    def _open_samehost(self, hs: handshake.ClientHandshake) -> None:
+        """After the handshake: this connection's fast path, or the one reason it stays on TCP."""
+        ch = hs.challenge
+        assert ch is not None
+        if not hs.samehost:
+            if ch.samehost and hs.want_samehost:
+                log.info("ComfyUI-Mesh: %s over TCP: %s", self.cfg.address, hs.samehost_reason)
+            return
+        self._chan = samehost.Channel(
+            hs.samehost_secret,
+            hs.nonce,
+            ch.nonce,
+            "c",
+            ch.samehost.get("gpus"),
+            self.cfg.samehost_max_bytes,
+            pin=torch.cuda.is_available(),
+        )
+        log.info("ComfyUI-Mesh: %s is on this host: seam tensors go through shared memory", self.cfg.address)
+
+    def _decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
+        return self._chan.decode(wt, device) if self._chan is not None else codec.decode(wt, device)
+
+    def _encode_raw(self, ts: dict[str, torch.Tensor]) -> list[WireTensor]:
+        """Raw wire tensors: CUDA IPC handles where the fast path allows, else the bytes."""
+        chan = self._chan
+        return [(chan and chan.ipc_wire(t, name)) or codec.encode(t, name, "raw") for name, t in ts.items()]
 
     def close(self, reason: str = "") -> None:
         with self._lock:
             sock, self._sock = self._sock, None
             self._sent_consts.clear()
             self._codec_state.clear()
+            chan, self._chan = self._chan, None
             if sock is not None:
                 try:
                     sock.settimeout(1.0)
@@ -198,11 +231,15 @@ class MeshClient:
                 except OSError:
                     pass
                 sock.close()
+            if chan is not None:  # after BYE: the server copies nothing more out of our segment
+                chan.close()
 
     # ------------------------------------------------------------------ requests
     def _roundtrip(self, msg: Message) -> tuple[Message, int, int]:
         sock = self._sock
         assert sock is not None
+        if self._chan is not None:
+            msg = self._chan.outgoing(msg)
         try:
             sent = send_message(sock, msg)
         except TimeoutError:
@@ -360,6 +397,8 @@ class MeshClient:
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
+        if codec_name == "raw":
+            return self._encode_raw(coded)
         sub = temporal.stream_state(self._codec_state, stream)
         return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
 
@@ -418,7 +457,7 @@ class MeshClient:
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
         stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
         t2 = time.perf_counter()
-        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
+        out = {name: self._decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
         stats.decode_ms = (time.perf_counter() - t2) * 1e3
         return out
 
@@ -447,16 +486,23 @@ class MeshClient:
         """
         stats = StepStats()
         t0 = time.perf_counter()
-        tensors = [codec.encode(t, name, "raw") for name, t in exact.items()]
         const_keys, const_wire = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
             coded_wire: list[WireTensor] = []
+            tensors: list[WireTensor] = []
             enc_gen = -1
+            enc_chan: Any = False  # the fast path the exact tensors were encoded for
             for attempt in range(self.FORWARD_TRIES):
                 self.connect()  # coded tensors may depend on this connection's codec state
+                if enc_chan is not self._chan:  # first try, or reconnected (CUDA IPC handles are per connection)
+                    if self._chan is not None:
+                        self._chan.release()  # the server has copied everything lent for the last call
+                    tensors = self._encode_raw(exact)
+                    enc_chan = self._chan
+                    enc_gen = -1
                 if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
                     coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
                     enc_gen = self._codec_gen
@@ -484,8 +530,10 @@ class MeshClient:
                     continue
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
+                stats.via = "samehost" if self._chan is not None else "tcp"
                 break
-        return self._decode_result(reply, stats, device), stats
+            # Under the lock: a reply in the server's segment is overwritten by the next request's.
+            return self._decode_result(reply, stats, device), stats
 
 
 # ---------------------------------------------------------------------------- pool

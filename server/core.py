@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import codec, hostmem
+from .. import codec, hostmem, samehost
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -86,6 +86,9 @@ class ServerStats:
     last_step: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     codec_state_bytes: int = 0  # temporal codec references held by all open connections
+    samehost_sessions: int = 0  # sessions opened on the same-host fast path (samehost.py)
+    samehost_bytes_in: int = 0  # payload bytes received / sent through shared memory or CUDA IPC
+    samehost_bytes_out: int = 0
 
 
 class ServerState:
@@ -110,6 +113,22 @@ class ServerState:
         # Lines a peer's garbage causes (bad frames, failed auth, timeouts): one budget for the server.
         self.peer_log = RateLimitedLog(log, PEER_LOG_LINES, PEER_LOG_INTERVAL_S)
         self.backend: Backend = factory(cfg.n_blocks)
+        # The same-host proof's secret while a DaedalusServer listens (samehost.HostSecret).
+        self.host_secret: samehost.HostSecret | None = None
+
+    def open_samehost(self) -> None:
+        """Create the host secret clients on this host prove they can read (once; cfg.samehost)."""
+        if not self.cfg.samehost or self.host_secret is not None:
+            return
+        try:
+            self.host_secret = samehost.HostSecret()
+        except OSError as e:  # no POSIX shared memory here (a locked-down container)
+            log.warning("same-host fast path off: cannot create shared memory (%s)", e)
+
+    def close_samehost(self) -> None:
+        secret, self.host_secret = self.host_secret, None
+        if secret is not None:
+            secret.close()
 
     def admit(self) -> bool:
         """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
@@ -196,7 +215,9 @@ class Session:
         self.closed = False
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
-        self.handshake = ServerHandshake(state.token, self._offer)
+        self.handshake = ServerHandshake(state.token, self._offer, samehost=state.host_secret)
+        self.chan: samehost.Channel | None = None  # the same-host fast path, once proved
+        self._shm_counted = (0, 0)  # chan.bytes_in / bytes_out already added to the server's stats
         self.consts = ConstCache(state.cfg.const_cache_bytes)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
@@ -207,9 +228,16 @@ class Session:
         dev = self.state.backend.device
         # The current CUDA device is per thread: make it the backend's in this connection thread.
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        chan = self.chan
+        if chan is not None:
+            chan.release()  # the client's next message: it has copied what the last reply lent it
         try:
             with on_device:
-                return self._handle(msg, bytes_in)
+                replies = self._handle(msg, bytes_in)
+            if chan is not None:
+                replies = [chan.outgoing(r) for r in replies]
+                self._count_samehost()
+            return replies
         except (RemoteProtocolError, LocalError) as e:
             self.state.stats.errors += 1
             self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
@@ -225,6 +253,9 @@ class Session:
         """The connection closed: its codec references and its client slot go back to the server."""
         self.codec_state.clear()
         self._account_codec_state()
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
         if self.admitted:
             self.admitted = False
             self.state.leave()
@@ -272,6 +303,7 @@ class Session:
                 return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
             self.admitted = True
             name = hs.hello.client_name if hs.hello else "?"
+            self._open_samehost()
             self.status_probe = name == STATUS_CLIENT_NAME
             if self.status_probe:  # a node's status light checking its token: not a client session
                 log.debug("%s: status probe authenticated", self.peer)
@@ -279,6 +311,45 @@ class Session:
                 log.info("%s: client '%s' connected", self.peer, name)
                 self.state.emit(kind="client", peer=self.peer, connected=True)
         return replies
+
+    def _open_samehost(self) -> None:
+        """The session is open: its same-host channel, or the logged reason it stays on TCP."""
+        hs = self.handshake
+        secret = self.state.host_secret
+        if secret is None or hs.hello is None:
+            return
+        if not hs.samehost:
+            log.info("%s: over TCP: %s", self.peer, hs.samehost_reason)
+            return
+        cfg = self.state.cfg
+        self.chan = samehost.Channel(
+            secret.secret,
+            hs.hello.nonce,
+            hs.nonce,
+            "s",
+            hs.samehost_gpus,
+            cfg.samehost_max_bytes,
+            pin=self.state.backend.device.type == "cuda",
+        )
+        with self.state._stats_lock:
+            self.state.stats.samehost_sessions += 1
+        log.info("%s: on this host: seam tensors go through shared memory", self.peer)
+
+    def _count_samehost(self) -> None:
+        chan = self.chan
+        assert chan is not None
+        with self.state._stats_lock:
+            self.state.stats.samehost_bytes_in += chan.bytes_in - self._shm_counted[0]
+            self.state.stats.samehost_bytes_out += chan.bytes_out - self._shm_counted[1]
+        self._shm_counted = (chan.bytes_in, chan.bytes_out)
+
+    def _wire(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None = None) -> torch.Tensor:
+        """Decode one received tensor, wherever its bytes are."""
+        if self.chan is not None:
+            return self.chan.decode(wt, device, state)
+        if "shm" in wt.meta or "cuda" in wt.meta:
+            raise RemoteProtocolError(f"tensor {wt.name!r} is in shared memory, but this session is not same-host")
+        return codec.decode(wt, device, state=state)
 
     def _account_codec_state(self) -> int:
         """Bring ``stats.codec_state_bytes`` up to date with this session's references; their size."""
@@ -380,7 +451,9 @@ class Session:
                 h = name[6:]
                 known = self.consts.get(h)
                 if known is None:
-                    if wt.codec != 0 or content_hash(wt) != h:
+                    if self.chan is not None:
+                        wt = self.chan.resolve(wt)
+                    if wt.codec != 0 or "cuda" in wt.meta or content_hash(wt) != h:
                         raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
                     known = codec.decode(wt, b.device)
                     self.consts.put(h, known)
@@ -411,7 +484,7 @@ class Session:
                         "send zstd-coded payloads",
                         "ans",
                     )
-                tensors[name] = codec.decode(wt, b.device, state=sub)
+                tensors[name] = self._wire(wt, b.device, sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
             return _err(ErrorCode.STREAM_RESET, str(e))
@@ -442,7 +515,8 @@ class Session:
             if b.device.type == "cuda":
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
-        reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+        chan = self.chan if msg.reply_codec == 0 else None
+        reply = tuple((chan and chan.ipc_wire(v, k)) or codec.encode(v, k, msg.reply_codec) for k, v in out.items())
         t3 = time.perf_counter()
         bytes_out = sum(w.nbytes for w in reply)
         timings = {"decode": (t_dec - t0) * 1e3, "forward": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3}
@@ -532,6 +606,7 @@ class DaedalusServer:
             ) from e
         self._sock = s
         self.address = s.getsockname()[:2]
+        self.state.open_samehost()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
         self._accept_thread.start()
         return self.address
@@ -561,6 +636,7 @@ class DaedalusServer:
             t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
+        self.state.close_samehost()
         self.state.peer_log.flush()
 
     def _accept_loop(self) -> None:
