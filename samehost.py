@@ -62,6 +62,12 @@ _CREATED: set[str] = set()
 _CREATED_LOCK = threading.Lock()
 
 
+def _buf(seg: shared_memory.SharedMemory) -> memoryview:
+    buf = seg.buf
+    assert buf is not None, "segment already closed"
+    return buf
+
+
 def _create(name: str, size: int) -> shared_memory.SharedMemory:
     seg = shared_memory.SharedMemory(name=name, create=True, size=size)
     with _CREATED_LOCK:
@@ -127,7 +133,7 @@ class HostSecret:
     def __init__(self) -> None:
         self.secret = secrets.token_bytes(SECRET_BYTES)
         self._seg = _create("mh" + secrets.token_hex(12) + "p", SECRET_BYTES)
-        self._seg.buf[:SECRET_BYTES] = self.secret
+        _buf(self._seg)[:SECRET_BYTES] = self.secret
         self.name = self._seg.name.lstrip("/")
 
     def offer(self) -> dict[str, Any]:
@@ -161,7 +167,7 @@ def answer(offer: Any, client_nonce: str, server_nonce: str) -> tuple[dict[str, 
     try:
         if seg.size < SECRET_BYTES:
             return {}, b"", "the server's host secret is truncated"
-        secret = bytes(seg.buf[:SECRET_BYTES])
+        secret = bytes(_buf(seg)[:SECRET_BYTES])
     finally:
         _close(seg)
     return {"proof": _mac(secret, b"proof", client_nonce, server_nonce), "gpus": gpu_ids()}, secret, ""
@@ -177,7 +183,7 @@ def _align(n: int) -> int:
 def _pin(seg: shared_memory.SharedMemory) -> int:
     """Page-lock ``seg`` for CUDA copies (cudaHostRegister through torch); its address, or 0."""
     try:
-        ptr = torch.frombuffer(seg.buf, dtype=torch.uint8).data_ptr()
+        ptr = torch.frombuffer(_buf(seg), dtype=torch.uint8).data_ptr()
         err = torch.cuda.cudart().cudaHostRegister(ptr, seg.size, 0)
     except (RuntimeError, AttributeError, TypeError, ValueError) as e:
         log.info("ComfyUI-Mesh: shared memory not page-locked (%s); copies to the GPU run unpinned", e)
@@ -297,7 +303,7 @@ class Channel:
             return msg
         tensors = list(msg.tensors)
         off = 0
-        buf = out.seg.buf
+        buf = _buf(out.seg)
         for i in big:
             t = tensors[i]
             n = t.nbytes
@@ -351,7 +357,7 @@ class Channel:
         off, n = loc[1], loc[2]
         if off < 0 or n < 0 or off + n > m.seg.size:
             raise RemoteProtocolError(f"tensor {wt.name!r}: bytes {off}..{off + n} are outside the peer's segment")
-        view = m.seg.buf[off : off + n]
+        view = _buf(m.seg)[off : off + n]
         if copy:
             data: Any = np.empty(n, dtype=np.uint8)
             data[:] = np.frombuffer(view, dtype=np.uint8)
@@ -400,7 +406,8 @@ class Channel:
                 bytes.fromhex(c["ev"]) if c["ev"] else None,
                 bool(c["sync"]),
             )
-            shared = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, elem, wt.shape)
+            stride = torch.empty(wt.shape, device="meta").stride()
+            shared = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, elem, wt.shape, stride)
             out = shared.to(device, copy=True)
             torch.cuda.current_stream(out.device).synchronize()  # copied before the peer may reuse it
         except (KeyError, TypeError, ValueError, RuntimeError, CodecError) as e:
