@@ -409,7 +409,9 @@ class Channel:
             stride = torch.empty(wt.shape, device="meta").stride()
             shared = torch.empty(0, dtype=dtype, device=storage.device).set_(storage, elem, wt.shape, stride)
             out = shared.to(device, copy=True)
-            torch.cuda.current_stream(out.device).synchronize()  # copied before the peer may reuse it
+            for d in {shared.device, out.device}:  # copied before the peer may reuse its memory
+                if d.type == "cuda":
+                    torch.cuda.synchronize(d)
         except (KeyError, TypeError, ValueError, RuntimeError, CodecError) as e:
             raise RemoteProtocolError(f"tensor {wt.name!r}: cannot open its CUDA IPC handle: {e}") from None
         self.bytes_in += n * itemsize(dtype)
