@@ -28,6 +28,7 @@ import dataclasses
 import hashlib
 import hmac
 import logging
+import os
 import re
 import secrets
 import threading
@@ -51,6 +52,9 @@ MIN_SHM_BYTES = 4096
 ALIGN = 64  # each payload starts on a 64-byte boundary of its segment
 MIN_SEGMENT_BYTES = 1 << 20
 MAX_GPUS = 64  # GPU ids one side may announce
+# The start of the error a receiver answers when it cannot open a CUDA IPC handle: the client then
+# sends CUDA tensors through the segments for the rest of the connection.
+IPC_FAILED = "cannot open its CUDA IPC handle"
 _SECRET_NAME = re.compile(r"mh[0-9a-f]{24}p\Z")
 _GPU_ID = re.compile(r"[0-9A-Za-z-]{1,64}\Z")
 _TORCH_REF = re.compile(rb"/torch_[0-9A-Za-z_]{1,64}\Z")  # torch's IPC reference-counter files
@@ -98,7 +102,7 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     seg = shared_memory.SharedMemory(name=name)
     with _CREATED_LOCK:
         mine = seg.name in _CREATED
-    if not mine:
+    if not mine and os.name == "posix":  # only POSIX registers attached segments
         try:
             resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
         except Exception:  # noqa: BLE001 - no tracker (Windows): nothing to undo
@@ -143,7 +147,7 @@ class HostSecret:
     def verify(self, answer: Any, client_nonce: str, server_nonce: str) -> tuple[bool, str]:
         """AUTH.samehost against the secret: (accepted, the reason when not)."""
         if not answer:
-            return False, "the client did not answer the same-host offer"
+            return False, "the client did not prove it runs on this host (it cannot read the host secret)"
         proof = answer.get("proof") if isinstance(answer, dict) else None
         if not isinstance(proof, str) or len(proof) != PROOF_CHARS:
             return False, "malformed same-host proof"
@@ -413,7 +417,7 @@ class Channel:
                 if d.type == "cuda":
                     torch.cuda.synchronize(d)
         except (KeyError, TypeError, ValueError, RuntimeError, CodecError) as e:
-            raise RemoteProtocolError(f"tensor {wt.name!r}: cannot open its CUDA IPC handle: {e}") from None
+            raise RemoteProtocolError(f"tensor {wt.name!r}: {IPC_FAILED}: {e}") from None
         self.bytes_in += n * itemsize(dtype)
         return out
 

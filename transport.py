@@ -196,7 +196,8 @@ class MeshClient:
         ch = hs.challenge
         assert ch is not None
         if not hs.samehost:
-            if ch.samehost and hs.want_samehost:
+            if ch.samehost and hs.want_samehost and _SAMEHOST_LAST.get(self.cfg.address) != hs.samehost_reason:
+                _SAMEHOST_LAST[self.cfg.address] = hs.samehost_reason  # once per address and reason
                 log.info("ComfyUI-Mesh: %s over TCP: %s", self.cfg.address, hs.samehost_reason)
             return
         self._chan = samehost.Channel(
@@ -208,7 +209,9 @@ class MeshClient:
             self.cfg.samehost_max_bytes,
             pin=torch.cuda.is_available(),
         )
-        log.info("ComfyUI-Mesh: %s is on this host: seam tensors go through shared memory", self.cfg.address)
+        if _SAMEHOST_LAST.get(self.cfg.address) != "":
+            _SAMEHOST_LAST[self.cfg.address] = ""
+            log.info("ComfyUI-Mesh: %s is on this host: seam tensors go through shared memory", self.cfg.address)
 
     def _decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
         return self._chan.decode(wt, device) if self._chan is not None else codec.decode(wt, device)
@@ -438,9 +441,21 @@ class MeshClient:
     }
     FORWARD_TRIES = 3  # a dropped connection is retried on the first try only
 
+    def _no_ipc(self, e: RemoteFailure) -> bool:
+        """The server could not open a CUDA IPC handle: CUDA tensors go through the segments."""
+        chan = self._chan
+        if chan is None or not chan.peer_gpus or samehost.IPC_FAILED not in e.message:
+            return False
+        log.warning("ComfyUI-Mesh: %s; sending CUDA tensors through shared host memory instead", e.message)
+        chan.peer_gpus.clear()
+        self._reset_codec_state()  # re-encode this call's tensors
+        return True
+
     def _recover(self, e: ConnectFailed | RemoteFailure, attempt: int) -> bool:
         if isinstance(e, ConnectFailed):
             return attempt == 0 and self._reconnect(e)
+        if e.code == ErrorCode.BAD_REQUEST:
+            return attempt < self.FORWARD_TRIES - 1 and self._no_ipc(e)
         code = ErrorCode.of(e.code)
         action = self._RECOVERY.get(code) if code is not None else None
         return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
@@ -494,18 +509,15 @@ class MeshClient:
             coded_wire: list[WireTensor] = []
             tensors: list[WireTensor] = []
             enc_gen = -1
-            enc_chan: Any = False  # the fast path the exact tensors were encoded for
+            enc_chan: Any = False  # the fast path the tensors were encoded for (CUDA IPC handles are per connection)
             for attempt in range(self.FORWARD_TRIES):
                 self.connect()  # coded tensors may depend on this connection's codec state
-                if enc_chan is not self._chan:  # first try, or reconnected (CUDA IPC handles are per connection)
+                if enc_gen != self._codec_gen or enc_chan is not self._chan:  # first try, reconnected, state reset
                     if self._chan is not None:
-                        self._chan.release()  # the server has copied everything lent for the last call
+                        self._chan.release()  # the server answered: it is done with what it was lent
                     tensors = self._encode_raw(exact)
-                    enc_chan = self._chan
-                    enc_gen = -1
-                if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
                     coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                    enc_gen = self._codec_gen
+                    enc_gen, enc_chan = self._codec_gen, self._chan
                     if attempt == 0:
                         stats.encode_ms = (time.perf_counter() - t0) * 1e3
                         if on_encoded:
@@ -578,3 +590,4 @@ __all__ = [
 _LINKS: dict[tuple[str, int], codec_auto.LinkInfo] = {}  # host:port -> the last measurement
 _LINKS_LOCK = threading.Lock()
 _AUTO_LAST: dict[str, tuple[str, str]] = {}  # address -> the auto codec's last choice (logged on change)
+_SAMEHOST_LAST: dict[str, str] = {}  # address -> why the last connection stayed on TCP ("": it did not)

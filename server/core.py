@@ -303,8 +303,8 @@ class Session:
                 return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
             self.admitted = True
             name = hs.hello.client_name if hs.hello else "?"
-            self._open_samehost()
             self.status_probe = name == STATUS_CLIENT_NAME
+            self._open_samehost()
             if self.status_probe:  # a node's status light checking its token: not a client session
                 log.debug("%s: status probe authenticated", self.peer)
             else:
@@ -318,8 +318,9 @@ class Session:
         secret = self.state.host_secret
         if secret is None or hs.hello is None:
             return
+        say = log.debug if self.status_probe else log.info
         if not hs.samehost:
-            log.info("%s: over TCP: %s", self.peer, hs.samehost_reason)
+            say("%s: over TCP: %s", self.peer, hs.samehost_reason)
             return
         cfg = self.state.cfg
         self.chan = samehost.Channel(
@@ -333,7 +334,7 @@ class Session:
         )
         with self.state._stats_lock:
             self.state.stats.samehost_sessions += 1
-        log.info("%s: on this host: seam tensors go through shared memory", self.peer)
+        say("%s: on this host: seam tensors go through shared memory", self.peer)
 
     def _count_samehost(self) -> None:
         chan = self.chan

@@ -252,3 +252,28 @@ def test_cuda_tensors_travel_as_ipc_handles_between_two_processes(tmp_path):
             c.close()
     finally:
         srv.stop()
+
+
+def test_a_cuda_ipc_failure_on_the_server_sends_cuda_tensors_through_shared_memory_instead(caplog):
+    """The recovery the client applies when the server cannot open its CUDA IPC handles (checked
+    without a GPU: the decision only)."""
+    from comfyui_mesh.errors import RemoteFailure
+
+    c = MeshClient(ClientConfig(port=1, token=TOKEN))
+    chan, peer = _pair()
+    try:
+        chan.peer_gpus = {"GPU-1"}
+        c._chan = chan
+        gen = c._codec_gen
+        other = RemoteFailure("bad_request", "Daedalus at 127.0.0.1:1: duplicate tensor")
+        assert not c._recover(other, 0), "other bad requests are not retried"
+        e = RemoteFailure("bad_request", f"Daedalus at 127.0.0.1:1: tensor 'x': {samehost.IPC_FAILED}: no GPU")
+        with caplog.at_level(logging.WARNING, logger="comfyui_mesh"):
+            assert c._recover(e, 0)
+        assert chan.peer_gpus == set() and c._codec_gen != gen, "re-encoded without IPC"
+        assert "shared host memory instead" in caplog.text
+        assert not c._recover(e, 0), "once only"
+    finally:
+        c._chan = None
+        chan.close()
+        peer.close()
