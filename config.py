@@ -28,6 +28,7 @@ from .constants import (
     RETRY_BACKOFF_MAX_S,
     RETRY_BACKOFF_S,
     RETRY_BUDGET_S,
+    SAMEHOST_MAX_BYTES,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
 )
@@ -59,6 +60,8 @@ class ClientConfig:
     trust_file: str = ""
     # Accept a server that authenticates but does not encrypt (--no-encrypt) on a non-loopback address.
     allow_unencrypted: bool = False
+    samehost: bool = True  # use the same-host fast path when the server proves it is on this host
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES  # this side's shared-memory segment, at most
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -116,6 +119,10 @@ class ServerConfig:
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
     gpu_entropy: bool = True
+    # Same-host fast path: offer it (clients on this host then move the seam through shared memory /
+    # CUDA IPC), and the most bytes one connection's segment may take on each side.
+    samehost: bool = True
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -134,6 +141,7 @@ class ServerConfig:
             "max_const_total_bytes",
             "max_codec_state_total_bytes",
             "max_lora_bytes",
+            "samehost_max_bytes",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -85,6 +85,11 @@ PEER_LOG_INTERVAL_S = 10.0
 # (so the kernel does not reset the connection before the peer reads the error), then closes.
 LINGER_S = 1.0
 
+# Same-host fast path (samehost.py): the most bytes one side's shared-memory segment may take (a
+# message whose payloads need more goes over TCP), and the client's switch ("0" = TCP only).
+SAMEHOST_MAX_BYTES = MAX_BODY_BYTES
+SAMEHOST_ENV = "COMFYUI_MESH_SAMEHOST"
+
 # ---------------------------------------------------------------------------- auth
 TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)
 NONCE_BYTES = 32

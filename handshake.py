@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import auth
+from . import auth, samehost
 from .constants import ALLOW_UNENCRYPTED_ENV, PACKAGE_VERSION, SKEW_ENV, TOKEN_ENV
 from .errors import AuthError, LocalError, MeshError, RemoteFailure, RemoteProtocolError, VersionMismatch
 from .protocol import Auth, Bye, Challenge, Error, ErrorCode, Hello, Message, Welcome
@@ -309,6 +309,7 @@ class ClientHandshake:
         nonce: str | None = None,
         pinned_id: str = "",
         plaintext_ok: bool = False,
+        samehost: bool = False,
     ):
         self.expect = expect
         self.versions = versions
@@ -326,6 +327,11 @@ class ClientHandshake:
         self.error: MeshError | None = None
         self.problems: list[Problem] = []
         self.link: SecureLink | None = None
+        # Same-host fast path (samehost.py): asked for; the server's secret once proved; why not.
+        self.want_samehost = samehost
+        self.samehost_secret = b""
+        self.samehost = False
+        self.samehost_reason = "" if samehost else "off on this side"
 
     @property
     def done(self) -> bool:
@@ -372,7 +378,7 @@ class ClientHandshake:
             if ch.link == LINK_AES_GCM:
                 self.link = SecureLink.for_client(self.token, transcript(hello, ch))
         self.phase = "welcome"
-        return [auth_reply(ch, hello, self.token)]
+        return [self._samehost_answer(auth_reply(ch, hello, self.token), ch)]
 
     def receive(self, msg: Message) -> list[Message]:
         phase, self.phase = self.phase, "failed"  # until this frame is known good
@@ -389,9 +395,30 @@ class ClientHandshake:
             if not isinstance(msg, Welcome):
                 raise RemoteProtocolError(f"{self.where} answered auth with {type(msg).__name__}")
             self.problems = problems(ch, self.expect, self.versions, self.allow_skew, self.where)
+            self._samehost_verdict(msg)
             self.phase = "done"
             return []
         raise LocalError(f"handshake got {type(msg).__name__} in phase {phase}")
+
+    def _samehost_answer(self, reply: Auth, ch: Challenge) -> Auth:
+        """AUTH with the same-host proof added when the server offered the fast path and its host
+        secret is readable from here."""
+        if not self.want_samehost:
+            return reply
+        if not ch.samehost:
+            self.samehost_reason = f"{self.where} does not offer it"
+            return reply
+        proof, self.samehost_secret, why = samehost.answer(ch.samehost, self.nonce, ch.nonce)
+        if not proof:
+            self.samehost_reason = why
+            return reply
+        return dataclasses.replace(reply, samehost=proof)
+
+    def _samehost_verdict(self, msg: Welcome) -> None:
+        if not self.samehost_secret:
+            return
+        self.samehost = msg.samehost is True
+        self.samehost_reason = "" if self.samehost else f"{self.where} did not accept the same-host proof"
 
 
 class ServerHandshake:
@@ -413,6 +440,7 @@ class ServerHandshake:
         server_id: str = "",
         encrypt: bool = True,
         nonce: str | None = None,
+        samehost: samehost.HostSecret | None = None,
     ):
         self.keyring = keyring
         self.offer = offer
@@ -427,6 +455,10 @@ class ServerHandshake:
         self.link: SecureLink | None = None
         self.closed = False
         self.auth_failed = False
+        self.host_secret = samehost
+        self.samehost = False  # the client proved it runs on this host (WELCOME.samehost)
+        self.samehost_reason = "off on this server" if samehost is None else ""
+        self.samehost_gpus: list = []  # the GPUs the client announced with its proof
 
     @property
     def ready(self) -> bool:
@@ -436,6 +468,19 @@ class ServerHandshake:
     def unknown_key(self) -> bool:
         """HELLO named a token this server does not hold (its CHALLENGE carried no proof)."""
         return self.keyring is not None and self.hello is not None and self.candidate is None
+
+    def _samehost_offer(self) -> dict[str, Any]:
+        return self.host_secret.offer() if self.host_secret is not None else {}
+
+    def _samehost_check(self, msg: Auth) -> bool:
+        """Whether the AUTH's same-host answer proves the client reads this host's secret."""
+        if self.host_secret is None:
+            return False
+        assert self.hello is not None
+        self.samehost, self.samehost_reason = self.host_secret.verify(msg.samehost, self.hello.nonce, self.nonce)
+        if self.samehost:
+            self.samehost_gpus = list(msg.samehost.get("gpus") or [])
+        return self.samehost
 
     def _refuse(self, code: ErrorCode, message: str) -> list[Message]:
         self.closed = True
@@ -449,6 +494,7 @@ class ServerHandshake:
             server_id=self.server_id,
             link=LINK_AES_GCM if self.keyring is not None and self.encrypt else LINK_NONE,
             mac="",
+            samehost=self._samehost_offer(),
         )
         if self.candidate is not None:
             ch = dataclasses.replace(ch, mac=auth.server_proof(self.candidate.token, transcript(msg, ch)))
@@ -484,7 +530,7 @@ class ServerHandshake:
                 if self.challenge.link == LINK_AES_GCM:
                     self.link = SecureLink.for_server(entry.token, t)
             self.phase = "ready"
-            return [Welcome(session=self.nonce[:16])]
+            return [Welcome(session=self.nonce[:16], samehost=self._samehost_check(msg))]
         raise LocalError(f"the handshake is over (phase {self.phase})")
 
 

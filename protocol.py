@@ -147,6 +147,8 @@ class Challenge(Message):
     fingerprint: str = ""
     codecs: list = field(default_factory=list)
     device: str = ""
+    # Same-host fast path offered (samehost.HostSecret.offer): {"seg": secret segment, "gpus": [...]}; {} = none.
+    samehost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ class Auth(Message):
 
     KIND: ClassVar[MsgKind] = MsgKind.AUTH
     mac: str = ""
+    samehost: dict = field(default_factory=dict)  # {"proof": hex, "gpus": [...]}: the same-host answer; {} = none
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class Welcome(Message):
 
     KIND: ClassVar[MsgKind] = MsgKind.WELCOME
     session: str = ""
+    samehost: bool = False  # the same-host proof held: big payloads of this session go through shared memory
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import socket
 import threading
 import time
@@ -18,9 +19,9 @@ from typing import Any, ClassVar
 
 import torch
 
-from . import auth, codec, handshake, hostmem
+from . import auth, codec, handshake, hostmem, samehost
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SAMEHOST_ENV, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -142,6 +143,7 @@ class StepStats:
     server: dict[str, float] = field(default_factory=dict)
     consts_sent: int = 0
     codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
+    via: str = "tcp"  # "samehost": the big payloads went through shared memory / CUDA IPC (bytes_* count TCP only)
 
     def line(self) -> str:
         s = self.server
@@ -178,6 +180,7 @@ class MeshClient:
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
         self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
+        self._chan: samehost.Channel | None = None  # the same-host fast path of this connection
 
     # ------------------------------------------------------------------ connection
     @property
@@ -252,6 +255,7 @@ class MeshClient:
             where=self._where(),
             pinned_id=pinned,
             plaintext_ok=is_loopback(sock) or self.cfg.allow_unencrypted or handshake.allow_unencrypted(),
+            samehost=self.cfg.samehost and os.environ.get(SAMEHOST_ENV) != "0",
         )
         try:
             send_message(sock, hs.hello())
@@ -270,7 +274,38 @@ class MeshClient:
         assert hs.challenge is not None
         if hs.authenticated and not pinned:  # trust on first use, once the server proved the token
             pins.pin(self.cfg.host, self.cfg.port, hs.challenge.server_id)
+        self._open_samehost(hs)
         return hs.challenge, hs.link
+
+    def _open_samehost(self, hs: handshake.ClientHandshake) -> None:
+        """After the handshake: this connection's fast path, or the one reason it stays on TCP."""
+        ch = hs.challenge
+        assert ch is not None
+        if not hs.samehost:
+            if ch.samehost and hs.want_samehost and _SAMEHOST_LAST.get(self.cfg.address) != hs.samehost_reason:
+                _SAMEHOST_LAST[self.cfg.address] = hs.samehost_reason  # once per address and reason
+                log.info("ComfyUI-Mesh: %s over TCP: %s", self.cfg.address, hs.samehost_reason)
+            return
+        self._chan = samehost.Channel(
+            hs.samehost_secret,
+            hs.nonce,
+            ch.nonce,
+            "c",
+            ch.samehost.get("gpus"),
+            self.cfg.samehost_max_bytes,
+            pin=torch.cuda.is_available(),
+        )
+        if _SAMEHOST_LAST.get(self.cfg.address) != "":
+            _SAMEHOST_LAST[self.cfg.address] = ""
+            log.info("ComfyUI-Mesh: %s is on this host: seam tensors go through shared memory", self.cfg.address)
+
+    def _decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
+        return self._chan.decode(wt, device) if self._chan is not None else codec.decode(wt, device)
+
+    def _encode_raw(self, ts: dict[str, torch.Tensor]) -> list[WireTensor]:
+        """Raw wire tensors: CUDA IPC handles where the fast path allows, else the bytes."""
+        chan = self._chan
+        return [(chan and chan.ipc_wire(t, name)) or codec.encode(t, name, "raw") for name, t in ts.items()]
 
     def close(self, reason: str = "") -> None:
         with self._lock:
@@ -278,6 +313,7 @@ class MeshClient:
             link, self._link = self._link, None
             self._sent_consts.clear()
             self._codec_state.clear()
+            chan, self._chan = self._chan, None
             if sock is not None:
                 try:
                     sock.settimeout(1.0)
@@ -285,6 +321,8 @@ class MeshClient:
                 except OSError:
                     pass
                 sock.close()
+            if chan is not None:  # after BYE: the server copies nothing more out of our segment
+                chan.close()
 
     # ------------------------------------------------------------------ requests
     def _await_reply(self, sock: socket.socket, read_timeout_s: float) -> tuple[Message, int]:
@@ -321,6 +359,8 @@ class MeshClient:
     def _roundtrip(self, msg: Message, read_timeout_s: float | None = None) -> tuple[Message, int, int]:
         sock = self._sock
         assert sock is not None
+        if self._chan is not None:
+            msg = self._chan.outgoing(msg)
         try:
             sock.settimeout(self.cfg.liveness_timeout_s)  # a send that makes no progress this long: link down
             sent = send_message(sock, msg, self._link)
@@ -478,6 +518,8 @@ class MeshClient:
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
+        if codec_name == "raw":
+            return self._encode_raw(coded)
         sub = temporal.stream_state(self._codec_state, stream)
         return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
 
@@ -511,10 +553,24 @@ class MeshClient:
     }
     REMOTE_RECOVERIES = 2  # error frames recovered from per call (a dropped connection: the retry budget)
 
+    def _no_ipc(self, e: RemoteFailure) -> bool:
+        """The server could not open a CUDA IPC handle: CUDA tensors go through the segments."""
+        chan = self._chan
+        if chan is None or not chan.peer_gpus or samehost.IPC_FAILED not in e.message:
+            return False
+        log.warning("ComfyUI-Mesh: %s; sending CUDA tensors through shared host memory instead", e.message)
+        chan.peer_gpus.clear()
+        self._reset_codec_state()  # re-encode this call's tensors
+        return True
+
     def _recover(self, e: RemoteFailure, recovered: int) -> bool:
+        if recovered >= self.REMOTE_RECOVERIES:
+            return False
+        if e.code == ErrorCode.BAD_REQUEST:
+            return self._no_ipc(e)
         code = ErrorCode.of(e.code)
         action = self._RECOVERY.get(code) if code is not None else None
-        return recovered < self.REMOTE_RECOVERIES and action is not None and action(self, e)
+        return action is not None and action(self, e)
 
     def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
         t1 = time.perf_counter()
@@ -528,7 +584,7 @@ class MeshClient:
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
         stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
         t2 = time.perf_counter()
-        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
+        out = {name: self._decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
         stats.decode_ms = (time.perf_counter() - t2) * 1e3
         return out
 
@@ -562,26 +618,32 @@ class MeshClient:
         """
         stats = StepStats()
         t0 = time.perf_counter()
-        tensors = [codec.encode(t, name, "raw") for name, t in exact.items()]
         const_keys, const_wire = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
             coded_wire: list[WireTensor] = []
+            tensors: list[WireTensor] = []
             enc_gen = -1
             retry = _Retry(self.cfg, self._where(), on_status)
             recovered = 0
+            enc_chan: Any = False  # the fast path the tensors were encoded for (CUDA IPC handles are per connection)
             while True:
                 try:
                     self.connect()  # coded tensors may depend on this connection's codec state
-                    if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
+                    # First try, reconnected, codec state reset, or another fast path (CUDA IPC handles
+                    # are per connection): encode again.
+                    if enc_gen != self._codec_gen or enc_chan is not self._chan:
+                        if self._chan is not None:
+                            self._chan.release()  # the server answered: it is done with what it was lent
+                        tensors = self._encode_raw(exact)
                         coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
                         if enc_gen == -1:
                             stats.encode_ms = (time.perf_counter() - t0) * 1e3
                             if on_encoded:
                                 on_encoded(stats)
-                        enc_gen = self._codec_gen
+                        enc_gen, enc_chan = self._codec_gen, self._chan
                     missing = [h for h in const_data if h not in self._sent_consts]
                     extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
                     msg = Forward(
@@ -610,9 +672,11 @@ class MeshClient:
                     continue
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
+                stats.via = "samehost" if self._chan is not None else "tcp"
                 retry.succeeded()
                 break
-        return self._decode_result(reply, stats, device), stats
+            # Under the lock: a reply in the server's segment is overwritten by the next request's.
+            return self._decode_result(reply, stats, device), stats
 
 
 # ---------------------------------------------------------------------------- pool
@@ -657,3 +721,4 @@ __all__ = [
 _LINKS: dict[tuple[str, int], codec_auto.LinkInfo] = {}  # host:port -> the last measurement
 _LINKS_LOCK = threading.Lock()
 _AUTO_LAST: dict[str, tuple[str, str]] = {}  # address -> the auto codec's last choice (logged on change)
+_SAMEHOST_LAST: dict[str, str] = {}  # address -> why the last connection stayed on TCP ("": it did not)

@@ -46,6 +46,8 @@ LIMITS = (
     ("--idle-timeout", "idle_timeout_s", "SECONDS", "drop an authenticated client silent this long"),
     ("--heartbeat", "heartbeat_interval_s", "SECONDS",
      "while serving a request, send the client a PROGRESS frame this often (its sign of life)"),
+    ("--samehost-max-mb", "samehost_max_bytes", "MB",
+     "shared memory one same-host connection may take per direction (bigger messages go over TCP)"),
 )  # fmt: skip
 
 
@@ -96,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse nvCOMP ANS payloads (clients re-send with zstd): nvCOMP does not validate its "
         "bitstreams, so only trusted clients should send them",
     )
+    p.add_argument(
+        "--no-samehost",
+        action="store_true",
+        help="never offer the same-host fast path (clients on this host then send over TCP too)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -115,6 +122,7 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         **{name: getattr(a, name) << 20 if name.endswith("_bytes") else getattr(a, name) for _, name, _, _ in LIMITS},
         loras=tuple(_lora_arg(s) for s in a.lora),
         gpu_entropy=not a.no_gpu_entropy,
+        samehost=not a.no_samehost,
     )
 
 

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec, hostmem
+from .. import auth, codec, hostmem, samehost
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -94,6 +94,9 @@ class ServerStats:
     last_step: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     codec_state_bytes: int = 0  # temporal codec references held by all open connections
+    samehost_sessions: int = 0  # sessions opened on the same-host fast path (samehost.py)
+    samehost_bytes_in: int = 0  # payload bytes received / sent through shared memory or CUDA IPC
+    samehost_bytes_out: int = 0
 
 
 class ServerState:
@@ -142,6 +145,22 @@ class ServerState:
         self._sessions: set[Session] = set()  # admitted (authenticated, holding a client slot)
         self.reload_tokens()
         self.backend: Backend = factory(cfg.n_blocks)
+        # The same-host proof's secret while a DaedalusServer listens (samehost.HostSecret).
+        self.host_secret: samehost.HostSecret | None = None
+
+    def open_samehost(self) -> None:
+        """Create the host secret clients on this host prove they can read (once; cfg.samehost)."""
+        if not self.cfg.samehost or self.host_secret is not None:
+            return
+        try:
+            self.host_secret = samehost.HostSecret()
+        except OSError as e:  # no POSIX shared memory here (a locked-down container)
+            log.warning("same-host fast path off: cannot create shared memory (%s)", e)
+
+    def close_samehost(self) -> None:
+        secret, self.host_secret = self.host_secret, None
+        if secret is not None:
+            secret.close()
 
     def set_token(self, token: str | None) -> None:
         """A new default token (the window's Regenerate…): new connections need it at once, and the
@@ -292,8 +311,14 @@ class Session:
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
         self.handshake = ServerHandshake(
-            state.keyring, self._offer, server_id=state.server_id, encrypt=state.cfg.encrypt
+            state.keyring,
+            self._offer,
+            server_id=state.server_id,
+            encrypt=state.cfg.encrypt,
+            samehost=state.host_secret,
         )
+        self.chan: samehost.Channel | None = None  # the same-host fast path, once proved
+        self._shm_counted = (0, 0)  # chan.bytes_in / bytes_out already added to the server's stats
         self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
@@ -307,9 +332,16 @@ class Session:
         dev = self.state.backend.device
         # The current CUDA device is per thread: make it the backend's in this connection thread.
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        chan = self.chan
+        if chan is not None:
+            chan.release()  # the client's next message: it has copied what the last reply lent it
         try:
             with on_device:
-                return self._handle(msg, bytes_in)
+                replies = self._handle(msg, bytes_in)
+            if chan is not None:
+                replies = [chan.outgoing(r) for r in replies]
+                self._count_samehost()
+            return replies
         except OverBudget as e:  # a server-wide budget has no room (now, or for a request this big)
             self.state.stats.errors += 1
             self.state.peer_log.warning("%s: refused: %s", self.peer, e)
@@ -341,6 +373,9 @@ class Session:
         self.codec_state.clear()
         self._account_codec_state()
         self.consts.clear()
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
         if self.admitted:
             self.admitted = False
             self.state.leave(self)
@@ -392,12 +427,53 @@ class Session:
                 return [refused]
             self.admitted = True
             token = f" (token '{self.token_name}')" if self.token_name else ""
+            self._open_samehost()
             if self.status_probe:  # a node's status light checking its token: not a client session
                 log.debug("%s: status probe authenticated%s", self.peer, token)
             else:
                 log.info("%s: client '%s' connected%s", self.peer, name, token)
                 self.state.emit(kind="client", peer=self.peer, connected=True, token=self.token_name)
         return replies
+
+    def _open_samehost(self) -> None:
+        """The session is open: its same-host channel, or the logged reason it stays on TCP."""
+        hs = self.handshake
+        secret = self.state.host_secret
+        if secret is None or hs.hello is None:
+            return
+        say = log.debug if self.status_probe else log.info
+        if not hs.samehost:
+            say("%s: over TCP: %s", self.peer, hs.samehost_reason)
+            return
+        cfg = self.state.cfg
+        self.chan = samehost.Channel(
+            secret.secret,
+            hs.hello.nonce,
+            hs.nonce,
+            "s",
+            hs.samehost_gpus,
+            cfg.samehost_max_bytes,
+            pin=self.state.backend.device.type == "cuda",
+        )
+        with self.state._stats_lock:
+            self.state.stats.samehost_sessions += 1
+        say("%s: on this host: seam tensors go through shared memory", self.peer)
+
+    def _count_samehost(self) -> None:
+        chan = self.chan
+        assert chan is not None
+        with self.state._stats_lock:
+            self.state.stats.samehost_bytes_in += chan.bytes_in - self._shm_counted[0]
+            self.state.stats.samehost_bytes_out += chan.bytes_out - self._shm_counted[1]
+        self._shm_counted = (chan.bytes_in, chan.bytes_out)
+
+    def _wire(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None = None) -> torch.Tensor:
+        """Decode one received tensor, wherever its bytes are."""
+        if self.chan is not None:
+            return self.chan.decode(wt, device, state)
+        if "shm" in wt.meta or "cuda" in wt.meta:
+            raise RemoteProtocolError(f"tensor {wt.name!r} is in shared memory, but this session is not same-host")
+        return codec.decode(wt, device, state=state)
 
     def _account_codec_state(self) -> int:
         """Bring ``stats.codec_state_bytes`` and the server-wide budget up to date with this
@@ -522,7 +598,9 @@ class Session:
                 h = name[6:]
                 known = self.consts.get(h)
                 if known is None:
-                    if wt.codec != 0 or content_hash(wt) != h:
+                    if self.chan is not None:
+                        wt = self.chan.resolve(wt)
+                    if wt.codec != 0 or "cuda" in wt.meta or content_hash(wt) != h:
                         raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
                     known = codec.decode(wt, b.device)
                     self.consts.put(h, known)
@@ -553,7 +631,7 @@ class Session:
                         "send zstd-coded payloads",
                         "ans",
                     )
-                tensors[name] = codec.decode(wt, b.device, state=sub)
+                tensors[name] = self._wire(wt, b.device, sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
             return _err(ErrorCode.STREAM_RESET, str(e))
@@ -591,7 +669,8 @@ class Session:
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
         self.step_phase = "encode"
-        reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+        chan = self.chan if msg.reply_codec == 0 else None
+        reply = tuple((chan and chan.ipc_wire(v, k)) or codec.encode(v, k, msg.reply_codec) for k, v in out.items())
         t3 = time.perf_counter()
         bytes_out = sum(w.nbytes for w in reply)
         timings = {"decode": (t_dec - t0) * 1e3, "forward": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3}
@@ -738,6 +817,7 @@ class DaedalusServer:
             ) from e
         self._sock = s
         self.address = s.getsockname()[:2]
+        self.state.open_samehost()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
         self._accept_thread.start()
         if self.state.named is not None:  # the CLI or the window may add or revoke tokens while it runs
@@ -777,6 +857,7 @@ class DaedalusServer:
                 t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
+        self.state.close_samehost()
         self.state.peer_log.flush()
 
     def _accept_loop(self) -> None:

@@ -28,7 +28,10 @@ MiB = 1 << 20
 
 @contextmanager
 def serve(**cfg: object) -> Iterator[DaedalusServer]:
-    srv = DaedalusServer(ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, **cfg), ToyBackend, token=TOKEN))  # type: ignore[arg-type]
+    # Over TCP: on the same-host fast path big payloads would not be frames at all (PROTOCOL.md §11).
+    srv = DaedalusServer(
+        ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, samehost=False, **cfg), ToyBackend, token=TOKEN)  # type: ignore[arg-type]
+    )
     srv.start()
     try:
         yield srv

@@ -46,7 +46,10 @@ def test_split_equals_whole_with_raw_and_int8_within_budget(server):
     x, bias = _inputs()
     whole = model.run(x, bias)
     front = model.run(x, bias, 0, 5)
-    c = _client(host, port)
+    # Over TCP (the same-host fast path would keep the payloads off the socket: tests/test_samehost.py).
+    c = MeshClient(
+        ClientConfig(host=host, port=port, token=TOKEN, samehost=False), expect={"arch": "toy", "n_blocks": 3}
+    )
     out, stats = c.forward(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
     assert torch.equal(out["out"], whole)
     assert stats.consts_sent == 1 and stats.bytes_out > front.numel() * 4

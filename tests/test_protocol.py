@@ -106,9 +106,10 @@ NON_DEFAULT: dict[type, dict] = {
         fingerprint="0123abcd",
         codecs=[1, 0],
         device="NVIDIA GeForce RTX 4090 (cuda:0)",
+        samehost={"seg": "mh" + "1" * 24 + "p", "gpus": ["GPU-1"]},
     ),
-    protocol.Auth: dict(mac="e" * 64),
-    protocol.Welcome: dict(session="sess-42"),
+    protocol.Auth: dict(mac="e" * 64, samehost={"proof": "f" * 64, "gpus": []}),
+    protocol.Welcome: dict(session="sess-42", samehost=True),
     protocol.Forward: dict(
         seq=123456789012,
         arch="flux2",
