@@ -129,7 +129,7 @@ def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):
     x, bias = _inputs()
     with pytest.raises(RemoteFailure) as e:
         c.forward(arch="toy", n_blocks=3, coded={"x": x[..., :10]}, exact={}, consts={"bias": bias}, scalars={})
-    assert e.value.code == "forward_failed" and "expects x of shape" in e.value.message
+    assert e.value.code == "bad_request" and "expects x of shape" in e.value.message
     with pytest.raises(RemoteFailure) as e:
         c.forward(arch="toy", n_blocks=5, coded={"x": x}, exact={}, consts={"bias": bias}, scalars={})
     assert e.value.code == "config_mismatch"
