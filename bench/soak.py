@@ -142,7 +142,10 @@ def run(clients: int = 10, steps: int = 200, gen_steps: int = 25, atol: float = 
     tmp = tempfile.TemporaryDirectory(prefix="mesh-soak-") if not workdir else None
     wd = Path(workdir or tmp.name)  # type: ignore[union-attr]
     wd.mkdir(parents=True, exist_ok=True)
-    srv = ServerProc(wd, ["--max-clients", str(clients + 4)])
+    # Every client connects from 127.0.0.1 at the same moment: raise the per-address cap on connections
+    # still in the handshake (default 8), which would push the oldest out with `busy`.
+    caps = ["--max-clients", str(clients + 4), "--max-unauthenticated-per-address", str(clients + 4)]
+    srv = ServerProc(wd, caps)
     series: list[tuple[float, int]] = []
     stop = threading.Event()
     t0 = time.monotonic()
