@@ -51,6 +51,9 @@ from serverproc import ServerProc, percentile, read_status
 
 PREFIX = struct.Struct("<4sHHIQI")  # magic, version, kind, header_len, body_len, crc32 (docs/PROTOCOL.md)
 
+# The HEVC payload header (wirecodecs/hevc_layout.py): magic, version, quantizer, tile, flags, N, C, h, w,
+# frame width, height, frames, bitstream bytes, CRC-32 of the bitstream.
+HEVC_HEADER = struct.Struct("<4s4B9I")
 # A seed: (label, kind, header dict incl. "tensors" descriptors, body bytes).
 Seed = tuple[str, int, dict, bytes]
 
@@ -282,7 +285,7 @@ class Mutant:
 
 
 class Mutator:
-    def __init__(self, seeds: list[Seed], bombs: dict[int, bytes], rng: random.Random):
+    def __init__(self, seeds: list[Seed], bombs: dict[int, bytes], rng: random.Random, only: frozenset = frozenset()):
         self.seeds = seeds
         self.post = [s for s in seeds if s[1] not in (MsgKind.HELLO, MsgKind.AUTH)]
         self.forwards = [s for s in seeds if s[1] == MsgKind.FORWARD]
@@ -293,7 +296,7 @@ class Mutator:
             (self.m_field, 10), (self.m_delete, 3), (self.m_shape, 6), (self.m_dtype, 3), (self.m_codec, 6),
             (self.m_sections, 6), (self.m_zero_body, 3), (self.m_body_flip, 14), (self.m_header_flip, 4),
             (self.m_dup, 3), (self.m_many, 1), (self.m_zstd_bomb, 3), (self.m_payload, 4), (self.m_deep, 1),
-            (self.m_header_junk, 2), (self.m_kind, 2), (self.m_versions, 1), (self.m_valid, 6),
+            (self.m_header_junk, 2), (self.m_kind, 2), (self.m_versions, 1), (self.m_valid, 6), (self.m_hevc, 4),
         ]  # fmt: skip
         self.unframed = [
             (self.m_flip, 4),
@@ -302,6 +305,11 @@ class Mutator:
             (self.m_random, 1),
             (self.m_two, 2),
         ]
+        if only:  # a targeted run: these mutations alone (names without "m_")
+            self.structured = [(f, w) for f, w in self.structured if f.__name__[2:] in only]
+            self.unframed = [(f, w) for f, w in self.unframed if f.__name__[2:] in only]
+            if not self.structured + self.unframed:
+                raise ValueError(f"no mutation named in {sorted(only)}")
         self._swf = [w for _, w in self.structured]
         self._uwf = [w for _, w in self.unframed]
 
@@ -311,7 +319,7 @@ class Mutator:
 
     def mutate(self, pool: list[Seed], unframed_share: float) -> Mutant:
         seed = self.pick(pool)
-        if self.rng.random() < unframed_share:
+        if not self.structured or (self.unframed and self.rng.random() < unframed_share):
             (fn,) = self.rng.choices([f for f, _ in self.unframed], self._uwf)
         else:
             (fn,) = self.rng.choices([f for f, _ in self.structured], self._swf)
@@ -403,6 +411,25 @@ class Mutator:
         if self.rng.random() < 0.2:
             t[1]["meta"]["be"] = self.rng.choice(["ans", "zstd", "lz4", "", None])
         return self._ok(kind, header, body, f"{label}|sections {t[1]['name']}[{j}]={e[j]!r}")
+
+    def m_hevc(self, s: Seed) -> Mutant:
+        """Bytes of an HEVC (ids 16, 17) bitstream changed and its CRC-32 fixed, so they reach the
+        native decoder (a token holder can compute the CRC)."""
+        hevc = [x for x in self.forwards if any(d["codec"] in (16, 17) and d["nbytes"] > 44 for d in x[2]["tensors"])]
+        label, kind, header, body = self.pick(hevc)
+        parts = self._slices(header, body)
+        i = next(j for j, d in enumerate(header["tensors"]) if d["codec"] in (16, 17) and d["nbytes"] > 44)
+        p = bytearray(parts[i])
+        f = HEVC_HEADER.unpack_from(p)
+        c, nbytes = f[6], f[12]
+        start = HEVC_HEADER.size + 8 * c
+        if nbytes:
+            for _ in range(self.rng.choice([1, 2, 4, 16, 64])):
+                k = start + self.rng.randrange(nbytes)
+                p[k] = self.rng.randrange(256) if self.rng.random() < 0.5 else p[k] ^ (1 << self.rng.randrange(8))
+            struct.pack_into("<I", p, 40, zlib.crc32(p[start : start + nbytes]))
+        parts[i] = bytes(p)
+        return self._ok(kind, header, self._rebuild(header, parts), f"{label}|hevc bitstream bytes, CRC fixed")
 
     def m_zero_body(self, s: Seed) -> Mutant:
         label, kind, header, body = s
@@ -602,7 +629,7 @@ def fuzz_thread(
     stop: Any,
 ) -> dict:
     rng = random.Random(opts["seed"] * 1000 + wid)
-    mut = Mutator(seeds, bombs, rng)
+    mut = Mutator(seeds, bombs, rng, frozenset(opts["only"]))
     t = Tally()
     source = f"127.0.{1 + wid // 200}.{10 + wid % 200}"
     hang_s = opts["hang_s"]
@@ -814,6 +841,7 @@ def run(
     max_codec_state_mb: int = 64,
     rss_budget_mb: float = 0.0,
     server_args: tuple[str, ...] = (),
+    only: tuple[str, ...] = (),
     workdir: str = "",
     verbose: bool = False,
 ) -> dict:
@@ -843,6 +871,7 @@ def run(
         ) * 2**20 + (256 << 20)
         opts = {"seed": seed, "hang_s": hang_s, "pre_share": pre_share, "unframed_share": unframed_share}
         opts["duration"] = duration
+        opts["only"] = list(only)
         progress = mp.Value("q", 0) if procs else _Counter()
         stop = mp.Event() if procs else threading.Event()
         wargs = (srv.address, srv.token, seeds, bombs)
@@ -1007,6 +1036,7 @@ def main() -> int:
     ap.add_argument("--max-codec-state-mb", type=int, default=64, help="the server's --max-codec-state-mb")
     ap.add_argument("--rss-budget-mb", type=float, default=0.0, help="0: baseline + connections x limits + 256")
     ap.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable)")
+    ap.add_argument("--only", default="", help="comma-separated mutations to use alone (e.g. hevc,zstd_bomb)")
     ap.add_argument("--workdir", default="", help="keep the server's output here")
     ap.add_argument("--json", default="", help="write the report here")
     a = ap.parse_args()
@@ -1023,6 +1053,7 @@ def main() -> int:
         max_codec_state_mb=a.max_codec_state_mb,
         rss_budget_mb=a.rss_budget_mb,
         server_args=tuple(a.server_arg),
+        only=tuple(x for x in a.only.split(",") if x),
         workdir=a.workdir,
         verbose=True,
     )
