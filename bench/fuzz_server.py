@@ -15,12 +15,16 @@ tensors, deep JSON, invalid UTF-8, kind / version / magic swaps.
 Pre-auth a frame is sent as the first frame of a fresh connection, or as the AUTH after a real HELLO
 and CHALLENGE. Post-auth a worker completes a real handshake with the token and sends mutated
 frames on that connection, reconnecting when the server closes it. A frame whose framing is intact
-must be answered (or its connection closed) within --hang-s; one whose framing is broken is followed
-by a half-close, and the server must close within --hang-s.
+must be answered (or its connection closed), one whose framing is broken is followed by a half-close
+and the server must close: within --hang-s, or it is "slow" (reported with the longest wait: e.g.
+queued behind honest requests at the size limit) up to 6 x --hang-s, and a hang after that.
 
 Watched: the server's exit (crash), "Traceback" in its output, a probe client whose PING must be
 answered within --hang-s every 0.5 s, FORWARD_FAILED replies (the server's catch-all for an
-exception a frame caused), RSS (VmRSS sampled every 0.1 s, VmHWM at the end) against --rss-budget-mb.
+exception a frame caused), RSS (VmRSS sampled every 0.1 s, VmHWM at the end) against --rss-budget-mb
+(default: what the limits the server is started with let each connection hold, see ``run``). The server
+gets --max-request-mb / --max-codec-state-mb 16 unless told otherwise, so honest requests at the limit
+stay quick on a CPU.
 Prints a Markdown table; --json writes the whole report.
 """
 
@@ -46,7 +50,7 @@ from comfyui_mesh import auth, handshake
 from comfyui_mesh.constants import MAGIC, MAX_BODY_BYTES, PACKAGE_VERSION, PROTOCOL_VERSION
 from comfyui_mesh.errors import MeshError
 from comfyui_mesh.netio import recv_message
-from comfyui_mesh.protocol import Challenge, Error, FrameDecoder, Message, MsgKind, encode_bytes
+from comfyui_mesh.protocol import Challenge, Error, FrameDecoder, Message, MsgKind, Reconfigure, encode_bytes
 from serverproc import ServerProc, percentile, read_status
 
 PREFIX = struct.Struct("<4sHHIQI")  # magic, version, kind, header_len, body_len, crc32 (docs/PROTOCOL.md)
@@ -79,18 +83,20 @@ class Conn:
         """Write one (possibly mutated) frame's bytes as they are."""
         self.sock.sendall(data)
 
-    def recv(self) -> Message:
-        """The next whole frame from the server within the timeout (TimeoutError), EOF ConnectionError."""
-        msg, _ = recv_message(self.sock, self.dec, time.monotonic() + self.timeout)
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next whole frame from the server within the timeout (TimeoutError; calling again goes
+        on with the same frame), EOF ConnectionError."""
+        msg, _ = recv_message(self.sock, self.dec, time.monotonic() + (timeout or self.timeout))
         return msg
 
-    def drain(self) -> bool:
-        """Half-close, then read until the server closes. False when it is still open after the timeout."""
+    def drain(self, timeout: float | None = None) -> bool:
+        """Half-close, then read until the server closes. False when it is still open after the
+        timeout (calling again waits on)."""
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError:
-            return True
-        end = time.monotonic() + self.timeout
+            pass  # already half-closed, or the server is gone
+        end = time.monotonic() + (timeout or self.timeout)
         try:
             while True:
                 left = end - time.monotonic()
@@ -179,7 +185,7 @@ def build_seeds() -> list[Seed]:
             tensors=(*tensors, const) if with_const else tuple(tensors),
             seq=seq,
             arch="toy",
-            n_blocks=3,
+            n_blocks=N_BLOCKS,
             consts={"bias": h},
             reply_codec=reply,
             stream=stream or {},
@@ -212,7 +218,7 @@ def build_seeds() -> list[Seed]:
     seeds.append(split_frame("ping/probe", protocol.Ping(seq=2, tensors=(probe,))))
     seeds.append(split_frame("end-stream/gen", protocol.EndStream(gen="quant-t-8")))
     seeds.append(split_frame("end-stream/all", protocol.EndStream(gen=None)))
-    seeds.append(split_frame("reconfigure", protocol.Reconfigure(n_blocks=3)))
+    seeds.append(split_frame("reconfigure", protocol.Reconfigure(n_blocks=N_BLOCKS)))
     seeds.append(split_frame("bye", protocol.Bye(reason="fuzz")))
     seeds.append(split_frame("hello", protocol.Hello(nonce=auth.new_nonce(), package_version=PACKAGE_VERSION)))
     seeds.append(split_frame("auth", protocol.Auth(mac="0" * 64)))
@@ -224,7 +230,7 @@ def zstd_bombs() -> dict[int, bytes]:
     import zstandard
 
     out = {}
-    for k in (16, 20, 24, 26, 28, 30):
+    for k in (16, 20, 22, 24, 26, 28, 30):
         c = zstandard.ZstdCompressor(level=3).compressobj(size=1 << k)
         zeros = bytes(1 << min(k, 24))
         parts = [c.compress(zeros) for _ in range((1 << k) // len(zeros))]
@@ -594,6 +600,9 @@ class Tally:
     replies: Counter = field(default_factory=Counter)
     closed: int = 0  # the server closed the connection after a frame (expected for broken frames)
     hangs: int = 0
+    restores: int = 0  # RECONFIGURE back to N_BLOCKS after a mutated one (not counted as frames)
+    slow: int = 0  # answered after more than hang_s, within SLOW_FACTOR x hang_s
+    slowest_s: float = 0.0
     refused: int = 0  # connect / handshake refused (busy, reset): retried
     findings: list = field(default_factory=list)
     last: list = field(default_factory=list)  # the last frames sent (label, first bytes hex)
@@ -603,8 +612,9 @@ class Tally:
             self.findings.append({"kind": kind, "label": m.label, "extra": extra, "frame_hex": m.data[:512].hex()})
 
     def merge(self, o: dict) -> None:
-        for k in ("frames", "pre", "post", "framed", "connections", "closed", "hangs", "refused"):
+        for k in ("frames", "pre", "post", "framed", "connections", "closed", "hangs", "slow", "refused", "restores"):
             setattr(self, k, getattr(self, k) + o[k])
+        self.slowest_s = max(self.slowest_s, o["slowest_s"])
         self.replies.update(o["replies"])
         self.findings += o["findings"][: max(0, 200 - len(self.findings))]
         self.last += o["last"]
@@ -614,6 +624,11 @@ def reply_name(msg: Message) -> str:
     return f"error:{msg.code}" if isinstance(msg, Error) else type(msg).__name__
 
 
+N_BLOCKS = 3  # what the server is started with and the seeds ask for
+RESTORE = encode_bytes(Reconfigure(n_blocks=N_BLOCKS))
+# A frame unanswered after hang_s is waited for up to SLOW_FACTOR x hang_s: answered by then it is
+# "slow" (reported: e.g. queued behind honest requests at the size limit), else a hang.
+SLOW_FACTOR = 6
 CLOSING = {"error:bad_frame", "error:auth_failed", "error:busy", "error:bad_request"}
 
 
@@ -649,17 +664,32 @@ def fuzz_thread(
         except OSError:
             t.closed += 1
             return False
+        t0 = time.monotonic()
+
+        def slow() -> None:  # answered, but after more than hang_s (queued behind big requests?)
+            t.slow += 1
+            t.slowest_s = max(t.slowest_s, time.monotonic() - t0)
+            if t.slow <= 3:
+                t.note("slow", m, f"answered after {time.monotonic() - t0:.1f} s")
+
         if not m.framed:
             if not c.drain():
-                t.hangs += 1
-                t.note("hang", m, "no close after a half-close")
+                if not c.drain(hang_s * (SLOW_FACTOR - 1)):
+                    t.hangs += 1
+                    t.note("hang", m, f"no close within {hang_s * SLOW_FACTOR:g} s of a half-close")
+                else:
+                    slow()
             return False
         t.framed += 1
         try:
-            reply = c.recv()
+            try:
+                reply = c.recv()
+            except TimeoutError:
+                reply = c.recv(hang_s * (SLOW_FACTOR - 1))
+                slow()
         except TimeoutError:
             t.hangs += 1
-            t.note("hang", m, f"no reply within {hang_s} s")
+            t.note("hang", m, f"no reply within {hang_s * SLOW_FACTOR:g} s")
             return False
         except (ConnectionError, OSError):
             t.closed += 1
@@ -673,6 +703,15 @@ def fuzz_thread(
             t.note(name, m, getattr(reply, "message", ""))
         if not c.authenticated:
             return isinstance(reply, Challenge)
+        if name == "error:config_mismatch" or getattr(reply, "n_blocks", N_BLOCKS) != N_BLOCKS:
+            # a mutated RECONFIGURE moved the server off the seeds' n_blocks: move it back (not counted),
+            # or the next FORWARDs would all be refused before decoding
+            try:
+                c.send_frame(RESTORE)
+                c.recv(hang_s * SLOW_FACTOR)
+                t.restores += 1
+            except (OSError, MeshError):
+                return False
         return name not in CLOSING or name == "error:bad_request"
 
     def post_conn() -> Conn | None:
@@ -837,8 +876,8 @@ def run(
     pre_share: float = 0.3,
     unframed_share: float = 0.15,
     seed: int = 1,
-    max_request_mb: int = 64,
-    max_codec_state_mb: int = 64,
+    max_request_mb: int = 16,
+    max_codec_state_mb: int = 16,
     rss_budget_mb: float = 0.0,
     server_args: tuple[str, ...] = (),
     only: tuple[str, ...] = (),
@@ -864,11 +903,12 @@ def run(
         mon = Monitor(srv, hang_s)
         time.sleep(1.5)  # the probe connected and pinged: the server's resting size
         baseline = read_status(srv.pid)["VmRSS"]
-        # Every fuzz connection may hold a request decoding into at most max_request_mb (plus the
-        # frame and a copy) and max_codec_state_mb of temporal references at once.
-        budget = rss_budget_mb * 2**20 or baseline + (workers + 1) * (
-            2 * max_request_mb + max_codec_state_mb
-        ) * 2**20 + (256 << 20)
+        # What one connection may make the server hold at once: its request's frame (at most about the
+        # decoded size for an honest coding) and the decoded tensors (max_request_mb each), the back
+        # half's working memory (the toy's blocks: about one more), the reply, and max_codec_state_mb of
+        # temporal references; plus 256 MB for allocator slack.
+        per_conn = (4 * max_request_mb + max_codec_state_mb) * 2**20
+        budget = rss_budget_mb * 2**20 or baseline + (workers + 1) * per_conn + (256 << 20)
         opts = {"seed": seed, "hang_s": hang_s, "pre_share": pre_share, "unframed_share": unframed_share}
         opts["duration"] = duration
         opts["only"] = list(only)
@@ -955,6 +995,8 @@ def run(
         "exit_code": None if alive else rc,
         "hangs": tally.hangs + len(mon.probe_fail),
         "frame_hangs": tally.hangs,
+        "slow_frames": tally.slow,
+        "slowest_s": round(tally.slowest_s, 1),
         "probe_failures": mon.probe_fail[:20],
         "probe_ms_p50": round(percentile(mon.probe_ms, 50), 1),
         "probe_ms_p99": round(percentile(mon.probe_ms, 99), 1),
@@ -966,6 +1008,7 @@ def run(
         "replies": dict(tally.replies.most_common()),
         "closed_by_server": tally.closed,
         "refused_connects": tally.refused,
+        "restores": tally.restores,
         "rss_baseline_mb": round(baseline / 2**20, 1),
         "rss_peak_mb": round(peak / 2**20, 1),
         "rss_budget_mb": round(budget / 2**20, 1),
@@ -1003,6 +1046,7 @@ def markdown(r: dict) -> str:
         ("connections", f"{r['connections']:,}"),
         ("crashes", r["crashes"]),
         ("hangs (frames / probe)", f"{r['frame_hangs']} / {len(r['probe_failures'])}"),
+        ("slow frames (answered after > hang-s), slowest s", f"{r['slow_frames']}, {r['slowest_s']}"),
         ("tracebacks in the server's output", r["tracebacks"]),
         ("forward_failed replies", r["forward_failed"]),
         ("probe PING p50 / p99 / max ms", f"{r['probe_ms_p50']} / {r['probe_ms_p99']} / {r['probe_ms_max']}"),
@@ -1032,9 +1076,14 @@ def main() -> int:
     ap.add_argument("--pre-share", type=float, default=0.3, help="share of frames sent before authentication")
     ap.add_argument("--unframed-share", type=float, default=0.15, help="share of mutants with broken framing")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--max-request-mb", type=int, default=64, help="the server's --max-request-mb")
-    ap.add_argument("--max-codec-state-mb", type=int, default=64, help="the server's --max-codec-state-mb")
-    ap.add_argument("--rss-budget-mb", type=float, default=0.0, help="0: baseline + connections x limits + 256")
+    ap.add_argument("--max-request-mb", type=int, default=16, help="the server's --max-request-mb")
+    ap.add_argument("--max-codec-state-mb", type=int, default=16, help="the server's --max-codec-state-mb")
+    ap.add_argument(
+        "--rss-budget-mb",
+        type=float,
+        default=0.0,
+        help="0: resting RSS + (connections + 1) x (4 x max-request-mb + max-codec-state-mb) + 256",
+    )
     ap.add_argument("--server-arg", action="append", default=[], help="extra server argument (repeatable)")
     ap.add_argument("--only", default="", help="comma-separated mutations to use alone (e.g. hevc,zstd_bomb)")
     ap.add_argument("--workdir", default="", help="keep the server's output here")
