@@ -50,7 +50,17 @@ from comfyui_mesh import auth, handshake
 from comfyui_mesh.constants import MAGIC, MAX_BODY_BYTES, PACKAGE_VERSION, PROTOCOL_VERSION
 from comfyui_mesh.errors import MeshError
 from comfyui_mesh.netio import recv_message
-from comfyui_mesh.protocol import Challenge, Error, FrameDecoder, Message, MsgKind, Reconfigure, encode_bytes
+from comfyui_mesh.protocol import (
+    Challenge,
+    Error,
+    FrameDecoder,
+    Message,
+    MsgKind,
+    Reconfigure,
+    WireTensor,
+    content_hash,
+    encode_bytes,
+)
 from serverproc import ServerProc, percentile, read_status
 
 PREFIX = struct.Struct("<4sHHIQI")  # magic, version, kind, header_len, body_len, crc32 (docs/PROTOCOL.md)
@@ -303,6 +313,7 @@ class Mutator:
             (self.m_sections, 6), (self.m_zero_body, 3), (self.m_body_flip, 14), (self.m_header_flip, 4),
             (self.m_dup, 3), (self.m_many, 1), (self.m_zstd_bomb, 3), (self.m_payload, 4), (self.m_deep, 1),
             (self.m_header_junk, 2), (self.m_kind, 2), (self.m_versions, 1), (self.m_valid, 6), (self.m_hevc, 4),
+            (self.m_const_flood, 0),  # 4 MiB frames: only when asked for (--only const_flood)
         ]  # fmt: skip
         self.unframed = [
             (self.m_flip, 4),
@@ -312,7 +323,7 @@ class Mutator:
             (self.m_two, 2),
         ]
         if only:  # a targeted run: these mutations alone (names without "m_")
-            self.structured = [(f, w) for f, w in self.structured if f.__name__[2:] in only]
+            self.structured = [(f, max(w, 1)) for f, w in self.structured if f.__name__[2:] in only]
             self.unframed = [(f, w) for f, w in self.unframed if f.__name__[2:] in only]
             if not self.structured + self.unframed:
                 raise ValueError(f"no mutation named in {sorted(only)}")
@@ -436,6 +447,20 @@ class Mutator:
             struct.pack_into("<I", p, 40, zlib.crc32(p[start : start + nbytes]))
         parts[i] = bytes(p)
         return self._ok(kind, header, self._rebuild(header, parts), f"{label}|hevc bitstream bytes, CRC fixed")
+
+    def m_const_flood(self, s: Seed) -> Mutant:
+        """A valid FORWARD carrying 1-2 new 4 MiB constants (right content hashes): the server caches
+        every one it is sent, up to its per-connection constants cache."""
+        label, kind, header, body = self.pick(self.forwards)
+        parts = self._slices(header, body)
+        for _ in range(self.rng.choice([1, 2])):
+            data = self.rng.randbytes(4 << 20)
+            wt = WireTensor("c", "uint8", (len(data),), 0, data)
+            header["tensors"].append(
+                {"name": "const:" + content_hash(wt), "dtype": "uint8", "shape": [len(data)], "codec": 0, "meta": {}}
+            )
+            parts.append(data)
+        return self._ok(kind, header, self._rebuild(header, parts), f"{label}|new 4 MiB constants")
 
     def m_zero_body(self, s: Seed) -> Mutant:
         label, kind, header, body = s
