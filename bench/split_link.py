@@ -59,7 +59,13 @@ from comfyui_mesh.transport import StepStats, drop_pooled  # noqa: E402
 
 DIRECT = "direct"  # no emulator: loopback TCP straight to Daedalus
 # "tcp": the node's settings (raw reply); "reply-lossless": the reply coded too, still bit-identical.
-MODES: dict[str, dict[str, Any]] = {"tcp": {}, "reply-lossless": {"reply_codec": "lossless"}}
+# Client and Daedalus share this host, so the same-host fast path (PROTOCOL.md §11) would carry the
+# seam past the emulated link: every TCP mode turns it off; "samehost" measures it (link "direct").
+MODES: dict[str, dict[str, Any]] = {
+    "tcp": {"samehost": False},
+    "reply-lossless": {"reply_codec": "lossless", "samehost": False},
+    "samehost": {"samehost": True},
+}
 SETTINGS_FIELDS = {f.name for f in dataclasses.fields(SplitSettings)} - {"n_remote", "client", "codec_name", "on_step"}
 CLIENT_FIELDS = {f.name for f in dataclasses.fields(ClientConfig)} - {"host", "port", "token"}
 
