@@ -134,6 +134,8 @@ def serve(**cfg: object) -> Iterator[DaedalusServer]:
 
 
 def client(address: tuple[str, int], **kw) -> MeshClient:
+    # Over TCP: the same-host fast path would carry big payloads past the relay (PROTOCOL.md §11).
+    kw.setdefault("samehost", False)
     cfg = ClientConfig(host=address[0], port=address[1], token=TOKEN, **kw)
     return MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
 

@@ -99,7 +99,7 @@ def test_fidelity_figures():
 
 def test_modes_parse_to_settings_and_client_fields():
     modes = split_link.parse_modes("tcp,slow", ["slow:reply_codec=lossless,read_timeout_s=99"])
-    assert modes == {"tcp": {}, "slow": {"reply_codec": "lossless", "read_timeout_s": 99}}
+    assert modes == {"tcp": {"samehost": False}, "slow": {"reply_codec": "lossless", "read_timeout_s": 99}}
     with pytest.raises(SystemExit, match="neither"):
         split_link.parse_modes("x", ["x:bogus=1"])
     with pytest.raises(SystemExit, match="unknown mode"):
