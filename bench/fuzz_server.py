@@ -324,6 +324,8 @@ class Mutator:
             (self.m_header_junk, 2), (self.m_kind, 2), (self.m_versions, 1), (self.m_valid, 6), (self.m_hevc, 4),
             (self.m_const_flood, 0),  # 4 MiB frames: only when asked for (--only const_flood)
         ]  # fmt: skip
+        if not any(d["codec"] in (16, 17) and d["nbytes"] > 44 for x in self.forwards for d in x[2]["tensors"]):
+            self.structured = [(f, w) for f, w in self.structured if f != self.m_hevc]  # no HEVC seeds (no PyAV)
         self.unframed = [
             (self.m_flip, 4),
             (self.m_truncate, 4),
