@@ -9,18 +9,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from . import codec, handshake, hostmem
+from . import codec, handshake, hostmem, streaming
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_STREAM_PARTS, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -36,6 +37,7 @@ from .protocol import (
     Error,
     ErrorCode,
     Forward,
+    ForwardChunk,
     FrameDecoder,
     Message,
     Ping,
@@ -43,6 +45,7 @@ from .protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    ResultChunk,
     StreamEnded,
     WireTensor,
     content_hash,
@@ -77,6 +80,64 @@ class StepStats:
             f"(server decode {s.get('decode', 0):.1f} / forward {s.get('forward', 0):.1f} / "
             f"encode {s.get('encode', 0):.1f} ms), decode {self.decode_ms:.1f} ms"
         )
+
+
+Encoder = Callable[[torch.Tensor, str], WireTensor]  # (tensor, name) -> coded, with the call's codec state
+
+
+class _Upload:
+    """A call's big coded tensors cut into slabs (docs/PROTOCOL.md §6.1), each coded when its chunk is
+    about to be sent and kept, so a resend on the same codec state sends the same bytes."""
+
+    def __init__(self, coded: dict[str, torch.Tensor], cuts: dict[str, streaming.Cut], enc: Encoder):
+        self.coded, self.cuts, self.enc = coded, cuts, enc
+        self._wire: list[WireTensor] = []
+        self.encode_s = 0.0
+
+    def spec(self) -> dict[str, Any]:
+        return {n: c.spec() for n, c in self.cuts.items()}
+
+    def chunks(self, seq: int) -> Iterator[ForwardChunk]:
+        k = 0
+        for name, cut in self.cuts.items():
+            for sname, slab in cut.slabs(self.coded[name]):
+                if k == len(self._wire):
+                    t0 = time.perf_counter()
+                    self._wire.append(self.enc(slab, sname))
+                    self.encode_s += time.perf_counter() - t0
+                yield ForwardChunk(seq=seq, part=k, tensors=(self._wire[k],))
+                k += 1
+
+
+class _Sender:
+    """Writes frames to a socket from a thread of its own, so the caller codes the next chunk while
+    this one goes out. At most two frames wait; after a failure the rest are dropped unsent."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._q: queue.Queue[Message | None] = queue.Queue(maxsize=2)
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, name="icarus-send", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (msg := self._q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.sent += send_message(self._sock, msg)
+                except BaseException as e:  # handed to the caller by close()
+                    self.error = e
+
+    def put(self, msg: Message) -> bool:
+        """Queue ``msg``; False once a send has failed (stop coding)."""
+        self._q.put(msg)
+        return self.error is None
+
+    def close(self) -> None:
+        """Wait until every queued frame is written (or dropped after a failure)."""
+        self._q.put(None)
+        self._t.join()
 
 
 class MeshClient:
@@ -353,6 +414,19 @@ class MeshClient:
         stats: StepStats,
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
+        enc = self._coder(coded, codec_name, codec_params, stream, stats)
+        return [enc(t, name) for name, t in coded.items()]
+
+    def _coder(
+        self,
+        coded: dict[str, torch.Tensor],
+        codec_name: str,
+        codec_params: dict[str, Any] | None,
+        stream: dict[str, Any] | None,
+        stats: StepStats,
+    ) -> Encoder:
+        """The encoder of this call's coded tensors: ``auto`` resolved for all of ``coded``, this
+        connection's overrides and codec state (lock held, connected)."""
         params = dict(codec_params or {})
         if codec_name == "auto":  # a policy, not a format: pick the codec for the measured link
             stats.codec = self._auto_choice(coded, params)
@@ -361,7 +435,95 @@ class MeshClient:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
         sub = temporal.stream_state(self._codec_state, stream)
-        return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
+        name_ = codec_name
+
+        def enc(t: torch.Tensor, name: str) -> WireTensor:
+            return codec.encode(t, name, name_, params, state=sub)
+
+        return enc
+
+    # ------------------------------------------------------------------ streamed calls (§6.1)
+    def _cuts(self, coded: dict[str, torch.Tensor]) -> dict[str, streaming.Cut]:
+        """How to stream ``coded``; {} when the call is too small to gain (it goes as one frame)."""
+        slab = self.cfg.stream_slab_bytes
+        if slab <= 0 or sum(t.numel() * t.element_size() for t in coded.values()) < self.cfg.stream_min_bytes:
+            return {}
+        return streaming.plan(coded, slab)
+
+    def _send_streamed(self, sock: socket.socket, msg: Forward, upload: _Upload) -> int:
+        """Send the FORWARD, then its chunks, each coded while the previous one is written; bytes
+        sent. A failure mid-way leaves the server half a request: the connection is closed."""
+        sender = _Sender(sock)
+        try:
+            if sender.put(msg):
+                for chunk in upload.chunks(msg.seq):
+                    if not sender.put(chunk):
+                        break
+        except BaseException:  # coding failed: the stream cannot be finished
+            sender.close()
+            self.close()
+            raise
+        sender.close()
+        if sender.error is not None:
+            self._broken_send(sock, sender.error)
+        return sender.sent
+
+    def _broken_send(self, sock: socket.socket, e: BaseException) -> None:
+        """A send failed: raise the error frame the server may have sent first (it refused the
+        stream), else ConnectFailed; the connection is closed either way."""
+        try:
+            sock.settimeout(1.0)
+            self._recv(sock)
+        except RemoteFailure:
+            self.close()
+            raise
+        except (MeshError, OSError):
+            pass
+        self.close()
+        if isinstance(e, TimeoutError):
+            raise ConnectFailed(f"sending to {self._where()} timed out") from None
+        raise ConnectFailed(f"connection to {self._where()} broke while sending: {e}") from None
+
+    def _recv_result(
+        self,
+        sock: socket.socket,
+        seq: int,
+        device: torch.device | str,
+        stats: StepStats,
+        first: tuple[Message, int] | None = None,
+    ) -> tuple[Message, int, dict[str, torch.Tensor]]:
+        """The reply to request ``seq`` (its first frame ``first`` when already read): RESULT_CHUNK
+        frames decoded as they arrive (the next one is still on the wire), then the closing frame;
+        (closing frame, bytes read, joined tensors)."""
+        parts: dict[str, torch.Tensor] = {}
+        got, n_chunks, dec_s = 0, 0, 0.0
+        try:
+            while True:
+                reply, n = first if first is not None else self._recv(sock)
+                first = None
+                got += n
+                if not isinstance(reply, ResultChunk):
+                    break
+                if (reply.seq, reply.part) != (seq, n_chunks) or n_chunks >= MAX_STREAM_PARTS:
+                    raise RemoteProtocolError(
+                        f"{self._where()} sent chunk {reply.part} of reply {reply.seq} where chunk {n_chunks} "
+                        f"of reply {seq} (at most {MAX_STREAM_PARTS}) was due"
+                    )
+                n_chunks += 1
+                t0 = time.perf_counter()
+                for wt in reply.tensors:
+                    if wt.name in parts:
+                        raise RemoteProtocolError(f"{self._where()} sent slab {wt.name!r} twice")
+                    parts[wt.name] = codec.decode(wt, device)
+                dec_s += time.perf_counter() - t0
+            slabs = reply.slabs if isinstance(reply, Result) else {}
+            t0 = time.perf_counter()
+            joined = streaming.check(slabs, parts, RemoteProtocolError).join()
+        except (ConnectFailed, RemoteProtocolError):
+            self.close()
+            raise
+        stats.decode_ms = (dec_s + time.perf_counter() - t0) * 1e3
+        return reply, got, joined
 
     def _reset_codec_state(self) -> None:
         self._codec_state.clear()
@@ -406,20 +568,41 @@ class MeshClient:
         action = self._RECOVERY.get(code) if code is not None else None
         return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
 
-    def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
+    def _send_forward(
+        self, msg: Forward, stats: StepStats, upload: _Upload | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[Message, dict[str, torch.Tensor]]:
+        """Send the request (streamed when ``upload``), read the reply (streamed when the server
+        cut it); (closing reply frame, the reply's joined slabs)."""
         t1 = time.perf_counter()
-        reply, sent, got = self._roundtrip(msg)
+        sock = self._sock
+        assert sock is not None
+        if upload is not None:
+            sent = self._send_streamed(sock, msg, upload)
+            reply, got, joined = self._recv_result(sock, msg.seq, device, stats)
+        else:
+            first, sent, n = self._roundtrip(msg)
+            reply, got, joined = self._recv_result(sock, msg.seq, device, stats, (first, n))
         stats.wait_ms = (time.perf_counter() - t1) * 1e3
         stats.bytes_out, stats.bytes_in = sent, got
-        return reply
+        return reply, joined
 
-    def _decode_result(self, reply: Message, stats: StepStats, device: torch.device | str) -> dict[str, torch.Tensor]:
+    def _decode_result(
+        self,
+        reply: Message,
+        stats: StepStats,
+        device: torch.device | str,
+        joined: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         if not isinstance(reply, Result):
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
         stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
         t2 = time.perf_counter()
-        out = {name: codec.decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
-        stats.decode_ms = (time.perf_counter() - t2) * 1e3
+        out = dict(joined or {})
+        for name, wt in tensor_map(reply.tensors).items():
+            if name in out:
+                raise RemoteProtocolError(f"{self._where()} sent {name!r} twice (as slabs and whole)")
+            out[name] = codec.decode(wt, device)
+        stats.decode_ms += (time.perf_counter() - t2) * 1e3
         return out
 
     def forward(
@@ -454,11 +637,19 @@ class MeshClient:
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
             coded_wire: list[WireTensor] = []
+            upload: _Upload | None = None
             enc_gen = -1
             for attempt in range(self.FORWARD_TRIES):
                 self.connect()  # coded tensors may depend on this connection's codec state
                 if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
-                    coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                    cuts = self._cuts(coded)  # big tensors: coded slab by slab while they are sent
+                    if cuts:
+                        enc = self._coder(coded, codec_name, codec_params, stream, stats)
+                        upload = _Upload(coded, cuts, enc)
+                        coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
+                    else:
+                        upload = None
+                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
                     enc_gen = self._codec_gen
                     if attempt == 0:
                         stats.encode_ms = (time.perf_counter() - t0) * 1e3
@@ -475,9 +666,11 @@ class MeshClient:
                     consts=const_keys,
                     reply_codec=codec.by_name(reply_codec).wire_id,
                     stream=stream or {},
+                    slabs=upload.spec() if upload is not None else {},
+                    reply_slab_bytes=self.cfg.stream_slab_bytes,
                 )
                 try:
-                    reply = self._send_forward(msg, stats)
+                    reply, joined = self._send_forward(msg, stats, upload, device)
                 except (ConnectFailed, RemoteFailure) as e:
                     if not self._recover(e, attempt):
                         raise
@@ -485,7 +678,9 @@ class MeshClient:
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
                 break
-        return self._decode_result(reply, stats, device), stats
+        if upload is not None:
+            stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
+        return self._decode_result(reply, stats, device, joined), stats
 
 
 # ---------------------------------------------------------------------------- pool

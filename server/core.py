@@ -9,24 +9,26 @@ GPU work from all connections is serialized by one lock.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from .. import codec, hostmem
+from .. import codec, hostmem, streaming
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
+    MIN_STREAM_SLAB_BYTES,
     PACKAGE_VERSION,
     PEER_LOG_INTERVAL_S,
     PEER_LOG_LINES,
@@ -44,6 +46,7 @@ from ..protocol import (
     Error,
     ErrorCode,
     Forward,
+    ForwardChunk,
     FrameDecoder,
     Message,
     Ping,
@@ -51,6 +54,7 @@ from ..protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    ResultChunk,
     StreamEnded,
     WireTensor,
     content_hash,
@@ -202,6 +206,30 @@ def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
     return Error(code=code.value, message=message, detail=detail)
 
 
+@dataclass
+class _Inbound:
+    """A streamed request whose FORWARD was read and whose slabs are arriving in FORWARD_CHUNK frames
+    (docs/PROTOCOL.md §6.1): what is decoded so far and the bytes it holds in the server-wide in-flight
+    budget. ``failed``: the request was answered with an error; its remaining chunks are dropped unread."""
+
+    msg: Forward
+    budget: Budget
+    expect: set[str]  # slab names still to come
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the FORWARD's own, decoded
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # slabs decoded so far
+    held: int = 0  # bytes taken from the budget
+    next_part: int = 0
+    bytes_in: int = 0
+    decode_s: float = 0.0
+    failed: bool = False
+
+    def drop(self) -> None:
+        self.tensors.clear()
+        self.parts.clear()
+        self.budget.give(self.held)
+        self.held = 0
+
+
 class Session:
     """One connection's protocol state. ``handle`` never raises for bad client input."""
 
@@ -215,6 +243,9 @@ class Session:
         self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
+        self._inbound: _Inbound | None = None  # a streamed request being received
+        self._outbound: Iterator[Message] | None = None  # a streamed reply, coded as it is sent
+        self.linger = False  # closing after a broken stream: drain the peer's bytes after the last reply
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
@@ -225,23 +256,35 @@ class Session:
         try:
             with on_device:
                 return self._handle(msg, bytes_in)
-        except OverBudget as e:  # a server-wide budget has no room (now, or for a request this big)
-            self.state.stats.errors += 1
-            self.state.peer_log.warning("%s: refused: %s", self.peer, e)
-            return [_err(ErrorCode.BUSY, str(e), transient=e.transient)]
-        except (RemoteProtocolError, LocalError) as e:
-            self.state.stats.errors += 1
-            self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
-            return [_err(ErrorCode.BAD_REQUEST, str(e))]
-        except Exception as e:  # a failing step must not take the server down
-            self.state.stats.errors += 1
-            log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
-            return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
+        except Exception as e:
+            err = self._failure(e)
+            return [err, *self._abandon(msg)]
         finally:
             self._account_codec_state()
 
+    def _failure(self, e: Exception) -> Error:
+        """The error frame for a request that raised ``e``."""
+        self.state.stats.errors += 1
+        if isinstance(e, OverBudget):  # a server-wide budget has no room (now, or for a request this big)
+            self.state.peer_log.warning("%s: refused: %s", self.peer, e)
+            return _err(ErrorCode.BUSY, str(e), transient=e.transient)
+        if isinstance(e, (RemoteProtocolError, LocalError)):
+            self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
+            return _err(ErrorCode.BAD_REQUEST, str(e))
+        # a failing step must not take the server down
+        log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
+        return _err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")
+
+    def take_outbound(self) -> Iterator[Message]:
+        """The frames of a streamed reply ``handle`` left to send (coded one by one as the caller
+        iterates: the caller sends each before the next is coded); empty when there is none."""
+        out, self._outbound = self._outbound, None
+        return out if out is not None else iter(())
+
     def release(self) -> None:
         """The connection closed: its codec references, constants and client slot go back to the server."""
+        self._drop_inbound()
+        self._outbound = None
         self.codec_state.clear()
         self._account_codec_state()
         self.consts.clear()
@@ -347,11 +390,108 @@ class Session:
                 log.error("%s: reconfigure failed:\n%s", self.peer, traceback.format_exc())
                 return [_err(ErrorCode.RECONFIGURE_FAILED, f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
+        if isinstance(msg, ForwardChunk):
+            return self._chunk(msg, bytes_in)
+        if self._inbound is not None:
+            return self._broken_stream(
+                f"{type(msg).__name__} in the middle of streamed request {self._inbound.msg.seq}"
+            )
         if isinstance(msg, Forward):
-            return [self._forward(msg, bytes_in)]
+            reply = self._forward(msg, bytes_in)
+            return [reply] if reply is not None else []
         if isinstance(msg, EndStream):
             return [self._end_stream(msg)]
         return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
+
+    # ------------------------------------------------------------ streamed requests (§6.1)
+    def _drop_inbound(self) -> None:
+        ib, self._inbound = self._inbound, None
+        if ib is not None:
+            ib.drop()
+
+    def _broken_stream(self, why: str) -> list[Message]:
+        """The peer broke the chunk sequence: the connection cannot be trusted to be in step any more."""
+        self._drop_inbound()
+        self.closed = self.linger = True
+        self.state.stats.errors += 1
+        self.state.peer_log.warning("%s: broken stream, closing: %s", self.peer, why)
+        return [_err(ErrorCode.BAD_REQUEST, f"broken stream: {why}")]
+
+    def _abandon(self, msg: Message) -> list[Message]:
+        """``msg`` was answered with an error: the chunks of its streamed request that are still to
+        come are dropped unread (a FORWARD whose slabs cannot even be counted closes the connection)."""
+        if isinstance(msg, ForwardChunk) and self._inbound is not None:
+            ib = self._inbound
+            ib.drop()
+            ib.failed = True
+            if not ib.expect:
+                self._inbound = None
+        elif isinstance(msg, Forward) and msg.slabs and self._inbound is None:
+            try:
+                expect = streaming.expected(msg.slabs, RemoteProtocolError)
+            except RemoteProtocolError as e:
+                self.closed = self.linger = True
+                self.state.peer_log.warning("%s: unusable slabs, closing: %s", self.peer, e)
+                return []
+            self._inbound = _Inbound(msg, self.state.budgets.inflight, expect, failed=True)
+        return []
+
+    def _chunk(self, msg: ForwardChunk, bytes_in: int) -> list[Message]:
+        """One chunk of the streamed request: its slabs are decoded now (the next chunk is still on
+        the wire); after the last one the step runs and is answered."""
+        st = self.state
+        ib = self._inbound
+        if ib is None:
+            return self._broken_stream(f"chunk {msg.part} of request {msg.seq} without its FORWARD")
+        if (msg.seq, msg.part) != (ib.msg.seq, ib.next_part):
+            return self._broken_stream(
+                f"chunk {msg.part} of request {msg.seq} where chunk {ib.next_part} of request {ib.msg.seq} was due"
+            )
+        names = [wt.name for wt in msg.tensors]
+        if not names or len(set(names)) != len(names) or not ib.expect.issuperset(names):
+            return self._broken_stream(
+                f"chunk {msg.part} of request {msg.seq} carries no slab, or one its FORWARD does not name "
+                "or that came already"
+            )
+        ib.next_part += 1
+        ib.bytes_in += bytes_in
+        ib.expect.difference_update(names)
+        if ib.failed:  # answered already: dropped unread
+            if not ib.expect:
+                self._inbound = None
+            return []
+        t0 = time.perf_counter()
+        size = sum(numel(wt.shape) * itemsize(torch_dtype(wt.dtype)) for wt in msg.tensors)
+        if ib.held + size > st.cfg.max_decoded_request_bytes:  # before any decoding allocates
+            raise RemoteProtocolError(
+                f"the streamed request's tensors decode to more than this server's limit of "
+                f"{st.cfg.max_decoded_request_bytes} bytes (--max-request-mb)"
+            )
+        st.budgets.inflight.take_or_raise(size, "a streamed request's decoded slabs")
+        ib.held += size
+        out = self._decode_coded({wt.name: wt for wt in msg.tensors}, ib.msg.stream, st.backend.device)
+        if isinstance(out, Error):
+            return [out, *self._abandon(msg)]
+        ib.parts.update(out)
+        ib.decode_s += time.perf_counter() - t0
+        if ib.expect:
+            return []
+        self._inbound = None  # the last chunk: join the slabs and run the step
+        try:
+            t0 = time.perf_counter()
+            joined = streaming.check(ib.msg.slabs, ib.parts, RemoteProtocolError)
+            st.budgets.inflight.take_or_raise(joined.nbytes, "a streamed request's joined tensors")
+            ib.held += joined.nbytes
+            tensors = joined.join()  # what the unstreamed path decodes: torch.cat of the slabs
+            del joined
+            ib.parts.clear()  # their bytes stay counted until the step is done (ib.drop)
+            ib.tensors.update(tensors)
+            del tensors
+            ib.decode_s += time.perf_counter() - t0
+            reply = self._run(ib.msg, ib.bytes_in, ib.tensors, ib.decode_s * 1e3)
+            return [reply] if reply is not None else []
+        finally:
+            ib.drop()
 
     def _end_stream(self, msg: EndStream) -> StreamEnded:
         """Generation end: drop this connection's temporal references if they are that
@@ -375,9 +515,13 @@ class Session:
             arch=b.arch,
         )
 
-    def _forward(self, msg: Forward, bytes_in: int) -> Message:
+    def _forward(self, msg: Forward, bytes_in: int) -> Message | None:
+        """One request. A streamed one (``slabs``) is checked and its own tensors decoded now, then
+        waits for its chunks (``_chunk`` answers it); None then, and when the reply is streamed
+        (``take_outbound``)."""
         st = self.state
         b = st.backend
+        expect = streaming.expected(msg.slabs, RemoteProtocolError)
         mismatch = self._mismatch(msg, b)
         if mismatch:
             return mismatch
@@ -386,7 +530,7 @@ class Session:
         incoming: dict[str, WireTensor] = {}
         decoded = 0
         for wt in msg.tensors:
-            if wt.name in incoming:
+            if wt.name in incoming or wt.name in msg.slabs or wt.name in expect:
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
             decoded += numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
@@ -395,43 +539,38 @@ class Session:
                 f"the request's tensors decode to {decoded} bytes, over this server's limit of "
                 f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
             )
-        with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
-            return self._forward_within_budget(msg, bytes_in, incoming, t0)
+        if not expect:
+            with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
+                tensors: dict[str, torch.Tensor] = {}
+                err = self._prepare(msg, incoming, tensors)
+                return err or self._run(msg, bytes_in, tensors, (time.perf_counter() - t0) * 1e3)
+        for arg in msg.slabs:
+            if arg in msg.consts:
+                raise RemoteProtocolError(f"tensor {arg!r} sent twice (as slabs and as a constant)")
+        ib = _Inbound(msg, st.budgets.inflight, expect, bytes_in=bytes_in)
+        st.budgets.inflight.take_or_raise(decoded, "the request's decoded tensors")
+        ib.held = decoded
+        try:
+            err = self._prepare(msg, incoming, ib.tensors)
+        except BaseException:
+            ib.drop()
+            raise
+        ib.decode_s = time.perf_counter() - t0
+        if err is not None:
+            ib.drop()
+            self._abandon(msg)
+            return err
+        self._inbound = ib
+        return None
 
-    def _forward_within_budget(
-        self, msg: Forward, bytes_in: int, incoming: dict[str, WireTensor], t0: float
-    ) -> Message:
+    def _decode_coded(
+        self, incoming: dict[str, WireTensor], stream: dict, device: torch.device
+    ) -> dict[str, torch.Tensor] | Error:
+        """Decode coded tensors with this connection's codec state for ``stream``; an Error for what
+        the client recovers from (references lost, entropy backend refused)."""
         st = self.state
-        b = st.backend
-        fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
-        for name, wt in list(incoming.items()):
-            if name.startswith("const:"):
-                h = name[6:]
-                known = self.consts.get(h)
-                if known is None:
-                    if wt.codec != 0 or content_hash(wt) != h:
-                        raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
-                    known = codec.decode(wt, b.device)
-                    self.consts.put(h, known)
-                fresh[h] = known
-                del incoming[name]
+        sub = temporal.stream_state(self.codec_state, stream, RemoteProtocolError)
         tensors: dict[str, torch.Tensor] = {}
-        missing = []
-        for arg, h in msg.consts.items():
-            if not isinstance(h, str):
-                raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
-            t = fresh.get(h)
-            if t is None:
-                t = self.consts.get(h)
-            if t is None:
-                missing.append(h)
-            else:
-                tensors[arg] = t
-        if missing:
-            return _err(
-                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
-            )
-        sub = temporal.stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
                 if not st.cfg.gpu_entropy and wt.meta.get("be") == "ans":
@@ -440,7 +579,7 @@ class Session:
                         "send zstd-coded payloads",
                         "ans",
                     )
-                tensors[name] = codec.decode(wt, b.device, state=sub)
+                tensors[name] = codec.decode(wt, device, state=sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
             return _err(ErrorCode.STREAM_RESET, str(e))
@@ -461,9 +600,54 @@ class Session:
         if pool.used - self._codec_bytes + held > pool.limit:  # with every other connection's references
             self.codec_state.clear()
             raise pool.refusal(held, "this connection's temporal-codec references")
+        return tensors
+
+    def _prepare(self, msg: Forward, incoming: dict[str, WireTensor], tensors: dict[str, torch.Tensor]) -> Error | None:
+        """Resolve the request's constants and decode its own tensors into ``tensors``; an Error the
+        client recovers from (constants missing, codec state lost, entropy backend refused)."""
+        st = self.state
+        b = st.backend
+        fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
+        for name, wt in list(incoming.items()):
+            if name.startswith("const:"):
+                h = name[6:]
+                known = self.consts.get(h)
+                if known is None:
+                    if wt.codec != 0 or content_hash(wt) != h:
+                        raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
+                    known = codec.decode(wt, b.device)
+                    self.consts.put(h, known)
+                fresh[h] = known
+                del incoming[name]
+        missing = []
+        for arg, h in msg.consts.items():
+            if not isinstance(h, str):
+                raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
+            t = fresh.get(h)
+            if t is None:
+                t = self.consts.get(h)
+            if t is None:
+                missing.append(h)
+            else:
+                tensors[arg] = t
+        if missing:
+            return _err(
+                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
+            )
+        decoded = self._decode_coded(incoming, msg.stream, b.device)
+        if isinstance(decoded, Error):
+            return decoded
+        tensors.update(decoded)
+        return None
+
+    def _run(self, msg: Forward, bytes_in: int, tensors: dict[str, torch.Tensor], decode_ms: float) -> Message | None:
+        """Run the step on the decoded tensors; the reply (None: streamed, ``take_outbound``)."""
+        st = self.state
+        b = st.backend
+        t_dec = time.perf_counter()
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
-        t_dec = time.perf_counter()
+        decode_ms += (time.perf_counter() - t_dec) * 1e3
         with st.gpu_lock:
             b = st.backend
             mismatch = self._mismatch(msg, b)  # another client may have reconfigured meanwhile
@@ -475,10 +659,64 @@ class Session:
             if b.device.type == "cuda":
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
+        timings = {"decode": decode_ms, "forward": (t2 - t1) * 1e3}
+        if msg.reply_slab_bytes > 0:
+            cuts = streaming.plan(out, max(msg.reply_slab_bytes, MIN_STREAM_SLAB_BYTES))
+            if cuts:
+                self._outbound = self._stream_reply(msg, bytes_in, out, cuts, timings)
+                return None
         reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
-        t3 = time.perf_counter()
-        bytes_out = sum(w.nbytes for w in reply)
-        timings = {"decode": (t_dec - t0) * 1e3, "forward": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3}
+        timings["encode"] = (time.perf_counter() - t2) * 1e3
+        return self._step_done(msg, bytes_in, sum(w.nbytes for w in reply), timings, reply)
+
+    def _stream_reply(
+        self,
+        msg: Forward,
+        bytes_in: int,
+        out: dict[str, torch.Tensor],
+        cuts: dict[str, streaming.Cut],
+        timings: dict[str, float],
+    ) -> Iterator[Message]:
+        """The reply as RESULT_CHUNK frames, each coded when the previous one has been handed to the
+        socket (it is on the wire while this one is coded), then the closing RESULT. A slab that fails
+        to code ends the reply with an error frame instead of the RESULT."""
+        enc_s = 0.0
+        bytes_out = 0
+        part = 0
+        dev = self.state.backend.device
+        try:
+            for name, cut in cuts.items():
+                t = out.pop(name)
+                for sname, slab in cut.slabs(t):
+                    t0 = time.perf_counter()
+                    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                        wt = codec.encode(slab, sname, msg.reply_codec)
+                    enc_s += time.perf_counter() - t0
+                    bytes_out += wt.nbytes
+                    yield ResultChunk(seq=msg.seq, part=part, tensors=(wt,))
+                    part += 1
+                del t
+            t0 = time.perf_counter()
+            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+                rest = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+            enc_s += time.perf_counter() - t0
+        except Exception as e:
+            yield self._failure(e)
+            return
+        timings["encode"] = enc_s * 1e3
+        bytes_out += sum(w.nbytes for w in rest)
+        yield self._step_done(msg, bytes_in, bytes_out, timings, rest, {n: c.spec() for n, c in cuts.items()})
+
+    def _step_done(
+        self,
+        msg: Forward,
+        bytes_in: int,
+        bytes_out: int,
+        timings: dict[str, float],
+        reply: tuple[WireTensor, ...],
+        slabs: dict[str, Any] | None = None,
+    ) -> Result:
+        st = self.state
         st.stats.steps += 1
         st.stats.bytes_in += bytes_in
         st.stats.bytes_out += bytes_out
@@ -494,7 +732,7 @@ class Session:
             timings["encode"],
         )
         st.emit(kind="step", **st.stats.last_step)
-        return Result(seq=msg.seq, timings=timings, tensors=reply)
+        return Result(seq=msg.seq, timings=timings, tensors=reply, slabs=slabs or {})
 
 
 def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_S) -> None:
@@ -696,7 +934,8 @@ class DaedalusServer:
                     dec.body_alloc = st.budgets.inflight.allocator(alloc)
                     conn.settimeout(cfg.idle_timeout_s)
                 del msg  # the frame (and its budget) is free while the connection waits for the next one
-                for reply in replies:
+                # A streamed reply's frames are coded one by one as they are sent (take_outbound).
+                for reply in itertools.chain(replies, session.take_outbound()):
                     try:
                         send_message(conn, reply)
                     except (MeshError, OSError) as e:
@@ -704,6 +943,9 @@ class DaedalusServer:
                         session.closed = True
                         break
                 del replies
+                if session.linger:  # a broken stream: let the peer read the error before the close
+                    with contextlib.suppress(OSError):
+                        _linger(conn)
         finally:
             admitted = session.admitted
             session.release()
