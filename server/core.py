@@ -377,6 +377,12 @@ class Session:
         if isinstance(msg, Bye):
             self.closed = True
             return []
+        if isinstance(msg, ForwardChunk):
+            return self._chunk(msg, bytes_in)
+        if self._inbound is not None:
+            return self._broken_stream(
+                f"{type(msg).__name__} in the middle of streamed request {self._inbound.msg.seq}"
+            )
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
@@ -390,15 +396,13 @@ class Session:
                 log.error("%s: reconfigure failed:\n%s", self.peer, traceback.format_exc())
                 return [_err(ErrorCode.RECONFIGURE_FAILED, f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
-        if isinstance(msg, ForwardChunk):
-            return self._chunk(msg, bytes_in)
-        if self._inbound is not None:
-            return self._broken_stream(
-                f"{type(msg).__name__} in the middle of streamed request {self._inbound.msg.seq}"
-            )
         if isinstance(msg, Forward):
             reply = self._forward(msg, bytes_in)
-            return [reply] if reply is not None else []
+            if reply is None:
+                return []
+            if isinstance(reply, Error):  # a streamed request refused at its FORWARD: drop its chunks
+                return [reply, *self._abandon(msg)]
+            return [reply]
         if isinstance(msg, EndStream):
             return [self._end_stream(msg)]
         return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
@@ -558,7 +562,6 @@ class Session:
         ib.decode_s = time.perf_counter() - t0
         if err is not None:
             ib.drop()
-            self._abandon(msg)
             return err
         self._inbound = ib
         return None
