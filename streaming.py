@@ -3,9 +3,9 @@
 The sender cuts each big tensor along its token dimension (``plan``), codes every slab as a tensor
 of its own (name ``<tensor>#<k>``; a temporal codec keeps one reference per slab) and sends it in a
 FORWARD_CHUNK / RESULT_CHUNK frame while it codes the next; the receiver decodes each chunk as it
-arrives and, when the closing FORWARD / RESULT names the slabs, checks and joins them with
-``torch.cat`` (``check`` + ``join``): for raw and lossless the very tensor the unstreamed path would
-have decoded, bit for bit. Codec-free and socket-free: transport.py and server/core.py drive it.
+arrives into its place in the whole tensor (``Assembler``, allocated from the shape and dtype that
+the ``slabs`` field announces): for raw and lossless the very tensor the unstreamed path would have
+decoded, bit for bit. Codec-free and socket-free: transport.py and server/core.py drive it.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any
 
 import torch
 
-from .constants import MAX_NAME_LEN, MAX_STREAM_PARTS, MAX_TENSORS_PER_FRAME
+from .constants import MAX_NAME_LEN, MAX_STREAM_PARTS, MAX_TENSOR_NDIM, MAX_TENSORS_PER_FRAME
+from .protocol import DTYPES, WireTensor
+from .wirecodecs.base import dtype_name, itemsize, numel, torch_dtype
 
 SEP = "#"
 
@@ -37,13 +39,15 @@ class Cut:
     name: str
     dim: int
     parts: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
     def names(self) -> list[str]:
         return [f"{self.name}{SEP}{k}" for k in range(self.parts)]
 
     def spec(self) -> dict[str, Any]:
         """This cut as ``Forward.slabs`` / ``Result.slabs`` carry it."""
-        return {"dim": self.dim, "parts": self.names()}
+        return {"dim": self.dim, "parts": self.names(), "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
 
     def slabs(self, t: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         for name, s in zip(self.names(), torch.tensor_split(t, self.parts, self.dim), strict=True):
@@ -70,81 +74,125 @@ def plan(tensors: Mapping[str, torch.Tensor], slab_bytes: int, max_parts: int = 
             assert d is not None
             k = min(-(-_nbytes(t) // size), t.shape[d])
             if k >= 2 and len(n) + len(SEP) + len(str(k - 1)) <= MAX_NAME_LEN:
-                cuts[n] = Cut(n, d, k)
+                cuts[n] = Cut(n, d, k, tuple(t.shape), t.dtype)
         if sum(c.parts for c in cuts.values()) <= max_parts:
             return cuts
         size *= 2
 
 
-@dataclass(frozen=True)
-class Joined:
-    """Checked slabs, ready to join: name -> (dim, slabs in order)."""
+@dataclass
+class _Whole:
+    dim: int
+    parts: list[str]
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    done: int = 0  # slabs received
+    filled: int = 0  # along dim
+    tensor: torch.Tensor | None = None
 
-    pieces: dict[str, tuple[int, list[torch.Tensor]]]
+
+def _fits(shape: tuple[int, ...], w: _Whole) -> bool:
+    """``shape`` is a slab of ``w``: the same but along the cut dimension."""
+    return len(shape) == len(w.shape) and all(shape[i] == w.shape[i] for i in range(len(shape)) if i != w.dim)
+
+
+class Assembler:
+    """Receives the slabs a peer's ``slabs`` field announces into the whole tensors.
+
+    Construction checks the field (bounded, well formed, each slab named once; shapes and dtypes
+    valid) without allocating; ``nbytes`` is what ``allocate`` will take. Then for each slab as it
+    arrives: ``admit`` (before decoding: a named slab, in its tensor's order, that fits) and ``put``
+    (the decoded slab is copied into its place). ``finish`` checks every tensor is filled exactly.
+    Every violation raises ``exc``."""
+
+    def __init__(self, spec: Any, exc: type[Exception]):
+        self.exc = exc
+        if not isinstance(spec, dict) or len(spec) > MAX_TENSORS_PER_FRAME:
+            raise exc(f"'slabs' must map at most {MAX_TENSORS_PER_FRAME} tensor names to their slabs")
+        self.wholes: dict[str, _Whole] = {}
+        self.pending: dict[str, tuple[str, int]] = {}  # slab name -> (tensor name, index)
+        for name, s in spec.items():
+            if not (0 < len(name) <= MAX_NAME_LEN) or not isinstance(s, dict):
+                raise exc(f"slabs of {name!r}: expected a name of 1..{MAX_NAME_LEN} characters and an object")
+            dim, parts, shape, dtype = s.get("dim"), s.get("parts"), s.get("shape"), s.get("dtype")
+            if not isinstance(parts, list) or not parts:
+                raise exc(f"slabs of {name!r}: 'parts' must list the slab names")
+            for k, p in enumerate(parts):
+                if not isinstance(p, str) or not (0 < len(p) <= MAX_NAME_LEN) or p in self.pending:
+                    raise exc(
+                        f"slabs of {name!r}: slab name {p!r} is not a name of 1..{MAX_NAME_LEN} characters, or twice"
+                    )
+                self.pending[p] = (name, k)
+            if len(self.pending) > MAX_STREAM_PARTS:
+                raise exc(f"'slabs' name more than {MAX_STREAM_PARTS} slabs")
+            if (
+                not isinstance(shape, list)
+                or len(shape) > MAX_TENSOR_NDIM
+                or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+                or not isinstance(dim, int)
+                or isinstance(dim, bool)
+                or not (0 <= dim < len(shape))
+                or dtype not in DTYPES
+            ):
+                raise exc(f"slabs of {name!r}: bad shape {shape!r}, dim {dim!r} or dtype {dtype!r}")
+            self.wholes[name] = _Whole(dim, parts, tuple(shape), torch_dtype(dtype))
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the joined tensors (for a budget, before ``join`` allocates them)."""
-        return sum(sum(_nbytes(s) for s in slabs) for _, slabs in self.pieces.values())
+        """Bytes of the whole tensors (take them from a budget before ``allocate``)."""
+        return sum(numel(w.shape) * itemsize(w.dtype) for w in self.wholes.values())
 
-    def join(self) -> dict[str, torch.Tensor]:
-        return {n: torch.cat(slabs, dim) for n, (dim, slabs) in self.pieces.items()}
+    def allocate(self, device: torch.device | str) -> None:
+        for w in self.wholes.values():
+            w.tensor = torch.empty(w.shape, dtype=w.dtype, device=device)
 
-
-def expected(spec: Any, exc: type[Exception]) -> set[str]:
-    """The slab names a ``slabs`` field announces (checked: bounded, well formed, each named once)."""
-    if not isinstance(spec, dict) or len(spec) > MAX_TENSORS_PER_FRAME:
-        raise exc(f"'slabs' must map at most {MAX_TENSORS_PER_FRAME} tensor names to their slabs")
-    out: set[str] = set()
-    for name, s in spec.items():
-        names = s.get("parts") if isinstance(s, dict) else None
-        if not (0 < len(name) <= MAX_NAME_LEN) or not isinstance(names, list):
-            raise exc(f"slabs of {name!r}: expected a name of 1..{MAX_NAME_LEN} characters and a list of parts")
-        for p in names:
-            if not isinstance(p, str) or not (0 < len(p) <= MAX_NAME_LEN) or p in out:
-                raise exc(f"slabs of {name!r}: slab name {p!r} is not a name of 1..{MAX_NAME_LEN} characters, or twice")
-            out.add(p)
-        if len(out) > MAX_STREAM_PARTS:
-            raise exc(f"'slabs' name more than {MAX_STREAM_PARTS} slabs")
-    return out
-
-
-def check(spec: Any, parts: Mapping[str, torch.Tensor], exc: type[Exception]) -> Joined:
-    """Check a peer's ``slabs`` field against the slabs ``parts`` it sent (decoded): every slab named
-    exactly once, every one received used, shapes that join. Raises ``exc`` naming what is wrong."""
-    if not isinstance(spec, dict) or len(spec) > MAX_TENSORS_PER_FRAME:
-        raise exc(f"'slabs' must map at most {MAX_TENSORS_PER_FRAME} tensor names to their slabs")
-    used: set[str] = set()
-    pieces: dict[str, tuple[int, list[torch.Tensor]]] = {}
-    for name, s in spec.items():
-        if not (0 < len(name) <= MAX_NAME_LEN) or not isinstance(s, dict):
-            raise exc(f"slabs of {name!r}: expected a name of 1..{MAX_NAME_LEN} characters and an object")
-        dim, names = s.get("dim"), s.get("parts")
-        if not isinstance(names, list) or not (1 <= len(names) <= MAX_STREAM_PARTS):
-            raise exc(f"slabs of {name!r}: 'parts' must list 1..{MAX_STREAM_PARTS} slab names")
-        slabs = []
-        for p in names:
-            if not isinstance(p, str) or p not in parts or p in used:
-                raise exc(f"slabs of {name!r}: slab {p!r} was not received, or is named twice")
-            used.add(p)
-            slabs.append(parts[p])
-        first = slabs[0]
-        if not isinstance(dim, int) or isinstance(dim, bool) or not (0 <= dim < first.dim()):
-            raise exc(f"slabs of {name!r}: bad dimension {dim!r} for slabs of shape {list(first.shape)}")
-        for t in slabs[1:]:
-            same = t.dim() == first.dim() and all(
-                a == b for i, (a, b) in enumerate(zip(t.shape, first.shape, strict=False)) if i != dim
+    def admit(self, wt: WireTensor) -> None:
+        """Before ``wt`` is decoded: a slab still due, the next of its tensor, that fits in it."""
+        hit = self.pending.get(wt.name)
+        if hit is None:
+            raise self.exc(f"slab {wt.name!r} was not named by its request, or came twice")
+        w = self.wholes[hit[0]]
+        if hit[1] != w.done:
+            raise self.exc(f"slab {wt.name!r} came before slab {w.parts[w.done]!r}")
+        shape = tuple(wt.shape)
+        if not _fits(shape, w) or w.filled + shape[w.dim] > w.shape[w.dim] or torch_dtype(wt.dtype) != w.dtype:
+            raise self.exc(
+                f"slab {wt.name!r} ({list(shape)} {wt.dtype}) does not fit {hit[0]!r} ({list(w.shape)} "
+                f"{dtype_name(w.dtype)}) at {w.filled} along dim {w.dim}"
             )
-            if not same or t.dtype != first.dtype or t.device != first.device:
-                raise exc(
-                    f"slabs of {name!r} do not join along dim {dim}: {list(first.shape)} {first.dtype} "
-                    f"and {list(t.shape)} {t.dtype}"
-                )
-        pieces[name] = (dim, slabs)
-    extra = sorted(set(parts) - used)
-    if extra:
-        raise exc(f"{len(extra)} slabs were sent but not named by the closing frame, e.g. {extra[0]!r}")
-    return Joined(pieces)
+
+    def put(self, name: str, t: torch.Tensor) -> None:
+        """The decoded slab ``name`` (admitted): copied into its place."""
+        tname, _ = self.pending.pop(name)
+        w = self.wholes[tname]
+        n = t.shape[w.dim] if _fits(tuple(t.shape), w) else -1
+        if w.tensor is None or n < 0 or t.dtype != w.dtype or w.filled + n > w.shape[w.dim]:
+            raise self.exc(f"slab {name!r} decoded to {list(t.shape)} {t.dtype}, not what it declared")
+        w.tensor.narrow(w.dim, w.filled, n).copy_(t)
+        w.filled += n
+        w.done += 1
+
+    def skip(self, name: str) -> None:
+        """Slab ``name`` arrived for a request that already failed: counted, not decoded."""
+        if self.pending.pop(name, None) is None:
+            raise self.exc(f"slab {name!r} was not named by its request, or came twice")
+
+    @property
+    def complete(self) -> bool:
+        return not self.pending
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The whole tensors, every one filled exactly by its slabs."""
+        out = {}
+        for name, w in self.wholes.items():
+            if self.pending or w.tensor is None or w.filled != w.shape[w.dim]:
+                raise self.exc(f"the slabs of {name!r} fill {w.filled} of its {w.shape[w.dim]} along dim {w.dim}")
+            out[name] = w.tensor
+        return out
+
+    def drop(self) -> None:
+        for w in self.wholes.values():
+            w.tensor = None
 
 
-__all__ = ["SEP", "Cut", "Joined", "check", "expected", "plan", "slab_dim"]
+__all__ = ["SEP", "Assembler", "Cut", "plan", "slab_dim"]

@@ -21,7 +21,7 @@ import torch
 
 from . import codec, handshake, hostmem, streaming
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_STREAM_PARTS, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_DECODED_REQUEST_BYTES, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -492,37 +492,38 @@ class MeshClient:
         stats: StepStats,
         first: tuple[Message, int] | None = None,
     ) -> tuple[Message, int, dict[str, torch.Tensor]]:
-        """The reply to request ``seq`` (its first frame ``first`` when already read): RESULT_CHUNK
-        frames decoded as they arrive (the next one is still on the wire), then the closing frame;
-        (closing frame, bytes read, joined tensors)."""
-        parts: dict[str, torch.Tensor] = {}
-        got, n_chunks, dec_s = 0, 0, 0.0
+        """The reply to request ``seq`` (its first frame ``first`` when already read) and, when that
+        RESULT names slabs, its RESULT_CHUNK frames, each decoded into place as it arrives (the next
+        one is still on the wire); (the reply frame, bytes read, the slabbed tensors)."""
+        reply, got = first if first is not None else self._recv(sock)
+        if not isinstance(reply, Result) or not reply.slabs:
+            return reply, got, {}
+        t0 = time.perf_counter()
         try:
-            while True:
-                reply, n = first if first is not None else self._recv(sock)
-                first = None
+            asm = streaming.Assembler(reply.slabs, RemoteProtocolError)
+            if asm.nbytes > MAX_DECODED_REQUEST_BYTES:
+                raise RemoteProtocolError(f"{self._where()} announced a reply of {asm.nbytes} bytes")
+            asm.allocate(device)
+            dec_s = time.perf_counter() - t0
+            part = 0
+            while not asm.complete:
+                chunk, n = self._recv(sock)
                 got += n
-                if not isinstance(reply, ResultChunk):
-                    break
-                if (reply.seq, reply.part) != (seq, n_chunks) or n_chunks >= MAX_STREAM_PARTS:
+                if not isinstance(chunk, ResultChunk) or (chunk.seq, chunk.part) != (seq, part) or not chunk.tensors:
                     raise RemoteProtocolError(
-                        f"{self._where()} sent chunk {reply.part} of reply {reply.seq} where chunk {n_chunks} "
-                        f"of reply {seq} (at most {MAX_STREAM_PARTS}) was due"
+                        f"{self._where()} sent {type(chunk).__name__} where chunk {part} of reply {seq} was due"
                     )
-                n_chunks += 1
+                part += 1
                 t0 = time.perf_counter()
-                for wt in reply.tensors:
-                    if wt.name in parts:
-                        raise RemoteProtocolError(f"{self._where()} sent slab {wt.name!r} twice")
-                    parts[wt.name] = codec.decode(wt, device)
+                for wt in chunk.tensors:
+                    asm.admit(wt)
+                    asm.put(wt.name, codec.decode(wt, device))
                 dec_s += time.perf_counter() - t0
-            slabs = reply.slabs if isinstance(reply, Result) else {}
-            t0 = time.perf_counter()
-            joined = streaming.check(slabs, parts, RemoteProtocolError).join()
+            joined = asm.finish()
         except (ConnectFailed, RemoteProtocolError):
             self.close()
             raise
-        stats.decode_ms = (dec_s + time.perf_counter() - t0) * 1e3
+        stats.decode_ms = dec_s * 1e3
         return reply, got, joined
 
     def _reset_codec_state(self) -> None:

@@ -209,14 +209,14 @@ def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
 @dataclass
 class _Inbound:
     """A streamed request whose FORWARD was read and whose slabs are arriving in FORWARD_CHUNK frames
-    (docs/PROTOCOL.md §6.1): what is decoded so far and the bytes it holds in the server-wide in-flight
-    budget. ``failed``: the request was answered with an error; its remaining chunks are dropped unread."""
+    (docs/PROTOCOL.md §6.1): its decoded tensors, the whole tensors the slabs are decoded into, and the
+    bytes they hold in the server-wide in-flight budget. ``failed``: the request was answered with an
+    error; its remaining chunks are dropped unread."""
 
     msg: Forward
     budget: Budget
-    expect: set[str]  # slab names still to come
+    asm: streaming.Assembler
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the FORWARD's own, decoded
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # slabs decoded so far
     held: int = 0  # bytes taken from the budget
     next_part: int = 0
     bytes_in: int = 0
@@ -225,7 +225,7 @@ class _Inbound:
 
     def drop(self) -> None:
         self.tensors.clear()
-        self.parts.clear()
+        self.asm.drop()
         self.budget.give(self.held)
         self.held = 0
 
@@ -428,16 +428,18 @@ class Session:
             ib = self._inbound
             ib.drop()
             ib.failed = True
-            if not ib.expect:
+            for wt in msg.tensors:  # this chunk's slabs not decoded yet: not waited for
+                ib.asm.pending.pop(wt.name, None)
+            if ib.asm.complete:
                 self._inbound = None
         elif isinstance(msg, Forward) and msg.slabs and self._inbound is None:
             try:
-                expect = streaming.expected(msg.slabs, RemoteProtocolError)
+                asm = streaming.Assembler(msg.slabs, RemoteProtocolError)
             except RemoteProtocolError as e:
                 self.closed = self.linger = True
                 self.state.peer_log.warning("%s: unusable slabs, closing: %s", self.peer, e)
                 return []
-            self._inbound = _Inbound(msg, self.state.budgets.inflight, expect, failed=True)
+            self._inbound = _Inbound(msg, self.state.budgets.inflight, asm, failed=True)
         return []
 
     def _chunk(self, msg: ForwardChunk, bytes_in: int) -> list[Message]:
@@ -451,47 +453,38 @@ class Session:
             return self._broken_stream(
                 f"chunk {msg.part} of request {msg.seq} where chunk {ib.next_part} of request {ib.msg.seq} was due"
             )
-        names = [wt.name for wt in msg.tensors]
-        if not names or len(set(names)) != len(names) or not ib.expect.issuperset(names):
-            return self._broken_stream(
-                f"chunk {msg.part} of request {msg.seq} carries no slab, or one its FORWARD does not name "
-                "or that came already"
-            )
+        if not msg.tensors:
+            return self._broken_stream(f"chunk {msg.part} of request {msg.seq} carries no slab")
         ib.next_part += 1
         ib.bytes_in += bytes_in
-        ib.expect.difference_update(names)
         if ib.failed:  # answered already: dropped unread
-            if not ib.expect:
+            try:
+                for wt in msg.tensors:
+                    ib.asm.skip(wt.name)
+            except RemoteProtocolError as e:
+                return self._broken_stream(str(e))
+            if ib.asm.complete:
                 self._inbound = None
             return []
         t0 = time.perf_counter()
-        size = sum(numel(wt.shape) * itemsize(torch_dtype(wt.dtype)) for wt in msg.tensors)
-        if ib.held + size > st.cfg.max_decoded_request_bytes:  # before any decoding allocates
-            raise RemoteProtocolError(
-                f"the streamed request's tensors decode to more than this server's limit of "
-                f"{st.cfg.max_decoded_request_bytes} bytes (--max-request-mb)"
-            )
-        st.budgets.inflight.take_or_raise(size, "a streamed request's decoded slabs")
-        ib.held += size
-        out = self._decode_coded({wt.name: wt for wt in msg.tensors}, ib.msg.stream, st.backend.device)
-        if isinstance(out, Error):
-            return [out, *self._abandon(msg)]
-        ib.parts.update(out)
+        for wt in msg.tensors:
+            try:
+                ib.asm.admit(wt)  # named, due, fits: before anything is decoded
+            except RemoteProtocolError as e:
+                return self._broken_stream(str(e))
+            size = numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
+            with st.budgets.inflight.reserve(size, "a streamed request's slab"):  # decoded, then copied in place
+                out = self._decode_coded({wt.name: wt}, ib.msg.stream, st.backend.device)
+                if isinstance(out, Error):
+                    return [out, *self._abandon(msg)]
+                ib.asm.put(wt.name, out[wt.name])
+                del out
         ib.decode_s += time.perf_counter() - t0
-        if ib.expect:
+        if not ib.asm.complete:
             return []
-        self._inbound = None  # the last chunk: join the slabs and run the step
+        self._inbound = None  # the last chunk: run the step
         try:
-            t0 = time.perf_counter()
-            joined = streaming.check(ib.msg.slabs, ib.parts, RemoteProtocolError)
-            st.budgets.inflight.take_or_raise(joined.nbytes, "a streamed request's joined tensors")
-            ib.held += joined.nbytes
-            tensors = joined.join()  # what the unstreamed path decodes: torch.cat of the slabs
-            del joined
-            ib.parts.clear()  # their bytes stay counted until the step is done (ib.drop)
-            ib.tensors.update(tensors)
-            del tensors
-            ib.decode_s += time.perf_counter() - t0
+            ib.tensors.update(ib.asm.finish())  # what the unstreamed path decodes, slab by slab in place
             reply = self._run(ib.msg, ib.bytes_in, ib.tensors, ib.decode_s * 1e3)
             return [reply] if reply is not None else []
         finally:
@@ -520,21 +513,21 @@ class Session:
         )
 
     def _forward(self, msg: Forward, bytes_in: int) -> Message | None:
-        """One request. A streamed one (``slabs``) is checked and its own tensors decoded now, then
-        waits for its chunks (``_chunk`` answers it); None then, and when the reply is streamed
-        (``take_outbound``)."""
+        """One request. A streamed one (``slabs``) is checked, its whole tensors allocated and its own
+        tensors decoded now, then it waits for its chunks (``_chunk`` answers it); None then, and when
+        the reply is streamed (``take_outbound``)."""
         st = self.state
         b = st.backend
-        expect = streaming.expected(msg.slabs, RemoteProtocolError)
+        asm = streaming.Assembler(msg.slabs, RemoteProtocolError) if msg.slabs else None
         mismatch = self._mismatch(msg, b)
         if mismatch:
             return mismatch
         codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
-        decoded = 0
+        decoded = asm.nbytes if asm is not None else 0
         for wt in msg.tensors:
-            if wt.name in incoming or wt.name in msg.slabs or wt.name in expect:
+            if wt.name in incoming or (asm is not None and (wt.name in asm.wholes or wt.name in asm.pending)):
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
             decoded += numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
@@ -543,19 +536,20 @@ class Session:
                 f"the request's tensors decode to {decoded} bytes, over this server's limit of "
                 f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
             )
-        if not expect:
+        if asm is None:
             with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
                 tensors: dict[str, torch.Tensor] = {}
                 err = self._prepare(msg, incoming, tensors)
                 return err or self._run(msg, bytes_in, tensors, (time.perf_counter() - t0) * 1e3)
-        for arg in msg.slabs:
+        for arg in asm.wholes:
             if arg in msg.consts:
                 raise RemoteProtocolError(f"tensor {arg!r} sent twice (as slabs and as a constant)")
-        ib = _Inbound(msg, st.budgets.inflight, expect, bytes_in=bytes_in)
         st.budgets.inflight.take_or_raise(decoded, "the request's decoded tensors")
-        ib.held = decoded
+        ib = _Inbound(msg, st.budgets.inflight, asm, held=decoded, bytes_in=bytes_in)
         try:
             err = self._prepare(msg, incoming, ib.tensors)
+            if err is None:
+                asm.allocate(b.device)
         except BaseException:
             ib.drop()
             raise
@@ -680,35 +674,36 @@ class Session:
         cuts: dict[str, streaming.Cut],
         timings: dict[str, float],
     ) -> Iterator[Message]:
-        """The reply as RESULT_CHUNK frames, each coded when the previous one has been handed to the
-        socket (it is on the wire while this one is coded), then the closing RESULT. A slab that fails
-        to code ends the reply with an error frame instead of the RESULT."""
-        enc_s = 0.0
-        bytes_out = 0
-        part = 0
+        """The RESULT (naming the slabs; its ``timings.encode`` covers its own tensors), then the
+        RESULT_CHUNK frames, each coded when the previous one has been handed to the socket (it is on
+        the wire while this one is coded). A slab that fails to code ends the reply with an error frame
+        instead of the chunks still due."""
         dev = self.state.backend.device
+        on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        slabbed = {n: out.pop(n) for n in cuts}
+        t0 = time.perf_counter()
         try:
-            for name, cut in cuts.items():
-                t = out.pop(name)
-                for sname, slab in cut.slabs(t):
-                    t0 = time.perf_counter()
-                    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-                        wt = codec.encode(slab, sname, msg.reply_codec)
-                    enc_s += time.perf_counter() - t0
-                    bytes_out += wt.nbytes
-                    yield ResultChunk(seq=msg.seq, part=part, tensors=(wt,))
-                    part += 1
-                del t
-            t0 = time.perf_counter()
-            with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+            with on_device:
                 rest = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
-            enc_s += time.perf_counter() - t0
         except Exception as e:
             yield self._failure(e)
             return
-        timings["encode"] = enc_s * 1e3
-        bytes_out += sum(w.nbytes for w in rest)
-        yield self._step_done(msg, bytes_in, bytes_out, timings, rest, {n: c.spec() for n, c in cuts.items()})
+        timings["encode"] = (time.perf_counter() - t0) * 1e3
+        spec = {n: c.spec() for n, c in cuts.items()}
+        yield self._step_done(msg, bytes_in, sum(w.nbytes for w in rest), timings, rest, spec)
+        part = 0
+        try:
+            for name, cut in cuts.items():
+                t = slabbed.pop(name)
+                for sname, slab in cut.slabs(t):
+                    with on_device:
+                        wt = codec.encode(slab, sname, msg.reply_codec)
+                    self.state.stats.bytes_out += wt.nbytes
+                    yield ResultChunk(seq=msg.seq, part=part, tensors=(wt,))
+                    part += 1
+                del t
+        except Exception as e:
+            yield self._failure(e)
 
     def _step_done(
         self,

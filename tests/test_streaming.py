@@ -26,7 +26,16 @@ SLAB = 16 << 10  # small slabs so toy tensors are cut into several
 # ---------------------------------------------------------------------------- cutting and joining
 
 
-def test_plan_cuts_the_token_dim_into_bounded_slabs_and_join_is_exact():
+def _assemble(spec, slabs, device="cpu"):
+    asm = streaming.Assembler(spec, RemoteProtocolError)
+    asm.allocate(device)
+    for name, t in slabs.items():
+        asm.admit(codec.encode(t, name, "raw"))
+        asm.put(name, t)
+    return asm.finish()
+
+
+def test_plan_cuts_the_token_dim_into_bounded_slabs_and_assembly_is_exact():
     x = torch.randn(2, 301, 64)
     cuts = streaming.plan({"x": x, "small": torch.randn(4, 4)}, SLAB)
     assert set(cuts) == {"x"}, "a tensor within one slab is not cut"
@@ -35,9 +44,8 @@ def test_plan_cuts_the_token_dim_into_bounded_slabs_and_join_is_exact():
     slabs = dict(cut.slabs(x))
     assert list(slabs) == [f"x#{k}" for k in range(cut.parts)]
     assert all(s.is_contiguous() and s.shape[0] == 2 and s.shape[2] == 64 for s in slabs.values())
-    joined = streaming.check({"x": cut.spec()}, slabs, RemoteProtocolError)
-    assert joined.nbytes == x.numel() * 4
-    assert torch.equal(joined.join()["x"], x)
+    assert streaming.Assembler({"x": cut.spec()}, RemoteProtocolError).nbytes == x.numel() * 4
+    assert torch.equal(_assemble({"x": cut.spec()}, slabs)["x"], x)
     # many big tensors: never more than MAX_STREAM_PARTS slabs in all (they grow instead)
     many = {f"t{i}": torch.zeros(1, 1000, 64) for i in range(10)}
     cuts = streaming.plan(many, 1 << 10)
@@ -46,29 +54,31 @@ def test_plan_cuts_the_token_dim_into_bounded_slabs_and_join_is_exact():
     assert streaming.plan({"x": x}, 0) == {}
 
 
+def _spec(parts=("x#0", "x#1"), shape=(1, 8, 4), dim=1, dtype="float32"):
+    return {"x": {"dim": dim, "parts": list(parts), "shape": list(shape), "dtype": dtype}}
+
+
 @pytest.mark.parametrize(
-    ("spec", "why"),
+    ("spec", "slabs", "why"),
     [
-        ({"x": {"dim": 1, "parts": ["x#0"]}}, "not named by the closing frame"),  # x#1 left over
-        ({"x": {"dim": 1, "parts": ["x#0", "x#1", "x#1"]}}, "named twice"),
-        ({"x": {"dim": 1, "parts": ["x#0", "x#9"]}}, "not received"),
-        ({"x": {"dim": 3, "parts": ["x#0", "x#1"]}}, "bad dimension"),
-        ({"x": {"dim": 0, "parts": ["x#0", "x#1"]}}, "do not join"),
-        ({"x": {"dim": 1, "parts": "x#0"}}, "parts"),
-        ([], "'slabs' must map"),
+        (_spec(), {"x#1": (1, 5, 4)}, "came before"),  # out of order
+        (_spec(), {"x#0": (1, 3, 4), "x#2": (1, 5, 4)}, "not named"),
+        (_spec(), {"x#0": (1, 3, 4), "x#0 ": (1, 5, 4)}, "not named"),
+        (_spec(), {"x#0": (1, 9, 4)}, "does not fit"),  # longer than the whole
+        (_spec(), {"x#0": (1, 3, 5)}, "does not fit"),  # another width
+        (_spec(), {"x#0": (1, 3, 4), "x#1": (1, 4, 4)}, "fill 7 of its 8"),  # short: never uninitialized memory
+        (_spec(parts=("x#0", "x#0")), {}, "twice"),
+        (_spec(dim=3), {}, "bad shape"),
+        (_spec(dtype="complex64"), {}, "bad dtype|bad shape"),
+        (_spec(shape=(1, -8, 4)), {}, "bad shape"),
+        (_spec(parts=[f"x#{k}" for k in range(MAX_STREAM_PARTS + 1)], shape=(1, 99, 4)), {}, "more than"),
+        ({"x": {"dim": 1, "parts": "x#0"}}, {}, "parts"),
+        ([], {}, "'slabs' must map"),
     ],
 )
-def test_check_refuses_slabs_that_do_not_match(spec, why):
-    parts = {"x#0": torch.zeros(1, 3, 4), "x#1": torch.zeros(1, 5, 4)}
+def test_assembler_refuses_slabs_that_do_not_match(spec, slabs, why):
     with pytest.raises(RemoteProtocolError, match=why):
-        streaming.check(spec, parts, RemoteProtocolError)
-
-
-def test_expected_bounds_the_slab_count():
-    names = [f"x#{k}" for k in range(MAX_STREAM_PARTS + 1)]
-    with pytest.raises(RemoteProtocolError, match="more than"):
-        streaming.expected({"x": {"dim": 1, "parts": names}}, RemoteProtocolError)
-    assert streaming.expected({"x": {"dim": 1, "parts": names[:3]}}, RemoteProtocolError) == set(names[:3])
+        _assemble(spec, {n: torch.zeros(s) for n, s in slabs.items()})
 
 
 # ---------------------------------------------------------------------------- chunk frames on the wire
@@ -227,7 +237,7 @@ def test_streamed_calls_match_unstreamed(server, monkeypatch, codec_name):
             assert n > n_reply > 1
             calls = [k for k in sent if k in (MsgKind.FORWARD, MsgKind.FORWARD_CHUNK)]  # not the handshake
             assert calls == [MsgKind.FORWARD] + [MsgKind.FORWARD_CHUNK] * n, "one FORWARD, then its chunks"
-            assert got[-1] == MsgKind.RESULT and got.count(MsgKind.RESULT_CHUNK) == n_reply, "the reply is streamed too"
+            assert got[-n_reply - 1 :] == [MsgKind.RESULT] + [MsgKind.RESULT_CHUNK] * n_reply, "a streamed reply"
             assert out["out"].shape == want["out"].shape and stats.bytes_out > 0
             exact = model.run(front, bias, 5)
             if codec_name in ("raw", "lossless", "lossless-t"):
