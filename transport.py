@@ -71,6 +71,8 @@ class StepStats:
     server: dict[str, float] = field(default_factory=dict)
     consts_sent: int = 0
     codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
+    slabs_out: int = 0  # streamed call (docs/PROTOCOL.md §6.1): slabs sent in FORWARD_CHUNK frames
+    slabs_in: int = 0  # and received in RESULT_CHUNK frames
 
     def line(self) -> str:
         s = self.server
@@ -524,6 +526,7 @@ class MeshClient:
             self.close()
             raise
         stats.decode_ms = dec_s * 1e3
+        stats.slabs_in = sum(len(w.parts) for w in asm.wholes.values())
         return reply, got, joined
 
     def _reset_codec_state(self) -> None:
@@ -579,6 +582,7 @@ class MeshClient:
         assert sock is not None
         if upload is not None:
             sent = self._send_streamed(sock, msg, upload)
+            stats.slabs_out = sum(c.parts for c in upload.cuts.values())
             reply, got, joined = self._recv_result(sock, msg.seq, device, stats)
         else:
             first, sent, n = self._roundtrip(msg)
