@@ -498,7 +498,10 @@ class MeshClient:
         RESULT names slabs, its RESULT_CHUNK frames, each decoded into place as it arrives (the next
         one is still on the wire); (the reply frame, bytes read, the slabbed tensors)."""
         reply, got = first if first is not None else self._recv(sock)
-        if not isinstance(reply, Result) or not reply.slabs:
+        if not isinstance(reply, Result):  # out of step with this request (a stray chunk, ...)
+            self.close()
+            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
+        if not reply.slabs:
             return reply, got, {}
         t0 = time.perf_counter()
         try:
