@@ -422,3 +422,27 @@ def test_a_server_gone_mid_stream_is_connect_failed_and_the_client_recovers(serv
             _call(c, fronts[0], bias, "raw")
     finally:
         c.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "code"),
+    [({"max_decoded_request_bytes": 100_000}, "bad_request"), ({"max_inflight_bytes": 100_000}, "busy")],
+)
+def test_a_streamed_request_over_the_limits_is_refused_before_allocating_and_the_connection_stays_in_step(limit, code):
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, **limit)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    model, bias, fronts = _steps(1)  # x: 153.6 kB decoded, more than the limit
+    c = _client(host, port)
+    try:
+        with pytest.raises(RemoteFailure) as e:
+            _call(c, fronts[0], bias, "raw")
+        assert e.value.code == code
+        assert c.connected, "an error frame, not a broken connection: the chunks were read and dropped"
+        small = fronts[0][:, :100]  # 51 kB: within the limits, still streamed in slabs
+        out, stats = _call(c, small, bias, "raw")
+        assert torch.equal(out["out"], model.run(small, bias, 5)) and stats.slabs_out >= 2
+        assert srv.state.budgets.inflight.used < 100_000
+    finally:
+        c.close()
+        srv.shutdown()
