@@ -13,6 +13,8 @@ from .constants import (
     DEFAULT_HOST,
     DEFAULT_PORT,
     HANDSHAKE_TIMEOUT_S,
+    HEARTBEAT_INTERVAL_S,
+    LIVENESS_TIMEOUT_S,
     MAX_CLIENTS,
     MAX_CODEC_STATE_BYTES,
     MAX_CODEC_STATE_TOTAL_BYTES,
@@ -23,6 +25,10 @@ from .constants import (
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
+    RETRY_BACKOFF_MAX_S,
+    RETRY_BACKOFF_S,
+    RETRY_BUDGET_S,
+    SAMEHOST_MAX_BYTES,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
     STREAM_MIN_BYTES,
@@ -44,8 +50,20 @@ class ClientConfig:
     token: str | None = None  # None: no token (only works against a --no-auth server)
     connect_timeout_s: float = CONNECT_TIMEOUT_S  # seconds for TCP connect
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds for the hello/auth exchange
-    read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply
+    read_timeout_s: float = READ_TIMEOUT_S  # seconds one request may wait for its reply (upper bound)
+    # seconds without any frame (reply or heartbeat) from a server serving a request = it is gone (retried)
+    liveness_timeout_s: float = LIVENESS_TIMEOUT_S
+    retry_backoff_s: float = RETRY_BACKOFF_S  # seconds before the first reconnect of a failed model call
+    retry_backoff_max_s: float = RETRY_BACKOFF_MAX_S  # the wait doubles up to this many seconds
+    retry_budget_s: float = RETRY_BUDGET_S  # seconds a model call keeps retrying after its first failure
     client_name: str = "icarus"
+    # The JSON file where the server id of each host:port is pinned on first use (auth.TokenStore: the
+    # node's tokens.json); "" = nothing pinned.
+    trust_file: str = ""
+    # Accept a server that authenticates but does not encrypt (--no-encrypt) on a non-loopback address.
+    allow_unencrypted: bool = False
+    samehost: bool = True  # use the same-host fast path when the server proves it is on this host
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES  # this side's shared-memory segment, at most
     # Streamed calls (docs/PROTOCOL.md §6.1): coded tensors travel as slabs of about this many raw
     # bytes, and the reply too, when a call's coded tensors add up to stream_min_bytes or more; 0 = off.
     stream_slab_bytes: int = STREAM_SLAB_BYTES
@@ -57,6 +75,12 @@ class ClientConfig:
             raise LocalError("stream_slab_bytes and stream_min_bytes are byte counts (0 or more)")
         if not self.host.strip():
             raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
+        for name in ("connect_timeout_s", "handshake_timeout_s", "read_timeout_s", "liveness_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+        for name in ("retry_backoff_s", "retry_backoff_max_s", "retry_budget_s"):
+            if not getattr(self, name) >= 0:
+                raise LocalError(f"{name} must be >= 0 seconds, got {getattr(self, name)!r}")
 
     @property
     def address(self) -> str:
@@ -81,9 +105,13 @@ class ServerConfig:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32 (compute/storage dtype)
     comfyui_path: str = ""  # ComfyUI checkout; "" = COMFYUI_PATH or a sibling folder
     auth: bool = True  # False only with the explicit --no-auth flag
+    # Seal every frame after the handshake (AES-256-GCM, keys from the token); False (--no-encrypt) only
+    # for trusted same-host pairs: clients accept it on loopback or when their user allows it.
+    encrypt: bool = True
     state_dir: str = ""  # token + settings folder; "" = default_state_dir()
     max_clients: int = MAX_CLIENTS  # authenticated sessions at once (GPU work is serialized)
     idle_timeout_s: float = SERVER_IDLE_TIMEOUT_S  # seconds before a silent authenticated client is dropped
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S  # seconds between PROGRESS frames while serving a request
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S  # seconds from accept to WELCOME (a deadline)
     max_unauthenticated: int = MAX_UNAUTHENTICATED  # connections still in the handshake, all addresses
     max_unauthenticated_per_address: int = MAX_UNAUTHENTICATED_PER_ADDRESS  # ... from one source address
@@ -99,6 +127,10 @@ class ServerConfig:
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
     gpu_entropy: bool = True
+    # Same-host fast path: offer it (clients on this host then move the seam through shared memory /
+    # CUDA IPC), and the most bytes one connection's segment may take on each side.
+    samehost: bool = True
+    samehost_max_bytes: int = SAMEHOST_MAX_BYTES
 
     def __post_init__(self) -> None:
         _check_port(self.port)
@@ -117,11 +149,12 @@ class ServerConfig:
             "max_const_total_bytes",
             "max_codec_state_total_bytes",
             "max_lora_bytes",
+            "samehost_max_bytes",
         ):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise LocalError(f"{name} must be an integer >= 1, got {v!r}")
-        for name in ("idle_timeout_s", "handshake_timeout_s"):
+        for name in ("idle_timeout_s", "handshake_timeout_s", "heartbeat_interval_s"):
             if not getattr(self, name) > 0:
                 raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
 
@@ -132,6 +165,10 @@ class ServerConfig:
     @property
     def token_path(self) -> Path:
         return self.state_path / "token"
+
+    @property
+    def server_id_path(self) -> Path:
+        return self.state_path / "server_id"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ServerConfig:

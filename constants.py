@@ -62,6 +62,23 @@ READ_TIMEOUT_S = 300.0
 # the bytes trickle in (not a per-recv timeout); on the client the socket timeout while it runs.
 HANDSHAKE_TIMEOUT_S = 10.0
 SOCKET_CHUNK = 1 << 20  # recv/send granularity
+# A frame's big buffers are written in pieces of this size, so a socket timeout (it bounds one whole
+# sendall) catches a stalled link without bounding a big frame's transfer time: 4 MiB within the
+# client's LIVENESS_TIMEOUT_S is a link slower than 0.2 MB/s.
+SEND_SLICE = 4 << 20
+# While the server serves a request (queued for the GPU, decoding, forward, encoding) it sends a PROGRESS
+# frame every HEARTBEAT_INTERVAL_S seconds, so a slow step is told apart from a dead server or link.
+HEARTBEAT_INTERVAL_S = 5.0
+# Client: no frame at all (reply or PROGRESS) for this long while waiting for a reply, or no progress of a
+# send for this long, seconds = the server or the link is gone; the call is retried like a dropped
+# connection. Several heartbeat intervals, so a loaded server is not taken for a dead one.
+LIVENESS_TIMEOUT_S = 20.0
+# Client retry of a model call across reconnects (server restart, link drop, silent server): waits
+# RETRY_BACKOFF_S seconds before the first reconnect, doubling up to RETRY_BACKOFF_MAX_S, and gives up
+# (naming host:port and the fix) once RETRY_BUDGET_S seconds have passed since the call first failed.
+RETRY_BACKOFF_S = 0.5
+RETRY_BACKOFF_MAX_S = 8.0
+RETRY_BUDGET_S = 60.0
 # The server drops an authenticated connection that sends nothing for this long, seconds (frees its slot).
 SERVER_IDLE_TIMEOUT_S = 3600.0
 # Authenticated sessions served at once (status probes included); one more gets `busy` instead of WELCOME.
@@ -80,10 +97,29 @@ PEER_LOG_INTERVAL_S = 10.0
 # (so the kernel does not reset the connection before the peer reads the error), then closes.
 LINGER_S = 1.0
 
+# Same-host fast path (samehost.py): the most bytes one side's shared-memory segment may take (a
+# message whose payloads need more goes over TCP), and the client's switch ("0" = TCP only).
+SAMEHOST_MAX_BYTES = MAX_BODY_BYTES
+SAMEHOST_ENV = "COMFYUI_MESH_SAMEHOST"
+
 # ---------------------------------------------------------------------------- auth
 TOKEN_BYTES = 32  # random bytes in a generated token (hex on disk: 64 chars)
 NONCE_BYTES = 32
 TOKEN_ENV = "COMFYUI_MESH_TOKEN"
+# The server's identity: random bytes, made on first start and kept in <state dir>/server_id (0600);
+# sent as lowercase hex in CHALLENGE, covered by both proofs, pinned by clients per host:port.
+SERVER_ID_BYTES = 16
+# HELLO names the token it will prove with by a key id: the first hex characters of
+# SHA-256("comfyui-mesh|key-id|" + token); "" without a token.
+KEY_ID_CHARS = 16
+# A running server looks for changes of its named tokens (<state dir>/tokens.json) this often, seconds.
+TOKEN_RELOAD_S = 1.0
+# "1" (exactly) lets the client accept a server that authenticates but does not encrypt (--no-encrypt)
+# on an address other than loopback.
+ALLOW_UNENCRYPTED_ENV = "COMFYUI_MESH_ALLOW_UNENCRYPTED"
+# The encrypted link (securelink.py): a frame travels as records of at most this many plaintext bytes,
+# each sealed with AES-256-GCM (16-byte tag) under a per-direction key and a counter nonce.
+RECORD_PLAINTEXT_BYTES = 4 << 20
 # "1" (exactly) accepts a different ComfyUI release, torch minor release or back-half fingerprint.
 SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
 # Debug option of Icarus: a path prefix; each remote call then writes the seam tensors it sends

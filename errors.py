@@ -74,7 +74,8 @@ class ConnectFailed(MeshError):
 class RemoteFailure(MeshError):
     """The peer answered with an error frame."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, detail: dict | None = None):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.detail = dict(detail or {})  # the error frame's ``detail`` (e.g. ``transient`` for busy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .auth import TokenStore
+from .config import ClientConfig
 from .errors import LocalError
 
 
@@ -26,6 +27,12 @@ def token_store() -> TokenStore:
         return TokenStore(Path(folder_paths.get_user_directory()) / "comfyui-mesh" / "tokens.json")
     except (ImportError, AttributeError):
         return TokenStore(None)
+
+
+def client_config(host: str, port: int, **kw) -> ClientConfig:
+    """The node's settings for host:port: the token saved for it, its pinned server id (the same file)."""
+    store = token_store()
+    return ClientConfig(host=host, port=port, token=store.get(host, port), trust_file=str(store.path or ""), **kw)
 
 
 def check_comfy_contract() -> None:

@@ -89,6 +89,7 @@ class SplitSettings:
     forward_loras: bool = True
     node_id: str = ""
     on_step: Callable[[int, StepStats], None] | None = None  # (call number, stats) after each remote step
+    on_status: Callable[[str, str], None] | None = None  # (level, text): reconnecting / reconnected / gave up
 
 
 class SplitRun:
@@ -238,6 +239,7 @@ class SplitRun:
             reply_codec=s.reply_codec,
             stream=self.stream(args),
             device=device,
+            on_status=s.on_status,
         )
         call["out"] = out
         self.last_stats = stats

@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import arch, codec, ui_events
-from .config import ClientConfig
 from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB
 from .errors import LocalError, MeshError
-from .host import token_store
+from .host import client_config
 from .icarus import SplitSettings, split_model
 
 log = logging.getLogger("comfyui_mesh")
@@ -152,7 +151,7 @@ class MeshSplitFlux:
                     f"codec_mode {codec_mode!r} cannot be used here: {why}; usable here: {', '.join(usable)}"
                 )
             host, port = str(v["remote_host"]).strip(), int(v["remote_port"])
-            cfg = ClientConfig(host=host, port=port, token=token_store().get(host, port))
+            cfg = client_config(host, port)
             settings = SplitSettings(
                 n_remote=int(v["n_blocks_remote"]),
                 client=cfg,
@@ -166,6 +165,7 @@ class MeshSplitFlux:
                 forward_loras=bool(v["forward_client_loras"]),
                 node_id=str(unique_id),
                 on_step=ui_events.step_reporter(unique_id, codec_mode),
+                on_status=ui_events.status_reporter(unique_id),
             )
             m, run = split_model(model, settings)
         except MeshError as e:

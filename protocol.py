@@ -63,6 +63,7 @@ class MsgKind(enum.IntEnum):
     BYE = 12
     END_STREAM = 13
     STREAM_ENDED = 14
+    PROGRESS = 15
     FORWARD_CHUNK = 20
     RESULT_CHUNK = 21
 
@@ -125,15 +126,19 @@ class Hello(Message):
     fingerprint: str = ""  # hash of the back half as the client has it; "" = don't check
     codecs: list = field(default_factory=list)  # wire ids the client can decode
     client_name: str = ""
+    key_id: str = ""  # which token the client will prove with (auth.key_id); "" = none
 
 
 @dataclass(frozen=True)
 class Challenge(Message):
-    """Server -> client. Carries the server's nonce and everything the client checks."""
+    """Server -> client. Carries the server's nonce, identity and proof, and everything the client checks."""
 
     KIND: ClassVar[MsgKind] = MsgKind.CHALLENGE
     nonce: str = ""
     auth: str = "hmac-sha256"  # or "none" when the server runs with --no-auth
+    server_id: str = ""  # the server's persistent identity (hex); the client pins it per host:port
+    mac: str = ""  # the server's proof over the transcript; "" when it holds no token of HELLO's key id
+    link: str = "aes-256-gcm"  # frames after WELCOME: sealed (securelink), or "none" (--no-auth, --no-encrypt)
     package_version: str = ""
     comfyui_version: str = ""
     torch_version: str = ""
@@ -144,23 +149,26 @@ class Challenge(Message):
     fingerprint: str = ""
     codecs: list = field(default_factory=list)
     device: str = ""
+    # Same-host fast path offered (samehost.HostSecret.offer): {"seg": secret segment, "gpus": [...]}; {} = none.
+    samehost: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Auth(Message):
-    """Client -> server: HMAC(token, client proof) in hex."""
+    """Client -> server: the client's proof over the transcript, in hex (sent after it checked the server's)."""
 
     KIND: ClassVar[MsgKind] = MsgKind.AUTH
     mac: str = ""
+    samehost: dict = field(default_factory=dict)  # {"proof": hex, "gpus": [...]}: the same-host answer; {} = none
 
 
 @dataclass(frozen=True)
 class Welcome(Message):
-    """Server -> client: the session is open. ``mac`` proves the server knows the token."""
+    """Server -> client, the last frame in the clear: the session is open (sealed from the next frame on)."""
 
     KIND: ClassVar[MsgKind] = MsgKind.WELCOME
-    mac: str = ""
     session: str = ""
+    samehost: bool = False  # the same-host proof held: big payloads of this session go through shared memory
 
 
 @dataclass(frozen=True)
@@ -228,6 +236,7 @@ class ErrorCode(str, enum.Enum):
     BUSY = "busy"
     STREAM_RESET = "stream_reset"
     CODEC_UNAVAILABLE = "codec_unavailable"
+    NOT_ALLOWED = "not_allowed"
 
     @classmethod
     def of(cls, code: str) -> "ErrorCode | None":
@@ -302,6 +311,19 @@ class StreamEnded(Message):
     released: int = 0
 
 
+@dataclass(frozen=True)
+class Progress(Message):
+    """Server -> client, a heartbeat while the server serves the client's request (queued for the GPU,
+    decoding, running the forward, encoding the reply): the server is alive, keep waiting for the reply.
+    ``seq``: the request's (FORWARD / PING; 0 for requests without one); ``phase``: ``queued``,
+    ``decode``, ``forward``, ``encode`` or ``""``; ``elapsed_ms``: since the request was received."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.PROGRESS
+    seq: int = 0
+    phase: str = ""
+    elapsed_ms: float = 0.0
+
+
 MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
     cls.KIND: cls
     for cls in (
@@ -319,6 +341,7 @@ MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
         Bye,
         EndStream,
         StreamEnded,
+        Progress,
         ForwardChunk,
         ResultChunk,
     )

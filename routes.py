@@ -52,13 +52,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from . import codec, handshake
-from .auth import new_nonce
-from .config import ClientConfig
+from .auth import key_id, new_nonce
 from .constants import PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME, TOKEN_ENV
-from .errors import LocalError, MeshError
-from .host import comfyui_version, token_store
+from .errors import AuthError, LocalError, MeshError
+from .host import client_config, comfyui_version, token_store
 from .netio import recv_message, send_message
-from .protocol import Bye, Challenge, Error, ErrorCode, FrameDecoder
+from .protocol import Bye, Challenge, Error, ErrorCode, FrameDecoder, Hello, Welcome
+from .securelink import LINK_AES_GCM, SecureLink
 from .transport import MeshClient, drop_pooled
 
 log = logging.getLogger("comfyui_mesh")
@@ -124,21 +124,23 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     try:
         sock.settimeout(timeout)
         versions = handshake.local_versions(comfyui_version())
+        token = (store.get(host, port) or "") if out["token_saved"] else ""
         hello = handshake.make_hello(
             handshake.Expect(),
             versions,
             nonce=new_nonce(),
             codecs=codec.available_ids(),
             client_name=STATUS_CLIENT_NAME,
+            key_id=key_id(token),
         )
         send_message(sock, hello)
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY)
         ch, _ = recv_message(sock, dec)
-        token = store.get(host, port) if out["token_saved"] else None
+        link = None
         if isinstance(ch, Challenge) and ch.auth != handshake.AUTH_NONE and token:
-            token_rejected = _try_token(sock, dec, ch, hello.nonce, token)
+            token_rejected, link = _try_token(sock, dec, ch, hello, token, store.pinned_id(host, port), address)
         try:
-            send_message(sock, Bye(reason="status probe"))
+            send_message(sock, Bye(reason="status probe"), link)
         except OSError:
             pass
     except (MeshError, OSError, ValueError) as e:
@@ -176,17 +178,27 @@ def probe(host: str, port: int, timeout: float = PROBE_TIMEOUT_S) -> dict[str, A
     return out
 
 
-def _try_token(sock: socket.socket, dec: FrameDecoder, ch: Challenge, nonce: str, token: str) -> str:
-    """Complete the handshake with the saved token: "" when the server accepts it, else why not."""
-    send_message(sock, handshake.auth_reply(ch, token, nonce))
+def _try_token(
+    sock: socket.socket, dec: FrameDecoder, ch: Challenge, hello: Hello, token: str, pinned: str, address: str
+) -> tuple[str, SecureLink | None]:
+    """Complete the handshake with the saved token: ("", the link to say BYE over) when the server
+    accepts it, else (why not, None). The server proves it knows the token first (``check_server``)."""
+    source = f"{TOKEN_ENV} (set in ComfyUI's environment)" if os.environ.get(TOKEN_ENV, "").strip() else "saved"
+    rejected = (
+        f"token rejected: the {source} token is not this server's; paste the token Daedalus prints "
+        "with the node's Token… button"
+    )
+    try:
+        handshake.check_server(ch, hello, token, f"Daedalus at {address}", pinned)
+    except AuthError as e:
+        return (rejected if not ch.mac else str(e)), None
+    send_message(sock, handshake.auth_reply(ch, hello, token))
     reply, _ = recv_message(sock, dec)
     if isinstance(reply, Error) and ErrorCode.of(reply.code) is ErrorCode.AUTH_FAILED:
-        source = f"{TOKEN_ENV} (set in ComfyUI's environment)" if os.environ.get(TOKEN_ENV, "").strip() else "saved"
-        return (
-            f"token rejected: the {source} token is not this server's; paste the token Daedalus prints "
-            "with the node's Token… button"
-        )
-    return ""
+        return rejected, None
+    if isinstance(reply, Welcome) and ch.link == LINK_AES_GCM:
+        return "", SecureLink.for_client(token, handshake.transcript(hello, ch))
+    return "", None
 
 
 class Prober:
@@ -227,9 +239,7 @@ class Prober:
 
 # ---------------------------------------------------------------------------- actions
 def _client(host: str, port: int) -> MeshClient:
-    token = token_store().get(host, port)
-    cfg = ClientConfig(host=host, port=port, token=token, client_name="icarus-ui")
-    return MeshClient(cfg, comfyui_version=comfyui_version())
+    return MeshClient(client_config(host, port, client_name="icarus-ui"), comfyui_version=comfyui_version())
 
 
 def reconfigure(host: str, port: int, n_blocks: int) -> dict[str, Any]:

@@ -6,22 +6,23 @@ timeouts and errors that name host:port and the fix.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
+import os
 import queue
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from . import codec, handshake, hostmem, streaming
+from . import auth, codec, handshake, hostmem, samehost, streaming
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_DECODED_REQUEST_BYTES, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_DECODED_REQUEST_BYTES, SAMEHOST_ENV, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -29,7 +30,7 @@ from .errors import (
     RemoteFailure,
     RemoteProtocolError,
 )
-from .netio import recv_message, send_message, tune_socket
+from .netio import is_loopback, recv_message, send_message, tune_socket
 from .protocol import (
     Bye,
     Challenge,
@@ -42,6 +43,7 @@ from .protocol import (
     Message,
     Ping,
     Pong,
+    Progress,
     Reconfigure,
     Reconfigured,
     Result,
@@ -51,6 +53,7 @@ from .protocol import (
     content_hash,
     tensor_map,
 )
+from .securelink import SecureLink
 from .wirecodecs import auto as codec_auto
 from .wirecodecs import temporal
 
@@ -58,7 +61,79 @@ log = logging.getLogger("comfyui_mesh")
 
 
 class ServerTimeout(ConnectFailed):
-    """The server accepted the request but did not answer in time (not retried: it may still be working)."""
+    """The server kept sending heartbeats but no reply within the read timeout (not retried: it is alive
+    and may still be working on it)."""
+
+
+class ServerSilent(ConnectFailed):
+    """Nothing at all (no reply, no PROGRESS heartbeat, no progress of a send) came from the server within
+    the liveness timeout: the server or the link is gone. Retried like a dropped connection."""
+
+
+class RetriesExhausted(ConnectFailed):
+    """A model call failed across reconnects until the retry budget was spent."""
+
+
+StatusCallback = Callable[[str, str], None]  # (level: ok / warn / error, text) for the node's banner
+
+
+class _Retry:
+    """Bounded exponential backoff across reconnects for one call: ``failed(e)`` logs, tells
+    ``on_status`` and sleeps before the next try, or raises ``RetriesExhausted`` once ``retry_budget_s``
+    would be spent; ``succeeded()`` reports a recovery."""
+
+    def __init__(self, cfg: ClientConfig, where: str, on_status: StatusCallback | None):
+        self.cfg = cfg
+        self.where = where
+        self.on_status = on_status
+        self.failures = 0
+        self.first: float | None = None
+        self.delay = cfg.retry_backoff_s
+
+    def _tell(self, level: str, text: str) -> None:
+        if self.on_status is not None:
+            try:
+                self.on_status(level, text)
+            except Exception:  # the UI is a courtesy: never fail a call over it
+                log.debug("ComfyUI-Mesh: status callback failed", exc_info=True)
+
+    def failed(self, e: MeshError) -> None:
+        now = time.monotonic()
+        if self.first is None:
+            self.first = now
+        self.failures += 1
+        spent = now - self.first
+        if spent + self.delay > self.cfg.retry_budget_s:
+            msg = (
+                f"gave up on {self.where} after retrying for {spent:.0f} s ({self.failures} failed tries, "
+                f"retry budget {self.cfg.retry_budget_s:g} s); last error: {e} — start Daedalus again "
+                "(python -m comfyui_mesh.server) or check the network link to it, then queue the prompt again"
+            )
+            log.error("ComfyUI-Mesh: %s", msg)
+            self._tell("error", msg)
+            raise RetriesExhausted(msg) from e
+        log.warning(
+            "ComfyUI-Mesh: %s — reconnecting to %s in %.1f s (try %d, %.0f s of the %.0f s retry budget spent)",
+            e,
+            self.cfg.address,
+            self.delay,
+            self.failures + 1,
+            spent,
+            self.cfg.retry_budget_s,
+        )
+        self._tell(
+            "warn",
+            f"reconnecting to {self.cfg.address}… (try {self.failures + 1}, {spent:.0f} s of "
+            f"{self.cfg.retry_budget_s:.0f} s): {e}",
+        )
+        time.sleep(self.delay)
+        self.delay = min(max(self.delay * 2, 0.05), self.cfg.retry_backoff_max_s)
+
+    def succeeded(self) -> None:
+        if self.failures and self.first is not None:
+            spent = time.monotonic() - self.first
+            log.warning("ComfyUI-Mesh: reconnected to %s; the call went through after %.1f s", self.cfg.address, spent)
+            self._tell("ok", f"reconnected to {self.cfg.address} after {spent:.0f} s")
 
 
 @dataclass
@@ -73,6 +148,7 @@ class StepStats:
     codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
     slabs_out: int = 0  # streamed call (docs/PROTOCOL.md §6.1): slabs sent in FORWARD_CHUNK frames
     slabs_in: int = 0  # and received in RESULT_CHUNK frames
+    via: str = "tcp"  # "samehost": the big payloads went through shared memory / CUDA IPC (bytes_* count TCP only)
 
     def line(self) -> str:
         s = self.server
@@ -115,8 +191,8 @@ class _Sender:
     """Writes frames to a socket from a thread of its own, so the caller codes the next chunk while
     this one goes out. At most two frames wait; after a failure the rest are dropped unsent."""
 
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
+    def __init__(self, sock: socket.socket, link: SecureLink | None):
+        self._sock, self._link = sock, link
         self._q: queue.Queue[Message | None] = queue.Queue(maxsize=2)
         self.sent = 0
         self.error: BaseException | None = None
@@ -127,7 +203,7 @@ class _Sender:
         while (msg := self._q.get()) is not None:
             if self.error is None:
                 try:
-                    self.sent += send_message(self._sock, msg)
+                    self.sent += send_message(self._sock, msg, self._link)
                 except BaseException as e:  # handed to the caller by close()
                     self.error = e
 
@@ -157,6 +233,7 @@ class MeshClient:
         self.comfyui_version = comfyui_version
         self.server: Challenge | None = None
         self._sock: socket.socket | None = None
+        self._link: SecureLink | None = None  # the connection's keys (None: the server does not encrypt)
         self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
@@ -166,6 +243,7 @@ class MeshClient:
         self._codec_state: dict[str, Any] = {}
         self._codec_override: dict[str, Any] = {}
         self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
+        self._chan: samehost.Channel | None = None  # the same-host fast path of this connection
 
     # ------------------------------------------------------------------ connection
     @property
@@ -198,7 +276,7 @@ class MeshClient:
             self._dec = FrameDecoder(body_alloc=hostmem.receive_alloc())
             try:
                 sock.settimeout(self.cfg.handshake_timeout_s)
-                self.server = self._handshake(sock)
+                self.server, self._link = self._handshake(sock)
             except BaseException:
                 sock.close()
                 raise
@@ -209,12 +287,13 @@ class MeshClient:
             self._reset_codec_state()  # a new server session: the next coded frames must be keyframes
             return self.server
 
-    def _recv(self, sock: socket.socket) -> tuple[Message, int]:
+    def _recv(self, sock: socket.socket, link: SecureLink | None = None) -> tuple[Message, int]:
         try:
-            msg, n = recv_message(sock, self._dec)
+            msg, n = recv_message(sock, self._dec, link=link)
         except TimeoutError:
-            raise ServerTimeout(
-                f"{self._where()} did not answer within {sock.gettimeout():.0f} s — is the server stuck or overloaded?"
+            raise ServerSilent(
+                f"{self._where()} sent nothing for {sock.gettimeout():g} s (no reply, no heartbeat) — "
+                "the server or the link to it is down"
             ) from None
         except (ConnectionError, OSError) as e:
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
@@ -222,7 +301,13 @@ class MeshClient:
             raise handshake.remote_error(self._where(), msg)
         return msg, n
 
-    def _handshake(self, sock: socket.socket) -> Challenge:
+    def _pins(self) -> auth.TokenStore:
+        """Where the server id of each host:port is pinned (``ClientConfig.trust_file``)."""
+        return auth.TokenStore(Path(self.cfg.trust_file) if self.cfg.trust_file else None)
+
+    def _handshake(self, sock: socket.socket) -> tuple[Challenge, SecureLink | None]:
+        pins = self._pins()
+        pinned = pins.pinned_id(self.cfg.host, self.cfg.port)
         hs = handshake.ClientHandshake(
             handshake.Expect.of(self.expect),
             handshake.local_versions(self.comfyui_version),
@@ -231,6 +316,9 @@ class MeshClient:
             client_name=self.cfg.client_name,
             allow_skew=handshake.allow_skew(),
             where=self._where(),
+            pinned_id=pinned,
+            plaintext_ok=is_loopback(sock) or self.cfg.allow_unencrypted or handshake.allow_unencrypted(),
+            samehost=self.cfg.samehost and os.environ.get(SAMEHOST_ENV) != "0",
         )
         try:
             send_message(sock, hs.hello())
@@ -247,42 +335,119 @@ class MeshClient:
                 raise p.exception()
             log.warning("ComfyUI-Mesh: %s — accepted because %s=1", p.message, SKEW_ENV)
         assert hs.challenge is not None
-        return hs.challenge
+        if hs.authenticated and not pinned:  # trust on first use, once the server proved the token
+            pins.pin(self.cfg.host, self.cfg.port, hs.challenge.server_id)
+        self._open_samehost(hs)
+        return hs.challenge, hs.link
+
+    def _open_samehost(self, hs: handshake.ClientHandshake) -> None:
+        """After the handshake: this connection's fast path, or the one reason it stays on TCP."""
+        ch = hs.challenge
+        assert ch is not None
+        if not hs.samehost:
+            if ch.samehost and hs.want_samehost and _SAMEHOST_LAST.get(self.cfg.address) != hs.samehost_reason:
+                _SAMEHOST_LAST[self.cfg.address] = hs.samehost_reason  # once per address and reason
+                log.info("ComfyUI-Mesh: %s over TCP: %s", self.cfg.address, hs.samehost_reason)
+            return
+        self._chan = samehost.Channel(
+            hs.samehost_secret,
+            hs.nonce,
+            ch.nonce,
+            "c",
+            ch.samehost.get("gpus"),
+            self.cfg.samehost_max_bytes,
+            pin=torch.cuda.is_available(),
+        )
+        if _SAMEHOST_LAST.get(self.cfg.address) != "":
+            _SAMEHOST_LAST[self.cfg.address] = ""
+            log.info("ComfyUI-Mesh: %s is on this host: seam tensors go through shared memory", self.cfg.address)
+
+    def _decode(self, wt: WireTensor, device: torch.device | str) -> torch.Tensor:
+        return self._chan.decode(wt, device) if self._chan is not None else codec.decode(wt, device)
+
+    def _encode_raw(self, ts: dict[str, torch.Tensor]) -> list[WireTensor]:
+        """Raw wire tensors: CUDA IPC handles where the fast path allows, else the bytes."""
+        chan = self._chan
+        return [(chan and chan.ipc_wire(t, name)) or codec.encode(t, name, "raw") for name, t in ts.items()]
 
     def close(self, reason: str = "") -> None:
         with self._lock:
             sock, self._sock = self._sock, None
+            link, self._link = self._link, None
             self._sent_consts.clear()
             self._codec_state.clear()
+            chan, self._chan = self._chan, None
             if sock is not None:
                 try:
                     sock.settimeout(1.0)
-                    send_message(sock, Bye(reason=reason))
+                    send_message(sock, Bye(reason=reason), link)
                 except OSError:
                     pass
                 sock.close()
+            if chan is not None:  # after BYE: the server copies nothing more out of our segment
+                chan.close()
 
     # ------------------------------------------------------------------ requests
-    def _roundtrip(self, msg: Message) -> tuple[Message, int, int]:
+    def _await_reply(
+        self, sock: socket.socket, read_timeout_s: float, deadline: float | None = None
+    ) -> tuple[Message, int]:
+        """The reply to the request just sent, skipping PROGRESS heartbeats. Each frame must arrive
+        within the liveness timeout (else ``ServerSilent``: retried); the reply within ``read_timeout_s``
+        however many heartbeats came (else ``ServerTimeout``: not retried, the server is still working).
+        ``deadline`` (time.monotonic): the read timeout started earlier (the later frames of a streamed reply)."""
+        if deadline is None:
+            deadline = time.monotonic() + read_timeout_s
+        got = 0
+        while True:
+            left = deadline - time.monotonic()
+            wait = min(self.cfg.liveness_timeout_s, left)
+            if wait <= 0:
+                raise ServerTimeout(self._overdue(read_timeout_s))
+            sock.settimeout(wait)
+            try:
+                msg, n = self._recv(sock, self._link)
+            except ServerSilent:
+                if wait < self.cfg.liveness_timeout_s:  # the read timeout ran out first
+                    raise ServerTimeout(self._overdue(read_timeout_s)) from None
+                raise
+            got += n
+            if not isinstance(msg, Progress):
+                return msg, got
+            log.debug(
+                "ComfyUI-Mesh: %s working on %d: %s, %.1f s", self.cfg.address, msg.seq, msg.phase, msg.elapsed_ms / 1e3
+            )
+
+    def _overdue(self, read_timeout_s: float) -> str:
+        return (
+            f"{self._where()} is alive but did not answer within {read_timeout_s:g} s — is the server stuck "
+            "or overloaded? (its log shows what it is doing)"
+        )
+
+    def _roundtrip(self, msg: Message, read_timeout_s: float | None = None) -> tuple[Message, int, int]:
         sock = self._sock
         assert sock is not None
+        if self._chan is not None:
+            msg = self._chan.outgoing(msg)
         try:
-            sent = send_message(sock, msg)
+            sock.settimeout(self.cfg.liveness_timeout_s)  # a send that makes no progress this long: link down
+            sent = send_message(sock, msg, self._link)
         except TimeoutError:
             self.close()
-            raise ConnectFailed(f"sending to {self._where()} timed out") from None
+            raise ServerSilent(
+                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:g} s"
+            ) from None
         except OSError as e:
             self.close()
             raise ConnectFailed(f"connection to {self._where()} broke: {e}") from None
         try:
-            reply, got = self._recv(sock)
+            reply, got = self._await_reply(sock, self.cfg.read_timeout_s if read_timeout_s is None else read_timeout_s)
         except (ConnectFailed, RemoteProtocolError):
             self.close()
             raise
         return reply, sent, got
 
     def request(self, msg: Message, retry: bool = True) -> tuple[Message, int, int]:
-        """Send one request, reconnecting once if the connection had dropped."""
+        """Send one request, reconnecting once (at once) if the connection had dropped or went silent."""
         with self._lock:
             for attempt in (0, 1):
                 try:
@@ -343,16 +508,13 @@ class MeshClient:
             sock = self._sock
             if sock is None:
                 return
-            try:
-                sock.settimeout(min(self.cfg.read_timeout_s, self.cfg.handshake_timeout_s))
-                reply, _, _ = self._roundtrip(EndStream(gen=gen))  # closes the socket when the link failed
+            try:  # closes the socket when the link failed
+                reply, _, _ = self._roundtrip(
+                    EndStream(gen=gen), min(self.cfg.read_timeout_s, self.cfg.handshake_timeout_s)
+                )
             except (MeshError, OSError) as e:
                 log.info("ComfyUI-Mesh: could not tell %s the generation ended (%s)", self.cfg.address, e)
                 return
-            finally:
-                if self._sock is sock:
-                    with contextlib.suppress(OSError):
-                        sock.settimeout(self.cfg.read_timeout_s)
             if isinstance(reply, StreamEnded):
                 log.debug("ComfyUI-Mesh: %s released %d bytes of codec references", self.cfg.address, reply.released)
             else:
@@ -417,6 +579,8 @@ class MeshClient:
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
         enc = self._coder(coded, codec_name, codec_params, stream, stats)
+        if stats.codec["codec"] == "raw":
+            return self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
         return [enc(t, name) for name, t in coded.items()]
 
     def _coder(
@@ -436,8 +600,10 @@ class MeshClient:
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
-        sub = temporal.stream_state(self._codec_state, stream)
         name_ = codec_name
+        if name_ == "raw":  # stateless
+            return lambda t, name: codec.encode(t, name, "raw")
+        sub = temporal.stream_state(self._codec_state, stream)
 
         def enc(t: torch.Tensor, name: str) -> WireTensor:
             return codec.encode(t, name, name_, params, state=sub)
@@ -446,16 +612,22 @@ class MeshClient:
 
     # ------------------------------------------------------------------ streamed calls (§6.1)
     def _cuts(self, coded: dict[str, torch.Tensor]) -> dict[str, streaming.Cut]:
-        """How to stream ``coded``; {} when the call is too small to gain (it goes as one frame)."""
+        """How to stream ``coded``; {} when the call is too small to gain (it goes as one frame), and on
+        the same-host fast path (big tensors bypass the socket there)."""
         slab = self.cfg.stream_slab_bytes
-        if slab <= 0 or sum(t.numel() * t.element_size() for t in coded.values()) < self.cfg.stream_min_bytes:
+        if (
+            self._chan is not None
+            or slab <= 0
+            or sum(t.numel() * t.element_size() for t in coded.values()) < self.cfg.stream_min_bytes
+        ):
             return {}
         return streaming.plan(coded, slab)
 
     def _send_streamed(self, sock: socket.socket, msg: Forward, upload: _Upload) -> int:
         """Send the FORWARD, then its chunks, each coded while the previous one is written; bytes
         sent. A failure mid-way leaves the server half a request: the connection is closed."""
-        sender = _Sender(sock)
+        sock.settimeout(self.cfg.liveness_timeout_s)  # a send that makes no progress this long: link down
+        sender = _Sender(sock, self._link)
         try:
             if sender.put(msg):
                 for chunk in upload.chunks(msg.seq):
@@ -475,7 +647,8 @@ class MeshClient:
         stream), else ConnectFailed; the connection is closed either way."""
         try:
             sock.settimeout(1.0)
-            self._recv(sock)
+            while isinstance(self._recv(sock, self._link)[0], Progress):  # heartbeats before the error
+                pass
         except RemoteFailure:
             self.close()
             raise
@@ -483,7 +656,9 @@ class MeshClient:
             pass
         self.close()
         if isinstance(e, TimeoutError):
-            raise ConnectFailed(f"sending to {self._where()} timed out") from None
+            raise ServerSilent(
+                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:g} s"
+            ) from None
         raise ConnectFailed(f"connection to {self._where()} broke while sending: {e}") from None
 
     def _recv_result(
@@ -497,7 +672,13 @@ class MeshClient:
         """The reply to request ``seq`` (its first frame ``first`` when already read) and, when that
         RESULT names slabs, its RESULT_CHUNK frames, each decoded into place as it arrives (the next
         one is still on the wire); (the reply frame, bytes read, the slabbed tensors)."""
-        reply, got = first if first is not None else self._recv(sock)
+        read_timeout_s = self.cfg.read_timeout_s
+        deadline = time.monotonic() + read_timeout_s
+        try:
+            reply, got = first if first is not None else self._await_reply(sock, read_timeout_s)
+        except (ConnectFailed, RemoteProtocolError):
+            self.close()
+            raise
         if not isinstance(reply, Result):  # out of step with this request (a stray chunk, ...)
             self.close()
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
@@ -512,7 +693,7 @@ class MeshClient:
             dec_s = time.perf_counter() - t0
             part = 0
             while not asm.complete:
-                chunk, n = self._recv(sock)
+                chunk, n = self._await_reply(sock, read_timeout_s, deadline)  # skips PROGRESS, if any
                 got += n
                 if not isinstance(chunk, ResultChunk) or (chunk.seq, chunk.part) != (seq, part) or not chunk.tensors:
                     raise RemoteProtocolError(
@@ -522,7 +703,7 @@ class MeshClient:
                 t0 = time.perf_counter()
                 for wt in chunk.tensors:
                     asm.admit(wt)
-                    asm.put(wt.name, codec.decode(wt, device))
+                    asm.put(wt.name, self._decode(wt, device))
                 dec_s += time.perf_counter() - t0
             joined = asm.finish()
         except (ConnectFailed, RemoteProtocolError):
@@ -555,25 +736,31 @@ class MeshClient:
         self._reset_codec_state()
         return True
 
-    def _reconnect(self, e: ConnectFailed) -> bool:
-        if isinstance(e, ServerTimeout):  # the server may still be working on it: not retried
-            return False
-        log.info("ComfyUI-Mesh: connection to %s dropped, reconnecting", self.cfg.address)
-        return True  # the failed round trip closed the socket; the next try connects again
-
     _RECOVERY: ClassVar[dict[ErrorCode, Callable[[MeshClient, RemoteFailure], bool]]] = {
         ErrorCode.MISSING_CONSTS: _forget_sent_consts,
         ErrorCode.STREAM_RESET: _drop_codec_state,
         ErrorCode.CODEC_UNAVAILABLE: _force_zstd,
     }
-    FORWARD_TRIES = 3  # a dropped connection is retried on the first try only
+    REMOTE_RECOVERIES = 2  # error frames recovered from per call (a dropped connection: the retry budget)
 
-    def _recover(self, e: ConnectFailed | RemoteFailure, attempt: int) -> bool:
-        if isinstance(e, ConnectFailed):
-            return attempt == 0 and self._reconnect(e)
+    def _no_ipc(self, e: RemoteFailure) -> bool:
+        """The server could not open a CUDA IPC handle: CUDA tensors go through the segments."""
+        chan = self._chan
+        if chan is None or not chan.peer_gpus or samehost.IPC_FAILED not in e.message:
+            return False
+        log.warning("ComfyUI-Mesh: %s; sending CUDA tensors through shared host memory instead", e.message)
+        chan.peer_gpus.clear()
+        self._reset_codec_state()  # re-encode this call's tensors
+        return True
+
+    def _recover(self, e: RemoteFailure, recovered: int) -> bool:
+        if recovered >= self.REMOTE_RECOVERIES:
+            return False
+        if e.code == ErrorCode.BAD_REQUEST:
+            return self._no_ipc(e)
         code = ErrorCode.of(e.code)
         action = self._RECOVERY.get(code) if code is not None else None
-        return attempt < self.FORWARD_TRIES - 1 and action is not None and action(self, e)
+        return action is not None and action(self, e)
 
     def _send_forward(
         self, msg: Forward, stats: StepStats, upload: _Upload | None = None, device: torch.device | str = "cpu"
@@ -609,7 +796,7 @@ class MeshClient:
         for name, wt in tensor_map(reply.tensors).items():
             if name in out:
                 raise RemoteProtocolError(f"{self._where()} sent {name!r} twice (as slabs and whole)")
-            out[name] = codec.decode(wt, device)
+            out[name] = self._decode(wt, device)
         stats.decode_ms += (time.perf_counter() - t2) * 1e3
         return out
 
@@ -628,67 +815,93 @@ class MeshClient:
         stream: dict[str, Any] | None = None,
         device: torch.device | str = "cpu",
         on_encoded: Callable[[StepStats], None] | None = None,
+        on_status: StatusCallback | None = None,
     ) -> tuple[dict[str, torch.Tensor], StepStats]:
         """Run the back half: encode -> round trip -> decode. ``coded`` go through ``codec_name``;
         ``exact`` and ``consts`` raw.
 
-        Constants are sent once per connection (by content hash). A failed try is recovered by
-        ``_recover`` (resend the constants, resend keyframes, fall back to zstd, reconnect once)
-        and sent again, re-encoding the coded tensors whenever their codec state was reset.
+        Constants are sent once per connection (by content hash). A failed try is sent again:
+        after an error frame ``_recover`` adjusts (resend the constants, resend keyframes, fall back
+        to zstd); after a refused, dropped or silent connection the call reconnects with bounded
+        backoff until ``cfg.retry_budget_s`` is spent (``on_status`` hears "reconnecting"). A new
+        connection is a new server session: every constant (the LoRA set too) is resent, and the coded
+        tensors are re-encoded as keyframes whenever their codec state was reset. A FORWARD is a pure
+        function of its frame, so resending one the server may have run already is safe.
         """
         stats = StepStats()
         t0 = time.perf_counter()
-        tensors = [codec.encode(t, name, "raw") for name, t in exact.items()]
         const_keys, const_wire = {}, {}
         for name, t in consts.items():
             const_keys[name], const_wire[name] = self._hashed(t)
         const_data = {h: const_wire[n] for n, h in const_keys.items()}
         with self._lock:
             coded_wire: list[WireTensor] = []
+            tensors: list[WireTensor] = []
             upload: _Upload | None = None
             enc_gen = -1
-            for attempt in range(self.FORWARD_TRIES):
-                self.connect()  # coded tensors may depend on this connection's codec state
-                if enc_gen != self._codec_gen:  # first try, reconnected, or codec state reset
-                    cuts = self._cuts(coded)  # big tensors: coded slab by slab while they are sent
-                    if cuts:
-                        enc = self._coder(coded, codec_name, codec_params, stream, stats)
-                        upload = _Upload(coded, cuts, enc)
-                        coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
-                    else:
-                        upload = None
-                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                    enc_gen = self._codec_gen
-                    if attempt == 0:
-                        stats.encode_ms = (time.perf_counter() - t0) * 1e3
-                        if on_encoded:
-                            on_encoded(stats)
-                missing = [h for h in const_data if h not in self._sent_consts]
-                extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
-                msg = Forward(
-                    tensors=tuple(coded_wire + tensors + extra),
-                    seq=self._next_seq(),
-                    arch=arch,
-                    n_blocks=n_blocks,
-                    scalars=scalars,
-                    consts=const_keys,
-                    reply_codec=codec.by_name(reply_codec).wire_id,
-                    stream=stream or {},
-                    slabs=upload.spec() if upload is not None else {},
-                    reply_slab_bytes=self.cfg.stream_slab_bytes,
-                )
+            retry = _Retry(self.cfg, self._where(), on_status)
+            recovered = 0
+            enc_chan: Any = False  # the fast path the tensors were encoded for (CUDA IPC handles are per connection)
+            while True:
                 try:
+                    self.connect()  # coded tensors may depend on this connection's codec state
+                    # First try, reconnected, codec state reset, or another fast path (CUDA IPC handles
+                    # are per connection): encode again.
+                    if enc_gen != self._codec_gen or enc_chan is not self._chan:
+                        if self._chan is not None:
+                            self._chan.release()  # the server answered: it is done with what it was lent
+                        tensors = self._encode_raw(exact)
+                        cuts = self._cuts(coded)  # big tensors over TCP: coded slab by slab while they are sent
+                        if cuts:
+                            enc = self._coder(coded, codec_name, codec_params, stream, stats)
+                            upload = _Upload(coded, cuts, enc)
+                            coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
+                        else:
+                            upload = None
+                            coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                        if enc_gen == -1:
+                            stats.encode_ms = (time.perf_counter() - t0) * 1e3
+                            if on_encoded:
+                                on_encoded(stats)
+                        enc_gen, enc_chan = self._codec_gen, self._chan
+                    missing = [h for h in const_data if h not in self._sent_consts]
+                    extra = [dataclasses.replace(const_data[h], name="const:" + h) for h in missing]
+                    msg = Forward(
+                        tensors=tuple(coded_wire + tensors + extra),
+                        seq=self._next_seq(),
+                        arch=arch,
+                        n_blocks=n_blocks,
+                        scalars=scalars,
+                        consts=const_keys,
+                        reply_codec=codec.by_name(reply_codec).wire_id,
+                        stream=stream or {},
+                        slabs=upload.spec() if upload is not None else {},
+                        # the same-host fast path carries a big reply past the socket: no streamed reply then
+                        reply_slab_bytes=self.cfg.stream_slab_bytes if self._chan is None else 0,
+                    )
                     reply, joined = self._send_forward(msg, stats, upload, device)
-                except (ConnectFailed, RemoteFailure) as e:
-                    if not self._recover(e, attempt):
+                except ServerTimeout:  # alive and still working on it: a resend would queue behind it
+                    raise
+                except ConnectFailed as e:  # refused, dropped, silent: the next try connects again
+                    retry.failed(e)
+                    continue
+                except RemoteFailure as e:
+                    if e.code == ErrorCode.BUSY and e.detail.get("transient") is True:
+                        retry.failed(e)  # a server-wide memory budget held by other clients: wait, resend
+                        continue
+                    if not self._recover(e, recovered):
                         raise
+                    recovered += 1
                     continue
                 stats.consts_sent = len(extra)
                 self._sent_consts.update(missing)
+                stats.via = "samehost" if self._chan is not None else "tcp"
+                retry.succeeded()
                 break
-        if upload is not None:
-            stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
-        return self._decode_result(reply, stats, device, joined), stats
+            if upload is not None:
+                stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
+            # Under the lock: a reply in the server's segment is overwritten by the next request's.
+            return self._decode_result(reply, stats, device, joined), stats
 
 
 # ---------------------------------------------------------------------------- pool
@@ -733,3 +946,4 @@ __all__ = [
 _LINKS: dict[tuple[str, int], codec_auto.LinkInfo] = {}  # host:port -> the last measurement
 _LINKS_LOCK = threading.Lock()
 _AUTO_LAST: dict[str, tuple[str, str]] = {}  # address -> the auto codec's last choice (logged on change)
+_SAMEHOST_LAST: dict[str, str] = {}  # address -> why the last connection stayed on TCP ("": it did not)

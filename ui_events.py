@@ -1,7 +1,8 @@
 """Websocket events of the Icarus node UI (``web/mesh.js``), sent during a run.
 
 ``mesh-banner`` ``{node_id, level, text}``: a line under the node (ok, info, warn, error).
-``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``: after every remote step.
+``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``: after every remote step, or
+``{node_id, status}`` while a remote call is held up (``status``: e.g. "reconnecting to host:port…").
 
 They go through ComfyUI's running ``PromptServer`` (looked up, never imported: outside a
 running ComfyUI every send is a silent no-op). No aiohttp, no sockets; the HTTP routes
@@ -59,5 +60,17 @@ def step_reporter(node_id: Any, codec_name: str) -> Callable[[int, Any], None]:
                 "server_forward_ms": round(float(s.get("forward", 0.0)), 2),
             },
         )
+
+    return report
+
+
+def status_reporter(node_id: Any) -> Callable[[str, str], None]:
+    """A callback(level, text) for a remote call held up or recovered (``MeshClient.forward``'s
+    ``on_status``): the node's banner shows ``text`` and its stats line the state ("reconnecting…")."""
+
+    def report(level: str, text: str) -> None:
+        send_banner(node_id, level, text)
+        if level == "warn":
+            _send("mesh-stats", {"node_id": str(node_id), "status": text.split(" (", 1)[0]})
 
     return report

@@ -44,12 +44,19 @@ LIMITS = (
      "connections still in the handshake from one source address"),
     ("--handshake-timeout", "handshake_timeout_s", "SECONDS", "the whole handshake must end this long after connect"),
     ("--idle-timeout", "idle_timeout_s", "SECONDS", "drop an authenticated client silent this long"),
+    ("--heartbeat", "heartbeat_interval_s", "SECONDS",
+     "while serving a request, send the client a PROGRESS frame this often (its sign of life)"),
+    ("--samehost-max-mb", "samehost_max_bytes", "MB",
+     "shared memory one same-host connection may take per direction (bigger messages go over TCP)"),
 )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m comfyui_mesh.server", description="Daedalus: ComfyUI-Mesh back-half server"
+        prog="python -m comfyui_mesh.server",
+        description="Daedalus: ComfyUI-Mesh back-half server",
+        epilog="named tokens (per person or machine, with limits): python -m comfyui_mesh.server tokens "
+        "add NAME | revoke NAME | list (see its --help); a running server picks the changes up",
     )
     p.add_argument("--weights", help="model checkpoint (.safetensors), the same file the ComfyUI loader uses")
     p.add_argument("--n-blocks", type=int, default=4, help="blocks to serve, counted from the end of the model")
@@ -59,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     p.add_argument("--comfyui", default="", help="ComfyUI checkout (default: $COMFYUI_PATH or a sibling folder)")
     p.add_argument("--no-auth", action="store_true", help="accept clients without a token (trusted networks only)")
+    p.add_argument(
+        "--no-encrypt",
+        action="store_true",
+        help="authenticate but do not encrypt frames (trusted same-host pairs: clients accept it on loopback only, "
+        "or with COMFYUI_MESH_ALLOW_UNENCRYPTED=1)",
+    )
     p.add_argument("--state-dir", default="", help="folder for the token and settings")
     p.add_argument("--regenerate-token", action="store_true", help="make a new token (old clients must update)")
     p.add_argument(
@@ -85,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse nvCOMP ANS payloads (clients re-send with zstd): nvCOMP does not validate its "
         "bitstreams, so only trusted clients should send them",
     )
+    p.add_argument(
+        "--no-samehost",
+        action="store_true",
+        help="never offer the same-host fast path (clients on this host then send over TCP too)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     return p
 
@@ -99,10 +117,12 @@ def config_from_args(a: argparse.Namespace) -> ServerConfig:
         dtype=a.dtype,
         comfyui_path=a.comfyui,
         auth=not a.no_auth,
+        encrypt=not a.no_encrypt,
         state_dir=a.state_dir,
         **{name: getattr(a, name) << 20 if name.endswith("_bytes") else getattr(a, name) for _, name, _, _ in LIMITS},
         loras=tuple(_lora_arg(s) for s in a.lora),
         gpu_entropy=not a.no_gpu_entropy,
+        samehost=not a.no_samehost,
     )
 
 
@@ -133,6 +153,15 @@ def make_factory(cfg: ServerConfig, toy: bool):
 
 def main(argv: list[str] | None = None) -> int:
     _guard_sys_path()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["tokens"]:  # named tokens: python -m comfyui_mesh.server tokens add|revoke|list
+        from .tokens import cli
+
+        try:
+            return cli(argv[1:])
+        except MeshError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     a = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if a.verbose else logging.INFO,
@@ -159,13 +188,22 @@ def main(argv: list[str] | None = None) -> int:
         from .core import DaedalusServer, ServerState
 
         log.info("ComfyUI-Mesh %s: loading the back half...", PACKAGE_VERSION)
-        state = ServerState(cfg, make_factory(cfg, a.toy), token)
+        server_id = auth.load_or_create_server_id(cfg.server_id_path) if cfg.auth else None
+        if server_id:
+            log.info("server id %s (clients pin it for this address)", server_id)
+        if cfg.auth and not cfg.encrypt:
+            log.warning("encryption is OFF (--no-encrypt): frames cross the network in the clear")
+        from .tokens import NamedTokens
+
+        named = NamedTokens(cfg.state_path) if cfg.auth else None
+        state = ServerState(cfg, make_factory(cfg, a.toy), token, server_id=server_id, named=named)
         server = DaedalusServer(state)
         host, port = server.start()
         b = state.backend
         print(
             f"[daedalus] READY listening on {host}:{port} | {b.arch} {b.model_name} | last {b.n_blocks} of "
-            f"{b.n_blocks_max} blocks on {b.device} | auth {'on' if token else 'OFF'}",
+            f"{b.n_blocks_max} blocks on {b.device} | auth {'on' if token else 'OFF'}"
+            f"{', encrypted' if token and cfg.encrypt else ''}",
             flush=True,
         )
         signal.signal(signal.SIGTERM, lambda *_: server._stop.set())

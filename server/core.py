@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import codec, hostmem, streaming
+from .. import auth, codec, hostmem, samehost, streaming
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -35,6 +35,7 @@ from ..constants import (
     PRE_AUTH_MAX_BODY,
     PRE_AUTH_MAX_HEADER,
     STATUS_CLIENT_NAME,
+    TOKEN_RELOAD_S,
 )
 from ..errors import BackendUnavailable, LocalError, MeshError, OverBudget, RemoteProtocolError, StreamStateError
 from ..handshake import ServerHandshake
@@ -51,6 +52,7 @@ from ..protocol import (
     Message,
     Ping,
     Pong,
+    Progress,
     Reconfigure,
     Reconfigured,
     Result,
@@ -59,10 +61,13 @@ from ..protocol import (
     WireTensor,
     content_hash,
 )
+from ..securelink import SecureLink
 from ..wirecodecs import temporal
 from ..wirecodecs.base import itemsize, numel, torch_dtype
+from . import tokens
 from .budget import Budget, Budgets, SizedLRU
 from .ratelog import RateLimitedLog
+from .tokens import NamedTokens
 
 log = logging.getLogger("daedalus")
 
@@ -93,10 +98,18 @@ class ServerStats:
     last_step: dict[str, Any] = field(default_factory=dict)
     errors: int = 0
     codec_state_bytes: int = 0  # temporal codec references held by all open connections
+    samehost_sessions: int = 0  # sessions opened on the same-host fast path (samehost.py)
+    samehost_bytes_in: int = 0  # payload bytes received / sent through shared memory or CUDA IPC
+    samehost_bytes_out: int = 0
 
 
 class ServerState:
-    """What every connection shares: config, token, backend, GPU lock, stats."""
+    """What every connection shares: config, tokens, identity, backend, GPU lock, stats.
+
+    ``server_id``: the persistent identity the CLI and the window keep in the state folder
+    (``auth.load_or_create_server_id``); None makes one for this process (tests, demos).
+    ``named``: the state folder's named tokens (``server.tokens``), accepted beside ``token`` (the
+    "default" one) and reloaded by ``reload_tokens``; None: the default token only."""
 
     def __init__(
         self,
@@ -104,12 +117,14 @@ class ServerState:
         factory: BackendFactory,
         token: str | None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
+        server_id: str | None = None,
+        named: NamedTokens | None = None,
     ):
         if cfg.auth and not token:
             raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
         self.cfg = cfg
         self.factory = factory
-        self.token = token if cfg.auth else None
+        self.server_id = server_id or auth.new_server_id()
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
         self._stats_lock = threading.Lock()
@@ -126,19 +141,103 @@ class ServerState:
                 "--max-codec-state-total-mb",
             ),
         )
+        self.named = named if cfg.auth else None
+        self.keyring: auth.Keyring | None = None
+        self._default_token = token
+        self._named_entries: list[auth.TokenEntry] = []
+        self._named_sig: object = "unread"
+        self._sessions: set[Session] = set()  # admitted (authenticated, holding a client slot)
+        self.reload_tokens()
         self.backend: Backend = factory(cfg.n_blocks)
+        # The same-host proof's secret while a DaedalusServer listens (samehost.HostSecret).
+        self.host_secret: samehost.HostSecret | None = None
 
-    def admit(self) -> bool:
-        """An authenticated session takes one of ``cfg.max_clients`` slots; False when none is free."""
+    def open_samehost(self) -> None:
+        """Create the host secret clients on this host prove they can read (once; cfg.samehost)."""
+        if not self.cfg.samehost or self.host_secret is not None:
+            return
+        try:
+            self.host_secret = samehost.HostSecret()
+        except OSError as e:  # no POSIX shared memory here (a locked-down container)
+            log.warning("same-host fast path off: cannot create shared memory (%s)", e)
+
+    def close_samehost(self) -> None:
+        secret, self.host_secret = self.host_secret, None
+        if secret is not None:
+            secret.close()
+
+    def set_token(self, token: str | None) -> None:
+        """A new default token (the window's Regenerate…): new connections need it at once, and the
+        sessions that proved the old one are closed."""
+        self._default_token = token
+        self._swap_keyring()
+
+    def reload_tokens(self) -> bool:
+        """Re-read the named tokens if their file changed (the CLI or the window edited it); sessions of
+        a revoked token are closed. False when nothing changed or the file cannot be read (the tokens
+        in use stay, one warning is logged)."""
+        if self.named is None:
+            if self.keyring is None:
+                self._swap_keyring()
+            return False
+        sig = self.named.signature()
+        if sig == self._named_sig:
+            return False
+        self._named_sig = sig
+        try:
+            self._named_entries = self.named.read()
+        except LocalError as e:
+            log.warning("%s (the tokens loaded before stay in use)", e)
+            return False
+        self._swap_keyring()
+        return True
+
+    def _swap_keyring(self) -> None:
+        ring = tokens.keyring(self._default_token, self._named_entries) if self.cfg.auth else None
         with self._stats_lock:
-            if self.stats.clients >= self.cfg.max_clients:
-                return False
-            self.stats.clients += 1
-            return True
+            self.keyring = ring
+            gone = [s for s in self._sessions if not self._holds(s)]
+        if ring is not None:
+            log.info("tokens: %s", ", ".join(e.name for e in ring.entries()))
+            self.emit(kind="tokens", names=[e.name for e in ring.entries()])
+        for s in gone:
+            log.info("%s: token '%s' was revoked or replaced: closing its session", s.peer, s.token_name)
+            s.kick()
 
-    def leave(self) -> None:
+    def _holds(self, session: Session) -> bool:
+        """Under ``_stats_lock``: the token ``session`` proved is still one this server accepts."""
+        e = session.handshake.entry
+        if e is None or self.keyring is None:
+            return e is None and self.keyring is None
+        now = self.keyring.lookup(auth.key_id(e.token))
+        return now is not None and now.name == e.name
+
+    def admit(self, session: Session) -> Error | None:
+        """An authenticated session takes one of ``cfg.max_clients`` slots (and, with a token limited to
+        ``max_sessions``, one of its own; status probes do not count there); the refusal otherwise."""
+        e = session.handshake.entry
+        with self._stats_lock:
+            if not self._holds(session):
+                return _err(ErrorCode.AUTH_FAILED, "token revoked")
+            n = self.cfg.max_clients
+            if self.stats.clients >= n:
+                return _err(ErrorCode.BUSY, f"server has {n} clients, the limit")
+            if e is not None and e.max_sessions and not session.status_probe:
+                mine = sum(1 for s in self._sessions if s.token_name == e.name and not s.status_probe)
+                if mine >= e.max_sessions:
+                    return _err(
+                        ErrorCode.BUSY,
+                        f"token '{e.name}' has {mine} sessions open, its limit (the server's operator sets it: "
+                        "tokens add --max-sessions)",
+                    )
+            self.stats.clients += 1
+            self._sessions.add(session)
+            return None
+
+    def leave(self, session: Session) -> None:
         with self._stats_lock:
             self.stats.clients -= 1
+            self._sessions.discard(session)
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:
@@ -239,13 +338,24 @@ class Session:
         self.closed = False
         self.status_probe = False  # the client is a node's status light (STATUS_CLIENT_NAME)
         self.admitted = False  # authenticated and holding one of the server's client slots
-        self.handshake = ServerHandshake(state.token, self._offer)
+        self.handshake = ServerHandshake(
+            state.keyring,
+            self._offer,
+            server_id=state.server_id,
+            encrypt=state.cfg.encrypt,
+            samehost=state.host_secret,
+        )
+        self.chan: samehost.Channel | None = None  # the same-host fast path, once proved
+        self._shm_counted = (0, 0)  # chan.bytes_in / bytes_out already added to the server's stats
         self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
         self._inbound: _Inbound | None = None  # a streamed request being received
         self._outbound: Iterator[Message] | None = None  # a streamed reply, coded as it is sent
         self.linger = False  # closing after a broken stream: drain the peer's bytes after the last reply
+        # Ends the connection from another thread (its token was revoked); the server sets it.
+        self.kick: Callable[[], None] = lambda: None
+        self.step_phase = ""  # what the request being served is doing (PROGRESS.phase): decode, queued, ...
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
@@ -253,9 +363,16 @@ class Session:
         dev = self.state.backend.device
         # The current CUDA device is per thread: make it the backend's in this connection thread.
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        chan = self.chan
+        if chan is not None:
+            chan.release()  # the client's next message: it has copied what the last reply lent it
         try:
             with on_device:
-                return self._handle(msg, bytes_in)
+                replies = self._handle(msg, bytes_in)
+            if chan is not None:
+                replies = [chan.outgoing(r) for r in replies]
+                self._count_samehost()
+            return replies
         except Exception as e:
             err = self._failure(e)
             return [err, *self._abandon(msg)]
@@ -281,6 +398,17 @@ class Session:
         out, self._outbound = self._outbound, None
         return out if out is not None else iter(())
 
+    @property
+    def link(self) -> SecureLink | None:
+        """The keys every frame after WELCOME is sealed with (None: not encrypted)."""
+        return self.handshake.link
+
+    @property
+    def token_name(self) -> str:
+        """The name of the token the client proved ("" without auth)."""
+        e = self.handshake.entry
+        return e.name if e is not None else ""
+
     def release(self) -> None:
         """The connection closed: its codec references, constants and client slot go back to the server."""
         self._drop_inbound()
@@ -288,9 +416,12 @@ class Session:
         self.codec_state.clear()
         self._account_codec_state()
         self.consts.clear()
+        if self.chan is not None:
+            self.chan.close()
+            self.chan = None
         if self.admitted:
             self.admitted = False
-            self.state.leave()
+            self.state.leave(self)
 
     def broken_frame(self, e: RemoteProtocolError) -> Error:
         """The decoder failed on the peer's bytes: the error frame to send before closing. An AUTH
@@ -325,23 +456,67 @@ class Session:
             self.state.peer_log.warning("%s: bad handshake frame, closing: %s", self.peer, type(e).__name__)
             return [_err(ErrorCode.BAD_REQUEST, f"bad handshake frame ({type(e).__name__})")]
         self.closed = hs.closed
+        if hs.phase == "auth" and hs.unknown_key and hs.hello is not None and hs.hello.key_id:
+            self._auth_failed(f"unknown token (key id {hs.hello.key_id[:16]!r})")
         if hs.auth_failed:
             self._auth_failed(replies[0].message if replies and isinstance(replies[0], Error) else "wrong token")
         elif hs.ready:
-            if not self.state.admit():
-                self.closed = True
-                n = self.state.cfg.max_clients
-                self.state.peer_log.warning("%s: authenticated, but %d clients are connected (the limit)", self.peer, n)
-                return [_err(ErrorCode.BUSY, f"server has {n} clients, the limit")]
-            self.admitted = True
             name = hs.hello.client_name if hs.hello else "?"
             self.status_probe = name == STATUS_CLIENT_NAME
+            refused = self.state.admit(self)
+            if refused is not None:
+                self.closed = True
+                self.state.peer_log.warning("%s: authenticated, but refused: %s", self.peer, refused.message)
+                return [refused]
+            self.admitted = True
+            token = f" (token '{self.token_name}')" if self.token_name else ""
+            self._open_samehost()
             if self.status_probe:  # a node's status light checking its token: not a client session
-                log.debug("%s: status probe authenticated", self.peer)
+                log.debug("%s: status probe authenticated%s", self.peer, token)
             else:
-                log.info("%s: client '%s' connected", self.peer, name)
-                self.state.emit(kind="client", peer=self.peer, connected=True)
+                log.info("%s: client '%s' connected%s", self.peer, name, token)
+                self.state.emit(kind="client", peer=self.peer, connected=True, token=self.token_name)
         return replies
+
+    def _open_samehost(self) -> None:
+        """The session is open: its same-host channel, or the logged reason it stays on TCP."""
+        hs = self.handshake
+        secret = self.state.host_secret
+        if secret is None or hs.hello is None:
+            return
+        say = log.debug if self.status_probe else log.info
+        if not hs.samehost:
+            say("%s: over TCP: %s", self.peer, hs.samehost_reason)
+            return
+        cfg = self.state.cfg
+        self.chan = samehost.Channel(
+            secret.secret,
+            hs.hello.nonce,
+            hs.nonce,
+            "s",
+            hs.samehost_gpus,
+            cfg.samehost_max_bytes,
+            pin=self.state.backend.device.type == "cuda",
+        )
+        with self.state._stats_lock:
+            self.state.stats.samehost_sessions += 1
+        say("%s: on this host: seam tensors go through shared memory", self.peer)
+
+    def _count_samehost(self) -> None:
+        chan = self.chan
+        assert chan is not None
+        with self.state._stats_lock:
+            self.state.stats.samehost_bytes_in += chan.bytes_in - self._shm_counted[0]
+            self.state.stats.samehost_bytes_out += chan.bytes_out - self._shm_counted[1]
+        self._shm_counted = (chan.bytes_in, chan.bytes_out)
+
+    def _wire(self, wt: WireTensor, device: torch.device, state: dict[Any, Any] | None = None) -> torch.Tensor:
+        """Decode one received tensor, wherever its bytes are."""
+        if self.chan is not None:
+            return self.chan.decode(wt, device, state)
+        if "shm" in wt.meta or "cuda" in wt.meta:
+            raise RemoteProtocolError(f"tensor {wt.name!r} is in shared memory, but this session is not same-host")
+        return codec.decode(wt, device, state=state)
 
     def _account_codec_state(self) -> int:
         """Bring ``stats.codec_state_bytes`` and the server-wide budget up to date with this
@@ -388,6 +563,19 @@ class Session:
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
             return [Pong(seq=msg.seq, tensors=tensors)]
         if isinstance(msg, Reconfigure):
+            entry = self.handshake.entry
+            if entry is not None and not entry.may_reconfigure:
+                b = self.state.backend
+                self.state.peer_log.warning("%s: token '%s' may not reconfigure; refused", self.peer, entry.name)
+                return [
+                    _err(
+                        ErrorCode.NOT_ALLOWED,
+                        f"token '{entry.name}' may not reconfigure this server (it holds the last {b.n_blocks} "
+                        f"blocks of {b.model_name}): set n_blocks_remote to {b.n_blocks}, or ask the server's "
+                        "operator to allow it (a token made with tokens add --may-reconfigure)",
+                        n_blocks=b.n_blocks,
+                    )
+                ]
             try:
                 b, no_op = self.state.reconfigure(msg.n_blocks)
             except LocalError as e:
@@ -466,6 +654,7 @@ class Session:
             if ib.asm.complete:
                 self._inbound = None
             return []
+        self.step_phase = "decode"
         t0 = time.perf_counter()
         for wt in msg.tensors:
             try:
@@ -523,6 +712,7 @@ class Session:
         if mismatch:
             return mismatch
         codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
+        self.step_phase = "decode"
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
         decoded = asm.nbytes if asm is not None else 0
@@ -576,7 +766,7 @@ class Session:
                         "send zstd-coded payloads",
                         "ans",
                     )
-                tensors[name] = codec.decode(wt, device, state=sub)
+                tensors[name] = self._wire(wt, device, sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
             return _err(ErrorCode.STREAM_RESET, str(e))
@@ -610,7 +800,9 @@ class Session:
                 h = name[6:]
                 known = self.consts.get(h)
                 if known is None:
-                    if wt.codec != 0 or content_hash(wt) != h:
+                    if self.chan is not None:
+                        wt = self.chan.resolve(wt)
+                    if wt.codec != 0 or "cuda" in wt.meta or content_hash(wt) != h:
                         raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
                     known = codec.decode(wt, b.device)
                     self.consts.put(h, known)
@@ -645,7 +837,9 @@ class Session:
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
         decode_ms += (time.perf_counter() - t_dec) * 1e3
+        self.step_phase = "queued"
         with st.gpu_lock:
+            self.step_phase = "forward"
             b = st.backend
             mismatch = self._mismatch(msg, b)  # another client may have reconfigured meanwhile
             if mismatch:
@@ -656,13 +850,16 @@ class Session:
             if b.device.type == "cuda":
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
+        self.step_phase = "encode"
         timings = {"decode": decode_ms, "forward": (t2 - t1) * 1e3}
-        if msg.reply_slab_bytes > 0:
+        # A streamed reply over TCP only: on the same-host fast path the big tensors bypass the socket.
+        if msg.reply_slab_bytes > 0 and self.chan is None:
             cuts = streaming.plan(out, max(msg.reply_slab_bytes, MIN_STREAM_SLAB_BYTES))
             if cuts:
                 self._outbound = self._stream_reply(msg, bytes_in, out, cuts, timings)
                 return None
-        reply = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+        chan = self.chan if msg.reply_codec == 0 else None
+        reply = tuple((chan and chan.ipc_wire(v, k)) or codec.encode(v, k, msg.reply_codec) for k, v in out.items())
         timings["encode"] = (time.perf_counter() - t2) * 1e3
         return self._step_done(msg, bytes_in, sum(w.nbytes for w in reply), timings, reply)
 
@@ -718,11 +915,18 @@ class Session:
         st.stats.steps += 1
         st.stats.bytes_in += bytes_in
         st.stats.bytes_out += bytes_out
-        st.stats.last_step = {"peer": self.peer, "bytes_in": bytes_in, "bytes_out": bytes_out, **timings}
+        st.stats.last_step = {
+            "peer": self.peer,
+            "token": self.token_name,
+            "bytes_in": bytes_in,
+            "bytes_out": bytes_out,
+            **timings,
+        }
         log.info(
-            "step %d %s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
+            "step %d %s%s: in %.2f MB out %.2f MB | decode %.1f ms forward %.1f ms encode %.1f ms",
             msg.seq,
             self.peer,
+            f" [{self.token_name}]" if self.token_name else "",
             bytes_in / 1e6,
             bytes_out / 1e6,
             timings["decode"],
@@ -731,6 +935,56 @@ class Session:
         )
         st.emit(kind="step", **st.stats.last_step)
         return Result(seq=msg.seq, timings=timings, tensors=reply, slabs=slabs or {})
+
+
+class Heartbeat:
+    """While one request is served (queued for the GPU, decoding, forward, encoding): a PROGRESS frame
+    every ``interval`` seconds from a second thread, so the client tells a slow step from a dead server.
+    Frames go out whole under ``send_lock`` (the connection thread sends its replies under it too), and
+    none is sent once the block is left: the reply always comes after the last heartbeat."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        send_lock: threading.Lock,
+        session: Session,
+        msg: Message,
+        interval: float,
+        link: SecureLink | None = None,
+    ):
+        self.conn = conn
+        self.link = link
+        self.send_lock = send_lock
+        self.session = session
+        self.seq = int(getattr(msg, "seq", 0) or 0)
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"daedalus-heartbeat-{session.peer}", daemon=True)
+        self._t0 = time.monotonic()
+
+    def __enter__(self) -> Heartbeat:
+        self.session.step_phase = ""
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self.send_lock:  # a heartbeat being written finishes first; none starts after this
+            self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            with self.send_lock:
+                if self._stop.is_set():
+                    return
+                beat = Progress(
+                    seq=self.seq,
+                    phase=self.session.step_phase,
+                    elapsed_ms=round((time.monotonic() - self._t0) * 1e3, 1),
+                )
+                try:
+                    send_message(self.conn, beat, self.link)
+                except (MeshError, OSError):
+                    return  # the link is gone: the reply's send will notice and close
 
 
 def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_S) -> None:
@@ -751,11 +1005,11 @@ def _linger(conn: socket.socket, limit: int = 4 << 20, within_s: float = LINGER_
         drained += len(chunk)
 
 
-def _send_last(conn: socket.socket, msg: Message) -> None:
+def _send_last(conn: socket.socket, msg: Message, link: SecureLink | None = None) -> None:
     """Best effort: one error frame to a peer that may not be reading, then close politely."""
     try:
         conn.settimeout(LINGER_S)
-        send_message(conn, msg)
+        send_message(conn, msg, link)
         _linger(conn)
     except (MeshError, OSError):
         pass
@@ -801,9 +1055,19 @@ class DaedalusServer:
             ) from e
         self._sock = s
         self.address = s.getsockname()[:2]
+        self.state.open_samehost()
         self._accept_thread = threading.Thread(target=self._accept_loop, name="daedalus-accept", daemon=True)
         self._accept_thread.start()
+        if self.state.named is not None:  # the CLI or the window may add or revoke tokens while it runs
+            threading.Thread(target=self._watch_tokens, name="daedalus-tokens", daemon=True).start()
         return self.address
+
+    def _watch_tokens(self) -> None:
+        while not self._stop.wait(TOKEN_RELOAD_S):
+            try:
+                self.state.reload_tokens()
+            except Exception:  # never let the watcher die silently: the next change would go unnoticed
+                log.exception("reloading the named tokens failed")
 
     def serve_forever(self) -> None:
         if self._sock is None:
@@ -827,9 +1091,11 @@ class DaedalusServer:
             except OSError:
                 pass
         for t in list(self._threads):
-            t.join(timeout=5)
+            if t.is_alive():  # one accepted this instant may not have started yet (it sees _stop and ends)
+                t.join(timeout=5)
         if self._accept_thread is not None and self._accept_thread is not threading.current_thread():
             self._accept_thread.join(timeout=5)
+        self.state.close_samehost()
         self.state.peer_log.flush()
 
     def _accept_loop(self) -> None:
@@ -867,10 +1133,11 @@ class DaedalusServer:
         self._evicted.add(victim)
         return victim
 
-    def _push_out(self, conn: socket.socket) -> None:
-        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes."""
+    def _push_out(self, conn: socket.socket, how: int = socket.SHUT_RD) -> None:
+        """Wake the connection's thread (its recv sees EOF); it answers ``busy`` and closes (with
+        SHUT_RDWR, a revoked token's session, it just closes)."""
         try:
-            conn.shutdown(socket.SHUT_RD)
+            conn.shutdown(how)
         except OSError:
             pass
 
@@ -884,23 +1151,26 @@ class DaedalusServer:
         st = self.state
         cfg = st.cfg
         session = Session(st, peer)
+        session.kick = lambda: self._push_out(conn, socket.SHUT_RDWR)
         # Until the client has authenticated: small frames only, and one deadline for the whole handshake.
         # Big frames land in memory the OS commits as their bytes arrive (hostmem.lazy_buffer): a
         # prefix that declares a 3 GiB body allocates nothing up front and stalls no one.
         dec = FrameDecoder(max_body=PRE_AUTH_MAX_BODY, max_header=PRE_AUTH_MAX_HEADER, body_alloc=hostmem.lazy_buffer)
         deadline: float | None = time.monotonic() + cfg.handshake_timeout_s
+        link: SecureLink | None = None  # after WELCOME: every frame sealed (securelink)
+        send_lock = threading.Lock()  # whole frames: replies here, PROGRESS from the heartbeat thread
         try:
             tune_socket(conn)
             while not session.closed and not self._stop.is_set():
                 try:
-                    msg, n = recv_message(conn, dec, deadline)
+                    msg, n = recv_message(conn, dec, deadline, link)
                 except RemoteProtocolError as e:
-                    _send_last(conn, session.broken_frame(e))
+                    _send_last(conn, session.broken_frame(e), link)
                     break
                 except OverBudget as e:  # a frame the server-wide budget has no room for: refused unread
                     st.stats.errors += 1
                     st.peer_log.warning("%s: refused a frame: %s", peer, e)
-                    _send_last(conn, _err(ErrorCode.BUSY, str(e), transient=e.transient))
+                    _send_last(conn, _err(ErrorCode.BUSY, str(e), transient=e.transient), link)
                     break
                 except TimeoutError:
                     if deadline is not None:
@@ -920,7 +1190,11 @@ class DaedalusServer:
                         _send_last(conn, _err(ErrorCode.BUSY, "too many unauthenticated connections; try again"))
                     break
                 was_ready = session.phase == "ready"
-                replies = session.handle(msg, n)
+                if was_ready:
+                    with Heartbeat(conn, send_lock, session, msg, cfg.heartbeat_interval_s, link):
+                        replies = session.handle(msg, n)
+                else:
+                    replies = session.handle(msg, n)
                 if not was_ready and session.admitted:
                     if not self._authenticated(conn):
                         break  # pushed out just as it authenticated: its client reconnects
@@ -935,7 +1209,8 @@ class DaedalusServer:
                 # A streamed reply's frames are coded one by one as they are sent (take_outbound).
                 for reply in itertools.chain(replies, session.take_outbound()):
                     try:
-                        send_message(conn, reply)
+                        with send_lock:
+                            send_message(conn, reply, link)
                     except (MeshError, OSError) as e:
                         st.peer_log.warning("%s: cannot send reply: %s", peer, e)
                         session.closed = True
@@ -944,6 +1219,8 @@ class DaedalusServer:
                 if session.linger:  # a broken stream: let the peer read the error before the close
                     with contextlib.suppress(OSError):
                         _linger(conn)
+                if link is None and session.admitted:  # WELCOME went out in the clear; all else is sealed
+                    link = session.link
         finally:
             admitted = session.admitted
             session.release()

@@ -38,6 +38,7 @@ from .gui_runner import (
     inspect_checkpoint,
     list_devices,
 )
+from .tokens import NamedTokens, describe
 
 NO_TK = (
     "the Daedalus window needs Tk, which this Python lacks: install it (Debian/Ubuntu: sudo apt-get "
@@ -46,7 +47,7 @@ NO_TK = (
 )
 try:
     import tkinter as tk
-    from tkinter import filedialog, messagebox, scrolledtext, ttk
+    from tkinter import filedialog, messagebox, scrolledtext, simpledialog, ttk
 except ImportError:
     if __name__ == "__main__":
         sys.exit(f"ComfyUI-Mesh: {NO_TK}")
@@ -59,7 +60,9 @@ MAX_LOG_LINES = 2000
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 BINDS = ("127.0.0.1", "0.0.0.0")
 # settings shown by a widget variable of the same name (the LoRA rows are handled on their own)
-SETTING_VARS = ("weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth", "gpu_entropy")
+SETTING_VARS = (
+    "weights", "n_blocks", "port", "bind", "device", "dtype", "comfyui_path", "auth", "encrypt", "gpu_entropy"
+)  # fmt: skip
 COLORS = {"stopped": "#8a8f98", "starting": "#e0a030", "running": "#2fa84f", "stopping": "#e0a030", "error": "#d64545"}
 
 
@@ -77,7 +80,7 @@ class App:
             self.settings.device = "cpu"
         self.running_settings: GuiSettings | None = None
         self.model_info: ModelInfo | None = None
-        self.peers: set[str] = set()
+        self.peers: dict[str, str] = {}  # peer -> the name of the token it proved
         self.steps = 0
         self.bytes_in = self.bytes_out = 0
         self.auth_failures = 0
@@ -115,7 +118,7 @@ class App:
         v.update({name: tk.StringVar() for name in str_vars})
         v.update(n_blocks=tk.IntVar(value=4), port=tk.IntVar(value=DEFAULT_PORT))
         v.update(auth=tk.BooleanVar(value=True), show_token=tk.BooleanVar(value=False))
-        v.update(gpu_entropy=tk.BooleanVar(value=True))
+        v.update(gpu_entropy=tk.BooleanVar(value=True), encrypt=tk.BooleanVar(value=True))
         row = 0
 
         def label(text: str) -> None:
@@ -181,9 +184,12 @@ class App:
         ttk.Checkbutton(f, text="show", variable=v["show_token"], command=self._show_token).grid(row=0, column=1)
         ttk.Button(f, text="Copy", command=self.copy_token).grid(row=0, column=2, padx=4)
         ttk.Button(f, text="Regenerate…", command=self.regenerate_token).grid(row=0, column=3)
+        ttk.Button(f, text="Named…", command=self.open_tokens).grid(row=0, column=7, padx=(8, 0))
         ttk.Checkbutton(f, text="require token", variable=v["auth"]).grid(row=0, column=4, padx=(8, 0))
+        # off = --no-encrypt: for a trusted same-host pair (clients accept it on loopback only)
+        ttk.Checkbutton(f, text="encrypt", variable=v["encrypt"]).grid(row=0, column=5, padx=(8, 0))
         # nvCOMP does not validate its bitstreams: untrusted clients should send zstd (--no-gpu-entropy)
-        ttk.Checkbutton(f, text="GPU-coded payloads", variable=v["gpu_entropy"]).grid(row=0, column=5, padx=(8, 0))
+        ttk.Checkbutton(f, text="GPU-coded payloads", variable=v["gpu_entropy"]).grid(row=0, column=6, padx=(8, 0))
         row += 1
         f = ttk.Frame(outer)
         f.grid(row=row, column=0, columnspan=3, sticky="ew", pady=(10, 4))
@@ -244,6 +250,7 @@ class App:
             comfyui_path=self.v["comfyui_path"].get().strip(),
             auth=bool(self.v["auth"].get()),
             gpu_entropy=bool(self.v["gpu_entropy"].get()),
+            encrypt=bool(self.v["encrypt"].get()),
             loras=loras,
         )
 
@@ -349,6 +356,85 @@ class App:
         self._show_token()
         log.info("new token made; clients connecting from now on need it")
 
+    # ------------------------------------------------------------------ named tokens
+    def add_named_token(self, name: str, max_sessions: int = 0, may_reconfigure: bool = False) -> auth.TokenEntry:
+        """A token for one person or machine (``server.tokens``); a running server accepts it at once."""
+        e = NamedTokens(self.state_dir).add(name, max_sessions, may_reconfigure)
+        self.runner.reload_tokens()
+        log.info("token for %s made (%s)", e.name, describe(e))
+        return e
+
+    def revoke_named_token(self, name: str) -> None:
+        """Delete ``name``'s token; a running server closes its sessions at once."""
+        NamedTokens(self.state_dir).revoke(name)
+        self.runner.reload_tokens()
+        log.info("token %s revoked", name)
+
+    def open_tokens(self) -> None:
+        """A small window: the named tokens, Add…, Copy, Revoke…."""
+        top = tk.Toplevel(self.root)
+        top.title("Named tokens")
+        tree = ttk.Treeview(top, columns=("sessions", "reconfigure", "key"), height=8)
+        for col, text, width in (("#0", "name", 140), ("sessions", "max sessions", 90),
+                                 ("reconfigure", "may reconfigure", 110), ("key", "key id", 150)):  # fmt: skip
+            tree.heading(col, text=text)
+            tree.column(col, width=width)
+        tree.grid(row=0, column=0, columnspan=4, sticky="nsew", padx=8, pady=8)
+        entries: dict[str, auth.TokenEntry] = {}
+
+        def refresh() -> None:
+            tree.delete(*tree.get_children())
+            entries.clear()
+            try:
+                named = NamedTokens(self.state_dir).read()
+            except LocalError as err:
+                messagebox.showerror("Named tokens", str(err), parent=top)
+                return
+            for e in named:
+                entries[e.name] = e
+                tree.insert("", "end", iid=e.name, text=e.name,
+                            values=(e.max_sessions or "—", "yes" if e.may_reconfigure else "no", auth.key_id(e.token)))  # fmt: skip
+
+        def add() -> None:
+            name = simpledialog.askstring("New token", "Name (a person or machine):", parent=top)
+            if not name:
+                return
+            n = simpledialog.askinteger("New token", "Sessions at once (0: no own limit):", parent=top, minvalue=0)
+            may = messagebox.askyesno("New token", f"May {name} reconfigure the server (n_blocks)?", parent=top)
+            try:
+                e = self.add_named_token(name.strip(), n or 0, may)
+            except LocalError as err:
+                messagebox.showerror("New token", str(err), parent=top)
+                return
+            refresh()
+            self.root.clipboard_clear()
+            self.root.clipboard_append(e.token)
+            messagebox.showinfo("New token", f"Token for {e.name} (copied to the clipboard):\n\n{e.token}", parent=top)
+
+        def selected() -> str:
+            sel = tree.selection()
+            return sel[0] if sel else ""
+
+        def copy() -> None:
+            if selected():
+                self.root.clipboard_clear()
+                self.root.clipboard_append(entries[selected()].token)
+
+        def revoke() -> None:
+            name = selected()
+            if name and messagebox.askyesno("Revoke", f"Revoke {name}'s token? Its open sessions close.", parent=top):
+                try:
+                    self.revoke_named_token(name)
+                except LocalError as err:
+                    messagebox.showerror("Revoke", str(err), parent=top)
+                refresh()
+
+        for i, (text, cmd) in enumerate(
+            (("Add…", add), ("Copy token", copy), ("Revoke…", revoke), ("Close", top.destroy))
+        ):
+            ttk.Button(top, text=text, command=cmd).grid(row=1, column=i, padx=4, pady=(0, 8))
+        refresh()
+
     # ------------------------------------------------------------------ start / stop
     def _config(self) -> tuple[GuiSettings, ServerConfig] | None:
         try:
@@ -414,7 +500,10 @@ class App:
     def _server_event(self, e: dict[str, Any]) -> None:
         k = e.get("kind")
         if k == "client":
-            (self.peers.add if e.get("connected") else self.peers.discard)(str(e.get("peer")))
+            if e.get("connected"):
+                self.peers[str(e.get("peer"))] = str(e.get("token") or "")
+            else:
+                self.peers.pop(str(e.get("peer")), None)
         elif k == "step":
             self.steps += 1
             self.bytes_in += int(e.get("bytes_in", 0))
@@ -433,9 +522,10 @@ class App:
         self._update_stats()
 
     def _stats_text(self) -> str:
+        names = sorted({t for t in self.peers.values() if t})
         text = (
-            f"clients {len(self.peers)}    steps {self.steps}    received {human_bytes(self.bytes_in)}    "
-            f"sent {human_bytes(self.bytes_out)}"
+            f"clients {len(self.peers)}{' (' + ', '.join(names) + ')' if names else ''}    steps {self.steps}    "
+            f"received {human_bytes(self.bytes_in)}    sent {human_bytes(self.bytes_out)}"
         )
         if self.auth_failures:
             text += f"    rejected logins {self.auth_failures}"
@@ -443,7 +533,8 @@ class App:
         text += "\nlast step: " + (
             f"in {human_bytes(last.get('bytes_in', 0))}, out {human_bytes(last.get('bytes_out', 0))} | "
             f"decode {last.get('decode', 0):.1f} ms, forward {last.get('forward', 0):.1f} ms, "
-            f"encode {last.get('encode', 0):.1f} ms  (from {last.get('peer', '?')})"
+            f"encode {last.get('encode', 0):.1f} ms  (from {last.get('peer', '?')}"
+            f"{', token ' + last['token'] if last.get('token') else ''})"
             if last
             else "—"
         )

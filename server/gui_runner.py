@@ -16,10 +16,11 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .. import arch
+from .. import arch, auth
 from ..config import ServerConfig
 from ..constants import DEFAULT_BIND, DEFAULT_PORT
 from ..errors import LocalError, MeshError
+from .tokens import NamedTokens
 
 log = logging.getLogger("daedalus")
 
@@ -41,6 +42,7 @@ class GuiSettings:
     comfyui_path: str = ""
     auth: bool = True
     gpu_entropy: bool = True  # decode clients' nvCOMP ANS payloads (off: ask them for zstd)
+    encrypt: bool = True  # seal frames after the handshake (off: --no-encrypt, same-host pairs)
     loras: list = field(default_factory=list)  # [[path, strength], ...]
 
     @classmethod
@@ -76,6 +78,7 @@ class GuiSettings:
             comfyui_path=self.comfyui_path,
             auth=self.auth,
             gpu_entropy=self.gpu_entropy,
+            encrypt=self.encrypt,
             state_dir=str(state_dir),
             loras=tuple((p, w) for p, w in self.loras if p),
         )
@@ -166,7 +169,15 @@ class ServerRunner:
                 return
             self._status("starting", "loading the back half…" if not self.toy else "starting the toy server…")
             try:
-                state = ServerState(cfg, self._factory(cfg), token, on_event=lambda e: self.events.put(("server", e)))
+                sid = auth.load_or_create_server_id(cfg.server_id_path) if cfg.auth else None
+                state = ServerState(
+                    cfg,
+                    self._factory(cfg),
+                    token,
+                    on_event=lambda e: self.events.put(("server", e)),
+                    server_id=sid,
+                    named=NamedTokens(cfg.state_path) if cfg.auth else None,
+                )
                 server = DaedalusServer(state)
                 host, port = server.start()
             except MeshError as e:
@@ -215,10 +226,15 @@ class ServerRunner:
             log.info("stopped")
             self._status("stopped", "stopped")
 
+    def reload_tokens(self) -> None:
+        """The window changed the named tokens: the running server takes them now (not in a second)."""
+        if self.state is not None:
+            self.state.reload_tokens()
+
     def set_token(self, token: str | None) -> None:
-        """A regenerated token takes effect for new connections at once."""
+        """A regenerated token takes effect for new connections at once (sessions of the old one close)."""
         if self.state is not None and self.state.cfg.auth:
-            self.state.token = token
+            self.state.set_token(token)
 
 
 class QueueLogHandler(logging.Handler):

@@ -50,14 +50,24 @@ class ToyBackend:
         self.fingerprint = fingerprint(self.model.named_blocks(self.first))
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
-        missing = [k for k in ("x", "bias") if k not in tensors]
-        if missing:
-            raise RemoteProtocolError(f"toy request lacks tensors {missing}")
-        x, bias = tensors["x"], tensors["bias"]
-        if x.ndim != 3 or x.shape[-1] != self.model.width:
-            raise RemoteProtocolError(f"toy model expects x of shape [B, L, {self.model.width}], got {list(x.shape)}")
+        """Requests it cannot run are the peer's garbage (RemoteProtocolError: ``bad_request``)."""
+        w = self.model.width
+        x, bias = tensors.get("x"), tensors.get("bias")
+        if x is None or bias is None:
+            raise RemoteProtocolError(f"toy model expects tensors 'x' and 'bias', got {sorted(tensors)}")
+        if x.ndim != 3 or x.shape[-1] != w or not x.is_floating_point():
+            raise RemoteProtocolError(
+                f"toy model expects x of shape [B, L, {w}], floating, got {list(x.shape)} {x.dtype}"
+            )
+        if bias.shape != (w,) or not bias.is_floating_point():
+            raise RemoteProtocolError(
+                f"toy model expects bias of shape [{w}], floating, got {list(bias.shape)} {bias.dtype}"
+            )
+        scale = scalars.get("scale", 1.0)
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            raise RemoteProtocolError(f"toy model expects a number for scalar 'scale', got {type(scale).__name__}")
         out = self.model.run(x, bias, self.first)
-        return {"out": out * float(scalars.get("scale", 1.0))}
+        return {"out": out * float(scale)}
 
     def close(self) -> None:
         pass

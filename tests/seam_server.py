@@ -5,11 +5,21 @@ slim model from the same seeded weights (block counts cut to the back half throu
 ``config_keys``, tensors renamed by ``Adapter.remote_key``, ``server_drops`` replaced by empty
 modules), fingerprints it under the full-model names, applies a forwarded LoRA set to this request
 only, and runs ``adapter.server_forward``. ``serve`` starts a real ``DaedalusServer`` on 127.0.0.1.
+
+Run as a script (``python tests/seam_server.py --family flux2 --n-blocks 2``) it is a Daedalus
+process of its own that prints ``READY <port>`` and serves until killed; ``--die-in-call K`` makes it
+kill itself (SIGKILL) inside its K-th forward, a server crash in the middle of a request;
+``--standby`` imports everything, prints ``STANDBY`` and starts only when a line ``serve <port>``
+arrives on stdin (a restart that does not wait for torch to import on a loaded machine).
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import os
+import signal
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -106,6 +116,21 @@ class StandinBackend:
         pass
 
 
+class DyingBackend(StandinBackend):
+    """A ``StandinBackend`` whose process dies (SIGKILL, no cleanup) inside its ``die_in``-th forward."""
+
+    def __init__(self, *args: Any, die_in: int = 0, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.die_in = die_in
+        self.forwards = 0
+
+    def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
+        self.forwards += 1
+        if self.forwards == self.die_in:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().forward(tensors, scalars)
+
+
 @contextlib.contextmanager
 def serve(
     family: str, n_blocks: int, seed: int = 0, token: str | None = TOKEN, version: str | None = None, **config: Any
@@ -121,3 +146,26 @@ def serve(
     finally:
         drop_pooled(host, port)
         srv.shutdown()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="a loopback Daedalus process serving a stand-in DiT's back half")
+    ap.add_argument("--family", default="flux2")
+    ap.add_argument("--n-blocks", type=int, default=2)
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--die-in-call", type=int, default=0, help="SIGKILL itself inside this forward (0: never)")
+    ap.add_argument("--standby", action="store_true", help="wait for 'serve <port>' on stdin, then start")
+    args = ap.parse_args(argv)
+    if args.standby:
+        print("STANDBY", flush=True)
+        args.port = int(sys.stdin.readline().split()[1])
+    cfg = ServerConfig(port=args.port, device="cpu", n_blocks=args.n_blocks)
+    backend = lambda n: DyingBackend(args.family, n, die_in=args.die_in_call)  # noqa: E731
+    srv = DaedalusServer(ServerState(cfg, backend, token=TOKEN))
+    _, port = srv.start()
+    print(f"READY {port}", flush=True)
+    srv.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

@@ -37,57 +37,91 @@ def test_new_token_and_nonce_are_random_hex():
     assert len(auth.new_nonce()) == 2 * constants.NONCE_BYTES
 
 
+SID = "5e" * 16
+
+
+def T(cn: str = CN, sn: str = SN, **kw) -> auth.Transcript:
+    fields = {"server_id": SID, "key_id": auth.key_id(TOKEN), "client_name": "icarus", "link": "aes-256-gcm", **kw}
+    return auth.Transcript(cn, sn, **fields)
+
+
 def test_proofs_are_hex_sha256_and_deterministic():
-    c = auth.client_proof(TOKEN, CN, SN)
-    s = auth.server_proof(TOKEN, CN, SN)
+    c = auth.client_proof(TOKEN, T())
+    s = auth.server_proof(TOKEN, T())
     assert HEX64.fullmatch(c) and HEX64.fullmatch(s)
-    assert c == auth.client_proof(TOKEN, CN, SN)
-    assert s == auth.server_proof(TOKEN, CN, SN)
+    assert c == auth.client_proof(TOKEN, T())
+    assert s == auth.server_proof(TOKEN, T())
 
 
 def test_client_and_server_proofs_differ():
-    assert auth.client_proof(TOKEN, CN, SN) != auth.server_proof(TOKEN, CN, SN)
+    assert auth.client_proof(TOKEN, T()) != auth.server_proof(TOKEN, T())
     # a server proof can't be replayed as a client proof even with the nonces swapped
-    assert auth.client_proof(TOKEN, CN, SN) != auth.server_proof(TOKEN, SN, CN)
+    assert auth.client_proof(TOKEN, T()) != auth.server_proof(TOKEN, T(SN, CN))
 
 
 @pytest.mark.parametrize("proof", [auth.client_proof, auth.server_proof], ids=["client", "server"])
-def test_proof_depends_on_token_and_both_nonces(proof):
-    base = proof(TOKEN, CN, SN)
-    assert proof("b" + TOKEN[1:], CN, SN) != base
-    assert proof(TOKEN, "33" + CN[2:], SN) != base
-    assert proof(TOKEN, CN, SN[:-2] + "33") != base
-    assert proof(TOKEN, SN, CN) != base  # order of the nonces matters
-    assert proof(TOKEN, CN + SN[:2], SN[2:]) != base  # the nonce boundary matters
+def test_proof_depends_on_token_nonces_and_both_identities(proof):
+    base = proof(TOKEN, T())
+    assert proof("b" + TOKEN[1:], T()) != base
+    assert proof(TOKEN, T("33" + CN[2:])) != base
+    assert proof(TOKEN, T(CN, SN[:-2] + "33")) != base
+    assert proof(TOKEN, T(SN, CN)) != base  # order of the nonces matters
+    assert proof(TOKEN, T(CN + SN[:2], SN[2:])) != base  # the field boundaries matter
+    assert proof(TOKEN, T(server_id="6f" * 16)) != base  # another server
+    assert proof(TOKEN, T(client_name="mallory")) != base  # another client
+    assert proof(TOKEN, T(key_id="0" * 16)) != base
+    assert proof(TOKEN, T(link="none")) != base  # a downgrade of the link changes both proofs
+    assert proof(TOKEN, T(client_name="icarus|x")) != proof(TOKEN, T(client_name="icarus", link="x|aes-256-gcm"))
 
 
 @pytest.mark.parametrize("proof", [auth.client_proof, auth.server_proof], ids=["client", "server"])
 def test_surrounding_whitespace_in_token_is_ignored(proof):
     # token files end with a newline; users paste with spaces
-    assert proof(TOKEN + "\n", CN, SN) == proof(TOKEN, CN, SN)
-    assert proof("  " + TOKEN + " ", CN, SN) == proof(TOKEN, CN, SN)
+    assert proof(TOKEN + "\n", T()) == proof(TOKEN, T())
+    assert proof("  " + TOKEN + " ", T()) == proof(TOKEN, T())
 
 
 def test_check_accepts_right_proof_and_rejects_wrong_token():
-    expected = auth.client_proof(TOKEN, CN, SN)
-    assert auth.check(expected, auth.client_proof(TOKEN, CN, SN)) is True
-    assert auth.check(expected, auth.client_proof(auth.new_token(), CN, SN)) is False
-    assert auth.check(expected, auth.server_proof(TOKEN, CN, SN)) is False
+    expected = auth.client_proof(TOKEN, T())
+    assert auth.check(expected, auth.client_proof(TOKEN, T())) is True
+    assert auth.check(expected, auth.client_proof(auth.new_token(), T())) is False
+    assert auth.check(expected, auth.server_proof(TOKEN, T())) is False
     assert auth.check(expected, "") is False
     assert auth.check(expected, expected.upper()) is False
     assert auth.check(expected, expected[:-1]) is False
     assert auth.check(expected, "é" * 64) is False
 
 
-def test_full_handshake_both_directions():
-    token = auth.new_token()
-    cn, sn = auth.new_nonce(), auth.new_nonce()
-    mac = auth.client_proof(token, cn, sn)  # client -> server
-    assert auth.check(auth.client_proof(token, cn, sn), mac)
-    welcome = auth.server_proof(token, cn, sn)  # server -> client
-    assert auth.check(auth.server_proof(token, cn, sn), welcome)
-    # an impostor server without the token fails the client's check
-    assert not auth.check(auth.server_proof(token, cn, sn), auth.server_proof("x" * 64, cn, sn))
+def test_key_id_names_a_token_without_revealing_it():
+    kid = auth.key_id(TOKEN)
+    assert re.fullmatch(r"[0-9a-f]{16}", kid) and TOKEN[:16] not in kid
+    assert auth.key_id(" " + TOKEN + "\n") == kid and auth.key_id(auth.new_token()) != kid
+    assert auth.key_id("") == auth.key_id(None) == ""
+
+
+def test_server_id_file_is_made_once_private_and_checked(tmp_path):
+    path = tmp_path / "state" / "server_id"
+    sid = auth.load_or_create_server_id(path)
+    assert re.fullmatch(r"[0-9a-f]{32}", sid) and mode(path) == 0o600
+    assert auth.load_or_create_server_id(path) == sid  # persistent
+    path.write_text("not hex\n")
+    with pytest.raises(errors.LocalError, match="delete it"):
+        auth.load_or_create_server_id(path)
+
+
+def test_pins_live_beside_the_tokens_and_saving_a_token_forgets_the_pin(tmp_path, no_env_token):
+    store = auth.TokenStore(tmp_path / "tokens.json")
+    store.set("Gpu.Lan", 7777, TOKEN)
+    assert store.pinned_id("gpu.lan", 7777) == ""
+    store.pin("gpu.lan", 7777, SID)
+    store.pin("other", 7777, "6f" * 16)
+    assert store.pinned_id("GPU.lan", 7777) == SID and store.get("gpu.lan", 7777) == TOKEN
+    assert mode(store.path) == 0o600
+    assert json.loads(store.path.read_text())["server_ids"]["gpu.lan:7777"] == SID
+    store.set("gpu.lan", 7777, TOKEN)  # saved again: the next connection pins what it sees
+    assert store.pinned_id("gpu.lan", 7777) == "" and store.pinned_id("other", 7777) == "6f" * 16
+    assert auth.TokenStore(None).pinned_id("gpu.lan", 7777) == ""  # no file: nothing pinned
+    auth.TokenStore(None).pin("gpu.lan", 7777, SID)
 
 
 # ---------------------------------------------------------------------------- server token file

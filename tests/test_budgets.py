@@ -28,7 +28,10 @@ MiB = 1 << 20
 
 @contextmanager
 def serve(**cfg: object) -> Iterator[DaedalusServer]:
-    srv = DaedalusServer(ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, **cfg), ToyBackend, token=TOKEN))  # type: ignore[arg-type]
+    # Over TCP: on the same-host fast path big payloads would not be frames at all (PROTOCOL.md §11).
+    srv = DaedalusServer(
+        ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, samehost=False, **cfg), ToyBackend, token=TOKEN)  # type: ignore[arg-type]
+    )
     srv.start()
     try:
         yield srv
@@ -153,7 +156,9 @@ def test_frames_of_all_connections_share_the_inflight_budget():
         a, sa = authenticated_socket(srv)
         header = b"{}"
         prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 6 * MiB, 0)
-        sa.sendall(prefix + header + b"\0" * (2 * MiB))  # the server reserves the whole frame now
+        assert a._link is not None  # frames after the handshake travel sealed
+        for rec_header, sealed in a._link.sealer.seal([prefix + header + b"\0" * (2 * MiB)]):
+            sa.sendall(rec_header + sealed)  # the server reserves the whole frame now
         assert wait_for(lambda: srv.state.budgets.inflight.used >= 6 * MiB)
         b = client(srv)
         with pytest.raises(RemoteFailure, match=r"other clients hold .*--max-inflight-mb.*try again") as e:
@@ -280,3 +285,40 @@ def test_cli_sets_the_server_wide_budgets():
         40 * MiB,
     )
     assert (cfg.max_lora_bytes, cfg.const_cache_bytes) == (30 * MiB, 20 * MiB)
+
+
+def test_a_call_refused_for_a_full_budget_is_retried_until_it_fits():
+    """``busy`` with ``transient`` (other clients hold the memory) is waited out with the call's
+    retry backoff: once the other connection lets go, the same call goes through, exact."""
+    import threading
+
+    with serve(max_inflight_bytes=8 * MiB) as srv:
+        a, sa = authenticated_socket(srv)
+        header = b"{}"
+        prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 6 * MiB, 0)
+        assert a._link is not None
+        for rec_header, sealed in a._link.sealer.seal([prefix + header + b"\0" * (2 * MiB)]):
+            sa.sendall(rec_header + sealed)
+        assert wait_for(lambda: srv.state.budgets.inflight.used >= 6 * MiB)
+        host, port = srv.address
+        b = MeshClient(
+            ClientConfig(host=host, port=port, token=TOKEN, retry_backoff_s=0.2, retry_budget_s=30),
+            expect={"arch": "toy", "n_blocks": 3},
+        )
+        statuses: list[tuple[str, str]] = []
+        threading.Timer(1.0, a.close).start()  # the other client lets go a second later
+        g = torch.Generator().manual_seed(0)
+        x, bias = torch.randn(2, 11, 64, generator=g), torch.randn(64, generator=g)
+        model = ToyModel()
+        out, _ = b.forward(
+            arch="toy",
+            n_blocks=3,
+            coded={"x": model.run(x, bias, 0, 5)},
+            exact={},
+            consts={"bias": bias, "big": torch.randn(3 * MiB // 4)},  # a 3 MiB frame: no room at first
+            scalars={},
+            on_status=lambda level, text: statuses.append((level, text)),
+        )
+        assert torch.equal(out["out"], model.run(x, bias))
+        assert any(level == "warn" and "try again shortly" in text for level, text in statuses), statuses
+        b.close()

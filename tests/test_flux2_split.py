@@ -231,3 +231,20 @@ def test_cond_and_uncond_as_separate_calls_keep_separate_streams(setup, monkeypa
     for (_, fs), c in zip(seen, conds, strict=True):
         assert fs == ["p" if c in first else "i"], (c, fs)  # each row's stream opens with its own keyframe
         first.add(c)
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "lossless"])
+@pytest.mark.parametrize("path", ["samehost", "tcp"])
+def test_bit_identical_through_each_path(setup, monkeypatch, path, codec_name):
+    """Client and Daedalus share this host: the seam goes through shared memory (docs/PROTOCOL.md §11),
+    or over TCP when the client turns the fast path off; both exact."""
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    monkeypatch.setenv("COMFYUI_MESH_SAMEHOST", "1" if path == "samehost" else "0")
+    stats: list = []
+    m, _ = split(model, srv, 3, codec=codec_name, stats=stats)
+    assert torch.equal(sample(comfy, m), ref)
+    assert stats and all(s.via == path for s in stats)
+    if path == "samehost":
+        assert all(s.bytes_out < 8192 for s in stats), [s.bytes_out for s in stats]

@@ -174,6 +174,37 @@ def test_gui_starts_a_toy_server_counts_clients_follows_reconfigure_and_stops(di
         app.close()
 
 
+def test_named_tokens_from_the_window_take_effect_without_a_restart(display, tmp_path):
+    import tkinter as tk
+
+    from comfyui_mesh.config import ClientConfig
+    from comfyui_mesh.errors import AuthError
+    from comfyui_mesh.server import gui
+    from comfyui_mesh.transport import MeshClient
+
+    root = tk.Tk()
+    app = gui.App(root, tmp_path / "state", toy=True)
+    try:
+        app.v["port"].set(0)
+        app.v["n_blocks"].set(3)
+        app.start()
+        pump(root, lambda: app.runner.server is not None, what="the toy server to start")
+        host, port = app.runner.server.address
+        e = app.add_named_token("gpu-2", max_sessions=1)
+        client = MeshClient(ClientConfig(host=host, port=port, token=e.token), expect={"arch": "toy", "n_blocks": 3})
+        client.connect()
+        pump(root, lambda: "clients 1 (gpu-2)" in app.stats_label.cget("text"), what="the client and its token name")
+        app.open_tokens()  # the dialog lists it
+        root.update()
+        app.revoke_named_token("gpu-2")
+        pump(root, lambda: "clients 0" in app.stats_label.cget("text"), what="the revoked token's session to close")
+        with pytest.raises(AuthError):
+            MeshClient(ClientConfig(host=host, port=port, token=e.token)).connect()
+        client.close()
+    finally:
+        app.close()
+
+
 def test_settings_round_trip_and_bad_files(tmp_path):
     from comfyui_mesh.server.gui import GuiSettings
 

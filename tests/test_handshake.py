@@ -4,11 +4,14 @@ model and token policy that the client raises and the status route shows."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
-from comfyui_mesh import handshake, protocol
+from comfyui_mesh import auth, handshake, protocol
 from comfyui_mesh.config import ServerConfig
-from comfyui_mesh.constants import PACKAGE_VERSION, SKEW_ENV
+from comfyui_mesh.constants import ALLOW_UNENCRYPTED_ENV, PACKAGE_VERSION, SKEW_ENV
 from comfyui_mesh.errors import AuthError, RemoteFailure, RemoteProtocolError, VersionMismatch
 from comfyui_mesh.handshake import ClientHandshake, Expect, ProblemKind, Versions
 from comfyui_mesh.server.core import ServerState, Session
@@ -29,7 +32,14 @@ def make_session(token: str | None = TOKEN, events: list | None = None) -> Sessi
     return Session(st, "memory:1")
 
 
-def make_client(token: str | None = TOKEN, expect: Expect | None = None, versions: Versions = HERE, skew=False):
+def make_client(
+    token: str | None = TOKEN,
+    expect: Expect | None = None,
+    versions: Versions = HERE,
+    skew=False,
+    pinned_id: str = "",
+    plaintext_ok: bool = False,
+):
     return ClientHandshake(
         expect or Expect("toy", 3),
         versions,
@@ -38,6 +48,8 @@ def make_client(token: str | None = TOKEN, expect: Expect | None = None, version
         client_name="test",
         allow_skew=skew,
         where="Daedalus at memory:1",
+        pinned_id=pinned_id,
+        plaintext_ok=plaintext_ok,
     )
 
 
@@ -77,7 +89,7 @@ def test_paired_handshake_with_a_token_opens_the_session():
     )
     assert ch.nonce == session.handshake.nonce and log[0].nonce == client.nonce != ch.nonce
     assert client.problems == [] and client.error is None
-    assert events == [{"kind": "client", "peer": "memory:1", "connected": True}]
+    assert events == [{"kind": "client", "peer": "memory:1", "connected": True, "token": "default"}]
     assert session.handle(protocol.Ping(seq=7)) == [protocol.Pong(seq=7)]  # the session is open
 
 
@@ -85,16 +97,32 @@ def test_paired_handshake_without_auth():
     client, session = make_client(token=None), make_session(token=None)
     log = pair(client, session)
     assert kinds(log) == ["Hello", "Challenge", "Auth", "Welcome"]
-    assert log[1].auth == "none" and log[2].mac == "" and log[3].mac == ""
+    assert log[1].auth == "none" and log[1].link == "none" and log[1].mac == "" and log[2].mac == ""
     assert client.done and session.phase == "ready"
+    assert client.link is None and session.link is None  # no token, no keys: nothing is sealed
 
 
-def test_wrong_token_is_an_auth_failed_frame_and_an_auth_error():
+def test_a_token_the_server_does_not_hold_gets_no_proof_and_the_client_proves_nothing():
     events: list = []
     client, session = make_client(token="f" * 32), make_session(events=events)
+    log = pair(client, session)
+    assert kinds(log) == ["Hello", "Challenge", "Bye"]  # no AUTH: nothing computed from the token goes out
+    assert log[0].key_id == auth.key_id("f" * 32) and log[1].mac == ""
+    assert isinstance(client.error, AuthError) and "rejected the token this ComfyUI uses" in str(client.error)
+    assert session.closed and not client.done
+    assert events == [{"kind": "auth_failed", "peer": "memory:1"}]
+
+
+def test_a_wrong_client_proof_is_an_auth_failed_frame_and_an_auth_error():
+    events: list = []
+    client, session = make_client(), make_session(events=events)
+    ch = session.handle(wire(client.hello()))[0]
+    client.receive(wire(ch))  # the client's honest AUTH is replaced by a forged one
+    (err,) = session.handle(wire(protocol.Auth(mac="0" * 64)))
+    assert isinstance(err, protocol.Error) and (err.code, err.message) == ("auth_failed", "wrong token")
     with pytest.raises(AuthError, match="Daedalus at memory:1 rejected the token: wrong token"):
-        pair(client, session)
-    assert session.closed and session.phase == "auth" and not client.done
+        client.receive(wire(err))
+    assert session.closed and session.phase == "auth" and session.link is None
     assert events == [{"kind": "auth_failed", "peer": "memory:1"}]
 
 
@@ -113,13 +141,75 @@ def test_token_policy_says_bye_then_fails(client_token, server_token, bye, match
     assert session.closed and not client.done
 
 
-def test_a_server_that_cannot_prove_the_token_is_refused():
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        {"mac": "0" * 64},  # a server without the token
+        {"link": "none"},  # a man in the middle stripping the encryption
+        {"server_id": "6f" * 16},  # ... or passing off another server's identity
+        {"nonce": "33" * 32},
+    ],
+    ids=["forged-mac", "link-downgrade", "other-id", "other-nonce"],
+)
+def test_a_server_proof_that_does_not_cover_what_was_sent_is_refused_before_auth(tamper):
     client, session = make_client(), make_session()
     ch = session.handle(wire(client.hello()))[0]
-    (auth_msg,) = client.receive(wire(ch))
-    (welcome,) = session.handle(wire(auth_msg))
     with pytest.raises(AuthError, match="could not prove it knows the token"):
-        client.receive(protocol.Welcome(mac="0" * 64, session=welcome.session))
+        client.receive(wire(dataclasses.replace(ch, **tamper)))
+    assert client.phase == "failed" and client.link is None
+
+
+def test_the_server_id_is_pinned_and_a_changed_one_refused():
+    session = make_session()
+    sid = session.state.server_id
+    assert re.fullmatch(r"[0-9a-f]{32}", sid)
+    client = make_client(pinned_id=sid)
+    pair(client, session)
+    assert client.done and client.authenticated and client.challenge.server_id == sid
+    other = make_session()  # another Daedalus that knows the same token, answering at the pinned address
+    client = make_client(pinned_id=sid)
+    ch = other.handle(wire(client.hello()))[0]
+    with pytest.raises(AuthError) as e:
+        client.receive(wire(ch))
+    msg = str(e.value)
+    assert "memory:1" in msg and sid in msg and other.state.server_id in msg and "Token…" in msg
+    assert client.link is None  # refused before the client proved anything
+
+
+def test_both_sides_derive_the_same_per_direction_keys():
+    client, session = make_client(), make_session()
+    pair(client, session)
+    assert session.link is not None and client.link is not None
+    assert session.token_name == "default"
+    frame = protocol.encode(protocol.Ping(seq=7))
+    for tx, rx in ((client.link, session.link), (session.link, client.link)):
+        for header, sealed in tx.sealer.seal(frame):
+            assert protocol.MAGIC not in sealed  # encrypted
+            rx.opener.feed(header + sealed)
+        got = bytes(rx.opener.take(1 << 20))
+        assert protocol.decode_all(got) == [protocol.Ping(seq=7)]
+    # one key per direction: what the client seals, the client itself cannot open
+    c2, s2 = make_client(), make_session()
+    pair(c2, s2)
+    (h, sealed), *_ = list(c2.link.sealer.seal(frame))
+    c2.link.opener.feed(h + sealed[:-1])
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):
+        c2.link.opener.feed(sealed[-1:])
+
+
+@pytest.mark.parametrize("plaintext_ok", [False, True])
+def test_no_encrypt_is_accepted_only_where_allowed(plaintext_ok):
+    st = ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, encrypt=False), ToyBackend, TOKEN)
+    session = Session(st, "memory:1")
+    client = make_client(plaintext_ok=plaintext_ok)
+    log = pair(client, session)
+    assert log[1].link == "none" and log[1].auth == "hmac-sha256"
+    if plaintext_ok:
+        assert client.done and client.link is None and session.link is None and session.phase == "ready"
+    else:
+        assert kinds(log) == ["Hello", "Challenge", "Bye"] and log[-1].reason == "unencrypted link refused"
+        assert isinstance(client.error, AuthError)
+        assert "--no-encrypt" in str(client.error) and ALLOW_UNENCRYPTED_ENV in str(client.error)
 
 
 def test_unknown_auth_scheme_and_wrong_messages_are_protocol_errors():

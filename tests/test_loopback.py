@@ -31,7 +31,8 @@ def server():
 
 
 def _client(host, port, token=TOKEN, **expect):
-    return MeshClient(ClientConfig(host=host, port=port, token=token), expect=expect or {"arch": "toy", "n_blocks": 3})
+    cfg = ClientConfig(host=host, port=port, token=token, retry_backoff_s=0.05)
+    return MeshClient(cfg, expect=expect or {"arch": "toy", "n_blocks": 3})
 
 
 def _inputs():
@@ -45,7 +46,10 @@ def test_split_equals_whole_with_raw_and_int8_within_budget(server):
     x, bias = _inputs()
     whole = model.run(x, bias)
     front = model.run(x, bias, 0, 5)
-    c = _client(host, port)
+    # Over TCP (the same-host fast path would keep the payloads off the socket: tests/test_samehost.py).
+    c = MeshClient(
+        ClientConfig(host=host, port=port, token=TOKEN, samehost=False), expect={"arch": "toy", "n_blocks": 3}
+    )
     out, stats = c.forward(arch="toy", n_blocks=3, coded={"x": front}, exact={}, consts={"bias": bias}, scalars={})
     assert torch.equal(out["out"], whole)
     assert stats.consts_sent == 1 and stats.bytes_out > front.numel() * 4
@@ -94,10 +98,10 @@ def test_wrong_token_is_rejected_and_server_stays_up(server):
 
 
 def test_server_proves_it_knows_the_token(server):
-    """A server without the token cannot fake the WELCOME proof."""
+    """A server that does not hold the client's token sends no proof: the client stops before its own."""
     srv, host, port = server
-    srv.state.token = "another-token-aaaaaaaaaaaa"  # server now checks against a different secret
-    with pytest.raises(AuthError):
+    srv.state.set_token("another-token-aaaaaaaaaaaa")  # server now holds a different secret
+    with pytest.raises(AuthError, match="rejected the token this ComfyUI uses"):
         _client(host, port).connect()
 
 
@@ -323,17 +327,20 @@ def _scripted(c: MeshClient, failures: list, monkeypatch) -> dict:
         (["codec_unavailable", "codec_unavailable"], 2, 2, "codec_unavailable"),  # zstd already: give up
         (["forward_failed"], 1, 1, "forward_failed"),  # no recovery for it
         (["no_such_code"], 1, 1, "no_such_code"),
-        (["dropped"], 2, 2, None),  # reconnect once, re-encode against the new connection
-        (["missing_consts", "dropped"], 2, 1, "dropped"),  # a dropped connection is retried on the first try only
-        (["timeout"], 1, 1, "timeout"),  # the server may still be working: not retried
+        (["dropped"], 2, 2, None),  # reconnect, re-encode against the new connection
+        (["missing_consts", "dropped"], 3, 2, None),  # a dropped connection is retried on any try
+        (["dropped", "silent", "dropped"], 4, 4, None),  # ... across reconnects (within the retry budget)
+        (["timeout"], 1, 1, "timeout"),  # alive (heartbeats) but overdue, still working: not retried
     ],
 )
 def test_forward_recovery_table(server, monkeypatch, failures, tries, encodes, raised):
-    from comfyui_mesh.transport import ServerTimeout
+    from comfyui_mesh.transport import ServerSilent, ServerTimeout
 
     def error(name):
         if name == "dropped":
             return ConnectFailed("connection broke")
+        if name == "silent":
+            return ServerSilent("nothing for 20 s")
         if name == "timeout":
             return ServerTimeout("no answer")
         return RemoteFailure(name, f"server says {name}")
@@ -450,7 +457,10 @@ def test_the_server_does_not_commit_a_declared_body_before_it_arrives(server):
     before = _rss_bytes()
     header = b"{}"
     prefix = protocol._PREFIX.pack(protocol.MAGIC, protocol.PROTOCOL_VERSION, 3, len(header), 1 << 30, 0)
-    s.sendall(prefix + header + b"\0" * (2 << 20))  # past SOCKET_CHUNK: the server reserves the rest
+    link = c._link
+    assert link is not None  # sealed like every frame after the handshake (else the record layer refuses it)
+    for rec_header, sealed in link.sealer.seal([prefix + header + b"\0" * (2 << 20)]):  # past SOCKET_CHUNK
+        s.sendall(rec_header + sealed)
     time.sleep(1.0)
     grown = _rss_bytes() - before
     c.close()

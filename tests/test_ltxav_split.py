@@ -301,3 +301,18 @@ def test_other_codecs_carry_both_streams(setup, codec):
     else:
         for o, r in zip(out, ref, strict=True):
             assert 0 < ((o - r).norm() / r.norm()).item() < LOSSY_BUDGET[codec]
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "lossless"])
+@pytest.mark.parametrize("path", ["samehost", "tcp"])
+def test_bit_identical_through_each_path(setup, monkeypatch, path, codec_name):
+    """Client and Daedalus share this host: the seam goes through shared memory (docs/PROTOCOL.md §11),
+    or over TCP when the client turns the fast path off; both exact."""
+    comfy, weights, servers, _ = setup
+    style = STYLES[0]
+    ref = reference(comfy, weights, style, audio=5)
+    monkeypatch.setenv("COMFYUI_MESH_SAMEHOST", "1" if path == "samehost" else "0")
+    stats: list = []
+    m, _ = split(load(comfy, weights[style]), servers[style], 2, codec=codec_name, stats=stats)
+    assert_identical(ltx_sample(comfy, m, style, audio=5), ref)
+    assert stats and all(s.via == path for s in stats)

@@ -327,7 +327,7 @@ def test_wrong_type_nonce_is_refused_without_traceback(caplog):
 
 
 def test_auth_check_and_is_hex_never_raise():
-    good = auth.client_proof(TOKEN, "11" * 32, "22" * 32)
+    good = auth.client_proof(TOKEN, auth.Transcript("11" * 32, "22" * 32, "33" * 16, "k", "fuzz", "aes-256-gcm"))
     for bad in ("\ud800" * 64, "é" * 64, 5, None, b"x" * 64, good.upper(), good[:-1], good + "0"):
         assert auth.check(good, bad) is False  # type: ignore[arg-type]
         assert auth.is_hex(bad, auth.MAC_CHARS) is False

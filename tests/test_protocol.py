@@ -88,10 +88,14 @@ NON_DEFAULT: dict[type, dict] = {
         fingerprint="f" * 64,
         codecs=[0, 1],
         client_name="icarus-test",
+        key_id="0123456789abcdef",
     ),
     protocol.Challenge: dict(
         nonce="cd" * 32,
         auth="none",
+        server_id="5e" * 16,
+        mac="7" * 64,
+        link="none",
         package_version="0.2.0",
         comfyui_version="0.3.41",
         torch_version="2.6.0",
@@ -102,9 +106,10 @@ NON_DEFAULT: dict[type, dict] = {
         fingerprint="0123abcd",
         codecs=[1, 0],
         device="NVIDIA GeForce RTX 4090 (cuda:0)",
+        samehost={"seg": "mh" + "1" * 24 + "p", "gpus": ["GPU-1"]},
     ),
-    protocol.Auth: dict(mac="e" * 64),
-    protocol.Welcome: dict(mac="9" * 64, session="sess-42"),
+    protocol.Auth: dict(mac="e" * 64, samehost={"proof": "f" * 64, "gpus": []}),
+    protocol.Welcome: dict(session="sess-42", samehost=True),
     protocol.Forward: dict(
         seq=123456789012,
         arch="flux2",
@@ -129,6 +134,7 @@ NON_DEFAULT: dict[type, dict] = {
     protocol.Bye: dict(reason="shutting down"),
     protocol.EndStream: dict(gen="0123456789abcdef"),
     protocol.StreamEnded: dict(gen="fedcba9876543210", released=3 << 30),
+    protocol.Progress: dict(seq=12, phase="forward", elapsed_ms=5012.5),
 }
 
 TENSOR_SETS = {

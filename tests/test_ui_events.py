@@ -40,6 +40,22 @@ def test_banners_and_stats_reach_the_prompt_server_only_when_there_is_one(monkey
     assert len(ps.sent) == 2
 
 
+def test_a_held_up_call_shows_in_the_banner_and_the_stats_line(monkeypatch):
+    ps = FakePromptServer()
+    fake = types.ModuleType("server")
+    fake.PromptServer = types.SimpleNamespace(instance=ps)
+    monkeypatch.setitem(sys.modules, "server", fake)
+    report = ui_events.status_reporter("4")
+    report("warn", "reconnecting to 10.0.0.2:7777… (try 2, 1 s of 60 s): connection refused")
+    report("ok", "reconnected to 10.0.0.2:7777 after 3 s")
+    assert [(e, d) for e, d, _ in ps.sent] == [
+        ("mesh-banner", {"node_id": "4", "level": "warn",
+                         "text": "reconnecting to 10.0.0.2:7777… (try 2, 1 s of 60 s): connection refused"}),
+        ("mesh-stats", {"node_id": "4", "status": "reconnecting to 10.0.0.2:7777…"}),
+        ("mesh-banner", {"node_id": "4", "level": "ok", "text": "reconnected to 10.0.0.2:7777 after 3 s"}),
+    ]  # fmt: skip
+
+
 def test_ui_events_import_no_network_modules():
     import ast
     from pathlib import Path

@@ -139,9 +139,10 @@ export function formatBytes(n) {
   return `${v} B`;
 }
 
-/** One line of per-step stats from a mesh-stats event. */
+/** One line of per-step stats from a mesh-stats event (or the call's state while it is held up). */
 export function formatStats(s) {
   if (!s) return "";
+  if (s.status) return String(s.status);
   const ms = (x) => `${Math.round(Number(x) || 0)} ms`;
   return `step ${s.call} · ${s.codec} · ↑${formatBytes(s.bytes_out)} ↓${formatBytes(s.bytes_in)} · ` +
     `round trip ${ms(s.round_trip_ms)} (server ${ms(s.server_forward_ms)}) · encode ${ms(s.encode_ms)}`;

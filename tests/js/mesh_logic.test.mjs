@@ -101,6 +101,7 @@ test("stats and byte formatting", () => {
     server_forward_ms: 80.2, encode_ms: 1.2 });
   assert.equal(s, "step 3 · raw · ↑5.24 MB ↓5.00 MB · round trip 131 ms (server 80 ms) · encode 1 ms");
   assert.equal(L.formatStats(null), "");
+  assert.equal(L.formatStats({ call: 3, status: "reconnecting to 10.0.0.2:7777…" }), "reconnecting to 10.0.0.2:7777…");
 });
 
 test("last-used values: only existing widgets, same type, allowed combo values", () => {
