@@ -169,7 +169,8 @@ def server():
 
 
 def _client(host, port, slab=SLAB):
-    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=slab, stream_min_bytes=0)
+    # Over TCP: a same-host session does not stream (its payloads bypass the socket; test_samehost_never_streams).
+    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=slab, stream_min_bytes=0, samehost=False)
     return MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
 
 
@@ -206,12 +207,12 @@ def _count_kinds(monkeypatch):
     got: list[MsgKind] = []
     real_send, real_recv = tr.send_message, tr.recv_message
 
-    def send(sock, msg):
+    def send(sock, msg, link=None):
         sent.append(msg.KIND)
-        return real_send(sock, msg)
+        return real_send(sock, msg, link)
 
-    def recv(sock, dec, deadline=None):
-        msg, n = real_recv(sock, dec, deadline)
+    def recv(sock, dec, deadline=None, link=None):
+        msg, n = real_recv(sock, dec, deadline, link)
         got.append(msg.KIND)
         return msg, n
 
@@ -290,10 +291,19 @@ def test_missing_constants_resend_the_same_temporal_slabs_without_a_reset(server
 
 
 def _raw_session(host, port):
-    """A hand-driven authenticated socket (to break the stream on purpose)."""
+    """A hand-driven authenticated socket (to break the stream on purpose); frames go through
+    ``_send`` / ``_recv`` below, sealed with the connection's keys."""
     c = _client(host, port)
     c.connect()
     return c, c._sock
+
+
+def _send(c, msg):
+    return send_message(c._sock, msg, c._link)
+
+
+def _recv(c, dec):
+    return recv_message(c._sock, dec, None, c._link)
 
 
 def _chunks(front, seq=1):
@@ -321,8 +331,8 @@ def test_a_connection_cut_mid_stream_frees_its_request_and_the_next_call_works(s
     model, bias, fronts = _steps(1)
     c, sock = _raw_session(host, port)
     cut, chunks = _chunks(fronts[0])
-    send_message(sock, _forward_msg(c, cut, bias))
-    send_message(sock, chunks[0])
+    _send(c, _forward_msg(c, cut, bias))
+    _send(c, chunks[0])
     sock.shutdown(socket.SHUT_RDWR)  # gone mid-stream
     c.close()
     c2 = _client(host, port)
@@ -356,12 +366,12 @@ def test_a_broken_chunk_sequence_is_a_clean_error_and_closes(server, fault):
     else:
         frames = [chunks[0]]
     for f in frames:
-        send_message(sock, f)
+        _send(c, f)
     dec = FrameDecoder()
-    reply, _ = recv_message(sock, dec, None)
+    reply, _ = _recv(c, dec)
     assert isinstance(reply, protocol.Error) and reply.code == "bad_request" and "broken stream" in reply.message
     with pytest.raises((ConnectionError, OSError)):
-        recv_message(sock, dec, None)  # the server closed the connection
+        _recv(c, dec)  # the server closed the connection
     c._sock = None
     c2 = _client(host, port)
     try:
@@ -378,11 +388,11 @@ def test_a_refused_streamed_request_is_answered_once_and_its_chunks_dropped(serv
     cut, chunks = _chunks(fronts[0])
     bad = Forward(seq=1, arch="toy", n_blocks=2, slabs={"x": cut.spec()})  # config_mismatch
     for f in [bad, *chunks, protocol.Ping(seq=9)]:
-        send_message(sock, f)
+        _send(c, f)
     dec = FrameDecoder()
-    err, _ = recv_message(sock, dec, None)
+    err, _ = _recv(c, dec)
     assert isinstance(err, protocol.Error) and err.code == "config_mismatch"
-    pong, _ = recv_message(sock, dec, None)
+    pong, _ = _recv(c, dec)
     assert isinstance(pong, protocol.Pong) and pong.seq == 9, "the chunks were dropped; the connection is in step"
     c.close()
 
@@ -391,8 +401,8 @@ def test_too_many_slabs_are_refused_before_anything_is_decoded(server):
     _, host, port = server
     c, sock = _raw_session(host, port)
     names = [f"x#{k}" for k in range(MAX_STREAM_PARTS + 1)]
-    send_message(sock, Forward(seq=1, arch="toy", n_blocks=3, slabs={"x": {"dim": 1, "parts": names}}))
-    reply, _ = recv_message(sock, FrameDecoder(), None)
+    _send(c, Forward(seq=1, arch="toy", n_blocks=3, slabs={"x": {"dim": 1, "parts": names}}))
+    reply, _ = _recv(c, FrameDecoder())
     assert isinstance(reply, protocol.Error) and reply.code == "bad_request" and "more than" in reply.message
     c.close()
 
@@ -446,3 +456,82 @@ def test_a_streamed_request_over_the_limits_is_refused_before_allocating_and_the
     finally:
         c.close()
         srv.shutdown()
+
+
+# ---------------------------------------------------------------------------- with the other v3 features
+
+
+class _SlowToy(ToyBackend):
+    def __init__(self, n_blocks: int, sleep_s: float):
+        super().__init__(n_blocks)
+        self.sleep_s = sleep_s
+
+    def forward(self, tensors, scalars):
+        time.sleep(self.sleep_s)
+        return super().forward(tensors, scalars)
+
+
+def test_a_streamed_call_is_sealed_and_heartbeats_keep_it_alive_but_never_split_its_reply(monkeypatch):
+    """A 2 s step, a client that gives a silent server up after 1 s: PROGRESS frames (sealed like the
+    chunks) keep the streamed call waiting on its first connection; none comes between the RESULT and
+    its RESULT_CHUNK frames."""
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, heartbeat_interval_s=0.2)
+    srv = DaedalusServer(ServerState(cfg, lambda n: _SlowToy(n, 2.0), token=TOKEN))
+    host, port = srv.start()
+    model, bias, fronts = _steps(1)
+    c = MeshClient(
+        ClientConfig(
+            host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, samehost=False,
+            liveness_timeout_s=1.0,
+        ),
+        expect={"arch": "toy", "n_blocks": 3},
+    )  # fmt: skip
+    try:
+        c.connect()
+        assert c._link is not None, "frames after the handshake are sealed"
+        seen: list[protocol.Message] = []
+        real = c._recv
+
+        def spy(sock, link=None):
+            msg, n = real(sock, link)
+            seen.append(msg)
+            return msg, n
+
+        monkeypatch.setattr(c, "_recv", spy)
+        statuses: list = []
+        out, stats = c.forward(
+            arch="toy", n_blocks=3, coded={"x": fronts[0]}, exact={}, consts={"bias": bias}, scalars={},
+            on_status=lambda level, text: statuses.append((level, text)),
+        )  # fmt: skip
+        assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+        assert not statuses and srv.state.stats.steps == 1, "no reconnect, one step"
+        assert stats.slabs_out > 1 and stats.slabs_in > 1
+        beats = [m for m in seen if isinstance(m, protocol.Progress)]
+        assert len(beats) >= 3 and {b.phase for b in beats} >= {"forward"}
+        first = next(k for k, m in enumerate(seen) if isinstance(m, protocol.Result))
+        assert all(isinstance(m, protocol.ResultChunk) for m in seen[first + 1 :])
+        assert len(seen) - first - 1 == stats.slabs_in
+    finally:
+        c.close()
+        srv.shutdown()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="needs POSIX shared memory")
+def test_a_same_host_session_never_streams(server, monkeypatch):
+    """On the same-host fast path the big tensors bypass the socket: one FORWARD, one RESULT, however
+    small the slab size, and the same exact results."""
+    _, host, port = server
+    model, bias, fronts = _steps(1)
+    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0)
+    c = MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
+    sent, got = _count_kinds(monkeypatch)
+    try:
+        for codec_name in ("raw", "lossless"):
+            sent.clear(), got.clear()
+            out, stats = _call(c, fronts[0], bias, codec_name)
+            assert stats.via == "samehost", "the fast path was proved"
+            assert torch.equal(out["out"], model.run(fronts[0], bias, 5)), codec_name
+            assert MsgKind.FORWARD_CHUNK not in sent and MsgKind.RESULT_CHUNK not in got
+            assert stats.slabs_out == stats.slabs_in == 0
+    finally:
+        c.close()
