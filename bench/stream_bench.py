@@ -50,7 +50,8 @@ class EchoBackend:
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    cfg = ServerConfig(port=0, device=args.device, n_blocks=1, auth=False)
+    # over TCP: on the same-host fast path nothing is streamed (docs/PROTOCOL.md §6.1)
+    cfg = ServerConfig(port=0, device=args.device, n_blocks=1, auth=False, samehost=False)
     st = ServerState(cfg, lambda n: EchoBackend(n, args.device, args.reply_tokens, args.reply_channels), token=None)
     srv = DaedalusServer(st)
     host, port = srv.start()
