@@ -31,6 +31,8 @@ from .constants import (
     SAMEHOST_MAX_BYTES,
     SERVER_CONST_CACHE_BYTES,
     SERVER_IDLE_TIMEOUT_S,
+    STREAM_MIN_BYTES,
+    STREAM_SLAB_BYTES,
 )
 from .errors import LocalError
 
@@ -62,9 +64,15 @@ class ClientConfig:
     allow_unencrypted: bool = False
     samehost: bool = True  # use the same-host fast path when the server proves it is on this host
     samehost_max_bytes: int = SAMEHOST_MAX_BYTES  # this side's shared-memory segment, at most
+    # Streamed calls (docs/PROTOCOL.md §6.1): coded tensors travel as slabs of about this many raw
+    # bytes, and the reply too, when a call's coded tensors add up to stream_min_bytes or more; 0 = off.
+    stream_slab_bytes: int = STREAM_SLAB_BYTES
+    stream_min_bytes: int = STREAM_MIN_BYTES
 
     def __post_init__(self) -> None:
         _check_port(self.port)
+        if self.stream_slab_bytes < 0 or self.stream_min_bytes < 0:
+            raise LocalError("stream_slab_bytes and stream_min_bytes are byte counts (0 or more)")
         if not self.host.strip():
             raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
         for name in ("connect_timeout_s", "handshake_timeout_s", "read_timeout_s", "liveness_timeout_s"):

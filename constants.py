@@ -37,6 +37,18 @@ PRE_AUTH_MAX_HEADER = 16 << 10
 MAX_TENSORS_PER_FRAME = 256
 MAX_TENSOR_NDIM = 8
 MAX_NAME_LEN = 128
+# Streamed calls (docs/PROTOCOL.md §6.1): a request or reply whose big tensors travel as token slabs in
+# FORWARD_CHUNK / RESULT_CHUNK frames before the FORWARD / RESULT that closes it. At most this many
+# chunk frames per request and per reply (the receiver refuses more).
+MAX_STREAM_PARTS = 64
+# Smallest slab size a receiver honours when asked for a streamed reply (a peer cannot ask the server
+# to cut its reply into one-byte slabs).
+MIN_STREAM_SLAB_BYTES = 64 << 10
+# Client defaults: slabs of this many raw bytes (the socket buffers ~4 MB, so one slab is on the wire
+# while the next is coded), used when the coded tensors of a call add up to STREAM_MIN_BYTES or more;
+# smaller calls stay one frame. ClientConfig.stream_slab_bytes = 0 turns streaming off.
+STREAM_SLAB_BYTES = 4 << 20
+STREAM_MIN_BYTES = 4 << 20
 
 # ---------------------------------------------------------------------------- network
 DEFAULT_HOST = "127.0.0.1"

@@ -64,6 +64,8 @@ class MsgKind(enum.IntEnum):
     END_STREAM = 13
     STREAM_ENDED = 14
     PROGRESS = 15
+    FORWARD_CHUNK = 20
+    RESULT_CHUNK = 21
 
 
 # Element types a tensor descriptor may name. Codecs decide what they accept; the
@@ -185,6 +187,22 @@ class Forward(Message):
     consts: dict = field(default_factory=dict)
     reply_codec: int = 0
     stream: dict = field(default_factory=dict)  # codec state keys (temporal coding)
+    # Streamed calls (§6.1): tensor name -> {"dim": int, "parts": [slab names]}, the slabs that follow in
+    # FORWARD_CHUNK frames of this seq, joined along dim in that order; {} = nothing is streamed.
+    slabs: dict = field(default_factory=dict)
+    # > 0: the client takes a streamed reply, reply tensors cut into slabs of about this many raw bytes.
+    reply_slab_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ForwardChunk(Message):
+    """Client -> server: part ``part`` (0, 1, ... in order) of the streamed request ``seq``, sent
+    right after its FORWARD: slabs that FORWARD names in ``slabs``, which the server decodes as they
+    arrive; the request is complete when every named slab has come (§6.1)."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.FORWARD_CHUNK
+    seq: int = 0
+    part: int = 0
 
 
 @dataclass(frozen=True)
@@ -192,6 +210,17 @@ class Result(Message):
     KIND: ClassVar[MsgKind] = MsgKind.RESULT
     seq: int = 0
     timings: dict = field(default_factory=dict)  # ms: decode, forward, encode
+    slabs: dict = field(default_factory=dict)  # as Forward.slabs, for this seq's RESULT_CHUNK frames
+
+
+@dataclass(frozen=True)
+class ResultChunk(Message):
+    """Server -> client: part ``part`` of the streamed reply to request ``seq``, before its RESULT
+    (which names the slabs in ``slabs``)."""
+
+    KIND: ClassVar[MsgKind] = MsgKind.RESULT_CHUNK
+    seq: int = 0
+    part: int = 0
 
 
 class ErrorCode(str, enum.Enum):
@@ -313,6 +342,8 @@ MESSAGE_TYPES: dict[MsgKind, type[Message]] = {
         EndStream,
         StreamEnded,
         Progress,
+        ForwardChunk,
+        ResultChunk,
     )
 }
 assert len(MESSAGE_TYPES) == len(MsgKind), "every MsgKind needs exactly one message class"

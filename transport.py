@@ -9,19 +9,20 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from . import auth, codec, handshake, hostmem, samehost
+from . import auth, codec, handshake, hostmem, samehost, streaming
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, SAMEHOST_ENV, SKEW_ENV
+from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_DECODED_REQUEST_BYTES, SAMEHOST_ENV, SKEW_ENV
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -37,6 +38,7 @@ from .protocol import (
     Error,
     ErrorCode,
     Forward,
+    ForwardChunk,
     FrameDecoder,
     Message,
     Ping,
@@ -45,6 +47,7 @@ from .protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    ResultChunk,
     StreamEnded,
     WireTensor,
     content_hash,
@@ -143,6 +146,8 @@ class StepStats:
     server: dict[str, float] = field(default_factory=dict)
     consts_sent: int = 0
     codec: dict[str, Any] = field(default_factory=dict)  # codec + params used; for "auto" also why
+    slabs_out: int = 0  # streamed call (docs/PROTOCOL.md §6.1): slabs sent in FORWARD_CHUNK frames
+    slabs_in: int = 0  # and received in RESULT_CHUNK frames
     via: str = "tcp"  # "samehost": the big payloads went through shared memory / CUDA IPC (bytes_* count TCP only)
 
     def line(self) -> str:
@@ -153,6 +158,64 @@ class StepStats:
             f"(server decode {s.get('decode', 0):.1f} / forward {s.get('forward', 0):.1f} / "
             f"encode {s.get('encode', 0):.1f} ms), decode {self.decode_ms:.1f} ms"
         )
+
+
+Encoder = Callable[[torch.Tensor, str], WireTensor]  # (tensor, name) -> coded, with the call's codec state
+
+
+class _Upload:
+    """A call's big coded tensors cut into slabs (docs/PROTOCOL.md §6.1), each coded when its chunk is
+    about to be sent and kept, so a resend on the same codec state sends the same bytes."""
+
+    def __init__(self, coded: dict[str, torch.Tensor], cuts: dict[str, streaming.Cut], enc: Encoder):
+        self.coded, self.cuts, self.enc = coded, cuts, enc
+        self._wire: list[WireTensor] = []
+        self.encode_s = 0.0
+
+    def spec(self) -> dict[str, Any]:
+        return {n: c.spec() for n, c in self.cuts.items()}
+
+    def chunks(self, seq: int) -> Iterator[ForwardChunk]:
+        k = 0
+        for name, cut in self.cuts.items():
+            for sname, slab in cut.slabs(self.coded[name]):
+                if k == len(self._wire):
+                    t0 = time.perf_counter()
+                    self._wire.append(self.enc(slab, sname))
+                    self.encode_s += time.perf_counter() - t0
+                yield ForwardChunk(seq=seq, part=k, tensors=(self._wire[k],))
+                k += 1
+
+
+class _Sender:
+    """Writes frames to a socket from a thread of its own, so the caller codes the next chunk while
+    this one goes out. At most two frames wait; after a failure the rest are dropped unsent."""
+
+    def __init__(self, sock: socket.socket, link: SecureLink | None):
+        self._sock, self._link = sock, link
+        self._q: queue.Queue[Message | None] = queue.Queue(maxsize=2)
+        self.sent = 0
+        self.error: BaseException | None = None
+        self._t = threading.Thread(target=self._run, name="icarus-send", daemon=True)
+        self._t.start()
+
+    def _run(self) -> None:
+        while (msg := self._q.get()) is not None:
+            if self.error is None:
+                try:
+                    self.sent += send_message(self._sock, msg, self._link)
+                except BaseException as e:  # handed to the caller by close()
+                    self.error = e
+
+    def put(self, msg: Message) -> bool:
+        """Queue ``msg``; False once a send has failed (stop coding)."""
+        self._q.put(msg)
+        return self.error is None
+
+    def close(self) -> None:
+        """Wait until every queued frame is written (or dropped after a failure)."""
+        self._q.put(None)
+        self._t.join()
 
 
 class MeshClient:
@@ -325,11 +388,15 @@ class MeshClient:
                 chan.close()
 
     # ------------------------------------------------------------------ requests
-    def _await_reply(self, sock: socket.socket, read_timeout_s: float) -> tuple[Message, int]:
+    def _await_reply(
+        self, sock: socket.socket, read_timeout_s: float, deadline: float | None = None
+    ) -> tuple[Message, int]:
         """The reply to the request just sent, skipping PROGRESS heartbeats. Each frame must arrive
         within the liveness timeout (else ``ServerSilent``: retried); the reply within ``read_timeout_s``
-        however many heartbeats came (else ``ServerTimeout``: not retried, the server is still working)."""
-        deadline = time.monotonic() + read_timeout_s
+        however many heartbeats came (else ``ServerTimeout``: not retried, the server is still working).
+        ``deadline`` (time.monotonic): the read timeout started earlier (the later frames of a streamed reply)."""
+        if deadline is None:
+            deadline = time.monotonic() + read_timeout_s
         got = 0
         while True:
             left = deadline - time.monotonic()
@@ -511,6 +578,21 @@ class MeshClient:
         stats: StepStats,
     ) -> list[WireTensor]:
         """Encode ``coded`` with this connection's codec state (lock held, connected)."""
+        enc = self._coder(coded, codec_name, codec_params, stream, stats)
+        if stats.codec["codec"] == "raw":
+            return self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
+        return [enc(t, name) for name, t in coded.items()]
+
+    def _coder(
+        self,
+        coded: dict[str, torch.Tensor],
+        codec_name: str,
+        codec_params: dict[str, Any] | None,
+        stream: dict[str, Any] | None,
+        stats: StepStats,
+    ) -> Encoder:
+        """The encoder of this call's coded tensors: ``auto`` resolved for all of ``coded``, this
+        connection's overrides and codec state (lock held, connected)."""
         params = dict(codec_params or {})
         if codec_name == "auto":  # a policy, not a format: pick the codec for the measured link
             stats.codec = self._auto_choice(coded, params)
@@ -518,10 +600,118 @@ class MeshClient:
         if self._codec_override and codec.by_name(codec_name).uses_entropy_backend:
             params.update(self._codec_override)
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
-        if codec_name == "raw":
-            return self._encode_raw(coded)
+        name_ = codec_name
+        if name_ == "raw":  # stateless
+            return lambda t, name: codec.encode(t, name, "raw")
         sub = temporal.stream_state(self._codec_state, stream)
-        return [codec.encode(t, name, codec_name, params, state=sub) for name, t in coded.items()]
+
+        def enc(t: torch.Tensor, name: str) -> WireTensor:
+            return codec.encode(t, name, name_, params, state=sub)
+
+        return enc
+
+    # ------------------------------------------------------------------ streamed calls (§6.1)
+    def _cuts(self, coded: dict[str, torch.Tensor]) -> dict[str, streaming.Cut]:
+        """How to stream ``coded``; {} when the call is too small to gain (it goes as one frame), and on
+        the same-host fast path (big tensors bypass the socket there)."""
+        slab = self.cfg.stream_slab_bytes
+        if (
+            self._chan is not None
+            or slab <= 0
+            or sum(t.numel() * t.element_size() for t in coded.values()) < self.cfg.stream_min_bytes
+        ):
+            return {}
+        return streaming.plan(coded, slab)
+
+    def _send_streamed(self, sock: socket.socket, msg: Forward, upload: _Upload) -> int:
+        """Send the FORWARD, then its chunks, each coded while the previous one is written; bytes
+        sent. A failure mid-way leaves the server half a request: the connection is closed."""
+        sock.settimeout(self.cfg.liveness_timeout_s)  # a send that makes no progress this long: link down
+        sender = _Sender(sock, self._link)
+        try:
+            if sender.put(msg):
+                for chunk in upload.chunks(msg.seq):
+                    if not sender.put(chunk):
+                        break
+        except BaseException:  # coding failed: the stream cannot be finished
+            sender.close()
+            self.close()
+            raise
+        sender.close()
+        if sender.error is not None:
+            self._broken_send(sock, sender.error)
+        return sender.sent
+
+    def _broken_send(self, sock: socket.socket, e: BaseException) -> None:
+        """A send failed: raise the error frame the server may have sent first (it refused the
+        stream), else ConnectFailed; the connection is closed either way."""
+        try:
+            sock.settimeout(1.0)
+            while isinstance(self._recv(sock, self._link)[0], Progress):  # heartbeats before the error
+                pass
+        except RemoteFailure:
+            self.close()
+            raise
+        except (MeshError, OSError):
+            pass
+        self.close()
+        if isinstance(e, TimeoutError):
+            raise ServerSilent(
+                f"sending to {self._where()} made no progress for {self.cfg.liveness_timeout_s:g} s"
+            ) from None
+        raise ConnectFailed(f"connection to {self._where()} broke while sending: {e}") from None
+
+    def _recv_result(
+        self,
+        sock: socket.socket,
+        seq: int,
+        device: torch.device | str,
+        stats: StepStats,
+        first: tuple[Message, int] | None = None,
+    ) -> tuple[Message, int, dict[str, torch.Tensor]]:
+        """The reply to request ``seq`` (its first frame ``first`` when already read) and, when that
+        RESULT names slabs, its RESULT_CHUNK frames, each decoded into place as it arrives (the next
+        one is still on the wire); (the reply frame, bytes read, the slabbed tensors)."""
+        read_timeout_s = self.cfg.read_timeout_s
+        deadline = time.monotonic() + read_timeout_s
+        try:
+            reply, got = first if first is not None else self._await_reply(sock, read_timeout_s)
+        except (ConnectFailed, RemoteProtocolError):
+            self.close()
+            raise
+        if not isinstance(reply, Result):  # out of step with this request (a stray chunk, ...)
+            self.close()
+            raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
+        if not reply.slabs:
+            return reply, got, {}
+        t0 = time.perf_counter()
+        try:
+            asm = streaming.Assembler(reply.slabs, RemoteProtocolError)
+            if asm.nbytes > MAX_DECODED_REQUEST_BYTES:
+                raise RemoteProtocolError(f"{self._where()} announced a reply of {asm.nbytes} bytes")
+            asm.allocate(device)
+            dec_s = time.perf_counter() - t0
+            part = 0
+            while not asm.complete:
+                chunk, n = self._await_reply(sock, read_timeout_s, deadline)  # skips PROGRESS, if any
+                got += n
+                if not isinstance(chunk, ResultChunk) or (chunk.seq, chunk.part) != (seq, part) or not chunk.tensors:
+                    raise RemoteProtocolError(
+                        f"{self._where()} sent {type(chunk).__name__} where chunk {part} of reply {seq} was due"
+                    )
+                part += 1
+                t0 = time.perf_counter()
+                for wt in chunk.tensors:
+                    asm.admit(wt)
+                    asm.put(wt.name, self._decode(wt, device))
+                dec_s += time.perf_counter() - t0
+            joined = asm.finish()
+        except (ConnectFailed, RemoteProtocolError):
+            self.close()
+            raise
+        stats.decode_ms = dec_s * 1e3
+        stats.slabs_in = sum(len(w.parts) for w in asm.wholes.values())
+        return reply, got, joined
 
     def _reset_codec_state(self) -> None:
         self._codec_state.clear()
@@ -572,20 +762,42 @@ class MeshClient:
         action = self._RECOVERY.get(code) if code is not None else None
         return action is not None and action(self, e)
 
-    def _send_forward(self, msg: Forward, stats: StepStats) -> Message:
+    def _send_forward(
+        self, msg: Forward, stats: StepStats, upload: _Upload | None = None, device: torch.device | str = "cpu"
+    ) -> tuple[Message, dict[str, torch.Tensor]]:
+        """Send the request (streamed when ``upload``), read the reply (streamed when the server
+        cut it); (closing reply frame, the reply's joined slabs)."""
         t1 = time.perf_counter()
-        reply, sent, got = self._roundtrip(msg)
+        sock = self._sock
+        assert sock is not None
+        if upload is not None:
+            sent = self._send_streamed(sock, msg, upload)
+            stats.slabs_out = sum(c.parts for c in upload.cuts.values())
+            reply, got, joined = self._recv_result(sock, msg.seq, device, stats)
+        else:
+            first, sent, n = self._roundtrip(msg)
+            reply, got, joined = self._recv_result(sock, msg.seq, device, stats, (first, n))
         stats.wait_ms = (time.perf_counter() - t1) * 1e3
         stats.bytes_out, stats.bytes_in = sent, got
-        return reply
+        return reply, joined
 
-    def _decode_result(self, reply: Message, stats: StepStats, device: torch.device | str) -> dict[str, torch.Tensor]:
+    def _decode_result(
+        self,
+        reply: Message,
+        stats: StepStats,
+        device: torch.device | str,
+        joined: dict[str, torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
         if not isinstance(reply, Result):
             raise RemoteProtocolError(f"{self._where()} answered forward with {type(reply).__name__}")
         stats.server = {k: float(v) for k, v in reply.timings.items() if isinstance(v, (int, float))}
         t2 = time.perf_counter()
-        out = {name: self._decode(wt, device) for name, wt in tensor_map(reply.tensors).items()}
-        stats.decode_ms = (time.perf_counter() - t2) * 1e3
+        out = dict(joined or {})
+        for name, wt in tensor_map(reply.tensors).items():
+            if name in out:
+                raise RemoteProtocolError(f"{self._where()} sent {name!r} twice (as slabs and whole)")
+            out[name] = self._decode(wt, device)
+        stats.decode_ms += (time.perf_counter() - t2) * 1e3
         return out
 
     def forward(
@@ -625,6 +837,7 @@ class MeshClient:
         with self._lock:
             coded_wire: list[WireTensor] = []
             tensors: list[WireTensor] = []
+            upload: _Upload | None = None
             enc_gen = -1
             retry = _Retry(self.cfg, self._where(), on_status)
             recovered = 0
@@ -638,7 +851,14 @@ class MeshClient:
                         if self._chan is not None:
                             self._chan.release()  # the server answered: it is done with what it was lent
                         tensors = self._encode_raw(exact)
-                        coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                        cuts = self._cuts(coded)  # big tensors over TCP: coded slab by slab while they are sent
+                        if cuts:
+                            enc = self._coder(coded, codec_name, codec_params, stream, stats)
+                            upload = _Upload(coded, cuts, enc)
+                            coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
+                        else:
+                            upload = None
+                            coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
                         if enc_gen == -1:
                             stats.encode_ms = (time.perf_counter() - t0) * 1e3
                             if on_encoded:
@@ -655,8 +875,11 @@ class MeshClient:
                         consts=const_keys,
                         reply_codec=codec.by_name(reply_codec).wire_id,
                         stream=stream or {},
+                        slabs=upload.spec() if upload is not None else {},
+                        # the same-host fast path carries a big reply past the socket: no streamed reply then
+                        reply_slab_bytes=self.cfg.stream_slab_bytes if self._chan is None else 0,
                     )
-                    reply = self._send_forward(msg, stats)
+                    reply, joined = self._send_forward(msg, stats, upload, device)
                 except ServerTimeout:  # alive and still working on it: a resend would queue behind it
                     raise
                 except ConnectFailed as e:  # refused, dropped, silent: the next try connects again
@@ -675,8 +898,10 @@ class MeshClient:
                 stats.via = "samehost" if self._chan is not None else "tcp"
                 retry.succeeded()
                 break
+            if upload is not None:
+                stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
             # Under the lock: a reply in the server's segment is overwritten by the next request's.
-            return self._decode_result(reply, stats, device), stats
+            return self._decode_result(reply, stats, device, joined), stats
 
 
 # ---------------------------------------------------------------------------- pool

@@ -9,24 +9,26 @@ GPU work from all connections is serialized by one lock.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec, hostmem, samehost
+from .. import auth, codec, hostmem, samehost, streaming
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
     MAX_BODY_BYTES,
     MAX_HEADER_BYTES,
+    MIN_STREAM_SLAB_BYTES,
     PACKAGE_VERSION,
     PEER_LOG_INTERVAL_S,
     PEER_LOG_LINES,
@@ -45,6 +47,7 @@ from ..protocol import (
     Error,
     ErrorCode,
     Forward,
+    ForwardChunk,
     FrameDecoder,
     Message,
     Ping,
@@ -53,6 +56,7 @@ from ..protocol import (
     Reconfigure,
     Reconfigured,
     Result,
+    ResultChunk,
     StreamEnded,
     WireTensor,
     content_hash,
@@ -301,6 +305,30 @@ def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
     return Error(code=code.value, message=message, detail=detail)
 
 
+@dataclass
+class _Inbound:
+    """A streamed request whose FORWARD was read and whose slabs are arriving in FORWARD_CHUNK frames
+    (docs/PROTOCOL.md §6.1): its decoded tensors, the whole tensors the slabs are decoded into, and the
+    bytes they hold in the server-wide in-flight budget. ``failed``: the request was answered with an
+    error; its remaining chunks are dropped unread."""
+
+    msg: Forward
+    budget: Budget
+    asm: streaming.Assembler
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the FORWARD's own, decoded
+    held: int = 0  # bytes taken from the budget
+    next_part: int = 0
+    bytes_in: int = 0
+    decode_s: float = 0.0
+    failed: bool = False
+
+    def drop(self) -> None:
+        self.tensors.clear()
+        self.asm.drop()
+        self.budget.give(self.held)
+        self.held = 0
+
+
 class Session:
     """One connection's protocol state. ``handle`` never raises for bad client input."""
 
@@ -322,6 +350,9 @@ class Session:
         self.consts = ConstCache(state.cfg.const_cache_bytes, state.budgets.consts)
         self.codec_state: dict[str, Any] = {}  # temporal codec references (wirecodecs.temporal.stream_state)
         self._codec_bytes = 0  # their size as last added to the server's stats
+        self._inbound: _Inbound | None = None  # a streamed request being received
+        self._outbound: Iterator[Message] | None = None  # a streamed reply, coded as it is sent
+        self.linger = False  # closing after a broken stream: drain the peer's bytes after the last reply
         # Ends the connection from another thread (its token was revoked); the server sets it.
         self.kick: Callable[[], None] = lambda: None
         self.step_phase = ""  # what the request being served is doing (PROGRESS.phase): decode, queued, ...
@@ -342,20 +373,30 @@ class Session:
                 replies = [chan.outgoing(r) for r in replies]
                 self._count_samehost()
             return replies
-        except OverBudget as e:  # a server-wide budget has no room (now, or for a request this big)
-            self.state.stats.errors += 1
-            self.state.peer_log.warning("%s: refused: %s", self.peer, e)
-            return [_err(ErrorCode.BUSY, str(e), transient=e.transient)]
-        except (RemoteProtocolError, LocalError) as e:
-            self.state.stats.errors += 1
-            self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
-            return [_err(ErrorCode.BAD_REQUEST, str(e))]
-        except Exception as e:  # a failing step must not take the server down
-            self.state.stats.errors += 1
-            log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
-            return [_err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")]
+        except Exception as e:
+            err = self._failure(e)
+            return [err, *self._abandon(msg)]
         finally:
             self._account_codec_state()
+
+    def _failure(self, e: Exception) -> Error:
+        """The error frame for a request that raised ``e``."""
+        self.state.stats.errors += 1
+        if isinstance(e, OverBudget):  # a server-wide budget has no room (now, or for a request this big)
+            self.state.peer_log.warning("%s: refused: %s", self.peer, e)
+            return _err(ErrorCode.BUSY, str(e), transient=e.transient)
+        if isinstance(e, (RemoteProtocolError, LocalError)):
+            self.state.peer_log.warning("%s: bad request: %s", self.peer, e)
+            return _err(ErrorCode.BAD_REQUEST, str(e))
+        # a failing step must not take the server down
+        log.error("%s: request failed:\n%s", self.peer, traceback.format_exc())
+        return _err(ErrorCode.FORWARD_FAILED, f"{type(e).__name__}: {e}")
+
+    def take_outbound(self) -> Iterator[Message]:
+        """The frames of a streamed reply ``handle`` left to send (coded one by one as the caller
+        iterates: the caller sends each before the next is coded); empty when there is none."""
+        out, self._outbound = self._outbound, None
+        return out if out is not None else iter(())
 
     @property
     def link(self) -> SecureLink | None:
@@ -370,6 +411,8 @@ class Session:
 
     def release(self) -> None:
         """The connection closed: its codec references, constants and client slot go back to the server."""
+        self._drop_inbound()
+        self._outbound = None
         self.codec_state.clear()
         self._account_codec_state()
         self.consts.clear()
@@ -509,6 +552,12 @@ class Session:
         if isinstance(msg, Bye):
             self.closed = True
             return []
+        if isinstance(msg, ForwardChunk):
+            return self._chunk(msg, bytes_in)
+        if self._inbound is not None:
+            return self._broken_stream(
+                f"{type(msg).__name__} in the middle of streamed request {self._inbound.msg.seq}"
+            )
         if isinstance(msg, Ping):
             payload = b"\0" * max(0, min(msg.echo_bytes, 64 << 20))
             tensors = (WireTensor("echo", "uint8", (len(payload),), 0, payload),) if payload else ()
@@ -536,10 +585,99 @@ class Session:
                 return [_err(ErrorCode.RECONFIGURE_FAILED, f"{type(e).__name__}: {e}")]
             return [Reconfigured(n_blocks=b.n_blocks, fingerprint=b.fingerprint, no_op=no_op)]
         if isinstance(msg, Forward):
-            return [self._forward(msg, bytes_in)]
+            reply = self._forward(msg, bytes_in)
+            if reply is None:
+                return []
+            if isinstance(reply, Error):  # a streamed request refused at its FORWARD: drop its chunks
+                return [reply, *self._abandon(msg)]
+            return [reply]
         if isinstance(msg, EndStream):
             return [self._end_stream(msg)]
         return [_err(ErrorCode.BAD_REQUEST, f"unexpected {type(msg).__name__} after the handshake")]
+
+    # ------------------------------------------------------------ streamed requests (§6.1)
+    def _drop_inbound(self) -> None:
+        ib, self._inbound = self._inbound, None
+        if ib is not None:
+            ib.drop()
+
+    def _broken_stream(self, why: str) -> list[Message]:
+        """The peer broke the chunk sequence: the connection cannot be trusted to be in step any more."""
+        self._drop_inbound()
+        self.closed = self.linger = True
+        self.state.stats.errors += 1
+        self.state.peer_log.warning("%s: broken stream, closing: %s", self.peer, why)
+        return [_err(ErrorCode.BAD_REQUEST, f"broken stream: {why}")]
+
+    def _abandon(self, msg: Message) -> list[Message]:
+        """``msg`` was answered with an error: the chunks of its streamed request that are still to
+        come are dropped unread (a FORWARD whose slabs cannot even be counted closes the connection)."""
+        if isinstance(msg, ForwardChunk) and self._inbound is not None:
+            ib = self._inbound
+            ib.drop()
+            ib.failed = True
+            for wt in msg.tensors:  # this chunk's slabs not decoded yet: not waited for
+                ib.asm.pending.pop(wt.name, None)
+            if ib.asm.complete:
+                self._inbound = None
+        elif isinstance(msg, Forward) and msg.slabs and self._inbound is None:
+            try:
+                asm = streaming.Assembler(msg.slabs, RemoteProtocolError)
+            except RemoteProtocolError as e:
+                self.closed = self.linger = True
+                self.state.peer_log.warning("%s: unusable slabs, closing: %s", self.peer, e)
+                return []
+            self._inbound = _Inbound(msg, self.state.budgets.inflight, asm, failed=True)
+        return []
+
+    def _chunk(self, msg: ForwardChunk, bytes_in: int) -> list[Message]:
+        """One chunk of the streamed request: its slabs are decoded now (the next chunk is still on
+        the wire); after the last one the step runs and is answered."""
+        st = self.state
+        ib = self._inbound
+        if ib is None:
+            return self._broken_stream(f"chunk {msg.part} of request {msg.seq} without its FORWARD")
+        if (msg.seq, msg.part) != (ib.msg.seq, ib.next_part):
+            return self._broken_stream(
+                f"chunk {msg.part} of request {msg.seq} where chunk {ib.next_part} of request {ib.msg.seq} was due"
+            )
+        if not msg.tensors:
+            return self._broken_stream(f"chunk {msg.part} of request {msg.seq} carries no slab")
+        ib.next_part += 1
+        ib.bytes_in += bytes_in
+        if ib.failed:  # answered already: dropped unread
+            try:
+                for wt in msg.tensors:
+                    ib.asm.skip(wt.name)
+            except RemoteProtocolError as e:
+                return self._broken_stream(str(e))
+            if ib.asm.complete:
+                self._inbound = None
+            return []
+        self.step_phase = "decode"
+        t0 = time.perf_counter()
+        for wt in msg.tensors:
+            try:
+                ib.asm.admit(wt)  # named, due, fits: before anything is decoded
+            except RemoteProtocolError as e:
+                return self._broken_stream(str(e))
+            size = numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
+            with st.budgets.inflight.reserve(size, "a streamed request's slab"):  # decoded, then copied in place
+                out = self._decode_coded({wt.name: wt}, ib.msg.stream, st.backend.device)
+                if isinstance(out, Error):
+                    return [out, *self._abandon(msg)]
+                ib.asm.put(wt.name, out[wt.name])
+                del out
+        ib.decode_s += time.perf_counter() - t0
+        if not ib.asm.complete:
+            return []
+        self._inbound = None  # the last chunk: run the step
+        try:
+            ib.tensors.update(ib.asm.finish())  # what the unstreamed path decodes, slab by slab in place
+            reply = self._run(ib.msg, ib.bytes_in, ib.tensors, ib.decode_s * 1e3)
+            return [reply] if reply is not None else []
+        finally:
+            ib.drop()
 
     def _end_stream(self, msg: EndStream) -> StreamEnded:
         """Generation end: drop this connection's temporal references if they are that
@@ -563,9 +701,13 @@ class Session:
             arch=b.arch,
         )
 
-    def _forward(self, msg: Forward, bytes_in: int) -> Message:
+    def _forward(self, msg: Forward, bytes_in: int) -> Message | None:
+        """One request. A streamed one (``slabs``) is checked, its whole tensors allocated and its own
+        tensors decoded now, then it waits for its chunks (``_chunk`` answers it); None then, and when
+        the reply is streamed (``take_outbound``)."""
         st = self.state
         b = st.backend
+        asm = streaming.Assembler(msg.slabs, RemoteProtocolError) if msg.slabs else None
         mismatch = self._mismatch(msg, b)
         if mismatch:
             return mismatch
@@ -573,9 +715,9 @@ class Session:
         self.step_phase = "decode"
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
-        decoded = 0
+        decoded = asm.nbytes if asm is not None else 0
         for wt in msg.tensors:
-            if wt.name in incoming:
+            if wt.name in incoming or (asm is not None and (wt.name in asm.wholes or wt.name in asm.pending)):
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
             decoded += numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
@@ -584,45 +726,38 @@ class Session:
                 f"the request's tensors decode to {decoded} bytes, over this server's limit of "
                 f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
             )
-        with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
-            return self._forward_within_budget(msg, bytes_in, incoming, t0)
+        if asm is None:
+            with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
+                tensors: dict[str, torch.Tensor] = {}
+                err = self._prepare(msg, incoming, tensors)
+                return err or self._run(msg, bytes_in, tensors, (time.perf_counter() - t0) * 1e3)
+        for arg in asm.wholes:
+            if arg in msg.consts:
+                raise RemoteProtocolError(f"tensor {arg!r} sent twice (as slabs and as a constant)")
+        st.budgets.inflight.take_or_raise(decoded, "the request's decoded tensors")
+        ib = _Inbound(msg, st.budgets.inflight, asm, held=decoded, bytes_in=bytes_in)
+        try:
+            err = self._prepare(msg, incoming, ib.tensors)
+            if err is None:
+                asm.allocate(b.device)
+        except BaseException:
+            ib.drop()
+            raise
+        ib.decode_s = time.perf_counter() - t0
+        if err is not None:
+            ib.drop()
+            return err
+        self._inbound = ib
+        return None
 
-    def _forward_within_budget(
-        self, msg: Forward, bytes_in: int, incoming: dict[str, WireTensor], t0: float
-    ) -> Message:
+    def _decode_coded(
+        self, incoming: dict[str, WireTensor], stream: dict, device: torch.device
+    ) -> dict[str, torch.Tensor] | Error:
+        """Decode coded tensors with this connection's codec state for ``stream``; an Error for what
+        the client recovers from (references lost, entropy backend refused)."""
         st = self.state
-        b = st.backend
-        fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
-        for name, wt in list(incoming.items()):
-            if name.startswith("const:"):
-                h = name[6:]
-                known = self.consts.get(h)
-                if known is None:
-                    if self.chan is not None:
-                        wt = self.chan.resolve(wt)
-                    if wt.codec != 0 or "cuda" in wt.meta or content_hash(wt) != h:
-                        raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
-                    known = codec.decode(wt, b.device)
-                    self.consts.put(h, known)
-                fresh[h] = known
-                del incoming[name]
+        sub = temporal.stream_state(self.codec_state, stream, RemoteProtocolError)
         tensors: dict[str, torch.Tensor] = {}
-        missing = []
-        for arg, h in msg.consts.items():
-            if not isinstance(h, str):
-                raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
-            t = fresh.get(h)
-            if t is None:
-                t = self.consts.get(h)
-            if t is None:
-                missing.append(h)
-            else:
-                tensors[arg] = t
-        if missing:
-            return _err(
-                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
-            )
-        sub = temporal.stream_state(self.codec_state, msg.stream, RemoteProtocolError)
         try:
             for name, wt in incoming.items():
                 if not st.cfg.gpu_entropy and wt.meta.get("be") == "ans":
@@ -631,7 +766,7 @@ class Session:
                         "send zstd-coded payloads",
                         "ans",
                     )
-                tensors[name] = self._wire(wt, b.device, sub)
+                tensors[name] = self._wire(wt, device, sub)
         except StreamStateError as e:  # the client drops its state and resends keyframes
             self.codec_state.clear()
             return _err(ErrorCode.STREAM_RESET, str(e))
@@ -652,9 +787,56 @@ class Session:
         if pool.used - self._codec_bytes + held > pool.limit:  # with every other connection's references
             self.codec_state.clear()
             raise pool.refusal(held, "this connection's temporal-codec references")
+        return tensors
+
+    def _prepare(self, msg: Forward, incoming: dict[str, WireTensor], tensors: dict[str, torch.Tensor]) -> Error | None:
+        """Resolve the request's constants and decode its own tensors into ``tensors``; an Error the
+        client recovers from (constants missing, codec state lost, entropy backend refused)."""
+        st = self.state
+        b = st.backend
+        fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
+        for name, wt in list(incoming.items()):
+            if name.startswith("const:"):
+                h = name[6:]
+                known = self.consts.get(h)
+                if known is None:
+                    if self.chan is not None:
+                        wt = self.chan.resolve(wt)
+                    if wt.codec != 0 or "cuda" in wt.meta or content_hash(wt) != h:
+                        raise RemoteProtocolError(f"constant {h[:12]} does not match its content hash")
+                    known = codec.decode(wt, b.device)
+                    self.consts.put(h, known)
+                fresh[h] = known
+                del incoming[name]
+        missing = []
+        for arg, h in msg.consts.items():
+            if not isinstance(h, str):
+                raise RemoteProtocolError(f"constant {arg!r} has a non-string hash")
+            t = fresh.get(h)
+            if t is None:
+                t = self.consts.get(h)
+            if t is None:
+                missing.append(h)
+            else:
+                tensors[arg] = t
+        if missing:
+            return _err(
+                ErrorCode.MISSING_CONSTS, f"{len(missing)} constants not cached here; resend them", missing=missing
+            )
+        decoded = self._decode_coded(incoming, msg.stream, b.device)
+        if isinstance(decoded, Error):
+            return decoded
+        tensors.update(decoded)
+        return None
+
+    def _run(self, msg: Forward, bytes_in: int, tensors: dict[str, torch.Tensor], decode_ms: float) -> Message | None:
+        """Run the step on the decoded tensors; the reply (None: streamed, ``take_outbound``)."""
+        st = self.state
+        b = st.backend
+        t_dec = time.perf_counter()
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
-        t_dec = time.perf_counter()
+        decode_ms += (time.perf_counter() - t_dec) * 1e3
         self.step_phase = "queued"
         with st.gpu_lock:
             self.step_phase = "forward"
@@ -669,11 +851,67 @@ class Session:
                 torch.cuda.synchronize(b.device)
         t2 = time.perf_counter()
         self.step_phase = "encode"
+        timings = {"decode": decode_ms, "forward": (t2 - t1) * 1e3}
+        # A streamed reply over TCP only: on the same-host fast path the big tensors bypass the socket.
+        if msg.reply_slab_bytes > 0 and self.chan is None:
+            cuts = streaming.plan(out, max(msg.reply_slab_bytes, MIN_STREAM_SLAB_BYTES))
+            if cuts:
+                self._outbound = self._stream_reply(msg, bytes_in, out, cuts, timings)
+                return None
         chan = self.chan if msg.reply_codec == 0 else None
         reply = tuple((chan and chan.ipc_wire(v, k)) or codec.encode(v, k, msg.reply_codec) for k, v in out.items())
-        t3 = time.perf_counter()
-        bytes_out = sum(w.nbytes for w in reply)
-        timings = {"decode": (t_dec - t0) * 1e3, "forward": (t2 - t1) * 1e3, "encode": (t3 - t2) * 1e3}
+        timings["encode"] = (time.perf_counter() - t2) * 1e3
+        return self._step_done(msg, bytes_in, sum(w.nbytes for w in reply), timings, reply)
+
+    def _stream_reply(
+        self,
+        msg: Forward,
+        bytes_in: int,
+        out: dict[str, torch.Tensor],
+        cuts: dict[str, streaming.Cut],
+        timings: dict[str, float],
+    ) -> Iterator[Message]:
+        """The RESULT (naming the slabs; its ``timings.encode`` covers its own tensors), then the
+        RESULT_CHUNK frames, each coded when the previous one has been handed to the socket (it is on
+        the wire while this one is coded). A slab that fails to code ends the reply with an error frame
+        instead of the chunks still due."""
+        dev = self.state.backend.device
+        on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
+        slabbed = {n: out.pop(n) for n in cuts}
+        t0 = time.perf_counter()
+        try:
+            with on_device:
+                rest = tuple(codec.encode(v, k, msg.reply_codec) for k, v in out.items())
+        except Exception as e:
+            yield self._failure(e)
+            return
+        timings["encode"] = (time.perf_counter() - t0) * 1e3
+        spec = {n: c.spec() for n, c in cuts.items()}
+        yield self._step_done(msg, bytes_in, sum(w.nbytes for w in rest), timings, rest, spec)
+        part = 0
+        try:
+            for name, cut in cuts.items():
+                t = slabbed.pop(name)
+                for sname, slab in cut.slabs(t):
+                    with on_device:
+                        wt = codec.encode(slab, sname, msg.reply_codec)
+                    self.state.stats.bytes_out += wt.nbytes
+                    yield ResultChunk(seq=msg.seq, part=part, tensors=(wt,))
+                    part += 1
+                del t
+        except Exception as e:
+            yield self._failure(e)
+
+    def _step_done(
+        self,
+        msg: Forward,
+        bytes_in: int,
+        bytes_out: int,
+        timings: dict[str, float],
+        reply: tuple[WireTensor, ...],
+        slabs: dict[str, Any] | None = None,
+    ) -> Result:
+        st = self.state
         st.stats.steps += 1
         st.stats.bytes_in += bytes_in
         st.stats.bytes_out += bytes_out
@@ -696,7 +934,7 @@ class Session:
             timings["encode"],
         )
         st.emit(kind="step", **st.stats.last_step)
-        return Result(seq=msg.seq, timings=timings, tensors=reply)
+        return Result(seq=msg.seq, timings=timings, tensors=reply, slabs=slabs or {})
 
 
 class Heartbeat:
@@ -968,7 +1206,8 @@ class DaedalusServer:
                     dec.body_alloc = st.budgets.inflight.allocator(alloc)
                     conn.settimeout(cfg.idle_timeout_s)
                 del msg  # the frame (and its budget) is free while the connection waits for the next one
-                for reply in replies:
+                # A streamed reply's frames are coded one by one as they are sent (take_outbound).
+                for reply in itertools.chain(replies, session.take_outbound()):
                     try:
                         with send_lock:
                             send_message(conn, reply, link)
@@ -977,6 +1216,9 @@ class DaedalusServer:
                         session.closed = True
                         break
                 del replies
+                if session.linger:  # a broken stream: let the peer read the error before the close
+                    with contextlib.suppress(OSError):
+                        _linger(conn)
                 if link is None and session.admitted:  # WELCOME went out in the clear; all else is sealed
                     link = session.link
         finally:

@@ -121,16 +121,17 @@ def ksampler_node(model: list) -> dict:
     return {"class_type": "KSampler", "inputs": inputs}
 
 
-def split(model, srv, n: int, codec: str = "raw", stats: list | None = None):
+def split(model, srv, n: int, codec: str = "raw", stats: list | None = None, **client):
     """Split ``model`` against Daedalus ``srv`` as the node does: the UI's Confirm (reconfigure to
     ``n`` blocks), ``split_model``, a fresh connection checked against the expectations (so the
     constants travel again), then the queue-time connect (arch, n_blocks, fingerprint).
-    ``stats``: a list that collects each call's StepStats. Returns (model, run)."""
+    ``stats``: a list that collects each call's StepStats; ``client``: ClientConfig fields (e.g. the
+    streaming slab size). Returns (model, run)."""
     from comfyui_mesh.config import ClientConfig
     from comfyui_mesh.icarus import SplitSettings, split_model
     from comfyui_mesh.transport import MeshClient, pooled_client
 
-    cfg = ClientConfig(port=srv.port, token=srv.token)
+    cfg = ClientConfig(port=srv.port, token=srv.token, **client)
     probe = MeshClient(cfg)  # no expectations: what the UI's Confirm button does
     probe.reconfigure(n)
     probe.close()

@@ -47,6 +47,21 @@ def test_raw_split_is_bit_identical_with_cfg(setup, n):
     assert run.last_stats is not None and run.last_stats.consts_sent == 0
 
 
+@pytest.mark.parametrize("name", ["raw", "lossless", "lossless-t"])
+def test_streamed_split_is_bit_identical(setup, name):
+    """Seam tensors cut into token slabs (docs/PROTOCOL.md §6.1): the same sample as unsplit, bit for bit."""
+    comfy, weights, _, srv = setup
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    stats: list = []
+    m, run = split(
+        model, srv, 3, codec=name, stats=stats, stream_slab_bytes=1 << 10, stream_min_bytes=0, samehost=False
+    )  # over TCP: a same-host session does not stream
+    out = sample(comfy, m)
+    assert run.calls == 3 and all(s.slabs_out >= 2 for s in stats), [s.slabs_out for s in stats]
+    assert torch.equal(out, ref), f"{name}: max diff {(out - ref).abs().max()}"
+
+
 def test_int8_within_tolerance(setup):
     comfy, weights, _, srv = setup
     model = comfy.sd.load_diffusion_model(str(weights))

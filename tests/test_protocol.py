@@ -118,8 +118,14 @@ NON_DEFAULT: dict[type, dict] = {
         consts={"pe": "c0ffee", "mask": "deadbeef"},
         reply_codec=1,
         stream={"key": "abc", "step": 3},
+        slabs={"x": {"dim": 1, "parts": ["x#0", "x#1"]}},
+        reply_slab_bytes=4 << 20,
     ),
-    protocol.Result: dict(seq=77, timings={"decode": 1.5, "forward": 42.0, "encode": 0.25}),
+    protocol.ForwardChunk: dict(seq=123456789012, part=3),
+    protocol.Result: dict(
+        seq=77, timings={"decode": 1.5, "forward": 42.0, "encode": 0.25}, slabs={"out": {"dim": 0, "parts": ["o#0"]}}
+    ),
+    protocol.ResultChunk: dict(seq=77, part=1),
     protocol.Error: dict(code="oom", message="CUDA out of memory – ünïcödé ✓", detail={"free": 123, "need": [1, 2]}),
     protocol.Reconfigure: dict(n_blocks=3),
     protocol.Reconfigured: dict(n_blocks=5, fingerprint="beef", no_op=True),

@@ -321,7 +321,9 @@ def test_heartbeats_keep_a_client_waiting_through_a_step_slower_than_its_livenes
     beats = [m for m in seen if isinstance(m, protocol.Progress)]
     assert not statuses, "no reconnect"
     assert len(beats) >= 3 and isinstance(seen[-1], protocol.Result)
-    assert {b.phase for b in beats} == {"forward"} and all(b.seq == seen[-1].seq for b in beats)
+    # 3 s = 12 beats of 0.25 s: the last may fall just as the step ends (encoding the reply)
+    assert "forward" in {b.phase for b in beats} <= {"forward", "encode"}
+    assert all(b.seq == seen[-1].seq for b in beats)
     assert beats[-1].elapsed_ms > beats[0].elapsed_ms
 
 

@@ -295,7 +295,7 @@ def test_a_relay_cannot_inject_replay_reorder_drop_or_alter_frames(attack, caplo
     with serve() as srv:
         relay = Relay(srv.address, ATTACKS[attack])
         try:
-            victim = client(relay.address)
+            victim = client(relay.address, samehost=False)  # the probe's records must cross the relay
             victim.connect()  # the handshake passes through the relay untouched
             assert relay.connections == 1
             probe = protocol.WireTensor("p", "uint8", (5 << 20,), 0, bytes(5 << 20))  # several records

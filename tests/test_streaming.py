@@ -1,0 +1,537 @@
+"""Streamed calls (docs/PROTOCOL.md §6.1): slab cutting, chunk frames on the wire, and a loopback
+toy server answering streamed requests with streamed replies."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import time
+
+import pytest
+import torch
+from comfyui_mesh import codec, protocol, streaming
+from comfyui_mesh.config import ClientConfig, ServerConfig
+from comfyui_mesh.constants import MAX_STREAM_PARTS, MIN_STREAM_SLAB_BYTES, PREFIX_SIZE
+from comfyui_mesh.errors import ConnectFailed, RemoteFailure, RemoteProtocolError
+from comfyui_mesh.netio import recv_message, send_message
+from comfyui_mesh.protocol import NEED_DATA, Forward, ForwardChunk, FrameDecoder, MsgKind
+from comfyui_mesh.server.core import DaedalusServer, ServerState
+from comfyui_mesh.server.toy import ToyBackend, ToyModel
+from comfyui_mesh.transport import MeshClient
+
+TOKEN = "0123456789abcdef0123456789abcdef"
+SLAB = 16 << 10  # small slabs so toy tensors are cut into several
+
+
+# ---------------------------------------------------------------------------- cutting and joining
+
+
+def _assemble(spec, slabs, device="cpu"):
+    asm = streaming.Assembler(spec, RemoteProtocolError)
+    asm.allocate(device)
+    for name, t in slabs.items():
+        asm.admit(codec.encode(t, name, "raw"))
+        asm.put(name, t)
+    return asm.finish()
+
+
+def test_plan_cuts_the_token_dim_into_bounded_slabs_and_assembly_is_exact():
+    x = torch.randn(2, 301, 64)
+    cuts = streaming.plan({"x": x, "small": torch.randn(4, 4)}, SLAB)
+    assert set(cuts) == {"x"}, "a tensor within one slab is not cut"
+    cut = cuts["x"]
+    assert cut.dim == 1 and cut.parts == -(-x.numel() * 4 // SLAB)
+    slabs = dict(cut.slabs(x))
+    assert list(slabs) == [f"x#{k}" for k in range(cut.parts)]
+    assert all(s.is_contiguous() and s.shape[0] == 2 and s.shape[2] == 64 for s in slabs.values())
+    assert streaming.Assembler({"x": cut.spec()}, RemoteProtocolError).nbytes == x.numel() * 4
+    assert torch.equal(_assemble({"x": cut.spec()}, slabs)["x"], x)
+    # many big tensors: never more than MAX_STREAM_PARTS slabs in all (they grow instead)
+    many = {f"t{i}": torch.zeros(1, 1000, 64) for i in range(10)}
+    cuts = streaming.plan(many, 1 << 10)
+    assert sum(c.parts for c in cuts.values()) <= MAX_STREAM_PARTS and len(cuts) == 10
+    assert streaming.plan({"v": torch.zeros(1 << 20)}, SLAB) == {}, "a 1-D tensor has no token dim to cut"
+    assert streaming.plan({"x": x}, 0) == {}
+
+
+def _spec(parts=("x#0", "x#1"), shape=(1, 8, 4), dim=1, dtype="float32"):
+    return {"x": {"dim": dim, "parts": list(parts), "shape": list(shape), "dtype": dtype}}
+
+
+@pytest.mark.parametrize(
+    ("spec", "slabs", "why"),
+    [
+        (_spec(), {"x#1": (1, 5, 4)}, "came before"),  # out of order
+        (_spec(), {"x#0": (1, 3, 4), "x#2": (1, 5, 4)}, "not named"),
+        (_spec(), {"x#0": (1, 3, 4), "x#0 ": (1, 5, 4)}, "not named"),
+        (_spec(), {"x#0": (1, 9, 4)}, "does not fit"),  # longer than the whole
+        (_spec(), {"x#0": (1, 3, 5)}, "does not fit"),  # another width
+        (_spec(), {"x#0": (1, 3, 4), "x#1": (1, 4, 4)}, "fill 7 of its 8"),  # short: never uninitialized memory
+        (_spec(parts=("x#0", "x#0")), {}, "twice"),
+        (_spec(dim=3), {}, "bad shape"),
+        (_spec(dtype="complex64"), {}, "bad dtype|bad shape"),
+        (_spec(shape=(1, -8, 4)), {}, "bad shape"),
+        (_spec(parts=[f"x#{k}" for k in range(MAX_STREAM_PARTS + 1)], shape=(1, 99, 4)), {}, "more than"),
+        ({"x": {"dim": 1, "parts": "x#0"}}, {}, "parts"),
+        ([], {}, "'slabs' must map"),
+    ],
+)
+def test_assembler_refuses_slabs_that_do_not_match(spec, slabs, why):
+    with pytest.raises(RemoteProtocolError, match=why):
+        _assemble(spec, {n: torch.zeros(s) for n, s in slabs.items()})
+
+
+# ---------------------------------------------------------------------------- chunk frames on the wire
+
+
+def _streamed_frames(codec_name: str = "lossless") -> tuple[list[protocol.Message], list[bytes]]:
+    x = torch.randn(1, 400, 64).to(torch.bfloat16)
+    cut = streaming.plan({"x": x}, SLAB)["x"]
+    msgs: list[protocol.Message] = [
+        Forward(seq=7, arch="toy", n_blocks=3, slabs={"x": cut.spec()}, reply_slab_bytes=SLAB)
+    ]
+    for k, (name, slab) in enumerate(cut.slabs(x)):
+        msgs.append(ForwardChunk(seq=7, part=k, tensors=(codec.encode(slab, name, codec_name),)))
+    return msgs, [protocol.encode_bytes(m) for m in msgs]
+
+
+def _same(a: protocol.Message, b: protocol.Message) -> None:
+    assert type(a) is type(b) and a.KIND == b.KIND
+    assert {k: v for k, v in a.__dict__.items() if k != "tensors"} == {
+        k: v for k, v in b.__dict__.items() if k != "tensors"
+    }
+    assert [(t.name, t.shape, t.meta, bytes(t.data)) for t in a.tensors] == [
+        (t.name, t.shape, t.meta, bytes(t.data)) for t in b.tensors
+    ]
+
+
+def test_chunk_frames_fed_whole_and_byte_by_byte():
+    msgs, frames = _streamed_frames()
+    assert len(msgs) >= 4 and msgs[1].KIND == MsgKind.FORWARD_CHUNK
+    stream = b"".join(frames)
+    dec = FrameDecoder()
+    dec.feed(stream)
+    got = []
+    while (m := dec.next_message()) is not NEED_DATA:
+        got.append(m)
+    assert len(got) == len(msgs) and dec.buffered == 0
+    for g, m in zip(got, msgs, strict=True):
+        _same(g, m)
+    dec, got = FrameDecoder(), []
+    for i in range(len(stream)):
+        dec.feed(stream[i : i + 1])
+        while (m := dec.next_message()) is not NEED_DATA:
+            got.append(m)
+    for g, m in zip(got, msgs, strict=True):
+        _same(g, m)
+    assert len(got) == len(msgs)
+
+
+def test_chunk_frames_cut_anywhere_yield_only_whole_frames_then_the_rest():
+    msgs, frames = _streamed_frames("raw")
+    stream = b"".join(frames)
+    ends = [sum(len(f) for f in frames[: i + 1]) for i in range(len(frames))]
+    # every frame boundary, a few bytes around each, and a spread of other positions
+    cuts = sorted(
+        {c for e in [0, *ends] for c in range(e - 3, e + PREFIX_SIZE + 3) if 0 < c < len(stream)}
+        | set(range(1, len(stream), 977))
+    )
+    for cut in cuts:
+        dec = FrameDecoder()
+        dec.feed(stream[:cut])
+        got = []
+        while (m := dec.next_message()) is not NEED_DATA:
+            got.append(m)
+        assert len(got) == sum(1 for e in ends if e <= cut), cut
+        assert dec.bytes_needed() >= 1
+        dec.feed(stream[cut:])
+        while (m := dec.next_message()) is not NEED_DATA:
+            got.append(m)
+        assert len(got) == len(msgs), cut
+    # a chunk whose bytes were corrupted is a clean protocol error, never a wrong slab
+    bad = bytearray(frames[1])
+    bad[-1] ^= 0xFF
+    with pytest.raises(RemoteProtocolError, match="checksum"):
+        protocol.decode_all(bytes(bad))
+
+
+# ---------------------------------------------------------------------------- loopback toy server
+
+
+@pytest.fixture
+def server():
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3)
+    st = ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN)
+    srv = DaedalusServer(st)
+    host, port = srv.start()
+    yield srv, host, port
+    srv.shutdown()
+
+
+def _client(host, port, slab=SLAB):
+    # Over TCP: a same-host session does not stream (its payloads bypass the socket; test_samehost_never_streams).
+    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=slab, stream_min_bytes=0, samehost=False)
+    return MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
+
+
+def _steps(n=4, tokens=300):
+    g = torch.Generator().manual_seed(0)
+    model = ToyModel()
+    bias = torch.randn(64, generator=g)
+    x = torch.randn(2, tokens, 64, generator=g)
+    out = []
+    for _ in range(n):
+        out.append(model.run(x, bias, 0, 5))
+        x = x + 0.05 * torch.randn(x.shape, generator=g)
+    return model, bias, out
+
+
+def _call(c, front, bias, codec_name, stream_keys=None):
+    return c.forward(
+        arch="toy",
+        n_blocks=3,
+        coded={"x": front},
+        exact={},
+        consts={"bias": bias},
+        scalars={},
+        codec_name=codec_name,
+        stream=stream_keys,
+    )
+
+
+def _count_kinds(monkeypatch):
+    """Frames the client sends and receives, by kind."""
+    import comfyui_mesh.transport as tr
+
+    sent: list[MsgKind] = []
+    got: list[MsgKind] = []
+    real_send, real_recv = tr.send_message, tr.recv_message
+
+    def send(sock, msg, link=None):
+        sent.append(msg.KIND)
+        return real_send(sock, msg, link)
+
+    def recv(sock, dec, deadline=None, link=None):
+        msg, n = real_recv(sock, dec, deadline, link)
+        got.append(msg.KIND)
+        return msg, n
+
+    monkeypatch.setattr(tr, "send_message", send)
+    monkeypatch.setattr(tr, "recv_message", recv)
+    return sent, got
+
+
+@pytest.mark.parametrize("codec_name", ["raw", "lossless", "quant", "lossless-t", "quant-t"])
+def test_streamed_calls_match_unstreamed(server, monkeypatch, codec_name):
+    srv, host, port = server
+    model, bias, fronts = _steps()
+    plain, streamed = _client(host, port, slab=0), _client(host, port)
+    sent, got = _count_kinds(monkeypatch)
+    keys = {"gen": "g1"} if codec_name.endswith("-t") else None
+    try:
+        for step, front in enumerate(fronts):
+            want, _ = _call(plain, front, bias, codec_name, keys)
+            sent.clear(), got.clear()
+            out, stats = _call(streamed, front, bias, codec_name, keys)
+            n = streaming.plan({"x": front}, SLAB)["x"].parts
+            n_reply = streaming.plan({"out": front}, MIN_STREAM_SLAB_BYTES)["out"].parts  # the server's floor
+            assert n > n_reply > 1
+            calls = [k for k in sent if k in (MsgKind.FORWARD, MsgKind.FORWARD_CHUNK)]  # not the handshake
+            assert calls == [MsgKind.FORWARD] + [MsgKind.FORWARD_CHUNK] * n, "one FORWARD, then its chunks"
+            assert got[-n_reply - 1 :] == [MsgKind.RESULT] + [MsgKind.RESULT_CHUNK] * n_reply, "a streamed reply"
+            assert out["out"].shape == want["out"].shape and stats.bytes_out > 0
+            exact = model.run(front, bias, 5)
+            if codec_name in ("raw", "lossless", "lossless-t"):
+                assert torch.equal(out["out"], want["out"]), (codec_name, step)
+                assert torch.equal(out["out"], exact), (codec_name, step)
+            else:  # each slab is coded on its own: within the codec's fidelity of the exact result
+                rel = float((out["out"] - exact).norm() / exact.norm())
+                assert rel < 0.05, (codec_name, step, rel)
+            if codec_name == "quant":  # and exactly what decoding the same slabs gives
+                cut = streaming.plan({"x": front}, SLAB)["x"]
+                dec = [codec.decode(codec.encode(s, n, "quant")) for n, s in cut.slabs(front)]
+                assert torch.equal(out["out"], model.run(torch.cat(dec, 1), bias, 5))
+    finally:
+        plain.close()
+        streamed.close()
+
+
+def test_small_calls_stay_one_frame(server, monkeypatch):
+    _, host, port = server
+    model, bias, fronts = _steps(1, tokens=8)
+    c = _client(host, port)
+    sent, got = _count_kinds(monkeypatch)
+    try:
+        out, _ = _call(c, fronts[0], bias, "raw")
+        assert (
+            [k for k in sent if k >= MsgKind.FORWARD] == [MsgKind.FORWARD]
+            and got[-1:] == [MsgKind.RESULT]
+            and MsgKind.RESULT_CHUNK not in got
+        )
+        assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+    finally:
+        c.close()
+
+
+def test_missing_constants_resend_the_same_temporal_slabs_without_a_reset(server):
+    _, host, port = server
+    model, bias, fronts = _steps(3)
+    c = _client(host, port)
+    try:
+        _call(c, fronts[0], bias, "quant-t", {"gen": "g"})
+        bias2 = bias + 1
+        c._sent_consts.add(c._hashed(bias2)[0])  # the client believes the server holds it: missing_consts
+        seq = c._seq
+        out, stats = _call(c, fronts[1], bias2, "quant-t", {"gen": "g"})
+        assert c._seq - seq == 2, "one retry (constants), no stream reset: nothing was decoded the first time"
+        exact = model.run(fronts[1], bias2, 5)
+        assert float((out["out"] - exact).norm() / exact.norm()) < 0.05 and stats.consts_sent == 1
+    finally:
+        c.close()
+
+
+def _raw_session(host, port):
+    """A hand-driven authenticated socket (to break the stream on purpose); frames go through
+    ``_send`` / ``_recv`` below, sealed with the connection's keys."""
+    c = _client(host, port)
+    c.connect()
+    return c, c._sock
+
+
+def _send(c, msg):
+    return send_message(c._sock, msg, c._link)
+
+
+def _recv(c, dec):
+    return recv_message(c._sock, dec, None, c._link)
+
+
+def _chunks(front, seq=1):
+    cut = streaming.plan({"x": front}, SLAB)["x"]
+    chunks = [
+        ForwardChunk(seq=seq, part=k, tensors=(codec.encode(s, n, "raw"),)) for k, (n, s) in enumerate(cut.slabs(front))
+    ]
+    return cut, chunks
+
+
+def _forward_msg(c, cut, bias, seq=1):
+    h, wt = c._hashed(bias)
+    return Forward(
+        seq=seq,
+        arch="toy",
+        n_blocks=3,
+        consts={"bias": h},
+        slabs={"x": cut.spec()},
+        tensors=(dataclasses.replace(wt, name="const:" + h),),
+    )
+
+
+def test_a_connection_cut_mid_stream_frees_its_request_and_the_next_call_works(server):
+    srv, host, port = server
+    model, bias, fronts = _steps(1)
+    c, sock = _raw_session(host, port)
+    cut, chunks = _chunks(fronts[0])
+    _send(c, _forward_msg(c, cut, bias))
+    _send(c, chunks[0])
+    sock.shutdown(socket.SHUT_RDWR)  # gone mid-stream
+    c.close()
+    c2 = _client(host, port)
+    try:
+        out, _ = _call(c2, fronts[0], bias, "raw")
+        assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+    finally:
+        c2.close()
+    deadline = time.monotonic() + 10
+    while srv.state.budgets.inflight.used and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert srv.state.budgets.inflight.used == 0, "the partial request's slabs went back to the budget"
+
+
+@pytest.mark.parametrize("fault", ["other_seq", "skip_part", "unnamed_slab", "ping_mid_stream", "chunk_first"])
+def test_a_broken_chunk_sequence_is_a_clean_error_and_closes(server, fault):
+    _, host, port = server
+    model, bias, fronts = _steps(1)
+    c, sock = _raw_session(host, port)
+    cut, chunks = _chunks(fronts[0])
+    frames: list[protocol.Message] = [_forward_msg(c, cut, bias), chunks[0]]
+    if fault == "other_seq":
+        frames.append(ForwardChunk(seq=2, part=1, tensors=chunks[1].tensors))
+    elif fault == "skip_part":
+        frames.append(chunks[2])
+    elif fault == "unnamed_slab":
+        wt = chunks[1].tensors[0]
+        frames.append(ForwardChunk(seq=1, part=1, tensors=(dataclasses.replace(wt, name="y#0"),)))
+    elif fault == "ping_mid_stream":
+        frames.append(protocol.Ping(seq=5))
+    else:
+        frames = [chunks[0]]
+    for f in frames:
+        _send(c, f)
+    dec = FrameDecoder()
+    reply, _ = _recv(c, dec)
+    assert isinstance(reply, protocol.Error) and reply.code == "bad_request" and "broken stream" in reply.message
+    with pytest.raises((ConnectionError, OSError)):
+        _recv(c, dec)  # the server closed the connection
+    c._sock = None
+    c2 = _client(host, port)
+    try:
+        out, _ = _call(c2, fronts[0], bias, "raw")
+        assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+    finally:
+        c2.close()
+
+
+def test_a_refused_streamed_request_is_answered_once_and_its_chunks_dropped(server):
+    _, host, port = server
+    model, bias, fronts = _steps(1)
+    c, sock = _raw_session(host, port)
+    cut, chunks = _chunks(fronts[0])
+    bad = Forward(seq=1, arch="toy", n_blocks=2, slabs={"x": cut.spec()})  # config_mismatch
+    for f in [bad, *chunks, protocol.Ping(seq=9)]:
+        _send(c, f)
+    dec = FrameDecoder()
+    err, _ = _recv(c, dec)
+    assert isinstance(err, protocol.Error) and err.code == "config_mismatch"
+    pong, _ = _recv(c, dec)
+    assert isinstance(pong, protocol.Pong) and pong.seq == 9, "the chunks were dropped; the connection is in step"
+    c.close()
+
+
+def test_too_many_slabs_are_refused_before_anything_is_decoded(server):
+    _, host, port = server
+    c, sock = _raw_session(host, port)
+    names = [f"x#{k}" for k in range(MAX_STREAM_PARTS + 1)]
+    _send(c, Forward(seq=1, arch="toy", n_blocks=3, slabs={"x": {"dim": 1, "parts": names}}))
+    reply, _ = _recv(c, FrameDecoder())
+    assert isinstance(reply, protocol.Error) and reply.code == "bad_request" and "more than" in reply.message
+    c.close()
+
+
+def test_a_server_gone_mid_stream_is_connect_failed_and_the_client_recovers(server, monkeypatch):
+    srv, host, port = server
+    model, bias, fronts = _steps(1)
+    c = _client(host, port)
+    try:
+        c.connect()
+        real = c._send_streamed
+        calls = {"n": 0}
+
+        def once_broken(sock, msg, upload):
+            calls["n"] += 1
+            if calls["n"] == 1:
+                sock.shutdown(socket.SHUT_RDWR)  # the link drops under the stream
+            return real(sock, msg, upload)
+
+        monkeypatch.setattr(c, "_send_streamed", once_broken)
+        out, _ = _call(c, fronts[0], bias, "raw")  # reconnects once, as any dropped call
+        assert calls["n"] == 2 and torch.equal(out["out"], model.run(fronts[0], bias, 5))
+        monkeypatch.setattr(
+            c, "_send_streamed", lambda sock, msg, upload: (sock.shutdown(socket.SHUT_RDWR), real(sock, msg, upload))[1]
+        )
+        with pytest.raises((ConnectFailed, RemoteFailure)):
+            _call(c, fronts[0], bias, "raw")
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize(
+    ("limit", "code"),
+    [({"max_decoded_request_bytes": 100_000}, "bad_request"), ({"max_inflight_bytes": 100_000}, "busy")],
+)
+def test_a_streamed_request_over_the_limits_is_refused_before_allocating_and_the_connection_stays_in_step(limit, code):
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, **limit)
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    host, port = srv.start()
+    model, bias, fronts = _steps(1)  # x: 153.6 kB decoded, more than the limit
+    c = _client(host, port)
+    try:
+        with pytest.raises(RemoteFailure) as e:
+            _call(c, fronts[0], bias, "raw")
+        assert e.value.code == code
+        assert c.connected, "an error frame, not a broken connection: the chunks were read and dropped"
+        small = fronts[0][:, :100]  # 51 kB: within the limits, still streamed in slabs
+        out, stats = _call(c, small, bias, "raw")
+        assert torch.equal(out["out"], model.run(small, bias, 5)) and stats.slabs_out >= 2
+        assert srv.state.budgets.inflight.used < 100_000
+    finally:
+        c.close()
+        srv.shutdown()
+
+
+# ---------------------------------------------------------------------------- with the other v3 features
+
+
+class _SlowToy(ToyBackend):
+    def __init__(self, n_blocks: int, sleep_s: float):
+        super().__init__(n_blocks)
+        self.sleep_s = sleep_s
+
+    def forward(self, tensors, scalars):
+        time.sleep(self.sleep_s)
+        return super().forward(tensors, scalars)
+
+
+def test_a_streamed_call_is_sealed_and_heartbeats_keep_it_alive_but_never_split_its_reply(monkeypatch):
+    """A 2 s step, a client that gives a silent server up after 1 s: PROGRESS frames (sealed like the
+    chunks) keep the streamed call waiting on its first connection; none comes between the RESULT and
+    its RESULT_CHUNK frames."""
+    cfg = ServerConfig(port=0, device="cpu", n_blocks=3, heartbeat_interval_s=0.2)
+    srv = DaedalusServer(ServerState(cfg, lambda n: _SlowToy(n, 2.0), token=TOKEN))
+    host, port = srv.start()
+    model, bias, fronts = _steps(1)
+    c = MeshClient(
+        ClientConfig(
+            host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, samehost=False,
+            liveness_timeout_s=1.0,
+        ),
+        expect={"arch": "toy", "n_blocks": 3},
+    )  # fmt: skip
+    try:
+        c.connect()
+        assert c._link is not None, "frames after the handshake are sealed"
+        seen: list[protocol.Message] = []
+        real = c._recv
+
+        def spy(sock, link=None):
+            msg, n = real(sock, link)
+            seen.append(msg)
+            return msg, n
+
+        monkeypatch.setattr(c, "_recv", spy)
+        statuses: list = []
+        out, stats = c.forward(
+            arch="toy", n_blocks=3, coded={"x": fronts[0]}, exact={}, consts={"bias": bias}, scalars={},
+            on_status=lambda level, text: statuses.append((level, text)),
+        )  # fmt: skip
+        assert torch.equal(out["out"], model.run(fronts[0], bias, 5))
+        assert not statuses and srv.state.stats.steps == 1, "no reconnect, one step"
+        assert stats.slabs_out > 1 and stats.slabs_in > 1
+        beats = [m for m in seen if isinstance(m, protocol.Progress)]
+        assert len(beats) >= 3 and {b.phase for b in beats} >= {"forward"}
+        first = next(k for k, m in enumerate(seen) if isinstance(m, protocol.Result))
+        assert all(isinstance(m, protocol.ResultChunk) for m in seen[first + 1 :])
+        assert len(seen) - first - 1 == stats.slabs_in
+    finally:
+        c.close()
+        srv.shutdown()
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/dev/shm"), reason="needs POSIX shared memory")
+def test_a_same_host_session_never_streams(server, monkeypatch):
+    """On the same-host fast path the big tensors bypass the socket: one FORWARD, one RESULT, however
+    small the slab size, and the same exact results."""
+    _, host, port = server
+    model, bias, fronts = _steps(1)
+    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0)
+    c = MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
+    sent, got = _count_kinds(monkeypatch)
+    try:
+        for codec_name in ("raw", "lossless"):
+            sent.clear(), got.clear()
+            out, stats = _call(c, fronts[0], bias, codec_name)
+            assert stats.via == "samehost", "the fast path was proved"
+            assert torch.equal(out["out"], model.run(fronts[0], bias, 5)), codec_name
+            assert MsgKind.FORWARD_CHUNK not in sent and MsgKind.RESULT_CHUNK not in got
+            assert stats.slabs_out == stats.slabs_in == 0
+    finally:
+        c.close()
