@@ -94,7 +94,7 @@ def test_spatial_denoise_mask_per_token_timesteps_match_unsplit(setup):
     model = load(comfy, weights["ltx2"])
     ref = ltx_sample(comfy, model, "ltx2", **kw)
     stats: list = []
-    m, _ = split(model, servers["ltx2"], 2, stats=stats)
+    m, _ = split(model, servers["ltx2"], 2, stats=stats, samehost=False)  # bytes counted on the socket
     assert_identical(ltx_sample(comfy, m, "ltx2", **kw), ref)
     # [2 x 64 tokens, 6 x 64] fp32 timestep table = 196 KB per step if sent per token; two distinct rows here
     assert stats[-1].bytes_out < 150_000, stats[-1].bytes_out
@@ -105,7 +105,7 @@ def test_constants_cross_once_per_generation(setup):
     comfy, weights, servers, _ = setup
     model = load(comfy, weights["ltx23"])
     stats: list = []
-    m, _ = split(model, servers["ltx23"], 2, stats=stats)
+    m, _ = split(model, servers["ltx23"], 2, stats=stats, samehost=False)  # bytes counted on the socket
     ltx_sample(comfy, m, "ltx23", audio=5, steps=3)
     first, *rest = stats
     # contexts [2, 1024, 64] + [2, 1024, 32] fp32 and four RoPE tables: ~0.8 MB, on the first call only
