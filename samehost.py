@@ -24,6 +24,7 @@ the host and only this user can map them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import hmac
@@ -64,6 +65,18 @@ _HEX = re.compile(r"(?:[0-9a-f]{2}){1,256}\Z")
 # the tests) must leave its resource-tracker registration alone.
 _CREATED: set[str] = set()
 _CREATED_LOCK = threading.Lock()
+# Those still linked, by name: unlinked at interpreter exit too, so a process that never closed its
+# connections (a script, ComfyUI stopped with Ctrl-C) leaves nothing in /dev/shm and the resource
+# tracker has nothing to warn about.
+_LIVE: dict[str, shared_memory.SharedMemory] = {}
+
+
+@atexit.register
+def _unlink_all_at_exit() -> None:
+    with _CREATED_LOCK:
+        live = list(_LIVE.values())
+    for seg in live:
+        _unlink(seg)
 
 
 def _buf(seg: shared_memory.SharedMemory) -> memoryview:
@@ -76,12 +89,14 @@ def _create(name: str, size: int) -> shared_memory.SharedMemory:
     seg = shared_memory.SharedMemory(name=name, create=True, size=size)
     with _CREATED_LOCK:
         _CREATED.add(seg.name)
+        _LIVE[seg.name] = seg
     return seg
 
 
 def _unlink(seg: shared_memory.SharedMemory) -> None:
     with _CREATED_LOCK:
         _CREATED.discard(seg.name)
+        _LIVE.pop(seg.name, None)
     try:
         seg.unlink()
     except FileNotFoundError:

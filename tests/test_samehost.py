@@ -277,3 +277,30 @@ def test_a_cuda_ipc_failure_on_the_server_sends_cuda_tensors_through_shared_memo
         c._chan = None
         chan.close()
         peer.close()
+
+
+@needs_posix_shm
+def test_a_client_process_that_exits_without_closing_leaves_no_segment_and_no_warning(toy):
+    """A script (or ComfyUI stopped with Ctrl-C) that never closes its connection: its segments are
+    unlinked at exit, before Python's resource tracker would warn about 'leaked shared_memory objects'."""
+    import subprocess
+    import sys
+
+    script = f"""
+import torch
+from comfyui_mesh.config import ClientConfig
+from comfyui_mesh.server.toy import ToyModel
+from comfyui_mesh.transport import MeshClient
+c = MeshClient(ClientConfig(port={toy.port}, token={toy.token!r}), expect={{"arch": "toy", "n_blocks": 3}})
+g = torch.Generator().manual_seed(0)
+x, bias = torch.randn(2, 4096, 64, generator=g), torch.randn(64, generator=g)
+out, st = c.forward(arch="toy", n_blocks=3, coded={{"x": ToyModel().run(x, bias, 0, 5)}}, exact={{}},
+                    consts={{"bias": bias}}, scalars={{}})
+assert st.via == "samehost", st.via
+print("DONE", flush=True)
+"""  # no c.close(): the process just ends
+    before = {s for s in _segments() if s.endswith(("c1", "c2", "c3"))}
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "DONE", r.stdout + r.stderr
+    assert "leaked shared_memory" not in r.stderr, r.stderr
+    assert {s for s in _segments() if s.endswith(("c1", "c2", "c3"))} <= before
