@@ -80,6 +80,10 @@ def connects(srv: DaedalusServer, token: str) -> bool:
         return True
     except AuthError:
         return False
+    except RemoteFailure as e:  # busy: the server has not yet seen a just-closed session go
+        if e.code != "busy":
+            raise
+        return False
     finally:
         c.close()
 
