@@ -21,6 +21,7 @@ from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
 from comfyui_proc import DaedalusProc, ToyDaedalus
+from toy_support import toy_forward
 
 DEV = os.environ.get("COMFYUI_MESH_TEST_DEVICE", "cpu")
 TOKEN = "0123456789abcdef0123456789abcdef"
@@ -38,16 +39,7 @@ def _inputs(device: str = "cpu", tokens: int = 4096):
 
 
 def _forward(c: MeshClient, front, bias, codec_name="raw", device="cpu"):
-    return c.forward(
-        arch="toy",
-        n_blocks=3,
-        coded={"x": front},
-        exact={},
-        consts={"bias": bias},
-        scalars={},
-        codec_name=codec_name,
-        device=device,
-    )
+    return toy_forward(c, front, bias, codec_name, device=device)
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from comfyui_mesh.protocol import NEED_DATA, Forward, ForwardChunk, FrameDecoder
 from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
+from toy_support import toy_forward
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 SLAB = 16 << 10  # small slabs so toy tensors are cut into several
@@ -187,16 +188,7 @@ def _steps(n=4, tokens=300):
 
 
 def _call(c, front, bias, codec_name, stream_keys=None):
-    return c.forward(
-        arch="toy",
-        n_blocks=3,
-        coded={"x": front},
-        exact={},
-        consts={"bias": bias},
-        scalars={},
-        codec_name=codec_name,
-        stream=stream_keys,
-    )
+    return toy_forward(c, front, bias, codec_name, stream=stream_keys)
 
 
 def _count_kinds(monkeypatch):
