@@ -325,3 +325,74 @@ def ltxav_inputs(
         out["noise"] = rnd(*video, s=seed)
         out["latent_image"] = torch.zeros(video)
     return out
+
+
+# ---------------------------------------------------------------------------- family registry
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchFamily:
+    """How generic tests and ``bench/split_family.py`` build and sample one family's random model.
+
+    ``make(path, seed=, config=, dtype=, device=)`` writes a checkpoint with ComfyUI key names;
+    ``inputs(size, batch, seed)`` returns comfy.sample.sample's noise / positive / negative /
+    latent_image for a config of ``configs`` (``size`` is its key: "tiny" always exists, the
+    others are released shapes for full-size speed runs); ``n_blocks`` the default
+    n_blocks_remote per size; ``cfg`` the CFG scale the family is sampled with."""
+
+    family: str  # arch adapter family (wire name)
+    make: Any
+    configs: dict[str, dict[str, Any]]
+    inputs: Any
+    n_blocks: dict[str, int]
+    cfg: float = 1.0
+
+
+BENCH: dict[str, BenchFamily] = {}
+
+
+def register_bench(spec: BenchFamily, name: str | None = None) -> BenchFamily:
+    """Register ``spec`` under ``name`` (default: its family); a name registered twice is a bug."""
+    key = name or spec.family
+    if key in BENCH:
+        raise ValueError(f"bench family {key!r} registered twice")
+    BENCH[key] = spec
+    return spec
+
+
+def _flux2_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    ctx = BENCH["flux2"].configs[size]["context_in_dim"]
+    hw = 4 if size == "tiny" else 64  # 1024² for the released shapes (FLUX.2 latents are /16)
+    txt = 7 if size == "tiny" else 512
+    return flux2_inputs(batch=batch, h=hw, w=hw + (2 if size == "tiny" else 0), txt=txt, ctx=ctx, seed=seed)
+
+
+def _ltxav_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    c = BENCH["ltxav"].configs[size]
+    ctx = c["cross_attention_dim"] + c["audio_cross_attention_dim"]  # processed (2.3) text features
+    cond = {"frame_rate": 25.0}
+    if size == "tiny":  # 64x64x17
+        return ltxav_inputs(batch=batch, frames=3, h=2, w=2, audio=17, ctx=ctx, seed=seed, cond=cond)
+    # 768x512x121 (LTX-2.3 shapes): 16 latent frames of 16x24, 121 audio latents (25 per second)
+    return ltxav_inputs(batch=batch, frames=16, h=16, w=24, audio=121, txt=1024, ctx=ctx, seed=seed, cond=cond)
+
+
+register_bench(
+    BenchFamily(
+        "flux2",
+        make=make_flux2,
+        configs={"tiny": FLUX2_TINY, "klein9b": FLUX2_KLEIN_9B, "dev": FLUX2_DEV},
+        inputs=_flux2_bench_inputs,
+        n_blocks={"tiny": 3, "klein9b": 16, "dev": 24},
+    )
+)
+register_bench(
+    BenchFamily(
+        "ltxav",
+        make=make_ltxav,
+        configs={"tiny": LTXAV23_TINY, "full": LTXAV23_FULL},
+        inputs=_ltxav_bench_inputs,
+        n_blocks={"tiny": 1, "full": 8},
+        cfg=3.0,
+    )
+)
