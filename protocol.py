@@ -474,7 +474,10 @@ class FrameDecoder:
         # reach a GPU at full speed). Called with the frame's size; returns a writable buffer.
         self.body_alloc = body_alloc
         self._prefix: tuple[MsgKind, int, int, int] | None = None  # kind, hlen, blen, crc
-        self._broken: RemoteProtocolError | None = None
+        # Why the stream broke. The message, not the exception: a kept exception's traceback holds the
+        # frames that raised it, their locals (the frame buffer) and this decoder: a reference cycle
+        # only the cyclic GC frees, so a server under garbage would hold every broken frame for a while.
+        self._broken: str | None = None
         self._reserved: int | None = None
         self._frame: memoryview | None = None  # the big frame being assembled, and its fill
         self._fill = 0
@@ -482,7 +485,7 @@ class FrameDecoder:
 
     def feed(self, data: Buffer) -> None:
         if self._broken:
-            raise self._broken
+            raise RemoteProtocolError(self._broken)
         if self._reserved is not None:
             raise LocalError("feed() between reserve() and commit()")
         if self._frame is not None:  # top up the big frame first; the rest starts the next one
@@ -505,7 +508,7 @@ class FrameDecoder:
         Equivalent to ``feed()`` of the written bytes, without copying them again. While a big
         frame is assembled in ``body_alloc`` memory, ``n`` may not run past that frame's end."""
         if self._broken:
-            raise self._broken
+            raise RemoteProtocolError(self._broken)
         if self._frame is None and self._prefix is not None and self.body_alloc is not None:
             _, hlen, blen, _ = self._prefix
             total = PREFIX_SIZE + hlen + blen
@@ -546,8 +549,8 @@ class FrameDecoder:
         return max(PREFIX_SIZE + hlen + blen - self.buffered, 1)
 
     def _fail(self, msg: str) -> RemoteProtocolError:
-        self._broken = RemoteProtocolError(msg)
-        return self._broken
+        self._broken = msg
+        return RemoteProtocolError(msg)
 
     def _parse_prefix(self) -> None:
         magic, version, kind, hlen, blen, crc = _PREFIX.unpack_from(self._buf, 0)
@@ -570,7 +573,7 @@ class FrameDecoder:
 
     def next_message(self) -> Message | Any:
         if self._broken:
-            raise self._broken
+            raise RemoteProtocolError(self._broken)
         if self._prefix is None:
             if len(self._buf) < PREFIX_SIZE:
                 return NEED_DATA
@@ -603,7 +606,7 @@ class FrameDecoder:
             tensors = self._tensors(header.pop("tensors", []), body)
             msg = _build(kind, header, tensors)
         except RemoteProtocolError as e:
-            self._broken = e
+            self._broken = str(e)
             raise
         return msg
 

@@ -76,17 +76,27 @@ class Sealer:
         self._aead = AESGCM(key)
         self.counter = 0
         self.record_bytes = record_bytes
+        # Big records are sealed into this buffer, reused from call to call (a fresh one per record
+        # costs page faults on every call); it grows to the biggest record sent, at most one record.
+        self._out = bytearray()
 
-    def _seal_one(self, plain: Buffer) -> tuple[bytes, bytes]:
+    def _seal_one(self, plain: Buffer, reuse: bool = False) -> tuple[bytes, Buffer]:
         n = memoryview(plain).nbytes
         header = _LENGTH.pack(n + TAG_BYTES)
-        sealed = self._aead.encrypt(_nonce(self.counter), plain, header)
+        if not reuse:
+            sealed: Buffer = self._aead.encrypt(_nonce(self.counter), plain, header)
+        else:
+            if len(self._out) < n + TAG_BYTES:
+                self._out = bytearray(n + TAG_BYTES)
+            sealed = memoryview(self._out)[: n + TAG_BYTES]
+            self._aead.encrypt_into(_nonce(self.counter), plain, header, sealed)
         self.counter += 1
         return header, sealed
 
-    def seal(self, buffers: Iterable[Buffer]) -> Iterator[tuple[bytes, bytes]]:
+    def seal(self, buffers: Iterable[Buffer]) -> Iterator[tuple[bytes, Buffer]]:
         """(length header, sealed record) pairs carrying ``buffers`` back to back. Big buffers are
-        sealed in place a record at a time; small ones are joined first (one record per small frame)."""
+        sealed in place a record at a time; small ones are joined first (one record per small frame).
+        A big record is a view of this sealer's own buffer: send it (or copy it) before taking the next."""
         pending: list[memoryview] = []  # small pieces joined into one record
         pending_n = 0
         limit = self.record_bytes
@@ -104,7 +114,7 @@ class Sealer:
                         pending, pending_n = [], 0
                 elif mv.nbytes >= join:  # big: sealed straight from the caller's buffer
                     k = min(mv.nbytes, limit)
-                    yield self._seal_one(mv[:k])
+                    yield self._seal_one(mv[:k], reuse=True)
                     mv = mv[k:]
                 else:
                     pending, pending_n = [mv], mv.nbytes
@@ -125,7 +135,8 @@ class Opener:
         self._need = 0  # its length
         self._fill = 0
         self._plain = memoryview(b"")  # opened and not yet taken
-        self._broken: RemoteProtocolError | None = None
+        self._opened = bytearray()  # plaintext buffer, reused like the record's (grows to the biggest record)
+        self._broken: str | None = None  # why it broke (not the exception: see FrameDecoder._broken)
 
     @property
     def pending(self) -> int:
@@ -140,14 +151,14 @@ class Opener:
     def bytes_needed(self) -> int:
         """Record bytes still missing before the next plaintext can be opened (>= 1)."""
         if self._broken:
-            raise self._broken
+            raise RemoteProtocolError(self._broken)
         if len(self._header) < RECORD_HEADER_BYTES:
             return RECORD_HEADER_BYTES - len(self._header)
         return self._need - self._fill
 
     def _fail(self, message: str) -> RemoteProtocolError:
-        self._broken = RemoteProtocolError(message)
-        return self._broken
+        self._broken = message
+        return RemoteProtocolError(message)
 
     def _start_body(self) -> None:
         (n,) = _LENGTH.unpack(self._header)
@@ -180,7 +191,7 @@ class Opener:
         """Zero-copy receive into the current record's body: a writable view of at most ``n`` bytes
         (fill it, release it, ``commit``). Only once the length header is in."""
         if self._broken:
-            raise self._broken
+            raise RemoteProtocolError(self._broken)
         if len(self._header) < RECORD_HEADER_BYTES or self._body is None:
             raise LocalError("reserve() before the record's length header")
         k = min(n, self._need - self._fill)
@@ -194,8 +205,12 @@ class Opener:
     def _open(self) -> None:
         assert self._body is not None
         sealed = memoryview(self._body)[: self._need]
+        n = self._need - TAG_BYTES
+        if len(self._opened) < n:
+            self._opened = bytearray(n)
+        plain = memoryview(self._opened)[:n]
         try:
-            plain = self._aead.decrypt(_nonce(self.counter), sealed, bytes(self._header))
+            self._aead.decrypt_into(_nonce(self.counter), sealed, bytes(self._header), plain)
         except InvalidTag:
             raise self._fail(
                 f"sealed record {self.counter} failed authentication (altered, replayed, reordered or dropped "
@@ -206,10 +221,11 @@ class Opener:
         self.counter += 1
         self._header = bytearray()
         self._need = self._fill = 0
-        self._plain = memoryview(plain)
+        self._plain = plain
 
     def take(self, n: int) -> memoryview:
-        """Up to ``n`` opened plaintext bytes (empty when none is pending)."""
+        """Up to ``n`` opened plaintext bytes (empty when none is pending); a view of this opener's
+        buffer, valid until the next record is received: copy what must outlive it."""
         out, self._plain = self._plain[:n], self._plain[n:]
         return out
 

@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -112,11 +113,13 @@ class _Retry:
             log.error("ComfyUI-Mesh: %s", msg)
             self._tell("error", msg)
             raise RetriesExhausted(msg) from e
+        # Equal jitter: clients refused together (a full server budget, a restart) come back apart.
+        wait = self.delay * random.uniform(0.5, 1.0)
         log.warning(
             "ComfyUI-Mesh: %s — reconnecting to %s in %.1f s (try %d, %.0f s of the %.0f s retry budget spent)",
             e,
             self.cfg.address,
-            self.delay,
+            wait,
             self.failures + 1,
             spent,
             self.cfg.retry_budget_s,
@@ -126,7 +129,7 @@ class _Retry:
             f"reconnecting to {self.cfg.address}… (try {self.failures + 1}, {spent:.0f} s of "
             f"{self.cfg.retry_budget_s:.0f} s): {e}",
         )
-        time.sleep(self.delay)
+        time.sleep(wait)
         self.delay = min(max(self.delay * 2, 0.05), self.cfg.retry_backoff_max_s)
 
     def succeeded(self) -> None:

@@ -110,10 +110,36 @@ class Adapter:
     # Head modules the client swaps for stubs returning the server's output of that name.
     # Empty: every head returns the output "out" (one head, one output).
     head_outputs: dict[str, str] = field(default_factory=dict)
+    # What a request may carry, checked by the server before it decodes anything (PROTOCOL.md §3.1):
+    # every tensor name (constants by their argument name) must fully match ``request_names`` (a
+    # regular expression; "" declares nothing and checks no names), and a tensor named in
+    # ``request_widths`` must end in the width the server's diffusion model holds in that attribute.
+    request_names: str = ""
+    request_widths: dict[str, str] = field(default_factory=dict)
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
         return {k: args[k] for k in self.hook_returns if k in args}
+
+    def request_check(self, dm: Any) -> Callable[[dict[str, tuple[int, ...] | None]], str | None]:
+        """The server's check of one request's tensor shapes (name -> shape, None for a constant sent
+        by hash), before decoding: returns what is wrong, or None. Widths come from ``dm`` (the
+        server's diffusion model)."""
+        names = re.compile(self.request_names) if self.request_names else None
+        widths = {
+            k: int(getattr(dm, a)) for k, a in self.request_widths.items() if isinstance(getattr(dm, a, None), int)
+        }
+
+        def check(shapes: dict[str, tuple[int, ...] | None]) -> str | None:
+            for name, shape in shapes.items():
+                if names is not None and not names.fullmatch(name):
+                    return f"a {self.display} back half takes no tensor {name[:64]!r}"
+                w = widths.get(name)
+                if w is not None and shape is not None and (not shape or shape[-1] != w):
+                    return f"tensor {name!r} has shape {list(shape)}; this {self.display} back half takes width {w}"
+            return None
+
+        return check
 
     def client_heads(self) -> dict[str, str]:
         """Head module -> name of the server output its client stub returns."""

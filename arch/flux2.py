@@ -189,5 +189,7 @@ ADAPTER = register(
         control_keys={DOUBLE: "input", SINGLE: "output"},  # ControlNet residual lists
         hook_returns=("img", "txt"),  # double blocks return both streams, single blocks "img"
         pad_head_tokens=True,  # reference-image tokens: the server returns the main image tokens only
+        request_names=r"img|txt|x|vec|mod_img|mod_txt|mod_single|pe|attn_mask",
+        request_widths={"img": "hidden_size", "txt": "hidden_size", "x": "hidden_size", "vec": "hidden_size"},
     )
 )

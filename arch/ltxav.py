@@ -185,5 +185,9 @@ ADAPTER = register(
         # the heads' embedded timesteps: second output of the two timestep AdaLNs
         captures={"v_emb": Capture("adaln_single", "out", 1), "a_emb": Capture("audio_adaln_single", "out", 1)},
         head_outputs={"proj_out": "vx", "audio_proj_out": "ax"},
+        # the two streams, and every block / head argument of payload_ltx (packed: ".idx" row tables,
+        # ".1" a guide's second tensor)
+        request_names=r"vx|ax|(" + "|".join(payload_ltx.BLOCK_KEYS + payload_ltx.HEAD_KEYS) + r")(\.idx|\.1)?",
+        request_widths={"vx": "inner_dim", "ax": "audio_inner_dim"},
     )
 )

@@ -185,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             log.info("token: %s  (paste it into the Icarus node, or set COMFYUI_MESH_TOKEN)", token)
         else:
             log.warning("authentication is OFF (--no-auth): anyone who can reach this port can use the GPU")
+        from .budget import tune_allocator
         from .core import DaedalusServer, ServerState
 
+        log.debug("%s", tune_allocator())
         log.info("ComfyUI-Mesh %s: loading the back half...", PACKAGE_VERSION)
         server_id = auth.load_or_create_server_id(cfg.server_id_path) if cfg.auth else None
         if server_id:

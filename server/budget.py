@@ -13,6 +13,9 @@ connections) cannot add up to more than the operator allowed (docs/PROTOCOL.md Â
 
 from __future__ import annotations
 
+import ctypes
+import os
+import sys
 import threading
 import weakref
 from collections import OrderedDict
@@ -21,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ..constants import MALLOC_ARENAS, MALLOC_MMAP_THRESHOLD_BYTES
 from ..errors import OverBudget
 
 T = TypeVar("T")
@@ -98,6 +102,27 @@ class Budget:
             return view
 
         return body_alloc
+
+
+_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8  # mallopt parameters (glibc malloc.h)
+
+
+def tune_allocator() -> str:
+    """Make freed buffers go back to the OS (glibc's ``mallopt``; constants.MALLOC_*): without it the
+    budgets above bound what is held, but not what the allocator keeps after a burst. Call once at
+    start, before the connection threads. Returns what was done, for the log."""
+    if not sys.platform.startswith("linux"):
+        return "allocator left as is (not Linux)"
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ or "MALLOC_ARENA_MAX" in os.environ:
+        return "allocator left as the MALLOC_* environment variables set it"
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return "allocator left as is (no glibc mallopt)"
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    if mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD_BYTES) != 1 or mallopt(_M_ARENA_MAX, MALLOC_ARENAS) != 1:
+        return "allocator left as is (mallopt refused)"
+    return f"allocator: blocks >= {MALLOC_MMAP_THRESHOLD_BYTES >> 10} KiB from the OS, {MALLOC_ARENAS} arenas"
 
 
 @dataclass

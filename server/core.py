@@ -83,6 +83,11 @@ class Backend(Protocol):
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]: ...
 
+    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
+        """What is wrong with a request's tensors (argument name -> shape, constants included), checked
+        before anything is decoded; None when the back half takes them."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -301,6 +306,10 @@ class ConstCache:
         self._lru.clear()
 
 
+def _no_offer() -> Challenge:
+    raise LocalError("the connection is closed")
+
+
 def _err(code: ErrorCode, message: str, **detail: Any) -> Error:
     return Error(code=code.value, message=message, detail=detail)
 
@@ -422,6 +431,11 @@ class Session:
         if self.admitted:
             self.admitted = False
             self.state.leave(self)
+        # The handshake holds a bound method of this session, a reference cycle: broken here, the
+        # session and what it holds (record buffers of the encrypted link, caches) go with the
+        # connection instead of waiting for the cyclic GC.
+        self.handshake.offer = _no_offer
+        self.kick = lambda: None
 
     def broken_frame(self, e: RemoteProtocolError) -> Error:
         """The decoder failed on the peer's bytes: the error frame to send before closing. An AUTH
@@ -715,27 +729,42 @@ class Session:
         self.step_phase = "decode"
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
-        decoded = asm.nbytes if asm is not None else 0
+        decoded = held = asm.nbytes if asm is not None else 0
+        # A raw tensor decoded on the CPU is a view into its frame, whose bytes are already counted:
+        # reserving them again (``held``) would make every request hold twice its frame, and clients
+        # that each hold a frame would wait on one another's.
+        in_place = b.device.type == "cpu"
         for wt in msg.tensors:
             if wt.name in incoming or (asm is not None and (wt.name in asm.wholes or wt.name in asm.pending)):
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
-            decoded += numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
+            size = numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
+            decoded += size
+            held += 0 if in_place and wt.codec == 0 else size
+        check = getattr(b, "check_request", None)
+        if check is not None:  # names and widths the back half takes, before anything is decoded
+            shapes: dict[str, tuple[int, ...] | None] = {n: tuple(w.shape) for n, w in incoming.items()}
+            shapes = {n: v for n, v in shapes.items() if not n.startswith("const:")}
+            shapes.update({n: w.shape for n, w in asm.wholes.items()} if asm is not None else {})
+            shapes.update({a: None for a in msg.consts if isinstance(a, str)})
+            wrong = check(shapes)
+            if wrong:
+                raise RemoteProtocolError(f"request refused before decoding: {wrong}")
         if decoded > st.cfg.max_decoded_request_bytes:  # before any decoding allocates
             raise RemoteProtocolError(
                 f"the request's tensors decode to {decoded} bytes, over this server's limit of "
                 f"{st.cfg.max_decoded_request_bytes} (--max-request-mb)"
             )
         if asm is None:
-            with st.budgets.inflight.reserve(decoded, "the request's decoded tensors"):
+            with st.budgets.inflight.reserve(held, "the request's decoded tensors"):
                 tensors: dict[str, torch.Tensor] = {}
                 err = self._prepare(msg, incoming, tensors)
                 return err or self._run(msg, bytes_in, tensors, (time.perf_counter() - t0) * 1e3)
         for arg in asm.wholes:
             if arg in msg.consts:
                 raise RemoteProtocolError(f"tensor {arg!r} sent twice (as slabs and as a constant)")
-        st.budgets.inflight.take_or_raise(decoded, "the request's decoded tensors")
-        ib = _Inbound(msg, st.budgets.inflight, asm, held=decoded, bytes_in=bytes_in)
+        st.budgets.inflight.take_or_raise(held, "the request's decoded tensors")
+        ib = _Inbound(msg, st.budgets.inflight, asm, held=held, bytes_in=bytes_in)
         try:
             err = self._prepare(msg, incoming, ib.tensors)
             if err is None:

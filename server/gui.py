@@ -606,6 +606,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", action="store_true", help="start the server as soon as the window opens")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[daedalus] %(message)s", stream=sys.stdout)
+    from .budget import tune_allocator
+
+    logging.getLogger("daedalus").debug("%s", tune_allocator())
     state_dir = Path(a.state_dir) if a.state_dir else default_state_dir()
     try:
         root = tk.Tk()

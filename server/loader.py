@@ -298,6 +298,7 @@ class ComfyBackend:
             for k, v in self.dm.state_dict().items()
             if self.adapter.remote_key(self.adapter.original_key(k, self.plan), self.plan) is not None
         )
+        self._check = self.adapter.request_check(self.dm)
         # Forwarded LoRA sets, unpacked on the device, by hash: bounded in bytes (all clients share them).
         self._lora_cache: SizedLRU[tuple[int, list[tuple[torch.nn.Module, str, str, list]]]] = SizedLRU(
             cfg.max_lora_bytes, lambda entry: entry[0]
@@ -402,6 +403,10 @@ class ComfyBackend:
         temp = mm.cast_to_device(weight, weight.device, compute, copy=True)
         out = comfy.lora.calculate_weight(patches, temp, key)
         return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed_of(key))
+
+    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
+        """What is wrong with a request's tensors (name -> shape) before they are decoded, or None."""
+        return self._check({k: v for k, v in shapes.items() if k != "lora"})  # "lora": a forwarded LoRA set
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
         h = scalars.get("lora") or ""

@@ -38,8 +38,19 @@ class ToyBackend:
     arch = "toy"
     comfyui_version = ""
 
-    def __init__(self, n_blocks: int, total: int = 8, width: int = 64, device: str = "cpu", seed: int = 0):
+    def __init__(
+        self,
+        n_blocks: int,
+        total: int = 8,
+        width: int = 64,
+        device: str = "cpu",
+        seed: int = 0,
+        ignored: tuple[str, ...] = (),
+    ):
+        """``ignored``: name prefixes of tensors it also takes and ignores (tests that load the server
+        with more tensors than the toy model uses)."""
         self.model = ToyModel(total, width, seed)
+        self.ignored = ignored
         self.n_blocks_max = total
         if not 0 < n_blocks <= total:
             raise LocalError(f"--n-blocks {n_blocks}: the toy model has {total} blocks: choose 1..{total}")
@@ -48,6 +59,18 @@ class ToyBackend:
         self.device = torch.device(device)
         self.model_name = f"toy-{total}x{width}"
         self.fingerprint = fingerprint(self.model.named_blocks(self.first))
+
+    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
+        """What is wrong with a request's tensors (name -> shape) before they are decoded, or None."""
+        w = self.model.width
+        for name, shape in shapes.items():
+            if self.ignored and name.startswith(self.ignored):
+                continue
+            if name not in ("x", "bias"):
+                return f"the toy back half takes tensors 'x' and 'bias', not {name[:64]!r}"
+            if shape is not None and (not shape or shape[-1] != w):
+                return f"tensor {name!r} has shape {list(shape)}; the toy back half takes width {w}"
+        return None
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Requests it cannot run are the peer's garbage (RemoteProtocolError: ``bad_request``)."""

@@ -5,6 +5,7 @@ has no room for is answered ``busy`` (the server stays up and serves the others)
 from __future__ import annotations
 
 import gc
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -30,7 +31,11 @@ MiB = 1 << 20
 def serve(**cfg: object) -> Iterator[DaedalusServer]:
     # Over TCP: on the same-host fast path big payloads would not be frames at all (PROTOCOL.md §11).
     srv = DaedalusServer(
-        ServerState(ServerConfig(port=0, device="cpu", n_blocks=3, samehost=False, **cfg), ToyBackend, token=TOKEN)  # type: ignore[arg-type]
+        ServerState(
+            ServerConfig(port=0, device="cpu", n_blocks=3, samehost=False, **cfg),
+            lambda n: ToyBackend(n, ignored=("pad", "big")),
+            token=TOKEN,
+        )  # type: ignore[arg-type]
     )
     srv.start()
     try:
@@ -193,12 +198,22 @@ def test_decoded_tensors_count_against_the_inflight_budget():
         c = client(srv)
         x = torch.randn(2, 11, 64)
         big = dataclasses.replace(codec.encode(x, "x", "lossless"), shape=(1, 4096, 64))  # 1 MiB decoded
-        extra = codec.encode(torch.zeros(4096), "pad", "raw")  # 16 KiB more
+        extra = codec.encode(torch.zeros(4096), "pad", "lossless")  # 16 KiB more
         msg = Forward(seq=1, arch="toy", n_blocks=3, consts={}, tensors=(big, extra))
         with pytest.raises(RemoteFailure, match=r"decoded tensors needs \d+ bytes.*--max-inflight-mb"):
             c.request(msg)
         toy_forward(c)
         assert wait_for(lambda: srv.state.budgets.inflight.used == 0)
+        c.close()
+
+
+def test_a_raw_request_on_a_cpu_server_is_counted_once():
+    """Raw tensors decoded on the CPU are views into their frame: the frame's bytes are counted, not
+    again as decoded tensors. A 2 MiB raw request fits a 3 MiB budget (counted twice it would not)."""
+    with serve(max_inflight_bytes=3 * MiB) as srv:
+        c = client(srv)
+        toy_forward(c, {"pad": torch.zeros(MiB // 2)})
+        assert srv.state.budgets.inflight.peak >= 2 * MiB
         c.close()
 
 
@@ -322,3 +337,20 @@ def test_a_call_refused_for_a_full_budget_is_retried_until_it_fits():
         assert torch.equal(out["out"], model.run(x, bias))
         assert any(level == "warn" and "try again shortly" in text for level, text in statuses), statuses
         b.close()
+
+
+def test_the_allocator_is_tuned_once_unless_the_environment_says_otherwise():
+    """Daedalus asks glibc to give freed frame buffers back (mallopt); a MALLOC_* variable the
+    operator set wins. In a subprocess: mallopt changes the whole process."""
+    import subprocess
+    import sys
+
+    code = "from comfyui_mesh.server.budget import tune_allocator; print(tune_allocator())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    if sys.platform.startswith("linux"):
+        assert out.stdout.startswith("allocator: blocks >= 256 KiB from the OS, 2 arenas"), out.stdout + out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True, timeout=60
+    )
+    assert "environment" in out.stdout or not sys.platform.startswith("linux"), out.stdout + out.stderr

@@ -133,7 +133,10 @@ def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):
     x, bias = _inputs()
     with pytest.raises(RemoteFailure) as e:
         c.forward(arch="toy", n_blocks=3, coded={"x": x[..., :10]}, exact={}, consts={"bias": bias}, scalars={})
-    assert e.value.code == "bad_request" and "expects x of shape" in e.value.message
+    assert e.value.code == "bad_request" and "takes width 64" in e.value.message  # refused before decoding
+    with pytest.raises(RemoteFailure) as e:  # a name the back half does not take: refused before decoding
+        c.forward(arch="toy", n_blocks=3, coded={"x": x, "evil": x}, exact={}, consts={"bias": bias}, scalars={})
+    assert e.value.code == "bad_request" and "not 'evil'" in e.value.message
     with pytest.raises(RemoteFailure) as e:
         c.forward(arch="toy", n_blocks=5, coded={"x": x}, exact={}, consts={"bias": bias}, scalars={})
     assert e.value.code == "config_mismatch"
@@ -261,7 +264,7 @@ def test_constants_larger_than_the_server_cache_still_work():
         for _ in range(2):  # second call: evicted constants are resent automatically
             out, _ = c.forward(
                 arch="toy", n_blocks=3, coded={"x": model.run(x, bias, 0, 5)}, exact={},
-                consts={"bias": bias, "unused": torch.ones(100)}, scalars={},
+                consts={"bias": bias}, scalars={},  # 256 bytes, over the 16-byte cache
             )  # fmt: skip
             assert torch.equal(out["out"], model.run(x, bias))
         c.close()
@@ -399,7 +402,7 @@ def test_a_request_that_would_decode_past_the_budget_is_refused_before_decoding(
         c = _client(host, port)
         c.connect()
         x, bias = _inputs()
-        big = dataclasses.replace(codec.encode(x, "x"), shape=(1, 1 << 20, 16))  # 64 MiB declared
+        big = dataclasses.replace(codec.encode(x, "x"), shape=(1, 1 << 18, 64))  # 64 MiB declared
         msg = protocol.Forward(seq=1, arch="toy", n_blocks=3, consts={}, tensors=(big,))
         with pytest.raises(
             RemoteFailure, match=r"decode to 67108864 bytes, over this server's limit .*--max-request-mb"

@@ -141,3 +141,22 @@ def test_flux2_single_seam_text_length_without_img_slice():
     assert (new.scalars["txt_len"], new.scalars["img_len"]) == (3, 7)
     with pytest.raises(LocalError, match="text length was not captured"):
         payload({"vec": vec}, {})
+
+
+def test_request_check_refuses_unknown_names_and_wrong_widths_before_decoding():
+    class Dm:
+        hidden_size = 256
+        inner_dim = 64
+        audio_inner_dim = 32
+
+    flux = arch.get("flux2").request_check(Dm())
+    assert flux({"img": (1, 24, 256), "txt": (1, 7, 256), "vec": (1, 256), "pe": None, "mod_img": (1, 1, 1536)}) is None
+    assert "no tensor 'evil'" in flux({"img": (1, 24, 256), "evil": (1, 2)})
+    assert "takes width 256" in flux({"x": (1, 31, 255)})
+    assert "takes width 256" in flux({"img": ()})
+    ltx = arch.get("ltxav").request_check(Dm())
+    ok = {"vx": (2, 12, 64), "ax": (2, 5, 32), "v_timestep": (2, 1, 384), "v_timestep.idx": (2,), "v_pe": None}
+    assert ltx(ok) is None
+    assert ltx({**ok, "v_emb.1": (2, 64)}) is None
+    assert "no tensor" in ltx({**ok, "v_timestep.2": (1,)})
+    assert "takes width 32" in ltx({**ok, "ax": (2, 5, 64)})

@@ -593,7 +593,7 @@ def test_temporal_references_are_bounded_per_connection():
     Past --max-codec-state-mb the request is refused and the connection's references dropped;
     the next request within the budget is served."""
     cfg = ServerConfig(port=0, device="cpu", n_blocks=3, max_codec_state_bytes=64 << 10)
-    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
+    srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n, ignored=("pad",)), token=TOKEN))
     host, port = srv.start()
     try:
         c = MeshClient(ClientConfig(host=host, port=port, token=TOKEN))
