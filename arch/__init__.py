@@ -76,6 +76,10 @@ def no_call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any
     return {}
 
 
+def no_config_fix(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Adapter:
     family: str  # wire name, e.g. "flux2"
@@ -110,6 +114,10 @@ class Adapter:
     # Head modules the client swaps for stubs returning the server's output of that name.
     # Empty: every head returns the output "out" (one head, one output).
     head_outputs: dict[str, str] = field(default_factory=dict)
+    # Checkpoint tensor shapes (keys as in ``detect_keys``) -> unet_config values to set over ComfyUI's
+    # detection, where it assumes the released widths of a module instead of reading them (Chroma's
+    # approximator). Gives the detected values on released checkpoints; lets tiny test models load.
+    config_from_shapes: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]] = no_config_fix
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
