@@ -95,7 +95,9 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
     """Run the slim model's blocks and final_layer; mirrors the tail of Chroma.forward_orig."""
     nd, ns = plan.remote[DOUBLE], plan.remote[SINGLE]
     mods = t.get("mods")
-    if mods is not None and (mods.ndim != 3 or mods.shape[1] != 3 * ns + 12 * nd + 2):
+    if mods is None:
+        raise RemoteProtocolError(f"{DISPLAY} request lacks tensors ['mods']")
+    if mods.ndim != 3 or mods.shape[1] != 3 * ns + 12 * nd + 2:
         raise RemoteProtocolError(
             f"{DISPLAY} request: modulation rows {list(mods.shape)}, this server's {nd} double + {ns} single blocks "
             f"need [B, {3 * ns + 12 * nd + 2}, H]"
@@ -109,7 +111,6 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
         return (mod(img), mod(img + 3)), (mod(txt), mod(txt + 3))
 
     img, img_len = run_blocks(dm, plan, t, s, DISPLAY, ["mods"], double_vec, lambda i: mod(3 * i))
-    assert mods is not None  # run_blocks refused a request without it
     out = dm.final_layer(img, vec=(mods[:, -2:-1], mods[:, -1:]))
     return {"out": out[:, :img_len]}
 
