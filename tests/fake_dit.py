@@ -1018,6 +1018,10 @@ class Chroma(nn.Module):
                 img = hook(args, {"original_block": partial(_single_wrap, block)})["img"]
             else:
                 img = block(img, vec=svec, pe=pe, attn_mask=mask, transformer_options=to)
+            if control is not None:
+                add = control.get("output", [])[i] if i < len(control.get("output", [])) else None
+                if add is not None:
+                    img[:, txt.shape[1] :] += add
         img = self.final_layer(img[:, txt.shape[1] :], vec=(mods[:, -2:-1], mods[:, -1:]))
         return img.transpose(1, 2).reshape(b, self.out_channels, h, w)
 
