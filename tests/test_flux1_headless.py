@@ -9,9 +9,9 @@ HTTP API, with FLUX.1's 16-channel SD3-style empty latent and the dev model's de
 from __future__ import annotations
 
 import pytest
-from comfy_support import headless_stack, ksampler_node, needs_comfy
+from comfy_support import headless_stack, ksampler_node, needs_comfy, needs_narrow_flux1
 
-pytestmark = [needs_comfy]
+pytestmark = [needs_comfy, needs_narrow_flux1]
 
 MODEL_NAME = "tiny_flux1_dev.safetensors"
 NODE = "MeshSplitFlux"  # the generic Icarus node (every registered family)

@@ -11,31 +11,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import HAVE_COMFY, Daedalus, import_comfy, needs_comfy, split
+from comfy_support import NARROW_FLUX1, Daedalus, import_comfy, needs_comfy, split
 
 H = 256  # tiny.FLUX1_TINY width
 
 
-def detected_heads(config: dict) -> int:
-    """The head count the installed ComfyUI's detection gives a FLUX.1 of ``config`` (shapes only)."""
-    from comfyui_mesh.tiny import flux2_shapes
-
-    import_comfy()
-    import comfy.model_detection
-
-    sd = {k: torch.empty(s, device="meta") for k, s in flux2_shapes(config).items()}
-    return int(comfy.model_detection.model_config_from_unet(sd, "").unet_config["num_heads"])
-
-
-def _narrow() -> bool:
-    from comfyui_mesh.tiny import FLUX1_TINY
-
-    return not HAVE_COMFY or detected_heads(FLUX1_TINY) == FLUX1_TINY["num_heads"]
-
-
-# ComfyUI before 0.9 detects FLUX.1 (and Chroma) with the released 24 heads of 128: only a 3072-wide
-# model loads there (test_dev_width_split_on_releases_that_detect_released_widths covers those).
-NARROW = _narrow()
 pytestmark = [needs_comfy]
 
 
@@ -43,7 +23,7 @@ pytestmark = [needs_comfy]
 def setup(tmp_path_factory):
     from comfyui_mesh import tiny
 
-    if not NARROW:
+    if not NARROW_FLUX1:
         pytest.skip("this ComfyUI detects FLUX.1 only at the released width (24 heads)")
     d = tmp_path_factory.mktemp("flux1")
     comfy = import_comfy()
@@ -200,7 +180,7 @@ def test_schnell_split_at_every_block_is_bit_identical(setup):
         srv.stop()
 
 
-@pytest.mark.skipif(NARROW, reason="this ComfyUI loads narrow FLUX.1 models: the tests above cover it")
+@pytest.mark.skipif(NARROW_FLUX1, reason="this ComfyUI loads narrow FLUX.1 models: the tests above cover it")
 def test_dev_width_split_on_releases_that_detect_released_widths(tmp_path):
     """ComfyUI < 0.9: a 3072-wide FLUX.1 dev, 1 double + 1 single block (about 0.5 B parameters, bf16),
     split at every block and at the single one, with guidance, CFG and a Kontext reference image."""
