@@ -19,6 +19,7 @@ The stubbed head returns the server's output, so the rest of ComfyUI sees a norm
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import threading
@@ -164,7 +165,7 @@ class SplitRun:
     def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj
         if self.adapter.control_keys:
-            self._check_control(args[6] if len(args) > 6 else kwargs.get("control"))
+            self._check_control(call_argument(executor.original, "control", args, kwargs))
         call: dict[str, Any] = {"out": None, "values": self.adapter.call_info(args, kwargs)}
         values: dict[str, Any] = call["values"]
         handles = []
@@ -251,6 +252,23 @@ class SplitRun:
             except Exception:  # stats are for the UI: never fail a step over them
                 log.debug("ComfyUI-Mesh: on_step callback failed", exc_info=True)
         return self.adapter.passthrough(args)
+
+
+def call_argument(fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The argument ``name`` of a call ``fn(*args, **kwargs)``, by ``fn``'s signature (models differ in
+    where they take it: FLUX's ``_forward`` has ``control`` 7th, Chroma's 5th); None when absent."""
+    if name in kwargs:
+        return kwargs[name]
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    for i, p in enumerate(params[: len(args)]):
+        if p.kind is inspect.Parameter.VAR_POSITIONAL:
+            return None
+        if p.name == name:
+            return args[i]
+    return None
 
 
 def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:

@@ -346,6 +346,9 @@ class BenchFamily:
     inputs: Any
     n_blocks: dict[str, int]
     cfg: float = 1.0
+    # (path) -> MODEL, where comfy.sd.load_diffusion_model cannot load a config of ``configs`` (tiny
+    # Chroma: ComfyUI's detection assumes the released approximator widths); None: that loader.
+    load: Any = None
 
 
 BENCH: dict[str, BenchFamily] = {}
@@ -394,5 +397,220 @@ register_bench(
         inputs=_ltxav_bench_inputs,
         n_blocks={"tiny": 1, "full": 8},
         cfg=3.0,
+    )
+)
+
+
+# ---------------------------------------------------------------------------- FLUX.1 and Chroma
+
+# Tiny FLUX.1 dev: width 256 (2 heads of 128: ComfyUI's detection derives the heads from the width
+# over the FLUX.1 rope axes 16+56+56), 2 double + 3 single blocks, text width 64, pooled width 32.
+FLUX1_TINY: dict[str, Any] = dict(
+    in_channels=16,
+    out_channels=16,
+    vec_in_dim=32,
+    context_in_dim=64,
+    hidden_size=256,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=3,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    guidance_embed=True,
+    txt_ids_dims=[],
+)
+FLUX1_SCHNELL_TINY = {**FLUX1_TINY, "guidance_embed": False}
+# The released FLUX.1 shapes (dev, Kontext dev, schnell): 19 double + 38 single blocks, 3072 wide,
+# T5-XXL text (4096) and CLIP-L pooled (768); about 11.9 B parameters (24 GB in bf16).
+FLUX1_DEV = {
+    **FLUX1_TINY,
+    "vec_in_dim": 768,
+    "context_in_dim": 4096,
+    "hidden_size": 3072,
+    "num_heads": 24,
+    "depth": 19,
+    "depth_single_blocks": 38,
+}
+FLUX1_SCHNELL = {**FLUX1_DEV, "guidance_embed": False}
+
+# Tiny Chroma: FLUX.1-like blocks at width 256, an approximator 64 -> 64 x 2 -> 256.
+CHROMA_TINY: dict[str, Any] = dict(
+    in_channels=64,
+    out_channels=64,
+    context_in_dim=64,
+    hidden_size=256,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=2,
+    depth_single_blocks=3,
+    axes_dim=[16, 56, 56],
+    theta=10000,
+    patch_size=2,
+    qkv_bias=True,
+    in_dim=64,
+    out_dim=256,
+    hidden_dim=64,
+    n_layers=2,
+    txt_ids_dims=[],
+    vec_in_dim=None,
+)
+# Chroma1 (HD / base) shapes: FLUX.1-schnell blocks (19 + 38, 3072 wide), T5-XXL text, the approximator
+# 64 -> 5120 x 5 -> 3072 (what ComfyUI's detection assumes); about 8.9 B parameters.
+CHROMA_FULL = {
+    **CHROMA_TINY,
+    "context_in_dim": 4096,
+    "hidden_size": 3072,
+    "num_heads": 24,
+    "depth": 19,
+    "depth_single_blocks": 38,
+    "out_dim": 3072,
+    "hidden_dim": 5120,
+    "n_layers": 5,
+}
+
+
+def make_flux1(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random FLUX.1 checkpoint with ComfyUI key names (ComfyUI must be importable); the same
+    ``Flux`` class as FLUX.2, so its shapes come from ``flux2_shapes``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = flux2_shapes(config or FLUX1_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def chroma_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Chroma with ``config`` (built on the meta device: no memory)."""
+    import comfy.ldm.chroma.model
+    import comfy.ops
+
+    known = {f.name for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
+    cfg = {k: v for k, v in config.items() if k in known}
+    with torch.device("meta"):
+        model = comfy.ldm.chroma.model.Chroma(
+            dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_chroma(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random Chroma checkpoint with ComfyUI key names (ComfyUI must be importable). A tiny one
+    loads with ``load_chroma`` (ComfyUI's own loader assumes the released approximator widths)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = chroma_shapes(config or CHROMA_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def load_chroma(path: str | Path) -> Any:
+    """A Chroma checkpoint as a MODEL (ModelPatcher), built with ComfyUI's detection, model and patcher
+    classes as comfy.sd.load_diffusion_model does, plus the approximator widths read from the
+    checkpoint's shapes (``arch.chroma.config_from_shapes``, as Daedalus's loader applies them)."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    from .arch import chroma
+
+    sd = comfy.utils.load_torch_file(str(path), safe_load=True)
+    model_config = comfy.model_detection.model_config_from_unet(sd, "")
+    model_config.unet_config.update(chroma.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}))
+    load_device = mm.get_torch_device()
+    supported = list(model_config.supported_inference_dtypes)
+    unet_dtype = mm.unet_dtype(
+        model_params=comfy.utils.calculate_parameters(sd),
+        supported_dtypes=supported,
+        weight_dtype=comfy.utils.weight_dtype(sd),
+    )
+    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, supported))
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+
+
+def flux1_inputs(
+    batch: int = 1,
+    h: int = 4,
+    w: int = 6,
+    txt: int = 7,
+    ctx: int = 64,
+    pooled: int | None = 32,
+    guidance: float | None = 3.5,
+    ref: tuple[int, int] | None = None,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent for comfy.sample.sample on a FLUX.1 (or, with
+    ``pooled=None`` and ``guidance=0``, Chroma) model: latents [B, 16, h, w]; ``pooled``: the CLIP
+    pooled width (``y``); ``guidance``: the distilled guidance value (dev); ``ref``: (h, w) of one
+    Kontext reference latent (``reference_latents``)."""
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    def cond(s: int) -> dict[str, Any]:
+        c: dict[str, Any] = {}
+        if pooled:
+            c["pooled_output"] = rnd(1, pooled, s=s + 10)
+        if guidance is not None:
+            c["guidance"] = guidance
+        if ref is not None:
+            c["reference_latents"] = [rnd(1, 16, *ref, s=seed + 20)]
+        return c
+
+    return {
+        "noise": rnd(batch, 16, h, w, s=seed),
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), cond(seed + 1)]],
+        "negative": [[rnd(1, txt, ctx, s=seed + 2), cond(seed + 2)]],
+        "latent_image": torch.zeros(batch, 16, h, w),
+    }
+
+
+def _flux1_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    c = BENCH["flux1"].configs[size]
+    guidance = 3.5 if c["guidance_embed"] else None
+    if size == "tiny":
+        return flux1_inputs(batch=batch, ctx=c["context_in_dim"], pooled=c["vec_in_dim"], guidance=guidance, seed=seed)
+    # 1024² (latents /8), 512 T5 tokens
+    return flux1_inputs(batch, 128, 128, 512, c["context_in_dim"], c["vec_in_dim"], guidance, seed=seed)
+
+
+def _chroma_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    ctx = BENCH["chroma"].configs[size]["context_in_dim"]
+    if size == "tiny":
+        return flux1_inputs(batch=batch, ctx=ctx, pooled=None, guidance=0.0, seed=seed)
+    return flux1_inputs(batch, 128, 128, 512, ctx, None, 0.0, seed=seed)  # 1024², 512 T5 tokens
+
+
+register_bench(
+    BenchFamily(
+        "flux1",
+        make=make_flux1,
+        configs={"tiny": FLUX1_TINY, "dev": FLUX1_DEV, "schnell": FLUX1_SCHNELL},
+        inputs=_flux1_bench_inputs,
+        n_blocks={"tiny": 3, "dev": 28, "schnell": 28},
+    )
+)
+register_bench(
+    BenchFamily(
+        "chroma",
+        make=make_chroma,
+        configs={"tiny": CHROMA_TINY, "full": CHROMA_FULL},
+        inputs=_chroma_bench_inputs,
+        n_blocks={"tiny": 3, "full": 28},
+        cfg=4.0,
+        load=load_chroma,
     )
 )

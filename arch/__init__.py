@@ -76,6 +76,10 @@ def no_call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any
     return {}
 
 
+def no_config_fix(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Adapter:
     family: str  # wire name, e.g. "flux2"
@@ -116,6 +120,10 @@ class Adapter:
     # ``request_widths`` must end in the width the server's diffusion model holds in that attribute.
     request_names: str = ""
     request_widths: dict[str, str] = field(default_factory=dict)
+    # Checkpoint tensor shapes (keys as in ``detect_keys``) -> unet_config values to set over ComfyUI's
+    # detection, where it assumes the released widths of a module instead of reading them (Chroma's
+    # approximator). Gives the detected values on released checkpoints; lets tiny test models load.
+    config_from_shapes: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]] = no_config_fix
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
@@ -243,4 +251,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import flux2, ltxav  # noqa: E402,F401
+from . import chroma, flux1, flux2, ltxav  # noqa: E402,F401

@@ -16,6 +16,7 @@ never loads the 0.1-0.7 GB of modulation layers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -59,6 +60,42 @@ def detect_model(dm: Any) -> bool:
     )
 
 
+def seam_state(args: dict[str, Any], sc: SeamCall, display: str) -> tuple[dict[str, torch.Tensor], int, int]:
+    """The seam state of a ``Flux``-style model (FLUX.1, FLUX.2, Chroma) at its first remote block:
+    (coded tensors, text tokens, main image tokens). ``coded`` is ``img`` + ``txt`` when the seam is
+    in the double blocks, else ``x`` = cat(txt, img); the image token count leaves out reference-image
+    tokens (the model drops them after its head)."""
+    topts = args.get("transformer_options") or {}
+    if sc.seam == DOUBLE:
+        img, txt = args["img"], args["txt"]
+        coded = {"img": img, "txt": txt}
+        txt_len, img_all = int(txt.shape[1]), int(img.shape[1])
+    else:
+        x = args["img"]
+        coded = {"x": x}
+        # ComfyUI >= 0.9 names the text length in transformer_options; older releases do not, and
+        # then it is the length of txt_in's output (captured as "txt").
+        img_slice = topts.get("img_slice")
+        txt = sc.values.get("txt")
+        if img_slice is not None:
+            txt_len = int(img_slice[0])
+        elif isinstance(txt, torch.Tensor):
+            txt_len = int(txt.shape[1])
+        else:
+            raise LocalError(f"{display} split: the text length was not captured (unexpected model code path)")
+        img_all = int(x.shape[1]) - txt_len
+    img_len = img_all - int(sum(topts.get("reference_image_num_tokens", []) or []))
+    return coded, txt_len, img_len
+
+
+def seam_consts(args: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Per-generation constants of a ``Flux``-style block call: RoPE ``pe`` and the text attention mask."""
+    consts = {"pe": args["pe"]}
+    if args.get("attn_mask") is not None:
+        consts["attn_mask"] = args["attn_mask"]
+    return consts
+
+
 def client_payload(args: dict[str, Any], sc: SeamCall) -> SeamPayload:
     """Split one block-hook call at the seam into (coded, exact, consts, scalars).
 
@@ -76,70 +113,59 @@ def client_payload(args: dict[str, Any], sc: SeamCall) -> SeamPayload:
             "FLUX.2 split: reference images in 'index_timestep_zero' mode are not supported across the "
             "split; use the default reference method or run without Icarus"
         )
-    topts = args.get("transformer_options") or {}
-    coded: dict[str, torch.Tensor] = {}
     exact: dict[str, torch.Tensor] = {"vec": vec}
     if seam == DOUBLE:
-        img, txt = args["img"], args["txt"]
         (im1, im2), (tm1, tm2) = args["vec"]
-        coded["img"], coded["txt"] = img, txt
         exact["mod_img"], exact["mod_txt"] = _pack(im1, im2), _pack(tm1, tm2)
         if plan.remote[SINGLE]:
             if single_mod is None:
                 raise LocalError("FLUX.2 split: the model has no single_stream_modulation (unexpected model code)")
             exact["mod_single"] = _pack(single_mod(vec)[0])
-        txt_len, img_all = txt.shape[1], img.shape[1]
     else:
-        x = args["img"]
-        coded["x"] = x
         exact["mod_single"] = _pack(args["vec"])
-        # ComfyUI >= 0.9 names the text length in transformer_options; older releases do not, and
-        # then it is the length of txt_in's output (captured as "txt").
-        img_slice = topts.get("img_slice")
-        txt = sc.values.get("txt")
-        if img_slice is not None:
-            txt_len = int(img_slice[0])
-        elif isinstance(txt, torch.Tensor):
-            txt_len = int(txt.shape[1])
-        else:
-            raise LocalError("FLUX.2 split: the text length was not captured (unexpected model code path)")
-        img_all = x.shape[1] - txt_len
     if exact.get("mod_single") is not None and exact["mod_single"].shape[1] != 1:
         raise LocalError("FLUX.2 split: per-token modulation (index_timestep_zero) is not supported")
-    img_len = img_all - int(sum(topts.get("reference_image_num_tokens", []) or []))
-    consts = {"pe": args["pe"]}
-    if args.get("attn_mask") is not None:
-        consts["attn_mask"] = args["attn_mask"]
-    scalars = {"seam": seam, "txt_len": int(txt_len), "img_len": int(img_len)}
-    return SeamPayload(coded, exact, consts, scalars)
+    coded, txt_len, img_len = seam_state(args, sc, "FLUX.2")
+    scalars = {"seam": seam, "txt_len": txt_len, "img_len": img_len}
+    return SeamPayload(coded, exact, seam_consts(args), scalars)
 
 
-def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Run the slim model's blocks and final_layer; mirrors the tail of Flux.forward_orig."""
+def run_blocks(
+    dm: Any,
+    plan: SplitPlan,
+    t: dict[str, torch.Tensor],
+    s: dict[str, Any],
+    display: str,
+    need: list[str],
+    double_vec: Callable[[int], Any],
+    single_vec: Callable[[int], Any],
+) -> tuple[torch.Tensor, int]:
+    """Run the slim ``Flux``-style model's blocks as the tail of its ``forward_orig`` does, from the seam
+    state in ``t``: (image tokens before the head [B, L_img_all, H], main image token count).
+
+    ``need``: the family's other tensors a request must carry; ``double_vec(i)`` / ``single_vec(i)``:
+    the ``vec`` argument of the slim model's double / single block ``i``."""
     try:
         seam, txt_len, img_len = s["seam"], int(s["txt_len"]), int(s["img_len"])
-        pe, vec = t["pe"], t["vec"]
+        pe = t["pe"]
     except (KeyError, TypeError, ValueError) as e:
-        raise RemoteProtocolError(f"FLUX.2 request lacks {e}") from None
+        raise RemoteProtocolError(f"{display} request lacks {e}") from None
     mask = t.get("attn_mask")
     nd, ns = plan.remote[DOUBLE], plan.remote[SINGLE]
-    need = (["img", "txt", "mod_img", "mod_txt"] if nd else ["x"]) + (["mod_single"] if ns else [])
-    missing = [k for k in need if k not in t]
+    missing = [k for k in (["img", "txt"] if nd else ["x"]) + need if k not in t]
     if missing:
-        raise RemoteProtocolError(f"FLUX.2 request lacks tensors {missing}")
+        raise RemoteProtocolError(f"{display} request lacks tensors {missing}")
     expected = DOUBLE if nd else SINGLE
     if seam != expected:
         raise RemoteProtocolError(f"request cuts at {seam} but this server's first block is in {expected}")
     topts: dict[str, Any] = {}
     if nd:
         img, txt = t["img"], t["txt"]
-        mi, mt = _unpack(t["mod_img"], 2), _unpack(t["mod_txt"], 2)
-        dvec = ((mi[0], mi[1]), (mt[0], mt[1]))
         topts.update(total_blocks=plan.counts[DOUBLE], block_type="double")
         first = plan.first_remote(DOUBLE)
         for i, block in enumerate(dm.double_blocks):
             topts["block_index"] = first + i
-            img, txt = block(img=img, txt=txt, vec=dvec, pe=pe, attn_mask=mask, transformer_options=topts)
+            img, txt = block(img=img, txt=txt, vec=double_vec(i), pe=pe, attn_mask=mask, transformer_options=topts)
         if img.dtype == torch.float16:
             img = torch.nan_to_num(img, nan=0.0, posinf=65504, neginf=-65504)
         x = torch.cat((txt, img), 1)
@@ -148,14 +174,28 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
     if not (0 <= txt_len <= x.shape[1] and 0 <= img_len <= x.shape[1] - txt_len):
         raise RemoteProtocolError(f"token counts txt={txt_len} img={img_len} do not fit x {list(x.shape)}")
     if ns:
-        (smod,) = _unpack(t["mod_single"], 1)
         topts.update(total_blocks=plan.counts[SINGLE], block_type="single", img_slice=[txt_len, x.shape[1]])
         first = plan.first_remote(SINGLE)
         for i, block in enumerate(dm.single_blocks):
             topts["block_index"] = first + i
-            x = block(x, vec=smod, pe=pe, attn_mask=mask, transformer_options=topts)
-    img = x[:, txt_len:, ...]
-    out = dm.final_layer(img, vec)
+            x = block(x, vec=single_vec(i), pe=pe, attn_mask=mask, transformer_options=topts)
+    return x[:, txt_len:, ...], img_len
+
+
+def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Run the slim model's blocks and final_layer; mirrors the tail of Flux.forward_orig."""
+    nd, ns = plan.remote[DOUBLE], plan.remote[SINGLE]
+    need = ["vec"] + (["mod_img", "mod_txt"] if nd else []) + (["mod_single"] if ns else [])
+    dvec: Any = None
+    smod: Any = None
+    if all(k in t for k in need):
+        if nd:
+            mi, mt = _unpack(t["mod_img"], 2), _unpack(t["mod_txt"], 2)
+            dvec = ((mi[0], mi[1]), (mt[0], mt[1]))
+        if ns:
+            (smod,) = _unpack(t["mod_single"], 1)
+    img, img_len = run_blocks(dm, plan, t, s, "FLUX.2", need, lambda i: dvec, lambda i: smod)
+    out = dm.final_layer(img, t["vec"])
     return {"out": out[:, :img_len]}
 
 

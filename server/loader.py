@@ -228,6 +228,9 @@ class ComfyBackend:
             model_config = c["detection"].model_config_from_unet(meta_sd, "", metadata=meta_full)
             if model_config is None:
                 raise LocalError(f"ComfyUI {self.comfyui_version} does not recognise {self.model_name}")
+            model_config.unet_config.update(
+                self.adapter.config_from_shapes({k: tuple(shape) for k, (shape, _) in bare.items()})
+            )
             parameters = utils.calculate_parameters(meta_sd)
             weight_dtype = utils.weight_dtype(meta_sd)
             # LoRA key map of the WHOLE model (original block indices), for the server's LoRA slots

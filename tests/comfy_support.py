@@ -91,6 +91,29 @@ needs_narrow_flux2 = pytest.mark.skipif(
 )
 
 
+def _narrow_flux1() -> bool:
+    """Whether the installed ComfyUI detects a tiny FLUX.1 at its own width (>= 0.9: heads = width / 128;
+    before, every FLUX.1 / Chroma checkpoint gets the released 24 heads, so only 3072-wide ones load)."""
+    if not HAVE_COMFY:
+        return True
+    import torch
+    from comfyui_mesh.tiny import FLUX1_TINY, flux2_shapes
+
+    import_comfy()
+    import comfy.model_detection
+
+    sd = {k: torch.empty(s, device="meta") for k, s in flux2_shapes(FLUX1_TINY).items()}
+    return comfy.model_detection.model_config_from_unet(sd, "").unet_config["num_heads"] == FLUX1_TINY["num_heads"]
+
+
+NARROW_FLUX1 = _narrow_flux1()
+needs_narrow_flux1 = pytest.mark.skipif(
+    not NARROW_FLUX1,
+    reason="this ComfyUI detects FLUX.1 / Chroma only at the released width (24 heads): "
+    "tests/test_flux1_split.py splits a released-width FLUX.1 there",
+)
+
+
 def make_flux2(path: Path, seed: int = 0, massive: int = 0, massive_gain: float = 100.0, **overrides) -> Path:
     """Save a tiny random FLUX.2 checkpoint (ComfyUI key names) to ``path``; ``massive``: that
     many planted massive channels (``tiny.plant_massive``)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -189,9 +190,12 @@ def _heads(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, t
 
 
 class DoubleStreamBlock(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, modulation: bool = False):
         super().__init__()
         self.num_heads = num_heads
+        if modulation:  # FLUX.1: each block modulates from the time vector itself
+            self.img_mod = Modulation(hidden, double=True)
+            self.txt_mod = Modulation(hidden, double=True)
         mlp_hidden = int(hidden * mlp_ratio)
         self.img_norm1 = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
         self.img_attn = SelfAttention(hidden, num_heads)
@@ -215,7 +219,7 @@ class DoubleStreamBlock(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if modulation_dims_img is not None or modulation_dims_txt is not None:
             raise NotImplementedError("stand-in: per-token modulation is not modelled")
-        (im1, im2), (tm1, tm2) = vec
+        (im1, im2), (tm1, tm2) = (self.img_mod(vec), self.txt_mod(vec)) if hasattr(self, "img_mod") else vec
         iq, ik, iv = _heads(self.img_attn.qkv(_mod(self.img_norm1(img), 1 + im1.scale, im1.shift)), self.num_heads)
         iq, ik = self.img_attn.norm(iq, ik, iv)
         tq, tk, tv = _heads(self.txt_attn.qkv(_mod(self.txt_norm1(txt), 1 + tm1.scale, tm1.shift)), self.num_heads)
@@ -232,8 +236,10 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float):
+    def __init__(self, hidden: int, num_heads: int, mlp_ratio: float, modulation: bool = False):
         super().__init__()
+        if modulation:
+            self.modulation = Modulation(hidden, double=False)
         self.hidden_size, self.num_heads = hidden, num_heads
         self.mlp_hidden = int(hidden * mlp_ratio)
         self.linear1 = nn.Linear(hidden, 3 * hidden + 2 * self.mlp_hidden, bias=False)
@@ -253,6 +259,8 @@ class SingleStreamBlock(nn.Module):
     ) -> torch.Tensor:
         if modulation_dims is not None:
             raise NotImplementedError("stand-in: per-token modulation is not modelled")
+        if hasattr(self, "modulation"):
+            vec, _ = self.modulation(vec)
         qkv, mlp = torch.split(
             self.linear1(_mod(self.pre_norm(x), 1 + vec.scale, vec.shift)),
             [3 * self.hidden_size, 2 * self.mlp_hidden],
@@ -280,7 +288,8 @@ class LastLayer(nn.Module):
 
 
 class Flux(nn.Module):
-    """FLUX.2's DiT: ComfyUI's ``Flux`` with ``global_modulation`` (patch size 1)."""
+    """FLUX.2's DiT: ComfyUI's ``Flux`` with ``global_modulation`` (patch size 1); without it, FLUX.1's
+    (per-block modulation, guidance and pooled-text embedders: ``flux1``)."""
 
     def __init__(self, **kwargs: Any):
         super().__init__()
@@ -290,20 +299,22 @@ class Flux(nn.Module):
         self.pe_embedder = EmbedND(p.hidden_size // p.num_heads, p.theta, p.axes_dim)
         self.img_in = nn.Linear(p.in_channels, p.hidden_size, bias=False)
         self.time_in = MLPEmbedder(256, p.hidden_size)
-        self.vector_in = None
-        self.guidance_in = nn.Identity()
+        self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size) if p.vec_in_dim else None
+        self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
         self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size, bias=False)
         self.txt_norm = None
+        own = not p.global_modulation
         self.double_blocks = nn.ModuleList(
-            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth)
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, own) for _ in range(p.depth)
         )
         self.single_blocks = nn.ModuleList(
-            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, own) for _ in range(p.depth_single_blocks)
         )
         self.final_layer = LastLayer(p.hidden_size, p.out_channels)
-        self.double_stream_modulation_img = Modulation(p.hidden_size, double=True)
-        self.double_stream_modulation_txt = Modulation(p.hidden_size, double=True)
-        self.single_stream_modulation = Modulation(p.hidden_size, double=False)
+        if p.global_modulation:
+            self.double_stream_modulation_img = Modulation(p.hidden_size, double=True)
+            self.double_stream_modulation_txt = Modulation(p.hidden_size, double=True)
+            self.single_stream_modulation = Modulation(p.hidden_size, double=False)
 
     def forward(
         self,
@@ -355,7 +366,9 @@ class Flux(nn.Module):
         txt_ids = torch.zeros(b, context.shape[1], len(self.params.axes_dim))
         for i in self.params.txt_ids_dims:
             txt_ids[..., i] = torch.arange(context.shape[1], dtype=torch.float32)
-        out = self.forward_orig(img, img_ids, context, txt_ids, timestep, control, to, kwargs.get("attention_mask"))
+        out = self.forward_orig(
+            img, img_ids, context, txt_ids, timestep, control, to, kwargs.get("attention_mask"), y, guidance
+        )
         out = out[:, :img_tokens]
         return out.transpose(1, 2).reshape(b, self.out_channels, h, w)
 
@@ -369,14 +382,24 @@ class Flux(nn.Module):
         control: Any,
         transformer_options: dict,
         attn_mask: torch.Tensor | None,
+        y: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
     ) -> torch.Tensor:
         to = dict(transformer_options)
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
+        if self.params.guidance_embed and guidance is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
+        if self.vector_in is not None:
+            y = y if y is not None else torch.zeros(img.shape[0], self.params.vec_in_dim)
+            vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)
         pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
         vec_orig = vec
-        dvec = (self.double_stream_modulation_img(vec_orig), self.double_stream_modulation_txt(vec_orig))
+        glob = self.params.global_modulation
+        dvec = (
+            (self.double_stream_modulation_img(vec_orig), self.double_stream_modulation_txt(vec_orig)) if glob else vec
+        )
         to["total_blocks"], to["block_type"] = len(self.double_blocks), "double"
         for i, block in enumerate(self.double_blocks):
             to["block_index"] = i
@@ -412,7 +435,7 @@ class Flux(nn.Module):
                 if add is not None:
                     img[:, : add.shape[1]] += add
         img = torch.cat((txt, img), 1)
-        svec, _ = self.single_stream_modulation(vec_orig)
+        svec = self.single_stream_modulation(vec_orig)[0] if glob else vec
         to["total_blocks"], to["block_type"] = len(self.single_blocks), "single"
         to["img_slice"] = [txt.shape[1], img.shape[1]]
         for i, block in enumerate(self.single_blocks):
@@ -831,6 +854,178 @@ class LTXAVModel(LTXVModel):
         return [v_out, a_out]
 
 
+# ============================================================================= FLUX.1 + Chroma
+
+
+def flux1(**kwargs: Any) -> Flux:
+    """FLUX.1 dev's DiT (``Flux`` without global modulation, guidance and pooled-text embedders)."""
+    cfg: dict[str, Any] = dict(global_modulation=False, guidance_embed=True, vec_in_dim=6, axes_dim=[4, 4, 8])
+    cfg["txt_ids_dims"] = []
+    return Flux(**{**cfg, **kwargs})
+
+
+class Approximator(nn.Module):
+    """Chroma's ``distilled_guidance_layer``: [B, rows, 64] -> [B, rows, hidden]."""
+
+    def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, n_layers: int):
+        super().__init__()
+        self.in_proj = nn.Linear(in_dim, hidden_dim)
+        self.layers = nn.ModuleList(MLPEmbedder(hidden_dim, hidden_dim) for _ in range(n_layers))
+        self.norms = nn.ModuleList(RMSNorm(hidden_dim) for _ in range(n_layers))
+        self.out_proj = nn.Linear(hidden_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.in_proj(x)
+        for layer, norm in zip(self.layers, self.norms, strict=True):
+            x = x + layer(norm(x))
+        return self.out_proj(x)
+
+
+class ChromaLastLayer(nn.Module):
+    def __init__(self, hidden: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(hidden, out_channels)
+
+    def forward(self, x: torch.Tensor, vec: Any) -> torch.Tensor:
+        shift, scale = vec
+        return self.linear(torch.addcmul(shift, 1 + scale, self.norm_final(x)))
+
+
+def _double_wrap(block: nn.Module, args: dict) -> dict:
+    img, txt = block(
+        img=args["img"],
+        txt=args["txt"],
+        vec=args["vec"],
+        pe=args["pe"],
+        attn_mask=args.get("attn_mask"),
+        transformer_options=args.get("transformer_options"),
+    )
+    return {"img": img, "txt": txt}
+
+
+def _single_wrap(block: nn.Module, args: dict) -> dict:
+    x = block(
+        args["img"],
+        vec=args["vec"],
+        pe=args["pe"],
+        attn_mask=args.get("attn_mask"),
+        transformer_options=args.get("transformer_options"),
+    )
+    return {"img": x}
+
+
+class Chroma(nn.Module):
+    """Chroma's DiT: FLUX-style blocks without modulation weights, fed rows of the approximator's output
+    (ComfyUI's ``Chroma.get_modulations`` layout: singles, doubles' image rows, their text rows, final last)."""
+
+    MOD_ROWS = 344
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = FluxParams(**{"axes_dim": [4, 4, 8], "txt_ids_dims": [], **kwargs})
+        self.hidden_size, self.num_heads = p.hidden_size, p.num_heads
+        self.in_channels, self.out_channels = p.in_channels, p.out_channels
+        self.pe_embedder = EmbedND(p.hidden_size // p.num_heads, p.theta, p.axes_dim)
+        self.img_in = nn.Linear(p.in_channels, p.hidden_size)
+        self.txt_in = nn.Linear(p.context_in_dim, p.hidden_size)
+        self.distilled_guidance_layer = Approximator(16, 32, p.hidden_size, 2)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single_blocks)
+        )
+        self.final_layer = ChromaLastLayer(p.hidden_size, p.out_channels)
+        self.skip_mmdit: list[int] = []
+        self.skip_dit: list[int] = []
+
+    def mod(self, mods: torch.Tensor, row: int) -> ModulationOut:
+        return ModulationOut(mods[:, row : row + 1], mods[:, row + 1 : row + 2], mods[:, row + 2 : row + 3])
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        guidance: Any = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = transformer_options or {}
+        return _wrapped(self, (x, timestep, context, guidance, control, to), kwargs, to)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        guidance: Any = None,
+        control: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = dict(transformer_options or {})
+        b, _, h, w = x.shape
+        img = self.img_in(x.reshape(b, x.shape[1], h * w).transpose(1, 2))
+        ids = torch.zeros(h, w, 3)
+        ids[..., 1] = torch.arange(h, dtype=torch.float32)[:, None]
+        ids[..., 2] = torch.arange(w, dtype=torch.float32)[None, :]
+        img_ids = ids.reshape(1, h * w, 3).expand(b, -1, -1)
+        txt_ids = torch.zeros(b, context.shape[1], 3)
+        g = guidance if guidance is not None else torch.zeros_like(timestep)
+        t_g = torch.cat([timestep_embedding(timestep, 4), timestep_embedding(g, 4)], dim=1)
+        index = timestep_embedding(torch.arange(self.MOD_ROWS, dtype=torch.float32), 8, time_factor=1.0)
+        inp = torch.cat([t_g[:, None].expand(-1, self.MOD_ROWS, -1), index[None].expand(b, -1, -1)], dim=-1)
+        mods = self.distilled_guidance_layer(inp.to(img.dtype))
+        txt = self.txt_in(context)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        mask = kwargs.get("attention_mask")
+        ns, nd = len(self.single_blocks), len(self.double_blocks)
+        to["total_blocks"], to["block_type"] = nd, "double"
+        for i, block in enumerate(self.double_blocks):
+            to["block_index"] = i
+            if i in self.skip_mmdit:
+                continue
+            o_img, o_txt = 3 * ns + 6 * i, 3 * ns + 6 * nd + 6 * i
+            dvec = (
+                (self.mod(mods, o_img), self.mod(mods, o_img + 3)),
+                (self.mod(mods, o_txt), self.mod(mods, o_txt + 3)),
+            )
+            hook = _dit_hook(to, ("double_block", i))
+            if hook is not None:
+                args = {"img": img, "txt": txt, "vec": dvec, "pe": pe, "attn_mask": mask, "transformer_options": to}
+                out = hook(args, {"original_block": partial(_double_wrap, block)})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img=img, txt=txt, vec=dvec, pe=pe, attn_mask=mask, transformer_options=to)
+            if control is not None:
+                add = control.get("input", [])[i] if i < len(control.get("input", [])) else None
+                if add is not None:
+                    img += add
+        img = torch.cat((txt, img), 1)
+        to["total_blocks"], to["block_type"] = ns, "single"
+        to["img_slice"] = [txt.shape[1], img.shape[1]]
+        for i, block in enumerate(self.single_blocks):
+            to["block_index"] = i
+            if i in self.skip_dit:
+                continue
+            svec = self.mod(mods, 3 * i)
+            hook = _dit_hook(to, ("single_block", i))
+            if hook is not None:
+                args = {"img": img, "vec": svec, "pe": pe, "attn_mask": mask, "transformer_options": to}
+                img = hook(args, {"original_block": partial(_single_wrap, block)})["img"]
+            else:
+                img = block(img, vec=svec, pe=pe, attn_mask=mask, transformer_options=to)
+            if control is not None:
+                add = control.get("output", [])[i] if i < len(control.get("output", [])) else None
+                if add is not None:
+                    img[:, txt.shape[1] :] += add
+        img = self.final_layer(img[:, txt.shape[1] :], vec=(mods[:, -2:-1], mods[:, -1:]))
+        return img.transpose(1, 2).reshape(b, self.out_channels, h, w)
+
+
 # ============================================================================= BaseModel + builders
 
 
@@ -895,7 +1090,24 @@ def ltxav_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
     return noise, pos, neg
 
 
+def flux1_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    """FLUX.1 dev conds: text, pooled text ``y`` and the guidance value, per row."""
+    noise, pos, neg = flux2_inputs(seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    pos.update(y=torch.randn(1, 6, generator=g), guidance=torch.tensor([3.5]))
+    neg.update(y=torch.randn(1, 6, generator=g), guidance=torch.tensor([3.5]))
+    return noise, pos, neg
+
+
+def chroma_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    noise, pos, neg = flux2_inputs(seed)
+    pos["guidance"] = neg["guidance"] = torch.tensor([0.0])
+    return noise, pos, neg
+
+
 STANDINS: dict[str, StandIn] = {
+    "flux1": StandIn("flux1", flux1, flux1_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
+    "chroma": StandIn("chroma", Chroma, chroma_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
     "flux2": StandIn("flux2", Flux, flux2_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
     "ltxav": StandIn("ltxav", LTXAVModel, ltxav_inputs, LTXParams().num_layers),
 }

@@ -180,8 +180,8 @@ def test_forwarded_weight_patches_reach_the_server(comfy_env, family):
     assert not equal(out2, ref)
 
 
-def test_controlnet_residuals_on_remote_blocks_are_refused(comfy_env):
-    family = "flux2"
+@pytest.mark.parametrize("family", ["flux2", "flux1", "chroma"])  # Chroma's model call takes control 5th
+def test_controlnet_residuals_on_remote_blocks_are_refused(comfy_env, family):
     n = cut(family, "middle")  # every single block and the last double block run remotely
     model = patcher(family)
     dm = model.model.diffusion_model
