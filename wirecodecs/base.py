@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..constants import MAX_BODY_BYTES
+from ..constants import DECODE_ALIGN_BYTES, MAX_BODY_BYTES
 from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 
@@ -139,7 +139,12 @@ def from_bytes(
         return host_view(mv).to(device).view(dtype).reshape(shape)
     if mv.readonly:
         mv = memoryview(bytearray(mv))
-    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).reshape(shape)
+    t = torch.frombuffer(mv, dtype=torch.uint8)
+    if t.data_ptr() % DECODE_ALIGN_BYTES:
+        # A tensor at an odd offset of the received frame: CPU kernels take other (scalar) paths on
+        # misaligned data and round differently, so the split would no longer match unsplit bit for bit.
+        t = t.clone()  # torch's CPU allocator aligns to 64 bytes
+    return t.view(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- optional imports
