@@ -288,3 +288,45 @@ def test_server_logged_steps(setup):
     *_, servers, _ = setup
     for srv in servers.values():
         assert any("forward" in s for s in srv.steps())
+
+
+def make_wan_fp8(path, seed: int = 0):
+    """A tiny Wan whose block linears are fp8 (e4m3, per-tensor scale) named in the file's
+    ``_quantization_metadata``, the layout of ComfyUI's fp8 checkpoints."""
+    import json
+
+    from comfyui_mesh import tiny
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = tiny.make_wan(path.with_suffix(".f32.safetensors"), seed=seed)
+    with safe_open(str(src), framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    layers = {}
+    for k in list(sd):
+        if k.startswith("blocks.") and k.endswith(".weight") and sd[k].ndim == 2:
+            w = sd[k].float()
+            scale = w.abs().max() / 448.0
+            sd[k] = (w / scale).to(torch.float8_e4m3fn)
+            sd[k[: -len("weight")] + "weight_scale"] = scale.reshape(())
+            layers[k[: -len(".weight")]] = {"format": "float8_e4m3fn"}
+    save_file(
+        sd, str(path), metadata={"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": layers})}
+    )
+    return path
+
+
+def test_fp8_checkpoint_splits_bit_identical(setup, tmp_path):
+    comfy, *_ = setup
+    weights = make_wan_fp8(tmp_path / "tiny_wan_fp8.safetensors")
+    model = load(comfy, weights)
+    if not hasattr(model.model.diffusion_model.blocks[2].self_attn.q, "quant_format"):
+        pytest.skip("this ComfyUI loads this fp8 file without its quantization metadata")
+    ref = sample(comfy, model)
+    srv = Daedalus(weights, 2, tmp_path / "state")
+    try:
+        m, _ = split(model, srv, 2)  # the fingerprint covers the fp8 weights and their scales
+        assert_identical(sample(comfy, m), ref)
+    finally:
+        srv.stop()
+    assert any("quantization" in ln.lower() for ln in srv.lines), "the server did not load the file as quantized"
