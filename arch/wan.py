@@ -25,6 +25,7 @@ attention patches (MultiTalk) that would have to run inside remote blocks.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -72,7 +73,31 @@ def detect_model(dm: Any) -> bool:
         return False
     if cls.__name__ != "WanModel":  # a subclass: VaceWanModel, CameraWanModel, CausalWanModel, ...
         raise _refuse(cls.__name__)
-    return hasattr(dm, BLOCKS) and hasattr(dm, "head") and hasattr(dm, "time_projection")
+    if not (hasattr(dm, BLOCKS) and hasattr(dm, "head") and hasattr(dm, "time_projection")):
+        return False
+    check_release(dm)
+    return True
+
+
+MIN_COMFYUI = "0.3.75"  # the oldest release the Wan split is tested with (tests/test_wan_split.py)
+BLOCK_PARAMS = ("x", "e", "freqs", "context", "context_img_len", "transformer_options")
+
+
+def check_release(dm: Any) -> None:
+    """The block call this adapter makes (both sides) must be the one this ComfyUI's blocks take."""
+    blocks = getattr(dm, BLOCKS)
+    if not len(blocks):
+        return
+    try:
+        params = inspect.signature(type(blocks[0]).forward).parameters
+    except (TypeError, ValueError):
+        return
+    missing = [p for p in BLOCK_PARAMS if p not in params]
+    if missing:
+        raise LocalError(
+            f"this ComfyUI's Wan blocks take no {', '.join(missing)}: the Wan split needs ComfyUI {MIN_COMFYUI} or "
+            "newer on both machines"
+        )
 
 
 def call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
