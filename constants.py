@@ -23,6 +23,8 @@ MAX_HEADER_BYTES = 1 << 20
 # ~230 MB raw plus per-generation constants; 3 GiB leaves room without letting a
 # garbage length field make us allocate without bound.
 MAX_BODY_BYTES = 3 << 30
+# A CPU tensor decoded from a received frame starts on this byte boundary (copied if it does not).
+DECODE_ALIGN_BYTES = 64
 # Frames with a body at least this large are received into page-locked host memory where a
 # CUDA GPU will decode them (pageable host-to-GPU copies run at ~6 GB/s on an H200 host,
 # page-locked ones at ~50 GB/s); smaller ones into a plain bytearray.

@@ -614,3 +614,144 @@ register_bench(
         load=load_chroma,
     )
 )
+
+
+# ---------------------------------------------------------------------------- Wan 2.1 / 2.2
+
+# WanModel keyword arguments. ComfyUI's detection reads dim, ffn_dim, num_layers, in_dim, out_dim
+# from the shapes, takes num_heads = dim // 128 and keeps text_dim 4096 / freq_dim 256 fixed, so a
+# tiny Wan has heads of 128 and the real text width. I2V ("i2v") adds the CLIP image projection.
+WAN_TINY: dict[str, Any] = dict(
+    model_type="t2v", dim=256, ffn_dim=512, num_heads=2, num_layers=3, in_dim=16, out_dim=16, text_dim=4096
+)
+WAN_I2V_TINY: dict[str, Any] = {**WAN_TINY, "model_type": "i2v", "in_dim": 36}  # Wan 2.1 I2V: CLIP + concat
+WAN22_I2V_TINY: dict[str, Any] = {**WAN_TINY, "in_dim": 36}  # Wan 2.2 I2V A14B experts: concat, no CLIP
+WAN22_TI2V_TINY: dict[str, Any] = {**WAN_TINY, "in_dim": 48, "out_dim": 48}  # Wan 2.2 VAE latents
+# Released shapes (Wan-AI configs, as ComfyUI detects them): 14B (Wan 2.1 T2V/I2V, each Wan 2.2
+# A14B expert) and Wan 2.2 TI2V 5B.
+WAN_14B: dict[str, Any] = {**WAN_TINY, "dim": 5120, "ffn_dim": 13824, "num_heads": 40, "num_layers": 40}
+WAN_I2V_14B: dict[str, Any] = {**WAN_14B, "model_type": "i2v", "in_dim": 36}
+WAN22_5B: dict[str, Any] = {
+    **WAN_TINY,
+    "dim": 3072,
+    "ffn_dim": 14336,
+    "num_heads": 24,
+    "num_layers": 30,
+    "in_dim": 48,
+    "out_dim": 48,
+}
+WAN_CLIP_TOKENS, WAN_CLIP_DIM = 257, 1280  # CLIP-H penultimate hidden states (I2V)
+
+
+def wan_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a WanModel with ``config`` (built on the meta device: no memory)."""
+    import inspect
+
+    import comfy.ldm.wan.model
+    import comfy.ops
+
+    known = inspect.signature(comfy.ldm.wan.model.WanModel.__init__).parameters
+    cfg = {k: v for k, v in config.items() if k in known}
+    with torch.device("meta"):
+        model = comfy.ldm.wan.model.WanModel(
+            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **cfg
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_wan(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random Wan checkpoint with ComfyUI key names (ComfyUI must be importable); streams
+    to disk, ``device`` is where the random numbers are drawn."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = wan_shapes(config or WAN_TINY)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def wan_inputs(
+    batch: int = 1,
+    channels: int = 16,
+    frames: int = 3,
+    h: int = 4,
+    w: int = 6,
+    txt: int = 7,
+    seed: int = 1,
+    image: int = 0,
+    clip: bool = False,
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent [B, channels, frames, h, w] for comfy.sample.sample
+    on a Wan model. ``image`` > 0: I2V conditioning as WanImageToVideo sets it (a ``concat_latent_image``
+    of ``image`` channels and a ``concat_mask`` keeping the first frame; ComfyUI builds ``c_concat``
+    from them); ``clip``: a CLIP vision output (``clip_fea``, Wan 2.1 I2V)."""
+    import types
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    cond: dict[str, Any] = {}
+    if image:
+        mask = torch.ones(1, 1, frames, h, w)
+        mask[:, :, :1] = 0.0
+        cond.update(concat_latent_image=rnd(1, image, frames, h, w, s=seed + 3), concat_mask=mask)
+    if clip:
+        hidden = rnd(1, WAN_CLIP_TOKENS, WAN_CLIP_DIM, s=seed + 4)
+        cond["clip_vision_output"] = types.SimpleNamespace(penultimate_hidden_states=hidden)
+    return {
+        "noise": rnd(batch, channels, frames, h, w, s=seed),
+        "positive": [[rnd(1, txt, 4096, s=seed + 1), dict(cond)]],
+        "negative": [[rnd(1, txt, 4096, s=seed + 2), dict(cond)]],
+        "latent_image": torch.zeros(batch, channels, frames, h, w),
+    }
+
+
+def _wan_bench_inputs(name: str, image: int = 0, clip: bool = False) -> Any:
+    def inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+        c = BENCH[name].configs[size]
+        ch = c["out_dim"]
+        if size == "tiny":
+            return wan_inputs(batch=batch, channels=ch, seed=seed, image=image, clip=clip)
+        if ch == 48:  # TI2V 5B: 1280x704x121 through the Wan 2.2 VAE (/16 spatial, /4 temporal)
+            return wan_inputs(batch=batch, channels=ch, frames=31, h=44, w=80, txt=512, seed=seed)
+        # 14B: 832x480x81 (/8 spatial, /4 temporal)
+        return wan_inputs(batch=batch, channels=ch, frames=21, h=60, w=104, txt=512, seed=seed, image=image, clip=clip)
+
+    return inputs
+
+
+register_bench(
+    BenchFamily(
+        "wan",
+        make=make_wan,
+        configs={"tiny": WAN_TINY, "14b": WAN_14B},
+        inputs=_wan_bench_inputs("wan"),
+        n_blocks={"tiny": 2, "14b": 20},
+        cfg=5.0,
+    )
+)
+register_bench(
+    BenchFamily(
+        "wan",
+        make=make_wan,
+        configs={"tiny": WAN_I2V_TINY, "14b": WAN_I2V_14B},
+        inputs=_wan_bench_inputs("wan_i2v", image=16, clip=True),
+        n_blocks={"tiny": 2, "14b": 20},
+        cfg=5.0,
+    ),
+    name="wan_i2v",
+)
+register_bench(
+    BenchFamily(
+        "wan",
+        make=make_wan,
+        configs={"tiny": WAN22_TI2V_TINY, "5b": WAN22_5B},
+        inputs=_wan_bench_inputs("wan22_5b"),
+        n_blocks={"tiny": 2, "5b": 15},
+        cfg=5.0,
+    ),
+    name="wan22_5b",
+)

@@ -63,7 +63,7 @@ from ..protocol import (
 )
 from ..securelink import SecureLink
 from ..wirecodecs import temporal
-from ..wirecodecs.base import itemsize, numel, torch_dtype
+from ..wirecodecs.base import decodes_in_place, itemsize, numel, torch_dtype
 from . import tokens
 from .budget import Budget, Budgets, SizedLRU
 from .ratelog import RateLimitedLog
@@ -730,17 +730,16 @@ class Session:
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
         decoded = held = asm.nbytes if asm is not None else 0
-        # A raw tensor decoded on the CPU is a view into its frame, whose bytes are already counted:
-        # reserving them again (``held``) would make every request hold twice its frame, and clients
-        # that each hold a frame would wait on one another's.
-        in_place = b.device.type == "cpu"
+        # A tensor decoded as a view into its frame (raw, on the CPU, aligned) adds nothing to the
+        # frame's bytes, already counted: reserving it again (``held``) would make the request hold
+        # twice its frame, and clients that each hold a frame would wait on one another's.
         for wt in msg.tensors:
             if wt.name in incoming or (asm is not None and (wt.name in asm.wholes or wt.name in asm.pending)):
                 raise RemoteProtocolError(f"tensor {wt.name!r} sent twice")
             incoming[wt.name] = wt
             size = numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
             decoded += size
-            held += 0 if in_place and wt.codec == 0 else size
+            held += 0 if decodes_in_place(wt, b.device) else size
         check = getattr(b, "check_request", None)
         if check is not None:  # names and widths the back half takes, before anything is decoded
             shapes: dict[str, tuple[int, ...] | None] = {n: tuple(w.shape) for n, w in incoming.items()}

@@ -276,6 +276,13 @@ class ComfyBackend:
         # 5) build, drop what the back half never runs, load the kept weights
         model = model_config.get_model(sd, "")
         dm = model.diffusion_model
+        # The keys said which family; the class ComfyUI built must be one the adapter splits too (a
+        # variant told apart only by metadata, e.g. Wan's causal AR, raises its own refusal here).
+        if not self.adapter.detect_model(dm):
+            raise LocalError(
+                f"ComfyUI {self.comfyui_version} builds a {type(dm).__name__} from {self.model_name}, which the "
+                f"{self.adapter.display} split does not support: serve another checkpoint"
+            )
         for name in self.adapter.server_drops:
             if getattr(dm, name, None) is not None and isinstance(getattr(dm, name), torch.nn.Module):
                 setattr(dm, name, Empty())

@@ -1115,3 +1115,192 @@ STANDINS: dict[str, StandIn] = {
 
 def build(family: str, seed: int = 0, **config: Any) -> nn.Module:
     return init_weights(STANDINS[family].build(**config), seed)
+
+
+# ============================================================================= Wan 2.1 / 2.2
+# Read from ComfyUI's comfy/ldm/wan/model.py (WanModel, WanAttentionBlock, Head): attribute and
+# key names, the block hook's args ({"img": x, "txt": context, "vec": e0, "pe": freqs}), the block
+# and head call signatures, e0 [B, 1, 6, dim] and e [B, 1, dim], RoPE [1, L, 1, d/2, 2, 2].
+
+
+@dataclass
+class WanParams:
+    model_type: str = "t2v"
+    in_dim: int = 4
+    out_dim: int = 4
+    dim: int = 32
+    ffn_dim: int = 64
+    freq_dim: int = 16
+    text_dim: int = 12
+    num_heads: int = 2
+    num_layers: int = 4
+
+
+def wan_rope1(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """x [B, L, heads, d], freqs [1, L, 1, d/2, 2, 2] (ComfyUI's apply_rope1)."""
+    x2 = x.float().reshape(*x.shape[:-1], -1, 1, 2)
+    return (freqs[..., 0] * x2[..., 0] + freqs[..., 1] * x2[..., 1]).reshape(*x.shape).type_as(x)
+
+
+class WanAttention(nn.Module):
+    def __init__(self, dim: int, heads: int, image: bool = False):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q, self.norm_k = RMSNorm(dim), RMSNorm(dim)
+        if image:  # WanI2VCrossAttention: separate keys/values for the CLIP image tokens
+            self.k_img, self.v_img = nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, n, h = q.shape[0], q.shape[1], self.heads
+        q, k, v = (t.view(b, t.shape[1], h, -1).transpose(1, 2) for t in (q, k, v))
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, -1)
+
+    def self_attn(self, x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape[0], x.shape[1], self.heads
+        q = wan_rope1(self.norm_q(self.q(x)).view(b, n, h, -1), freqs).reshape(b, n, -1)
+        k = wan_rope1(self.norm_k(self.k(x)).view(b, n, h, -1), freqs).reshape(b, n, -1)
+        return self.o(self.attend(q, k, self.v(x)))
+
+    def cross_attn(self, x: torch.Tensor, context: torch.Tensor, context_img_len: int | None) -> torch.Tensor:
+        q = self.norm_q(self.q(x))
+        if not hasattr(self, "k_img"):
+            return self.o(self.attend(q, self.norm_k(self.k(context)), self.v(context)))
+        img, txt = context[:, :context_img_len], context[:, context_img_len:]
+        out = self.attend(q, self.norm_k(self.k(txt)), self.v(txt)) + self.attend(q, self.k_img(img), self.v_img(img))
+        return self.o(out)
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, dim: int, ffn_dim: int, heads: int, image: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.self_attn = WanAttention(dim, heads)
+        self.norm3 = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = WanAttention(dim, heads, image)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ffn = nn.Sequential(nn.Linear(dim, ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(ffn_dim, dim))
+        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        e: torch.Tensor,
+        freqs: torch.Tensor,
+        context: torch.Tensor,
+        context_img_len: int | None = 257,
+        transformer_options: dict | None = None,
+    ) -> torch.Tensor:
+        m = (self.modulation.unsqueeze(0) + e).unbind(2)  # e [B, T, 6, dim] -> 6 x [B, T, dim]
+        x = x.contiguous()  # as ComfyUI's block does (the patch embedding's tokens are a transposed view)
+        x = x + self.self_attn.self_attn(self.norm1(x) * (1 + m[1]) + m[0], freqs) * m[2]
+        x = x + self.cross_attn.cross_attn(self.norm3(x), context, context_img_len)
+        return x + self.ffn(self.norm2(x) * (1 + m[4]) + m[3]) * m[5]
+
+
+class WanHead(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.head = nn.Linear(dim, out)
+        self.modulation = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        m = (self.modulation.unsqueeze(0) + e.unsqueeze(2)).unbind(2)
+        return self.head(self.norm(x) * (1 + m[1]) + m[0])
+
+
+class WanModel(nn.Module):
+    """Wan 2.1 / 2.2's DiT (patch 1x2x2); ``model_type="i2v"``: CLIP image tokens before the text."""
+
+    patch = (1, 2, 2)
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = WanParams(**kwargs)
+        self.dim, self.out_dim = p.dim, p.out_dim
+        self.patch_embedding = nn.Conv3d(p.in_dim, p.dim, kernel_size=self.patch, stride=self.patch)
+        self.text_embedding = nn.Sequential(nn.Linear(p.text_dim, p.dim), nn.GELU(approximate="tanh"))
+        self.time_embedding = nn.Sequential(nn.Linear(p.freq_dim, p.dim), nn.SiLU(), nn.Linear(p.dim, p.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(p.dim, 6 * p.dim))
+        image = p.model_type == "i2v"
+        self.blocks = nn.ModuleList(
+            WanAttentionBlock(p.dim, p.ffn_dim, p.num_heads, image) for _ in range(p.num_layers)
+        )
+        self.head = WanHead(p.dim, p.out_dim * 4)
+        self.img_emb = nn.Linear(8, p.dim) if image else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: Any = None,
+        time_dim_concat: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = transformer_options or {}
+        return _wrapped(self, (x, timestep, context, clip_fea, time_dim_concat, to), kwargs, to)
+
+    def _forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: Any = None,
+        time_dim_concat: Any = None,
+        transformer_options: dict | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        to = transformer_options or {}
+        p = self.params
+        x = self.patch_embedding(x)
+        t, h, w = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        e = self.time_embedding(timestep_embedding(timestep.flatten(), p.freq_dim)).reshape(
+            timestep.shape[0], -1, p.dim
+        )
+        e0 = self.time_projection(e).unflatten(2, (6, p.dim))
+        context = self.text_embedding(context)
+        context_img_len = None
+        if clip_fea is not None:
+            if self.img_emb is not None:
+                context = torch.cat([self.img_emb(clip_fea), context], dim=1)
+            context_img_len = clip_fea.shape[-2]
+        d = p.dim // p.num_heads
+        axes = [d - 4 * (d // 6), 2 * (d // 6), 2 * (d // 6)]
+        ids = torch.stack(torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (t, h, w)), indexing="ij"), -1)
+        ids = ids.reshape(1, -1, 3)
+        freqs = torch.cat([rope(ids[..., i], axes[i], 10000) for i in range(3)], dim=-3).unsqueeze(2)
+        for i, block in enumerate(self.blocks):
+            hook = _dit_hook(to, ("double_block", i))
+            if hook is not None:
+
+                def block_wrap(args: dict, _block: nn.Module = block) -> dict:
+                    img = _block(args["img"], context=args["txt"], e=args["vec"], freqs=args["pe"],
+                                 context_img_len=context_img_len, transformer_options=args["transformer_options"])  # fmt: skip
+                    return {"img": img}
+
+                args = {"img": x, "txt": context, "vec": e0, "pe": freqs, "transformer_options": to}
+                x = hook(args, {"original_block": block_wrap})["img"]
+            else:
+                x = block(
+                    x, e=e0, freqs=freqs, context=context, context_img_len=context_img_len, transformer_options=to
+                )
+        x = self.head(x, e)
+        b, c = x.shape[0], p.out_dim
+        x = x.view(b, t, h, w, *self.patch, c)
+        return torch.einsum("bfhwpqrc->bcfphqwr", x).reshape(b, c, t, h * 2, w * 2)
+
+
+def wan_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    p = WanParams()
+    noise = torch.randn(1, p.in_dim, 2, 4, 4, generator=g)
+    pos = {"context": torch.randn(1, 5, p.text_dim, generator=g)}
+    neg = {"context": torch.randn(1, 5, p.text_dim, generator=g)}
+    return noise, pos, neg
+
+
+STANDINS["wan"] = StandIn("wan", WanModel, wan_inputs, WanParams().num_layers)

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..constants import MAX_BODY_BYTES
+from ..constants import DECODE_ALIGN_BYTES, MAX_BODY_BYTES
 from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 
@@ -125,6 +125,19 @@ def byte_view(data: Any) -> memoryview:
     return mv.cast("B") if mv.nbytes else memoryview(b"")
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % DECODE_ALIGN_BYTES == 0
+
+
+def decodes_in_place(wt: WireTensor, device: torch.device | str = "cpu") -> bool:
+    """Whether ``decode(wt, device)`` is a view of the received bytes, allocating nothing: a raw
+    tensor decoded on the CPU from a writable, aligned buffer (``from_bytes``)."""
+    if wt.codec != 0 or torch.device(device).type != "cpu" or wt.meta:
+        return False
+    mv = byte_view(wt.data)
+    return not mv.readonly and mv.nbytes > 0 and _aligned(torch.frombuffer(mv, dtype=torch.uint8))
+
+
 def from_bytes(
     data: Any, dtype: torch.dtype, shape: tuple[int, ...], device: torch.device | str = "cpu"
 ) -> torch.Tensor:
@@ -139,7 +152,12 @@ def from_bytes(
         return host_view(mv).to(device).view(dtype).reshape(shape)
     if mv.readonly:
         mv = memoryview(bytearray(mv))
-    return torch.frombuffer(mv, dtype=torch.uint8).view(dtype).reshape(shape)
+    t = torch.frombuffer(mv, dtype=torch.uint8)
+    if not _aligned(t):
+        # A tensor at an odd offset of the received frame: CPU kernels take other (scalar) paths on
+        # misaligned data and round differently, so the split would no longer match unsplit bit for bit.
+        t = t.clone()  # torch's CPU allocator aligns to 64 bytes
+    return t.view(dtype).reshape(shape)
 
 
 # ---------------------------------------------------------------------------- optional imports
