@@ -164,7 +164,11 @@ class SplitRun:
     def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj
         if self.adapter.control_keys:
-            self._check_control(args[6] if len(args) > 6 else kwargs.get("control"))
+            pos = self.adapter.control_arg
+            if "control" in kwargs:
+                self._check_control(kwargs["control"])
+            elif pos is not None and len(args) > pos:
+                self._check_control(args[pos])
         call: dict[str, Any] = {"out": None, "values": self.adapter.call_info(args, kwargs)}
         values: dict[str, Any] = call["values"]
         handles = []

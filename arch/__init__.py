@@ -76,6 +76,10 @@ def no_call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any
     return {}
 
 
+def no_shape_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    return {}
+
+
 @dataclass(frozen=True)
 class Adapter:
     family: str  # wire name, e.g. "flux2"
@@ -102,6 +106,12 @@ class Adapter:
     # Block group -> key of ``control`` whose residual list ControlNets add to that group's
     # blocks (remote blocks must have none). Empty: the family takes no ControlNet residuals.
     control_keys: dict[str, str] = field(default_factory=dict)
+    # Position of ``control`` in the diffusion model's forward arguments (FLUX: 6); None: the model
+    # takes it as a keyword only. A ``control`` keyword is always read first.
+    control_arg: int | None = 6
+    # Checkpoint tensor shapes (prefix stripped) -> unet_config values ComfyUI's detection does not
+    # read for this family (widths it takes as defaults); the server's loader applies them.
+    shape_config: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]] = no_shape_config
     # Keys of a block hook's args that its result holds (a remote block passes them through).
     hook_returns: tuple[str, ...] = ("img",)
     # The server returns only the main tokens; the head stub pads its output with zeros to the
@@ -217,4 +227,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import flux2, ltxav  # noqa: E402,F401
+from . import flux2, ltxav, qwen_image  # noqa: E402,F401

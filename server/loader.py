@@ -228,6 +228,7 @@ class ComfyBackend:
             model_config = c["detection"].model_config_from_unet(meta_sd, "", metadata=meta_full)
             if model_config is None:
                 raise LocalError(f"ComfyUI {self.comfyui_version} does not recognise {self.model_name}")
+            model_config.unet_config.update(self.adapter.shape_config({k: tuple(s) for k, (s, _) in bare.items()}))
             parameters = utils.calculate_parameters(meta_sd)
             weight_dtype = utils.weight_dtype(meta_sd)
             # LoRA key map of the WHOLE model (original block indices), for the server's LoRA slots
