@@ -93,7 +93,7 @@ def test_forwarded_lora_is_bit_identical(env):
     g = torch.Generator().manual_seed(5)
     lora = {}
     for layer, (o, i) in {"transformer_blocks.2.attn.to_q": (128, 128), "proj_out": (64, 128)}.items():
-        x = "transformer." + layer  # the diffusers-style keys of Qwen-Image LoRAs
+        x = "lora_unet_" + layer.replace(".", "_")  # Kohya keys: mapped by every ComfyUI release
         lora[f"{x}.lora_up.weight"] = 0.05 * torch.randn(o, 4, generator=g)
         lora[f"{x}.lora_down.weight"] = 0.05 * torch.randn(4, i, generator=g)
         lora[f"{x}.alpha"] = torch.tensor(2.0)
