@@ -755,3 +755,143 @@ register_bench(
     ),
     name="wan22_5b",
 )
+
+
+# ---------------------------------------------------------------------------- Qwen-Image
+
+# ComfyUI's detection reads only in_channels and the block count of a Qwen-Image checkpoint (the
+# widths are the model's defaults: 24 heads x 128 = 3072, text 3584); the tiny model keeps the head
+# width (the RoPE axes (16, 56, 56) fill it) with one head and a narrow text input, so it is built
+# from this config (``load_qwen_image``), and Daedalus reads the widths from the tensor shapes
+# (``arch.qwen_image.config_from_shapes``).
+QWEN_IMAGE_TINY: dict[str, Any] = dict(
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=3,
+    attention_head_dim=128,
+    num_attention_heads=1,
+    joint_attention_dim=64,
+    axes_dims_rope=(16, 56, 56),
+)
+# Qwen-Image-Edit-2511 style: the checkpoint carries the ``__index_timestep_zero__`` marker, and
+# reference images are modulated with timestep 0 (the model's batch of timesteps doubles).
+QWEN_IMAGE_EDIT2511_TINY: dict[str, Any] = {**QWEN_IMAGE_TINY, "default_ref_method": "index_timestep_zero"}
+# Qwen-Image / Qwen-Image-Edit(-2509) 20B as released (ComfyUI's defaults): 60 blocks of 3072
+# (24 heads x 128), text 3584, 64 input channels (16 latent channels x 2x2 patches).
+QWEN_IMAGE_FULL: dict[str, Any] = {
+    **QWEN_IMAGE_TINY,
+    "num_layers": 60,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 3584,
+}
+
+
+def _qwen_image_class_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the keys this release's QwenImageTransformer2DModel lacks (0.3.75: no
+    default_ref_method / use_additional_t_cond)."""
+    import inspect
+
+    import comfy.ldm.qwen_image.model
+
+    known = inspect.signature(comfy.ldm.qwen_image.model.QwenImageTransformer2DModel.__init__).parameters
+    return {k: v for k, v in config.items() if k in known}
+
+
+def qwen_image_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a QwenImageTransformer2DModel with ``config`` (meta device: no memory)."""
+    import comfy.ldm.qwen_image.model
+    import comfy.ops
+
+    cfg = _qwen_image_class_config(config)
+    with torch.device("meta"):
+        model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
+            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **cfg
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_qwen_image(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random Qwen-Image checkpoint with ComfyUI key names (ComfyUI must be importable);
+    ``device`` is where the random numbers are drawn (a GPU makes the 20B fast)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = qwen_image_shapes(config or QWEN_IMAGE_TINY)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def load_qwen_image(path: str | Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> Any:
+    """A ModelPatcher of the checkpoint at ``path`` built from ``config`` (what
+    comfy.sd.load_diffusion_model does, minus the width detection ComfyUI lacks for Qwen-Image;
+    at the released widths, ``comfy.sd.load_diffusion_model`` gives the same model)."""
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    sd = comfy.utils.load_torch_file(str(path))
+    unet_config = {"image_model": "qwen_image", **_qwen_image_class_config(config)}
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
+    device = mm.get_torch_device()
+    supported = list(model_config.supported_inference_dtypes)
+    unet_dtype = dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=supported)
+    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, device, supported))
+    model = model_config.get_model(sd, "")
+    model.load_model_weights(sd, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+
+
+def qwen_image_inputs(
+    batch: int = 1,
+    h: int = 4,
+    w: int = 6,
+    txt: int = 7,
+    ctx: int = 64,
+    seed: int = 1,
+    refs: tuple[tuple[int, int], ...] = (),
+) -> dict[str, Any]:
+    """Noise, positive/negative conditioning and an empty latent ([B, 16, 1, h, w], latent units)
+    for comfy.sample.sample; ``refs``: (h, w) of reference latents for the edit models, set on both
+    conditionings as ComfyUI's TextEncodeQwenImageEdit(Plus) does."""
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    cond: dict[str, Any] = {}
+    if refs:
+        cond["reference_latents"] = [rnd(1, 16, 1, rh, rw, s=seed + 10 + i) for i, (rh, rw) in enumerate(refs)]
+    return {
+        "noise": rnd(batch, 16, 1, h, w, s=seed),
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), dict(cond)]],
+        "negative": [[rnd(1, txt, ctx, s=seed + 2), dict(cond)]],
+        "latent_image": torch.zeros(batch, 16, 1, h, w),
+    }
+
+
+def _qwen_image_bench_inputs(size: str, batch: int, seed: int, edit: bool = False) -> dict[str, Any]:
+    ctx = QWEN_IMAGE_TINY["joint_attention_dim"] if size == "tiny" else QWEN_IMAGE_FULL["joint_attention_dim"]
+    if size == "tiny":
+        return qwen_image_inputs(batch=batch, seed=seed, ctx=ctx, refs=((4, 6),) if edit else ())
+    if edit:  # 1024² output and one 1024² reference image: 2 x 4096 image tokens
+        return qwen_image_inputs(batch=batch, h=128, w=128, txt=256, ctx=ctx, seed=seed, refs=((128, 128),))
+    # 1328² (Qwen-Image's native square size): latent 166², 6889 image tokens; a 256-token prompt
+    return qwen_image_inputs(batch=batch, h=166, w=166, txt=256, ctx=ctx, seed=seed)
+
+
+for _name, _edit in (("qwen_image", False), ("qwen_image_edit", True)):
+    register_bench(
+        BenchFamily(
+            "qwen_image",
+            make=make_qwen_image,
+            configs={"tiny": QWEN_IMAGE_TINY, "full": QWEN_IMAGE_FULL},
+            inputs=lambda size, batch, seed, _e=_edit: _qwen_image_bench_inputs(size, batch, seed, edit=_e),
+            n_blocks={"tiny": 2, "full": 30},
+            cfg=4.0,
+        ),
+        name=_name,
+    )

@@ -251,4 +251,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import chroma, flux1, flux2, ltxav, wan  # noqa: E402,F401
+from . import chroma, flux1, flux2, ltxav, qwen_image, wan  # noqa: E402,F401

@@ -1,4 +1,5 @@
-"""Tiny torch stand-ins for ComfyUI's FLUX.2 ``Flux`` and LTX-AV ``LTXAVModel`` (CPU, deterministic).
+"""Tiny torch stand-ins for ComfyUI's FLUX.2 ``Flux``, LTX-AV ``LTXAVModel`` and Qwen-Image
+``QwenImageTransformer2DModel`` (CPU, deterministic).
 
 They match what Icarus and the ``arch`` adapters rely on, read from ComfyUI's
 comfy/ldm/flux/model.py + layers.py and comfy/ldm/lightricks/model.py + av_model.py (and
@@ -1026,6 +1027,197 @@ class Chroma(nn.Module):
         return img.transpose(1, 2).reshape(b, self.out_channels, h, w)
 
 
+# ============================================================================= Qwen-Image
+
+
+@dataclass
+class QwenParams:
+    patch_size: int = 2
+    in_channels: int = 16  # 4 latent channels x 2x2 patches
+    out_channels: int = 4
+    num_layers: int = 4
+    attention_head_dim: int = 16
+    num_attention_heads: int = 2
+    joint_attention_dim: int = 12
+    axes_dims_rope: tuple[int, int, int] = (4, 6, 6)
+
+
+class QwenFeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.net = nn.ModuleList([nn.Linear(dim, 2 * dim), nn.GELU(approximate="tanh"), nn.Linear(2 * dim, dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for m in self.net:
+            x = m(x)
+        return x
+
+
+class QwenAttention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            setattr(self, name, nn.Linear(dim, dim))
+        self.norm_q, self.norm_k = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.norm_added_q, self.norm_added_k = RMSNorm(dim // heads), RMSNorm(dim // heads)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(self, img, txt, mask, pe):  # type: ignore[no-untyped-def]
+        b, li, lt = img.shape[0], img.shape[1], txt.shape[1]
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        q = torch.cat([self.norm_added_q(split(self.add_q_proj(txt))), self.norm_q(split(self.to_q(img)))], dim=2)
+        k = torch.cat([self.norm_added_k(split(self.add_k_proj(txt))), self.norm_k(split(self.to_k(img)))], dim=2)
+        v = torch.cat([split(self.add_v_proj(txt)), split(self.to_v(img))], dim=2)
+        attn_mask = None
+        if mask is not None:  # additive text mask, as ComfyUI builds it
+            attn_mask = torch.zeros(b, 1, 1, lt + li, dtype=img.dtype)
+            attn_mask[:, 0, 0, :lt] = mask
+        out = flux_attention(q, k, v, pe, attn_mask)
+        return self.to_out[0](out[:, lt:]), self.to_add_out(out[:, :lt])
+
+
+class QwenImageTransformerBlock(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = QwenAttention(dim, heads)
+        self.img_mlp, self.txt_mlp = QwenFeedForward(dim), QwenFeedForward(dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states_mask: torch.Tensor | None,
+        temb: torch.Tensor,
+        image_rotary_emb: torch.Tensor | None = None,
+        timestep_zero_index: int | None = None,
+        transformer_options: dict | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert timestep_zero_index is None, "the stand-in has no index_timestep_zero"
+        img, txt = hidden_states, encoder_hidden_states
+        im = self.img_mod(temb)[:, None].chunk(6, dim=-1)
+        tm = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        a_img, a_txt = self.attn(
+            _mod(self.norm1(img), 1 + im[1], im[0]), _mod(self.norm1(txt), 1 + tm[1], tm[0]),
+            encoder_hidden_states_mask, image_rotary_emb,
+        )  # fmt: skip
+        img, txt = img + im[2] * a_img, txt + tm[2] * a_txt
+        img = img + im[5] * self.img_mlp(_mod(self.norm1(img), 1 + im[4], im[3]))
+        txt = txt + tm[5] * self.txt_mlp(_mod(self.norm1(txt), 1 + tm[4], tm[3]))
+        return txt, img
+
+
+class QwenTimeEmbed(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = nn.Module()
+        self.timestep_embedder.linear_1 = nn.Linear(32, dim)
+        self.timestep_embedder.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        e = self.timestep_embedder
+        return e.linear_2(F.silu(e.linear_1(timestep_embedding(t, 32))))
+
+
+class QwenLastLayer(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, 2 * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(emb)).chunk(2, dim=1)
+        return self.norm(x) * (1 + scale[:, None]) + shift[:, None]
+
+
+class QwenImageTransformer2DModel(nn.Module):
+    """Qwen-Image's MMDiT: ComfyUI's ``QwenImageTransformer2DModel`` (joint blocks, reference latents
+    appended as image tokens and cut after the head, ControlNet residuals after each block)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = QwenParams(**kwargs)
+        self.patch_size, self.out_channels = p.patch_size, p.out_channels
+        self.inner_dim = dim = p.num_attention_heads * p.attention_head_dim
+        self.pe_embedder = EmbedND(p.attention_head_dim, 10000, list(p.axes_dims_rope))
+        self.time_text_embed = QwenTimeEmbed(dim)
+        self.txt_norm = RMSNorm(p.joint_attention_dim)
+        self.img_in = nn.Linear(p.in_channels, dim)
+        self.txt_in = nn.Linear(p.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            QwenImageTransformerBlock(dim, p.num_attention_heads) for _ in range(p.num_layers)
+        )
+        self.norm_out = QwenLastLayer(dim)
+        self.proj_out = nn.Linear(dim, p.patch_size**2 * p.out_channels)
+
+    def process_img(self, x: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c, t, h, w = x.shape
+        x = (
+            x.view(b, c, t, h // 2, 2, w // 2, 2)
+            .permute(0, 2, 3, 5, 1, 4, 6)
+            .reshape(b, t * (h // 2) * (w // 2), c * 4)
+        )
+        ids = torch.zeros(t, h // 2, w // 2, 3)
+        ids[..., 0] = index
+        ids[..., 1] = torch.arange(h // 2)[:, None]
+        ids[..., 2] = torch.arange(w // 2)[None, :]
+        return x, ids.reshape(1, -1, 3).expand(b, -1, -1)
+
+    def forward(self, x, timestep, context, attention_mask=None, ref_latents=None, additional_t_cond=None,
+                transformer_options=None, **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        transformer_options = {} if transformer_options is None else transformer_options
+        args = (x, timestep, context, attention_mask, ref_latents, additional_t_cond, transformer_options)
+        return _wrapped(self, args, kwargs, transformer_options)
+
+    def _forward(self, x, timesteps, context, attention_mask=None, ref_latents=None, additional_t_cond=None,
+                 transformer_options=None, control=None, **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        transformer_options = {} if transformer_options is None else transformer_options
+        mask = attention_mask
+        if mask is not None and not torch.is_floating_point(mask):
+            mask = (mask - 1).to(x.dtype) * torch.finfo(x.dtype).max
+        img, img_ids = self.process_img(x)
+        num_embeds = img.shape[1]
+        for i, ref in enumerate(ref_latents or []):
+            r, r_ids = self.process_img(ref, index=i + 1)
+            img, img_ids = torch.cat([img, r], dim=1), torch.cat([img_ids, r_ids], dim=1)
+        txt_ids = torch.arange(context.shape[1]).reshape(1, -1, 1).repeat(x.shape[0], 1, 3).float() + 8
+        img = self.img_in(img)
+        txt = self.txt_in(self.txt_norm(context))
+        temb = self.time_text_embed(timesteps)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1)).contiguous()
+        for i, block in enumerate(self.transformer_blocks):
+            transformer_options["block_index"] = i
+            hook = _dit_hook(transformer_options, ("double_block", i))
+            if hook is not None:
+
+                def fn(a: dict, _b: nn.Module = block) -> dict:
+                    t, im = _b(
+                        a["img"], a["txt"], mask, a["vec"], a["pe"], transformer_options=a["transformer_options"]
+                    )
+                    return {"txt": t, "img": im}
+
+                out = hook({"img": img, "txt": txt, "vec": temb, "pe": pe, "transformer_options": transformer_options},
+                           {"original_block": fn})  # fmt: skip
+                img, txt = out["img"], out["txt"]
+            else:
+                txt, img = block(img, txt, mask, temb, pe, transformer_options=transformer_options)
+            if control is not None:
+                add = control.get("input") or []
+                if i < len(add) and add[i] is not None:
+                    img[:, : add[i].shape[1]] += add[i]
+        img = self.proj_out(self.norm_out(img, temb))[:, :num_embeds]
+        b, c, t, h, w = x.shape
+        img = img.view(b, t, h // 2, w // 2, c, 2, 2).permute(0, 4, 1, 2, 5, 3, 6)
+        return img.reshape(b, c, t, h, w)
+
+
 # ============================================================================= BaseModel + builders
 
 
@@ -1102,6 +1294,17 @@ def flux1_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
 def chroma_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
     noise, pos, neg = flux2_inputs(seed)
     pos["guidance"] = neg["guidance"] = torch.tensor([0.0])
+
+
+def qwen_image_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    """A padded negative prompt (the text mask crosses); reference latents: tests/test_qwen_image_split.py."""
+    g = torch.Generator().manual_seed(seed)
+    p = QwenParams()
+    noise = torch.randn(1, p.in_channels // 4, 1, 4, 6, generator=g)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    mask[:, -1] = 0
+    pos = {"context": torch.randn(1, 5, p.joint_attention_dim, generator=g), "attention_mask": torch.ones_like(mask)}
+    neg = {"context": torch.randn(1, 5, p.joint_attention_dim, generator=g), "attention_mask": mask}
     return noise, pos, neg
 
 
@@ -1110,6 +1313,7 @@ STANDINS: dict[str, StandIn] = {
     "chroma": StandIn("chroma", Chroma, chroma_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
     "flux2": StandIn("flux2", Flux, flux2_inputs, FluxParams().depth + FluxParams().depth_single_blocks),
     "ltxav": StandIn("ltxav", LTXAVModel, ltxav_inputs, LTXParams().num_layers),
+    "qwen_image": StandIn("qwen_image", QwenImageTransformer2DModel, qwen_image_inputs, QwenParams().num_layers),
 }
 
 
