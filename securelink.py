@@ -49,6 +49,11 @@ _MAX_COUNTER = (1 << 96) - 1
 _JOIN_BELOW = 64 << 10
 
 
+# AESGCM.encrypt_into / decrypt_into (recent ``cryptography``) seal and open into our reused buffers;
+# older releases (the floor is 42) allocate one per record, the same bytes a little slower.
+_INTO = hasattr(AESGCM, "encrypt_into") and hasattr(AESGCM, "decrypt_into")
+
+
 def derive_keys(token: str, t: Transcript) -> tuple[bytes, bytes]:
     """(client -> server key, server -> client key) for the connection ``t`` describes."""
     hkdf = HKDF(
@@ -83,7 +88,7 @@ class Sealer:
     def _seal_one(self, plain: Buffer, reuse: bool = False) -> tuple[bytes, Buffer]:
         n = memoryview(plain).nbytes
         header = _LENGTH.pack(n + TAG_BYTES)
-        if not reuse:
+        if not (reuse and _INTO):
             sealed: Buffer = self._aead.encrypt(_nonce(self.counter), plain, header)
         else:
             if len(self._out) < n + TAG_BYTES:
@@ -206,11 +211,14 @@ class Opener:
         assert self._body is not None
         sealed = memoryview(self._body)[: self._need]
         n = self._need - TAG_BYTES
-        if len(self._opened) < n:
+        if _INTO and len(self._opened) < n:
             self._opened = bytearray(n)
         plain = memoryview(self._opened)[:n]
         try:
-            self._aead.decrypt_into(_nonce(self.counter), sealed, bytes(self._header), plain)
+            if _INTO:
+                self._aead.decrypt_into(_nonce(self.counter), sealed, bytes(self._header), plain)
+            else:
+                plain = memoryview(self._aead.decrypt(_nonce(self.counter), sealed, bytes(self._header)))
         except InvalidTag:
             raise self._fail(
                 f"sealed record {self.counter} failed authentication (altered, replayed, reordered or dropped "
