@@ -110,6 +110,10 @@ class Adapter:
     # Head modules the client swaps for stubs returning the server's output of that name.
     # Empty: every head returns the output "out" (one head, one output).
     head_outputs: dict[str, str] = field(default_factory=dict)
+    # Block groups ComfyUI runs without a ``patches_replace["dit"]`` hook (e.g. Lumina 2 / Z-Image):
+    # their remote blocks are swapped (object patches) for stubs that are the hook themselves, the
+    # block's forward arguments named by the block's own signature; they return ``hook_returns[0]``.
+    object_hooks: tuple[str, ...] = ()
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
@@ -217,4 +221,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import flux2, ltxav  # noqa: E402,F401
+from . import flux2, hunyuan_video, ltxav  # noqa: E402,F401
