@@ -535,3 +535,110 @@ register_bench(
         cfg=6.0,
     )
 )
+
+
+# ---------------------------------------------------------------------------- Z-Image / Lumina 2 (NextDiT)
+
+# ComfyUI's detection knows a NextDiT only at its released widths (3840: Z-Image, 2304: Lumina 2;
+# any other width gets no head count), so the smallest Z-Image it loads is 3840 wide: 2 layers plus
+# the 2 + 2 refiner layers detection always builds (about 0.9 B parameters, 3.5 GB in float32). The
+# caption width is free (64 here; Qwen3-4B's 2560 in the release); ``cap_pad_token`` makes detection
+# pad sequences to multiples of 32, as Z-Image does.
+ZIMAGE_TINY: dict[str, Any] = dict(
+    patch_size=2,
+    in_channels=16,
+    dim=3840,
+    n_layers=2,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    multiple_of=256,
+    ffn_dim_multiplier=8.0 / 3.0,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=64,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    rope_theta=256.0,
+    z_image_modulation=True,
+    time_scale=1000.0,
+    pad_tokens_multiple=32,
+)
+# Z-Image Turbo (6 B) at its released shapes: 30 layers, Qwen3-4B text (2560).
+ZIMAGE_TURBO: dict[str, Any] = {**ZIMAGE_TINY, "n_layers": 30, "cap_feat_dim": 2560}
+# Lumina 2 (the same class and adapter): 2304 wide, 24 heads with 8 KV heads, Gemma-2 text (2304).
+LUMINA2_TINY: dict[str, Any] = {
+    **ZIMAGE_TINY,
+    "dim": 2304,
+    "n_heads": 24,
+    "n_kv_heads": 8,
+    "ffn_dim_multiplier": 4.0,
+    "axes_dims": [32, 32, 32],
+    "axes_lens": [300, 512, 512],
+    "rope_theta": 10000.0,
+    "z_image_modulation": False,
+    "time_scale": 1.0,
+    "pad_tokens_multiple": None,
+}
+
+
+def nextdit_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a ComfyUI NextDiT with ``config`` (built on the meta device: no memory)."""
+    import comfy.ldm.lumina.model
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = comfy.ldm.lumina.model.NextDiT(
+            dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **config
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_zimage(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random Z-Image (or, with ``LUMINA2_TINY``, Lumina 2) checkpoint with ComfyUI key names."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = nextdit_shapes(config or ZIMAGE_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def zimage_inputs(
+    batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int = 64, seed: int = 1, neg_txt: int | None = None
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent [B, 16, h, w] for comfy.sample.sample on a Z-Image
+    (``neg_txt``: the negative prompt's token count, default ``txt``)."""
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    return {
+        "noise": rnd(batch, 16, h, w, s=seed),
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), {}]],
+        "negative": [[rnd(1, neg_txt or txt, ctx, s=seed + 2), {}]],
+        "latent_image": torch.zeros(batch, 16, h, w),
+    }
+
+
+def _zimage_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    ctx = BENCH["zimage"].configs[size]["cap_feat_dim"]
+    if size == "tiny":
+        return zimage_inputs(batch=batch, ctx=ctx, seed=seed)
+    return zimage_inputs(batch=batch, h=128, w=128, txt=256, ctx=ctx, seed=seed)  # 1024² (latents are /8)
+
+
+register_bench(
+    BenchFamily(
+        "lumina2",
+        make=make_zimage,
+        configs={"tiny": ZIMAGE_TINY, "turbo": ZIMAGE_TURBO},
+        inputs=_zimage_bench_inputs,
+        n_blocks={"tiny": 1, "turbo": 15},
+        cfg=1.0,
+    ),
+    name="zimage",
+)

@@ -221,4 +221,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import flux2, hunyuan_video, ltxav  # noqa: E402,F401
+from . import flux2, hunyuan_video, ltxav, lumina2  # noqa: E402,F401
