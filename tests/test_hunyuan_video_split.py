@@ -144,7 +144,12 @@ def test_hunyuan_video_10_is_bit_identical(setup10, n, guiding):
     comfy, weights, srv = setup10
     model = comfy.sd.load_diffusion_model(str(weights))
     assert type(model.model.model_config).__name__ == "HunyuanVideo"
-    ref = sample10(comfy, model, guiding=guiding)
+    try:
+        ref = sample10(comfy, model, guiding=guiding)
+    except RuntimeError:
+        if not guiding:
+            raise
+        pytest.skip("this ComfyUI's guiding-frame I2V fails unsplit (apply_mod before 0.9)")
     m, run = split(model, srv, n)
     out = sample10(comfy, m, guiding=guiding)
     assert run.calls == 2
