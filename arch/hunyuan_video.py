@@ -33,7 +33,7 @@ from ..payload import SeamPayload
 from . import Adapter, Capture, SeamCall, SplitPlan, register
 
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
-MIN_RELEASE = "ComfyUI 0.3.71 (the first with HunyuanVideo 1.5)"
+MIN_RELEASE = "ComfyUI 0.3.75 or newer (the oldest release verified)"
 
 
 def detect_keys(keys: set[str]) -> bool:

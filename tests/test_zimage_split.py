@@ -86,9 +86,10 @@ def test_forwarded_lora_matches_unsplit(setup):
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     for layer in ("layers.0.attention.qkv", "layers.1.attention.qkv", "layers.1.feed_forward.w2", "final_layer.linear"):
         out_f, in_f = shapes[f"{layer}.weight"]
-        lora[f"diffusion_model.{layer}.lora_up.weight"] = 0.02 * torch.randn(out_f, 4, generator=g)
-        lora[f"diffusion_model.{layer}.lora_down.weight"] = 0.02 * torch.randn(4, in_f, generator=g)
-        lora[f"diffusion_model.{layer}.alpha"] = torch.tensor(2.0)
+        name = "lora_unet_" + layer.replace(".", "_")  # Kohya names: every release maps them
+        lora[f"{name}.lora_up.weight"] = 0.02 * torch.randn(out_f, 4, generator=g)
+        lora[f"{name}.lora_down.weight"] = 0.02 * torch.randn(4, in_f, generator=g)
+        lora[f"{name}.alpha"] = torch.tensor(2.0)
     patched = comfy.sd.load_lora_for_models(model, None, lora, 0.8, 0)[0]
     ref = sample(comfy, patched)
     assert not torch.equal(ref, sample(comfy, model)), "the LoRA must change the sample"
