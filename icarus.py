@@ -59,6 +59,39 @@ class RemoteStub(torch.nn.Module):
         )
 
 
+class HookStub(torch.nn.Module):
+    """Stands in for a remote block of a family whose blocks ComfyUI calls without a
+    ``patches_replace`` hook (``Adapter.object_hooks``): it is the hook. Its call's arguments are
+    named by the original block's ``forward`` signature; it returns the hook result's
+    ``hook_returns[0]`` (the block's one output)."""
+
+    def __init__(
+        self, name: str, params: list[str], fn: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]], key: str
+    ):
+        super().__init__()
+        self.stub_name = name
+        self.params = params
+        self.fn = fn
+        self.key = key
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > len(self.params):
+            raise LocalError(
+                f"ComfyUI-Mesh: {self.stub_name} was called with {len(args)} arguments (unexpected model code)"
+            )
+        named = dict(zip(self.params, args, strict=False))
+        named.update(kwargs)
+        return self.fn(named, {})[self.key]
+
+
+def forward_params(module: torch.nn.Module) -> list[str]:
+    """Names of ``module.forward``'s positional parameters, in order."""
+    import inspect
+
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [n for n, p in inspect.signature(module.forward).parameters.items() if p.kind in kinds]
+
+
 class HeadStub(torch.nn.Module):
     """Stands in for an output head: returns the server's output ``key`` for this call."""
 
@@ -350,11 +383,11 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
     seam_group, seam_index = run.seam
     run.modules = {role: getattr(dm, attr, None) for role, attr in adapter.payload_modules.items()}
     for g in adapter.block_groups:
-        hook = adapter.hook_names[g]
+        hook = adapter.hook_names.get(g, "")
         for i in plan.remote_indices(g):
             name = f"diffusion_model.{g}.{i}"
-            freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())
-            m.add_object_patch(name, RemoteStub(f"{g}.{i}"))
+            block = model.get_model_object(name)
+            freed += sum(p.numel() * p.element_size() for p in block.parameters())
             remote_prefixes.append(name + ".")
             if (g, i) == (seam_group, seam_index):
 
@@ -366,7 +399,11 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
                 def fn(args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
                     return adapter.passthrough(args)
 
-            m.set_model_patch_replace(fn, "dit", hook, i)
+            if g in adapter.object_hooks:  # no patches_replace hook: the stub is the hook
+                m.add_object_patch(name, HookStub(f"{g}.{i}", forward_params(block), fn, adapter.hook_returns[0]))
+            else:
+                m.add_object_patch(name, RemoteStub(f"{g}.{i}"))
+                m.set_model_patch_replace(fn, "dit", hook, i)
     for head, key in adapter.client_heads().items():
         name = f"diffusion_model.{head}"
         freed += sum(p.numel() * p.element_size() for p in model.get_model_object(name).parameters())

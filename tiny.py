@@ -895,3 +895,249 @@ for _name, _edit in (("qwen_image", False), ("qwen_image_edit", True)):
         ),
         name=_name,
     )
+
+
+# ---------------------------------------------------------------------------- HunyuanVideo (1.5, 1.0)
+
+# Tiny HunyuanVideo 1.5: what detection reads off the keys (ComfyUI's model_detection): heads of
+# 128 (num_heads = width / 128), RoPE axes [16, 56, 56], ByT5 glyph text (1472 wide), a SigLIP
+# vision projection of 1152 (which makes it 1.5), 65 input channels (32 noise + 32 I2V image latent
+# + mask), 32 output channels, patch [1, 1, 1]. 3 double blocks, no single blocks, as 1.5 has.
+HUNYUAN_VIDEO15_TINY: dict[str, Any] = dict(
+    in_channels=65,
+    out_channels=32,
+    vec_in_dim=None,
+    context_in_dim=64,
+    hidden_size=256,
+    mlp_ratio=4.0,
+    num_heads=2,
+    depth=3,
+    depth_single_blocks=0,
+    axes_dim=[16, 56, 56],
+    theta=256,
+    patch_size=[1, 1, 1],
+    qkv_bias=True,
+    guidance_embed=False,
+    byt5=True,
+    meanflow=False,
+    use_cond_type_embedding=True,
+    vision_in_dim=1152,
+    meanflow_sum=True,
+)
+# HunyuanVideo 1.5 (8.3 B) at its released widths: 54 double blocks of 16 x 128, Qwen2.5-VL-7B text
+# (3584), ByT5 (1472), SigLIP (1152).
+HUNYUAN_VIDEO15_FULL: dict[str, Any] = {
+    **HUNYUAN_VIDEO15_TINY,
+    "context_in_dim": 3584,
+    "hidden_size": 2048,
+    "num_heads": 16,
+    "depth": 54,
+}
+# Tiny HunyuanVideo 1.0 (same ComfyUI class): CLIP pooled vector (768), guidance embedding, 16 latent
+# channels, patch [1, 2, 2], double AND single blocks; the released 1.0 has 20 + 40 of 24 x 128.
+HUNYUAN_VIDEO10_TINY: dict[str, Any] = {
+    **HUNYUAN_VIDEO15_TINY,
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 768,
+    "depth": 2,
+    "depth_single_blocks": 2,
+    "patch_size": [1, 2, 2],
+    "guidance_embed": True,
+    "byt5": False,
+    "use_cond_type_embedding": False,
+    "vision_in_dim": None,
+    "meanflow_sum": False,
+}
+
+
+def hunyuan_video_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a ComfyUI HunyuanVideo with ``config`` (built on the meta device: no memory)."""
+    import comfy.ldm.hunyuan_video.model as hv
+    import comfy.ops
+
+    known = {f.name for f in dataclasses.fields(hv.HunyuanVideoParams)}  # older releases lack meanflow_sum
+    cfg = {k: v for k, v in config.items() if k in known}
+    with torch.device("meta"):
+        model = hv.HunyuanVideo(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_hunyuan_video(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random HunyuanVideo checkpoint (1.5 by default) with ComfyUI key names."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = hunyuan_video_shapes(config or HUNYUAN_VIDEO15_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def hunyuan_video15_inputs(
+    batch: int = 1,
+    frames: int = 2,
+    h: int = 3,
+    w: int = 4,
+    txt: int = 7,
+    ctx: int = 64,
+    byt5: int = 0,
+    vision: int = 0,
+    image: bool = False,
+    seed: int = 1,
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent [B, 32, frames, h, w] for comfy.sample.sample on a
+    HunyuanVideo 1.5. ``byt5``: that many ByT5 glyph tokens; ``image``: I2V as
+    HunyuanVideo15ImageToVideo sets it (a start-frame latent + mask concatenated to the noise);
+    ``vision``: that many SigLIP tokens (its clip_vision_output)."""
+    from types import SimpleNamespace
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    cond: dict[str, Any] = {"pooled_output": torch.zeros(1, 1)}  # the model reads it (1.5 has no vector_in)
+    if byt5:
+        cond["conditioning_byt5small"] = rnd(1, byt5, 1472, s=seed + 4)
+    if image:
+        start = torch.zeros(batch, 32, frames, h, w)
+        start[:, :, :1] = rnd(batch, 32, 1, h, w, s=seed + 5)
+        mask = torch.ones(1, 1, frames, h, w)
+        mask[:, :, :1] = 0.0
+        cond.update(concat_latent_image=start, concat_mask=mask)
+    if vision:
+        cond["clip_vision_output"] = SimpleNamespace(last_hidden_state=rnd(1, vision, 1152, s=seed + 6))
+    return {
+        "noise": rnd(batch, 32, frames, h, w, s=seed),
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), dict(cond)]],
+        "negative": [[rnd(1, txt, ctx, s=seed + 2), dict(cond)]],
+        "latent_image": torch.zeros(batch, 32, frames, h, w),
+    }
+
+
+def _hunyuan_video_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    ctx = BENCH["hunyuan_video"].configs[size]["context_in_dim"]
+    if size == "tiny":
+        return hunyuan_video15_inputs(batch=batch, ctx=ctx, byt5=3, seed=seed)
+    # 848x480x121, the 480p default: latents are /16 in space, /4 in time -> 31 x 30 x 53 tokens
+    return hunyuan_video15_inputs(batch=batch, frames=31, h=30, w=53, txt=256, ctx=ctx, byt5=32, seed=seed)
+
+
+register_bench(
+    BenchFamily(
+        "hunyuan_video",
+        make=make_hunyuan_video,
+        configs={"tiny": HUNYUAN_VIDEO15_TINY, "full": HUNYUAN_VIDEO15_FULL},
+        inputs=_hunyuan_video_bench_inputs,
+        n_blocks={"tiny": 2, "full": 27},
+        cfg=6.0,
+    )
+)
+
+
+# ---------------------------------------------------------------------------- Z-Image / Lumina 2 (NextDiT)
+
+# ComfyUI's detection knows a NextDiT only at its released widths (3840: Z-Image, 2304: Lumina 2;
+# any other width gets no head count), so the smallest Z-Image it loads is 3840 wide: 2 layers plus
+# the 2 + 2 refiner layers detection always builds (about 0.9 B parameters, 3.5 GB in float32). The
+# caption width is free (64 here; Qwen3-4B's 2560 in the release); ``cap_pad_token`` makes detection
+# pad sequences to multiples of 32, as Z-Image does.
+ZIMAGE_TINY: dict[str, Any] = dict(
+    patch_size=2,
+    in_channels=16,
+    dim=3840,
+    n_layers=2,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    multiple_of=256,
+    ffn_dim_multiplier=8.0 / 3.0,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=64,
+    axes_dims=[32, 48, 48],
+    axes_lens=[1536, 512, 512],
+    rope_theta=256.0,
+    z_image_modulation=True,
+    time_scale=1000.0,
+    pad_tokens_multiple=32,
+)
+# Z-Image Turbo (6 B) at its released shapes: 30 layers, Qwen3-4B text (2560).
+ZIMAGE_TURBO: dict[str, Any] = {**ZIMAGE_TINY, "n_layers": 30, "cap_feat_dim": 2560}
+# Lumina 2 (the same class and adapter): 2304 wide, 24 heads with 8 KV heads, Gemma-2 text (2304).
+LUMINA2_TINY: dict[str, Any] = {
+    **ZIMAGE_TINY,
+    "dim": 2304,
+    "n_heads": 24,
+    "n_kv_heads": 8,
+    "ffn_dim_multiplier": 4.0,
+    "axes_dims": [32, 32, 32],
+    "axes_lens": [300, 512, 512],
+    "rope_theta": 10000.0,
+    "z_image_modulation": False,
+    "time_scale": 1.0,
+    "pad_tokens_multiple": None,
+}
+
+
+def nextdit_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a ComfyUI NextDiT with ``config`` (built on the meta device: no memory)."""
+    import comfy.ldm.lumina.model
+    import comfy.ops
+
+    with torch.device("meta"):
+        model = comfy.ldm.lumina.model.NextDiT(
+            dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **config
+        )
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def make_zimage(
+    path: str | Path,
+    seed: int = 0,
+    config: dict[str, Any] | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Path:
+    """Save a random Z-Image (or, with ``LUMINA2_TINY``, Lumina 2) checkpoint with ComfyUI key names."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    shapes = nextdit_shapes(config or ZIMAGE_TINY, dtype)
+    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+
+
+def zimage_inputs(
+    batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int = 64, seed: int = 1, neg_txt: int | None = None
+) -> dict[str, Any]:
+    """Noise, conditioning and an empty latent [B, 16, h, w] for comfy.sample.sample on a Z-Image
+    (``neg_txt``: the negative prompt's token count, default ``txt``)."""
+
+    def rnd(*shape: int, s: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=torch.Generator().manual_seed(s))
+
+    return {
+        "noise": rnd(batch, 16, h, w, s=seed),
+        "positive": [[rnd(1, txt, ctx, s=seed + 1), {}]],
+        "negative": [[rnd(1, neg_txt or txt, ctx, s=seed + 2), {}]],
+        "latent_image": torch.zeros(batch, 16, h, w),
+    }
+
+
+def _zimage_bench_inputs(size: str, batch: int, seed: int) -> dict[str, Any]:
+    ctx = BENCH["zimage"].configs[size]["cap_feat_dim"]
+    if size == "tiny":
+        return zimage_inputs(batch=batch, ctx=ctx, seed=seed)
+    return zimage_inputs(batch=batch, h=128, w=128, txt=256, ctx=ctx, seed=seed)  # 1024² (latents are /8)
+
+
+register_bench(
+    BenchFamily(
+        "lumina2",
+        make=make_zimage,
+        configs={"tiny": ZIMAGE_TINY, "turbo": ZIMAGE_TURBO},
+        inputs=_zimage_bench_inputs,
+        n_blocks={"tiny": 1, "turbo": 15},
+        cfg=1.0,
+    ),
+    name="zimage",
+)

@@ -124,6 +124,10 @@ class Adapter:
     # detection, where it assumes the released widths of a module instead of reading them (Chroma's
     # approximator). Gives the detected values on released checkpoints; lets tiny test models load.
     config_from_shapes: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]] = no_config_fix
+    # Block groups ComfyUI runs without a ``patches_replace["dit"]`` hook (e.g. Lumina 2 / Z-Image):
+    # their remote blocks are swapped (object patches) for stubs that are the hook themselves, the
+    # block's forward arguments named by the block's own signature; they return ``hook_returns[0]``.
+    object_hooks: tuple[str, ...] = ()
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
@@ -251,4 +255,4 @@ def for_keys(keys: set[str]) -> Adapter:
 
 
 # Registration happens on import of each family module, exactly once.
-from . import chroma, flux1, flux2, ltxav, qwen_image, wan  # noqa: E402,F401
+from . import chroma, flux1, flux2, hunyuan_video, ltxav, lumina2, qwen_image, wan  # noqa: E402,F401

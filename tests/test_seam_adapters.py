@@ -33,7 +33,7 @@ def test_the_stand_in_is_detected_as_its_own_family_only(family):
 def test_the_adapter_names_what_the_model_has(family):
     dm = standin_model(family)
     a = arch.get(family)
-    assert set(a.hook_names) == set(a.block_groups) == set(a.config_keys)
+    assert set(a.hook_names) | set(a.object_hooks) == set(a.block_groups) == set(a.config_keys)
     for g in a.block_groups:
         assert len(getattr(dm, g)) > 0
     for head in a.heads:
