@@ -110,6 +110,9 @@ class Adapter:
     # Head modules the client swaps for stubs returning the server's output of that name.
     # Empty: every head returns the output "out" (one head, one output).
     head_outputs: dict[str, str] = field(default_factory=dict)
+    # Keyword arguments of the diffusion model call that are never cut into rows (rows.split_call):
+    # ComfyUI's CONDConstant inputs, which are not batched (their first dimension may equal B by chance).
+    row_constants: tuple[str, ...] = ()
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""

@@ -185,5 +185,7 @@ ADAPTER = register(
         # the heads' embedded timesteps: second output of the two timestep AdaLNs
         captures={"v_emb": Capture("adaln_single", "out", 1), "a_emb": Capture("audio_adaln_single", "out", 1)},
         head_outputs={"proj_out": "vx", "audio_proj_out": "ax"},
+        # ComfyUI's CONDConstant inputs of model_base.LTXAV: the same for every row
+        row_constants=("frame_rate", "latent_shapes", "guide_attention_entries", "ref_audio"),
     )
 )
