@@ -91,7 +91,7 @@ def _labels(options: dict[str, Any] | None, b: int) -> list[tuple[int | None, in
     return [(int(chunks[r // per]), r % per) for r in range(b)]
 
 
-def _row_options(options: dict[str, Any], b: int, r: int, label: int | None) -> dict[str, Any]:
+def _row_options(options: Any, b: int, r: int, label: int | None) -> dict[str, Any]:
     o = dict(options)  # the model writes block indices into it: one per row (rows run at once)
     if label is not None:
         o["cond_or_uncond"] = [label]
@@ -113,7 +113,9 @@ def split_call(args: Sequence[Any], kwargs: dict[str, Any], keep: Sequence[str] 
         label, sub = labels[r]
 
         def one(v: Any, _r: int = r, _label: int | None = label) -> Any:
-            return _row_options(v, b, _r, _label) if v is options and options is not None else _cut(v, b, _r)
+            if options is not None and v is options:
+                return _row_options(v, b, _r, _label)
+            return _cut(v, b, _r)
 
         ra = tuple(one(v) for v in args)
         rk = {k: (v if k in keep else one(v)) for k, v in kwargs.items()}

@@ -55,9 +55,12 @@ def test_split_call_cuts_the_batched_tensors_and_passes_the_rest_whole():
     assert OPTIONS["cond_or_uncond"] == [0, 1] and OPTIONS["sigmas"].shape == (4,)  # the call's own untouched
 
 
-def test_a_call_of_one_row_is_not_cut():
+def test_a_call_of_one_row_is_not_cut_and_one_without_options_has_no_labels():
     assert rows.split_call((torch.zeros(1, 3), OPTIONS), {}) == []
     assert rows.split_call(("not a tensor",), {}) == []
+    parts = rows.split_call((torch.zeros(2, 3), None), {"o": {"k": torch.ones(2)}})
+    assert [(p.label, p.sub) for p in parts] == [(None, 0), (None, 1)]
+    assert all(p.args[1] is None and p.kwargs["o"]["k"].shape == (1,) for p in parts)
 
 
 def test_join_rows_is_the_inverse_of_the_cut():
