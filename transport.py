@@ -238,6 +238,7 @@ class MeshClient:
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
+        self._memo_lock = threading.Lock()
         self._seq = 0
         # Per connection: temporal codec state (wirecodecs.temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
@@ -508,14 +509,16 @@ class MeshClient:
         # Inference-mode tensors (everything ComfyUI makes while a node runs) keep no version
         # counter; they are matched by identity and storage (ComfyUI never edits such a constant).
         version = -1 if t.is_inference() else t._version
-        memo = self._memo.get(id(t))
+        with self._memo_lock:  # rows of a pipelined call may share this connection (icarus)
+            memo = self._memo.get(id(t))
         if memo is not None and memo[0] is t and memo[1] == (version, t.data_ptr()):
             return memo[2], memo[3]
         wt = codec.encode(t, "const", "raw")
         h = content_hash(wt)
-        self._memo[id(t)] = (t, (version, t.data_ptr()), h, wt)
-        while len(self._memo) > 16:
-            self._memo.pop(next(iter(self._memo)))
+        with self._memo_lock:
+            self._memo[id(t)] = (t, (version, t.data_ptr()), h, wt)
+            while len(self._memo) > 16:
+                self._memo.pop(next(iter(self._memo)))
         return h, wt
 
     def _next_seq(self) -> int:
