@@ -128,6 +128,14 @@ SKEW_ENV = "COMFYUI_MESH_ALLOW_VERSION_SKEW"
 # (before coding) to <prefix>-<name>-<call>.safetensors, for bench/codec_bench.py --file.
 SEAM_DUMP_ENV = "COMFYUI_MESH_SEAM_DUMP"
 SEAM_DUMP_MAX_CALLS = 64  # per split, so a forgotten variable cannot fill a disk
+# Row pipelining (rows.py): a model call of several independent rows (CFG, batch > 1) runs as one-row
+# calls, the front half of the next row overlapping this one's link time and back half.
+ROW_MODES = ("auto", "on", "off")  # SplitSettings.rows; auto: on unless the same-host fast path carries the seam
+# "auto" leaves it off on a link measured faster than this (bytes/s; 40 Gbit/s): the seam's time there is
+# negligible next to the model's.
+ROW_AUTO_FAST_LINK_BPS = 5e9
+ROW_LANES = 2  # rows in flight at once, each on a connection (server session) of its own
+ROW_MEMO_KEEP_MAX = 8  # per-row constants the per-generation memo keeps (payload.ConstMemo.keep), at most
 
 # ---------------------------------------------------------------------------- codecs
 # nvCOMP ANS chunk: each chunk carries its own frequency tables, so larger chunks cost fewer

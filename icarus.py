@@ -8,6 +8,10 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
   server, the other remote blocks pass through;
 * a keyed ``DIFFUSION_MODEL`` wrapper scopes the per-call state (the adapter's captures,
   the server's answer) to one model call and checks what cannot cross the split;
+* a model call of several independent rows (CFG cond / uncond, batch > 1) runs, where it helps, as
+  one-row calls in a pipeline (``rows.py``): the front half of row r+1 runs while row r is on the wire
+  and on the server, each row in flight on a connection of its own ("lane"); decided once per
+  generation (``SplitRun.row_lanes``) and logged;
 * a keyed ``OUTER_SAMPLE`` wrapper (as ComfyUI's EasyCache does) scopes a generation: the
   call counter, a generation id that names the temporal codec stream (cond and uncond
   calls keep separate references), the adapter's scratch and the constants memo are fresh
@@ -31,10 +35,17 @@ from typing import Any
 
 import torch
 
-from . import arch, codec, lora_io
+from . import arch, codec, lora_io, rows
 from .config import ClientConfig
-from .constants import SEAM_DUMP_ENV, SEAM_DUMP_MAX_CALLS
-from .errors import LocalError
+from .constants import (
+    ROW_AUTO_FAST_LINK_BPS,
+    ROW_LANES,
+    ROW_MEMO_KEEP_MAX,
+    ROW_MODES,
+    SEAM_DUMP_ENV,
+    SEAM_DUMP_MAX_CALLS,
+)
+from .errors import LocalError, MeshError
 from .fingerprint import fingerprint
 from .host import check_comfy_contract, comfyui_version
 from .payload import ConstMemo
@@ -124,6 +135,17 @@ class SplitSettings:
     node_id: str = ""
     on_step: Callable[[int, StepStats], None] | None = None  # (call number, stats) after each remote step
     on_status: Callable[[str, str], None] | None = None  # (level, text): reconnecting / reconnected / gave up
+    # Row pipelining (rows.py) of calls of 2+ rows: "auto" = on over a network link (off on this host's
+    # loopback / same-host fast path and on a very fast link: nothing to hide; SplitRun._decide_rows),
+    # "on", "off".
+    rows: str = "auto"
+    row_lanes: int = ROW_LANES  # rows in flight at once, one connection (server session) each
+
+    def __post_init__(self) -> None:
+        if self.rows not in ROW_MODES:
+            raise LocalError(f"row pipelining is {self.rows!r}; choose one of {', '.join(ROW_MODES)}")
+        if self.row_lanes < 1:
+            raise LocalError(f"row_lanes is {self.row_lanes}: at least 1 row must be able to be in flight")
 
 
 class SplitRun:
@@ -145,14 +167,18 @@ class SplitRun:
         self.generations = 0  # generations begun
         self.adapter_state: dict[str, Any] = {}  # the adapter's own scratch (SeamCall.state)
         self.memo = ConstMemo()  # per-generation constants, kept the same objects while unchanged
+        self.lanes: int | None = None  # row pipelining this generation: lanes (0: off; None: not decided)
         self._depth = 0
         self._used: list[MeshClient] = []  # clients this generation sent to (their streams end with it)
+        self._issued = 0  # remote calls sent this generation (the seam dump's numbering)
+        self._lock = threading.Lock()  # the per-generation state above, for rows sent from their threads
+        self._streams = rows.Streams()
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
 
-    def client(self) -> MeshClient:
-        return pooled_client(self.settings.client, self.expect(), comfyui_version())
+    def client(self, lane: int = 0) -> MeshClient:
+        return pooled_client(self.settings.client, self.expect(), comfyui_version(), lane)
 
     def current(self) -> dict[str, Any]:
         call = getattr(self._tls, "call", None)
@@ -169,6 +195,8 @@ class SplitRun:
         self.generation = uuid.uuid4().hex[:16]
         self.generations += 1
         self.calls = 0
+        self._issued = 0
+        self.lanes = None
         self.adapter_state.clear()
         self.memo.clear()
         self._used = []
@@ -184,6 +212,7 @@ class SplitRun:
             # be told (gone, link down) is logged, never fails the run.
             client.end_stream(self.generation)
         self.generation = None
+        self.lanes = None
         self.adapter_state.clear()
         self.memo.clear()
 
@@ -199,32 +228,107 @@ class SplitRun:
         dm = executor.class_obj
         if self.adapter.control_keys:
             self._check_control(call_argument(executor.original, "control", args, kwargs))
-        call: dict[str, Any] = {"out": None, "values": self.adapter.call_info(args, kwargs)}
-        values: dict[str, Any] = call["values"]
+        parts = rows.split_call(args, kwargs, self.adapter.row_constants) if self.settings.rows != "off" else []
+        lanes = self.row_lanes(len(parts)) if parts else 0
+        handles = self._hook_captures(dm)
+        try:
+            if not lanes:
+                return self._call(executor, args, kwargs)
+
+            def one(row: rows.Row, lane: int, sent: threading.Event) -> Any:
+                return self._call(executor, row.args, row.kwargs, lane, row, sent)
+
+            return rows.join_rows(rows.run_rows(parts, one, lanes, _device(args, kwargs), self._streams))
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook_captures(self, dm: Any) -> list[Any]:
+        """Capture hooks for this model call: the first value a module receives (in) or returns (out),
+        stored in the calling thread's call (rows run on threads of their own)."""
         handles = []
-        # captures: the first value a module receives (in) or returns (out) in this model call
         for name, cap in self.adapter.captures.items():
-            values[name] = None
             module = getattr(dm, cap.module, None)
             if not isinstance(module, torch.nn.Module):
                 continue
 
             def grab(_module: Any, inputs: Any, output: Any = None, _n: str = name, _c: arch.Capture = cap) -> None:
-                if values[_n] is None:
+                call = getattr(self._tls, "call", None)
+                if call is not None and call["values"].get(_n) is None:
                     value = inputs if _c.where == "in" else output
-                    values[_n] = value[_c.index] if isinstance(value, (tuple, list)) else value
+                    call["values"][_n] = value[_c.index] if isinstance(value, (tuple, list)) else value
 
             if cap.where == "in":
                 handles.append(module.register_forward_pre_hook(grab))
             else:
                 handles.append(module.register_forward_hook(grab))
-        self._tls.call = call
+        return handles
+
+    def _call(
+        self,
+        executor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        lane: int = 0,
+        row: rows.Row | None = None,
+        sent: threading.Event | None = None,
+    ) -> Any:
+        """One model call (the whole batch, or one row of it on ``lane``) with its per-call scratch."""
+        values: dict[str, Any] = self.adapter.call_info(args, kwargs)
+        for name in self.adapter.captures:
+            values[name] = None
+        self._tls.call = {"out": None, "values": values, "lane": lane, "row": row, "sent": sent}
         try:
             return executor(*args, **kwargs)
         finally:
             self._tls.call = None
-            for handle in handles:
-                handle.remove()
+
+    def row_lanes(self, n: int) -> int:
+        """Rows in flight for this generation's calls of ``n`` >= 2 rows (0: the batch goes as one call).
+        Decided at the generation's first such call and logged once."""
+        if self.lanes is not None:
+            return self.lanes
+        lanes, why = self._decide_rows()
+        self.lanes = lanes
+        if lanes:
+            self.memo.keep = max(self.memo.keep, min(n, ROW_MEMO_KEEP_MAX))  # each row has its own constants
+        log.info(
+            "ComfyUI-Mesh %s: row pipelining %s for this generation (%d rows per call): %s",
+            self.settings.client.address,
+            f"on, {lanes} row(s) in flight" if lanes else "off",
+            n,
+            why,
+        )
+        return lanes
+
+    def _decide_rows(self) -> tuple[int, str]:
+        """(lanes, why): ``rows="auto"`` pipelines over a network link, not over this host's loopback or
+        same-host fast path (the link is a memory copy there: nothing to hide) nor over a link measured
+        faster than ``ROW_AUTO_FAST_LINK_BPS``. Each lane past the first is a connection of its own;
+        one the server refuses (its client or session limit) leaves fewer rows in flight."""
+        s = self.settings
+        main = self.client(0)
+        main.connect_retrying(s.on_status)
+        if s.rows == "auto":
+            if main.via_samehost:
+                return 0, "the server is on this host (the same-host fast path carries the seam: no link time to hide)"
+            if main.via_loopback:
+                return 0, "the server is on this host's loopback (no link time to hide; rows=on forces it)"
+            link = main.link_info()
+            if link.up_bps >= ROW_AUTO_FAST_LINK_BPS:
+                return 0, f"the link is fast ({link.up_bps / 1e6:.0f} MB/s up): its time is negligible"
+            why = f"a network link ({link.up_bps / 1e6:.0f} MB/s up, {link.rtt_ms:.1f} ms RTT, {link.how})"
+        else:
+            why = "rows=on"
+        lanes = 1
+        for lane in range(1, s.row_lanes):
+            try:
+                self.client(lane).connect()
+            except MeshError as e:
+                why += f"; connection {lane + 1} refused ({e}): {lanes} in flight"
+                break
+            lanes += 1
+        return lanes, why
 
     def _check_control(self, control: Any) -> None:
         if not control:
@@ -240,27 +344,35 @@ class SplitRun:
                     )
 
     # ------------------------------------------------------------------ hooks
-    def stream(self, args: dict[str, Any]) -> dict[str, Any]:
+    def stream(self, args: dict[str, Any], row: rows.Row | None = None) -> dict[str, Any]:
         """``Forward.stream`` of this call: the generation, and which CFG rows it carries, so cond and
-        uncond sent as separate calls keep separate temporal references (codec_temporal)."""
-        rows = (args.get("transformer_options") or {}).get("cond_or_uncond")
-        return {"gen": self.generation, "cond": [int(r) for r in rows] if rows is not None else None}
+        uncond sent as separate calls keep separate temporal references (codec_temporal); a row of a
+        pipelined call also names its index among its label's rows (batch > 1)."""
+        cond = (args.get("transformer_options") or {}).get("cond_or_uncond")
+        st: dict[str, Any] = {"gen": self.generation, "cond": [int(r) for r in cond] if cond is not None else None}
+        if row is not None:
+            st["row"] = row.sub
+        return st
 
     def seam_hook(self, args: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
         call = self.current()
-        sc = arch.SeamCall(self.plan, self.seam[0], call["values"], self.modules, self.adapter_state, self.memo)
-        coded, exact, consts, scalars = self.adapter.client_payload(args, sc)
-        consts = self.memo.tensors(consts)  # unchanged constants: the same objects (no copy, no hash)
         s = self.settings
-        dump = os.environ.get(SEAM_DUMP_ENV)
-        if dump and self.calls < SEAM_DUMP_MAX_CALLS:
-            dump_seam(dump, self.calls, coded)
+        with self._lock:  # rows of one call reach here from their threads: one at a time
+            sc = arch.SeamCall(self.plan, self.seam[0], call["values"], self.modules, self.adapter_state, self.memo)
+            coded, exact, consts, scalars = self.adapter.client_payload(args, sc)
+            consts = self.memo.tensors(consts)  # unchanged constants: the same objects (no copy, no hash)
+            dump = os.environ.get(SEAM_DUMP_ENV)
+            if dump and self._issued < SEAM_DUMP_MAX_CALLS:
+                dump_seam(dump, self._issued, coded)
+            self._issued += 1
+            client = self.client(call.get("lane", 0))
+            if self.generation is not None and client not in self._used:
+                self._used.append(client)
         if self.lora is not None:
             scalars["lora"], consts["lora"] = self.lora
         device = next(iter(coded.values())).device
-        client = self.client()
-        if self.generation is not None and client not in self._used:
-            self._used.append(client)
+        if call.get("sent") is not None:
+            call["sent"].set()  # the next row's front half may start: this one is ready to go
         out, stats = client.forward(
             arch=self.adapter.family,
             n_blocks=self.plan.n_remote,
@@ -271,17 +383,19 @@ class SplitRun:
             codec_name=s.codec_name,
             codec_params=s.codec_params,
             reply_codec=s.reply_codec,
-            stream=self.stream(args),
+            stream=self.stream(args, call.get("row")),
             device=device,
             on_status=s.on_status,
         )
         call["out"] = out
-        self.last_stats = stats
-        self.calls += 1
-        log.info("ComfyUI-Mesh %s call %d: %s", s.client.address, self.calls, stats.line())
+        with self._lock:
+            self.last_stats = stats
+            self.calls += 1
+            n = self.calls
+        log.info("ComfyUI-Mesh %s call %d: %s", s.client.address, n, stats.line())
         if s.on_step is not None:
             try:
-                s.on_step(self.calls, stats)
+                s.on_step(n, stats)
             except Exception:  # stats are for the UI: never fail a step over them
                 log.debug("ComfyUI-Mesh: on_step callback failed", exc_info=True)
         return self.adapter.passthrough(args)
@@ -302,6 +416,11 @@ def call_argument(fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, A
         if p.name == name:
             return args[i]
     return None
+
+
+def _device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
+    t = rows.first_tensor(args[0] if args else kwargs.get("x"))
+    return t.device if t is not None else None
 
 
 def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:
@@ -436,3 +555,22 @@ def split_model(model: Any, settings: SplitSettings) -> tuple[Any, SplitRun]:
     m.patches_uuid = uuid.uuid4()
     m.size = max(int(model.model_size()) - freed, 1)
     return m, run
+
+
+def row_by_row(model: Any) -> Any:
+    """A clone of the unsplit ``model`` that runs each model call of several rows as one-row calls, one
+    after another: the reference a pipelined split is bit-identical to (the same per-row kernels);
+    for the exactness tests and bench/split_pipeline.py."""
+    import comfy.patcher_extension as pe
+
+    adapter = arch.for_model(model.get_model_object("diffusion_model"))
+
+    def wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        parts = rows.split_call(args, kwargs, adapter.row_constants)
+        if not parts:
+            return executor(*args, **kwargs)
+        return rows.join_rows([executor(*r.args, **r.kwargs) for r in parts])
+
+    m = model.clone()
+    m.add_wrapper_with_key(pe.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY + "-rows", wrapper)
+    return m

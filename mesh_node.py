@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import arch, codec, ui_events
-from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB
+from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB, ROW_MODES
 from .errors import LocalError, MeshError
 from .host import client_config
 from .icarus import SplitSettings, split_model
@@ -43,6 +43,9 @@ TOOLTIPS = {
     "codec_tile_dim": "Channels per HEVC plane side for codec_mode=nvenc.",
     "forward_client_loras": "Send LoRAs loaded BEFORE this node to the server so the whole model gets them. "
     "LoRAs loaded AFTER this node stay local (front half only).",
+    "row_pipelining": "Several rows in one model call (CFG cond + uncond, batch > 1) are sent one row at a time, "
+    "the next row's first half computing while this one is on the network and on Daedalus. auto: over a network "
+    "link (not for a server on this machine). Exact: the same result as the unsplit model run row by row.",
     "fidelity_db": "Per-channel fidelity floor of quant, quant-t and auto, in dB: every channel of the seam keeps "
     "at least this signal-to-noise ratio against its own spread over the tokens, the few huge ('massive') "
     "channels of trained models and the quiet ones alike. 27 dB (the default) = the old cosine 0.999; each "
@@ -64,10 +67,11 @@ INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "codec_tile_dim": ([1, 2, 4, 8], {"default": 8}),
     "forward_client_loras": ("BOOLEAN", {"default": True}),
     "fidelity_db": ("FLOAT", {"default": DEFAULT_SNR_DB, "min": 6.0, "max": 60.0, "step": 0.5}),
+    "row_pipelining": (list(ROW_MODES), {"default": "auto"}),
 }
 # Inputs added after the original project's: optional, so saved workflows and API prompts
 # without them still validate (they get the default).
-OPTIONAL_INPUTS = ("fidelity_db",)
+OPTIONAL_INPUTS = ("fidelity_db", "row_pipelining")
 
 
 @dataclass(frozen=True)
@@ -163,6 +167,7 @@ class MeshSplitFlux:
                     "snr_db": float(v["fidelity_db"]),  # per-channel floor of the quant family and auto
                 },
                 forward_loras=bool(v["forward_client_loras"]),
+                rows=str(v["row_pipelining"]),
                 node_id=str(unique_id),
                 on_step=ui_events.step_reporter(unique_id, codec_mode),
                 on_status=ui_events.status_reporter(unique_id),

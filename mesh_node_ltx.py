@@ -4,7 +4,7 @@ The generic Icarus node (``mesh_node.MeshSplitFlux``: clone, stubs, seam hook, o
 connection, banners and per-step stats in the UI, its own name in errors) with another spec:
 the original LTX node's inputs (model, n_blocks_remote (default 8 of 48), remote_host,
 remote_port, codec_mode, forward_client_loras (default off: LTX LoRAs are often hundreds of
-MB; load big ones on the server instead)), the optional fidelity_db, and only LTX-AV (LTX-2 / LTX-2.3 audio+video)
+MB; load big ones on the server instead)), the optional fidelity_db and row_pipelining, and only LTX-AV (LTX-2 / LTX-2.3 audio+video)
 models accepted.
 """
 
@@ -20,7 +20,15 @@ class MeshSplitLTX(MeshSplitFlux):
     SPEC = NodeSpec(
         display="ComfyUI Mesh : Icarus LTX",
         description=__doc__ or "",
-        inputs=("n_blocks_remote", "remote_host", "remote_port", "codec_mode", "forward_client_loras", "fidelity_db"),
+        inputs=(
+            "n_blocks_remote",
+            "remote_host",
+            "remote_port",
+            "codec_mode",
+            "forward_client_loras",
+            "fidelity_db",
+            "row_pipelining",
+        ),
         families=("ltxav",),
         defaults={"n_blocks_remote": 8, "forward_client_loras": False},
         tooltips={

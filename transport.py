@@ -241,6 +241,7 @@ class MeshClient:
         self._lock = threading.RLock()
         self._sent_consts: set[str] = set()
         self._memo: dict[int, tuple[torch.Tensor, tuple[int, int], str, WireTensor]] = {}
+        self._memo_lock = threading.Lock()
         self._seq = 0
         # Per connection: temporal codec state (wirecodecs.temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
@@ -252,6 +253,31 @@ class MeshClient:
     @property
     def connected(self) -> bool:
         return self._sock is not None
+
+    @property
+    def via_samehost(self) -> bool:
+        """Connected on the same-host fast path (the big payloads bypass the socket)."""
+        return self._chan is not None
+
+    @property
+    def via_loopback(self) -> bool:
+        """Connected to this machine's loopback address (the link is a memory copy)."""
+        return self._sock is not None and is_loopback(self._sock)
+
+    def connect_retrying(self, on_status: StatusCallback | None = None) -> Challenge:
+        """``connect``, reconnecting with the bounded backoff of a model call (``_Retry``) while the
+        server is refused, dropped or silent."""
+        retry = _Retry(self.cfg, self._where(), on_status)
+        while True:
+            try:
+                server = self.connect()
+            except ServerTimeout:
+                raise
+            except ConnectFailed as e:
+                retry.failed(e)
+                continue
+            retry.succeeded()
+            return server
 
     def _where(self) -> str:
         return f"Daedalus at {self.cfg.address}"
@@ -486,14 +512,16 @@ class MeshClient:
         # Inference-mode tensors (everything ComfyUI makes while a node runs) keep no version
         # counter; they are matched by identity and storage (ComfyUI never edits such a constant).
         version = -1 if t.is_inference() else t._version
-        memo = self._memo.get(id(t))
+        with self._memo_lock:  # rows of a pipelined call may share this connection (icarus)
+            memo = self._memo.get(id(t))
         if memo is not None and memo[0] is t and memo[1] == (version, t.data_ptr()):
             return memo[2], memo[3]
         wt = codec.encode(t, "const", "raw")
         h = content_hash(wt)
-        self._memo[id(t)] = (t, (version, t.data_ptr()), h, wt)
-        while len(self._memo) > 16:
-            self._memo.pop(next(iter(self._memo)))
+        with self._memo_lock:
+            self._memo[id(t)] = (t, (version, t.data_ptr()), h, wt)
+            while len(self._memo) > 16:
+                self._memo.pop(next(iter(self._memo)))
         return h, wt
 
     def _next_seq(self) -> int:
@@ -909,13 +937,15 @@ class MeshClient:
 
 # ---------------------------------------------------------------------------- pool
 
-_POOL: dict[tuple[str, int], MeshClient] = {}
+_POOL: dict[tuple[str, int, int], MeshClient] = {}
 _POOL_LOCK = threading.Lock()
 
 
-def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: str = "") -> MeshClient:
-    """One client per host:port for the whole ComfyUI process; re-handshakes when expectations change."""
-    key = (cfg.host.strip().lower(), cfg.port)
+def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: str = "", lane: int = 0) -> MeshClient:
+    """One client per host:port and lane for the whole ComfyUI process; re-handshakes when expectations
+    change. Lane 0 carries every call; lanes 1.. carry the other rows in flight of a pipelined call
+    (icarus, rows.py), each a connection (a server session) of its own."""
+    key = (cfg.host.strip().lower(), cfg.port, lane)
     with _POOL_LOCK:
         c = _POOL.get(key)
         if c is not None and (c.cfg != cfg or c.expect != expect):
@@ -928,9 +958,10 @@ def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: st
 
 
 def drop_pooled(host: str, port: int) -> None:
+    """Close and forget the pooled clients of host:port (every lane)."""
     with _POOL_LOCK:
-        c = _POOL.pop((host.strip().lower(), port), None)
-    if c is not None:
+        gone = [_POOL.pop(k) for k in list(_POOL) if k[:2] == (host.strip().lower(), port)]
+    for c in gone:
         c.close("dropped")
 
 

@@ -128,6 +128,9 @@ class Adapter:
     # their remote blocks are swapped (object patches) for stubs that are the hook themselves, the
     # block's forward arguments named by the block's own signature; they return ``hook_returns[0]``.
     object_hooks: tuple[str, ...] = ()
+    # Keyword arguments of the diffusion model call that are never cut into rows (rows.split_call):
+    # ComfyUI's CONDConstant inputs, which are not batched (their first dimension may equal B by chance).
+    row_constants: tuple[str, ...] = ()
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""

@@ -189,5 +189,7 @@ ADAPTER = register(
         # ".1" a guide's second tensor)
         request_names=r"vx|ax|(" + "|".join(payload_ltx.BLOCK_KEYS + payload_ltx.HEAD_KEYS) + r")(\.idx|\.1)?",
         request_widths={"vx": "inner_dim", "ax": "audio_inner_dim"},
+        # ComfyUI's CONDConstant inputs of model_base.LTXAV: the same for every row
+        row_constants=("frame_rate", "latent_shapes", "guide_attention_entries", "ref_audio"),
     )
 )

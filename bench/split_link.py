@@ -18,7 +18,9 @@ link profile (``relay``: the emulator with no limit, its own cost). Per codec x 
 * MB out / in per call (median over the timed run's calls after the first step's, whose keyframes
   temporal codecs send), and the client's encode / round trip / decode and the server's forward ms;
 * fidelity of the final latent against unsplit: bit-identical, else relative L2 and PSNR (dB, over
-  the unsplit latent's peak-to-peak range).
+  the unsplit latent's peak-to-peak range); in a mode with row pipelining on (``rows``), against the
+  unsplit model run row by row (``icarus.row_by_row``: the same per-row kernels);
+* unsplit / split: the speed-up (> 1: the split is faster), calls/step (rows pipelined: one per row).
 
 Modes are named sets of ``SplitSettings`` / ``ClientConfig`` overrides (``MODES``; add one with
 ``--mode-def NAME:key=value,key=value``, values parsed as JSON where they parse, e.g.
@@ -54,15 +56,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # linkemu, run as a sc
 import linkemu  # noqa: E402
 from comfyui_mesh import codec  # noqa: E402
 from comfyui_mesh.config import ClientConfig  # noqa: E402
-from comfyui_mesh.icarus import SplitSettings, split_model  # noqa: E402
+from comfyui_mesh.icarus import SplitSettings, row_by_row, split_model  # noqa: E402
 from comfyui_mesh.transport import StepStats, drop_pooled  # noqa: E402
 
 DIRECT = "direct"  # no emulator: loopback TCP straight to Daedalus
 # "tcp": the node's settings (raw reply); "reply-lossless": the reply coded too, still bit-identical.
 # Client and Daedalus share this host, so the same-host fast path (PROTOCOL.md §11) would carry the
 # seam past the emulated link: every TCP mode turns it off; "samehost" measures it (link "direct").
+# "batched" / "rows": row pipelining (rows.py) forced off / on, over TCP (bench/split_pipeline.py).
 MODES: dict[str, dict[str, Any]] = {
     "tcp": {"samehost": False},
+    "batched": {"samehost": False, "rows": "off"},
+    "rows": {"samehost": False, "rows": "on"},
     "reply-lossless": {"reply_codec": "lossless", "samehost": False},
     "samehost": {"samehost": True},
 }
@@ -96,9 +101,12 @@ class Row:
     server_forward_ms: float
     total_s: float
     codec_used: str  # what "auto" picked (or the codec itself)
+    speedup: float  # unsplit s/step / split s/step (> 1: the split is faster)
+    reference: str  # what fidelity compares with: "unsplit", or "unsplit row by row" (rows on)
 
     def fidelity(self) -> str:
-        return "bit-identical" if self.identical else f"rel L2 {self.rel_l2:.2e}, PSNR {self.psnr_db:.1f} dB"
+        how = "bit-identical" if self.identical else f"rel L2 {self.rel_l2:.2e}, PSNR {self.psnr_db:.1f} dB"
+        return how if self.reference == "unsplit" else f"{how} vs {self.reference}"
 
 
 COLUMNS = [f.name for f in dataclasses.fields(Row)]
@@ -180,12 +188,16 @@ def measure(
     repeats: int = 1,
     between: Callable[[], None] = lambda: None,
     say: Callable[[str], None] = print,
+    row_ref: Any = None,
 ) -> list[Row]:
     """Every link x mode x codec split against the Daedalus at ``target``, each link's runs after an
     unsplit one (the overhead is against the unsplit figure nearest in time).
     ``sample(model)``: one sampling run -> (latent, total s, per-step s); ``between()``: after each
-    split is made (ComfyUI: unload models so the clone loads). Codecs not available here are skipped."""
+    split is made (ComfyUI: unload models so the clone loads). Codecs not available here are skipped.
+    ``row_ref``: the unsplit model run row by row (``icarus.row_by_row``): the fidelity reference of
+    the modes with row pipelining on (the same per-row kernels), sampled once."""
     ref = None
+    ref_rows = None
     rows = []
     for link_name in links:
         # unsplit again before each link's runs: the figure next to them in time (load drifts)
@@ -234,7 +246,13 @@ def measure(
                             best, best_stats = res, list(stats)
                     assert best is not None
                     out, total, steps = best
-                    rows.append(_row(link_name, link, name, mode, out, ref, total, steps, unsplit_step, best_stats))
+                    by_row = row_ref is not None and over.get("rows") == "on"
+                    if by_row and ref_rows is None:
+                        between()
+                        ref_rows = sample(row_ref)[0]
+                    against = ref_rows if by_row else ref
+                    rows.append(_row(link_name, link, name, mode, out, against, total, steps, unsplit_step, best_stats))
+                    rows[-1].reference = "unsplit row by row" if by_row else "unsplit"
                     r = rows[-1]
                     say(
                         f"{link_name} {mode} {name}: {r.step_s * 1e3:.1f} ms/step, overhead {r.overhead_ms:+.1f} ms, "
@@ -296,20 +314,24 @@ def _row(
         server_forward_ms=med["server_forward_ms"],
         total_s=total,
         codec_used=str(used),
+        speedup=unsplit_step / step if step > 0 else 0.0,
+        reference="unsplit",
     )
 
 
 def table(rows: Sequence[Row]) -> str:
     out = [
-        "| link | codec | mode | s/step (unsplit) | overhead ms/step | wire ms/step | overhead - wire ms | "
-        "MB out / in per call | fidelity (final latent) | encode / round trip / decode ms | server forward ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| link | codec | mode | s/step (unsplit) | unsplit / split | overhead ms/step | wire ms/step | "
+        "overhead - wire ms | calls/step | MB out / in per call | fidelity (final latent) | "
+        "encode / round trip / decode ms | server forward ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = r.codec if r.codec_used in ("", r.codec) else f"{r.codec} ({r.codec_used})"
         out.append(
-            f"| {r.link} | {name} | {r.mode} | {r.step_s:.3f} ({r.unsplit_step_s:.3f}) | {r.overhead_ms:+.1f} | "
-            f"{r.wire_ms:.1f} | {r.over_wire_ms:+.1f} | {r.mb_out:.2f} / {r.mb_in:.2f} | {r.fidelity()} | "
+            f"| {r.link} | {name} | {r.mode} | {r.step_s:.3f} ({r.unsplit_step_s:.3f}) | {r.speedup:.2f}x | "
+            f"{r.overhead_ms:+.1f} | {r.wire_ms:.1f} | {r.over_wire_ms:+.1f} | {r.calls_per_step:g} | "
+            f"{r.mb_out:.2f} / {r.mb_in:.2f} | {r.fidelity()} | "
             f"{r.encode_ms:.1f} / {r.round_trip_ms:.1f} / {r.decode_ms:.1f} | {r.server_forward_ms:.1f} |"
         )
     return "\n".join(out)
@@ -345,19 +367,19 @@ MODELS = {
 }
 
 
-def model_inputs(spec: Model, config: dict[str, Any], res: str) -> dict[str, Any]:
+def model_inputs(spec: Model, config: dict[str, Any], res: str, batch: int = 1) -> dict[str, Any]:
     """noise / positive / negative / latent_image for comfy.sample.sample (CPU tensors, seeded)."""
     from comfyui_mesh import tiny
 
     if spec.family == "flux2":
         lat = int(res) // 16
-        return tiny.flux2_inputs(h=lat, w=lat, txt=spec.text_tokens, ctx=config["context_in_dim"])
+        return tiny.flux2_inputs(batch=batch, h=lat, w=lat, txt=spec.text_tokens, ctx=config["context_in_dim"])
     from comfy.nested_tensor import NestedTensor
 
     w, h, frames = (int(x) for x in res.split("x"))
     g = torch.Generator().manual_seed(1)
-    video = (1, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
-    audio = (1, 8, max(1, round(frames / 25 * 25)), 16)  # 25 audio latents per second at 25 fps
+    video = (batch, 128, (frames - 1) // 8 + 1, h // 32, w // 32)
+    audio = (batch, 8, max(1, round(frames / 25 * 25)), 16)  # 25 audio latents per second at 25 fps
     ctx = config["cross_attention_dim"] + config["audio_cross_attention_dim"]  # processed (2.3) text features
     text = {"frame_rate": 25.0}
     return {
@@ -413,6 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", default="", help="FLUX.2: image side in pixels; LTX-AV: WxHxFRAMES (default: per model)")
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cfg", type=float, default=None, help="default: FLUX.2 1, LTX-AV 3")
+    ap.add_argument("--batch", type=int, default=1, help="latents per prompt (rows per model call: batch x CFG rows)")
     ap.add_argument("--n-blocks", type=int, default=0, help="blocks on Daedalus (default: per model)")
     ap.add_argument("--codecs", default="raw,lossless,int8,quant,quant-t,auto")
     ap.add_argument("--links", default="direct,relay,10gbe,2.5gbe,1gbe,vpn", help="direct, linkemu profiles or UP[/DOWN]mbit@RTTms")  # fmt: skip
@@ -472,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with torch.inference_mode():  # as ComfyUI's node execution loads it
             model = comfy.sd.load_diffusion_model(str(weights))
-        inputs = model_inputs(spec, config, res)
+        inputs = model_inputs(spec, config, res, a.batch)
 
         def sample(m: Any) -> tuple[Any, float, list[float]]:
             stamps: list[float] = []
@@ -492,13 +515,15 @@ def main(argv: list[str] | None = None) -> int:
             if cuda:
                 torch.cuda.empty_cache()
 
+        row_ref = row_by_row(model) if any(m.get("rows") == "on" for m in modes.values()) else None
         rows = measure(sample, model, ("127.0.0.1", srv.port), srv.token, n, links, a.codecs.split(","), modes,
-                       repeats=a.repeats, between=between, say=lambda s: print("#", s, flush=True))  # fmt: skip
+                       repeats=a.repeats, between=between, say=lambda s: print("#", s, flush=True),
+                       row_ref=row_ref)  # fmt: skip
     finally:
         srv.stop()
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     head = (
-        f"{a.model}, {res if 'x' in res else f'{res}x{res}'}, {a.steps} steps, CFG {cfg_scale:g}, n_blocks {n}, client {a.device}, Daedalus {server_dev} "
+        f"{a.model}, {res if 'x' in res else f'{res}x{res}'}, batch {a.batch}, {a.steps} steps, CFG {cfg_scale:g}, n_blocks {n}, client {a.device}, Daedalus {server_dev} "
         f"({device}{f', {threads} torch thread(s) each' if threads else ''}), torch {torch.__version__}, "
         f"{datetime.date.today().isoformat()}"
     )

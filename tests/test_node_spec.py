@@ -27,9 +27,11 @@ def test_input_names_and_order_stay_those_of_saved_workflows():
     assert (MeshSplitFlux.DISPLAY, MeshSplitLTX.DISPLAY) == ("ComfyUI Mesh : Icarus", "ComfyUI Mesh : Icarus LTX")
     # inputs newer than the original's are optional: old workflows and API prompts without them validate
     for spec in (flux, ltx):
-        assert list(spec["optional"]) == ["fidelity_db"]
+        assert list(spec["optional"]) == ["fidelity_db", "row_pipelining"]
         kind, opts = spec["optional"]["fidelity_db"]
         assert kind == "FLOAT" and opts["default"] == 27.0 and "per-channel" in opts["tooltip"].lower()
+        kind, opts = spec["optional"]["row_pipelining"]
+        assert kind == ["auto", "on", "off"] and opts["default"] == "auto" and "row by row" in opts["tooltip"]
     assert "FLUX" not in MeshSplitFlux.DISPLAY and MeshSplitLTX.DESCRIPTION.startswith("Split an LTX-AV model")
 
 
@@ -40,12 +42,14 @@ def test_bind_reads_positional_values_in_the_nodes_own_order():
     assert MeshSplitLTX.SPEC.bind((), {})["n_blocks_remote"] == 8
     assert MeshSplitLTX.SPEC.bind((), {})["fidelity_db"] == 27.0
     assert MeshSplitFlux.SPEC.bind((), {"fidelity_db": 33.0})["fidelity_db"] == 33.0
+    assert MeshSplitLTX.SPEC.bind((), {})["row_pipelining"] == "auto"
+    assert MeshSplitFlux.SPEC.bind((), {"row_pipelining": "off"})["row_pipelining"] == "off"
     with pytest.raises(TypeError):
         MeshSplitLTX.SPEC.bind((), {"codec_qp": 3})  # not an input of this node
     with pytest.raises(TypeError):
         MeshSplitLTX.SPEC.bind((3,), {"n_blocks_remote": 4})
     with pytest.raises(TypeError):
-        MeshSplitLTX.SPEC.bind(tuple(range(7)), {})
+        MeshSplitLTX.SPEC.bind(tuple(range(8)), {})
 
 
 class _Model:
