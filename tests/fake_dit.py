@@ -1294,6 +1294,7 @@ def flux1_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
 def chroma_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
     noise, pos, neg = flux2_inputs(seed)
     pos["guidance"] = neg["guidance"] = torch.tensor([0.0])
+    return noise, pos, neg
 
 
 def qwen_image_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
