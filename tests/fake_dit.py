@@ -1,5 +1,7 @@
-"""Tiny torch stand-ins for ComfyUI's FLUX.2 ``Flux``, LTX-AV ``LTXAVModel`` and Qwen-Image
-``QwenImageTransformer2DModel`` (CPU, deterministic).
+"""Tiny torch stand-ins for ComfyUI's DiTs, one per registered split family (``STANDINS``): FLUX.2 and
+FLUX.1 ``Flux``, ``Chroma``, LTX-AV ``LTXAVModel``, Qwen-Image ``QwenImageTransformer2DModel``, Wan
+``WanModel``, ``HunyuanVideo`` and Z-Image / Lumina 2 ``NextDiT`` (CPU, deterministic; the later
+families in sections of their own at the end, each naming the ComfyUI code it was read from).
 
 They match what Icarus and the ``arch`` adapters rely on, read from ComfyUI's
 comfy/ldm/flux/model.py + layers.py and comfy/ldm/lightricks/model.py + av_model.py (and
@@ -13,6 +15,7 @@ written here, much smaller, not copied):
   (positional arguments in ComfyUI's order, so a wrapper finds ``control`` at index 6);
 * the block loops call ``transformer_options["patches_replace"]["dit"][(name, i)](args,
   {"original_block": fn})`` with ComfyUI's args dict, and update hidden states in place;
+  ``NextDiT`` calls its layers directly, as ComfyUI does (Icarus hooks them by object patches);
 * block call signatures are ComfyUI's, so ``arch/*.server_forward`` can call them.
 
 The maths is a small but complete transformer (attention with RoPE, modulation from the time
@@ -1509,3 +1512,394 @@ def wan_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
 
 
 STANDINS["wan"] = StandIn("wan", WanModel, wan_inputs, WanParams().num_layers)
+
+
+# ============================================================================= HunyuanVideo 1.5 / 1.0
+# Read from ComfyUI's comfy/ldm/hunyuan_video/model.py (HunyuanVideo, TokenRefiner): the FLUX-style
+# double/single blocks with their own modulation, the text order of releases after 0.8 (text first:
+# this module's ``DoubleStreamBlock`` takes no ``flipped_img_txt``, which ``arch.hunyuan_video``
+# reads), ``_forward``'s positional arguments (ref_latent 10th, control 12th), the block hooks' args
+# (``attention_mask``, ``modulation_dims_*``), ``img_slice`` for the single blocks, final_layer on
+# the image tokens. Patch size 1x1x1 (1.5's); no ByT5 / vision / guiding frame / reference latent.
+
+
+@dataclass
+class HunyuanVideoParams:
+    in_channels: int = 4
+    out_channels: int = 4
+    context_in_dim: int = 12
+    hidden_size: int = 32
+    mlp_ratio: float = 2.0
+    num_heads: int = 2
+    depth: int = 2
+    depth_single_blocks: int = 2
+    axes_dim: list[int] = field(default_factory=lambda: [4, 6, 6])
+    theta: int = 256
+    patch_size: list[int] = field(default_factory=lambda: [1, 1, 1])
+    vec_in_dim: int | None = None
+    guidance_embed: bool = False
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, T, H, W] -> tokens [B, T*H*W, hidden] (patch 1x1x1)."""
+
+    def __init__(self, in_channels: int, hidden: int, patch: list[int]):
+        super().__init__()
+        self.proj = nn.Conv3d(in_channels, hidden, kernel_size=patch, stride=patch)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TokenRefinerBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden, 2 * hidden))
+        self.norm1 = nn.LayerNorm(hidden, eps=1e-6)
+        self.self_attn = nn.Module()
+        self.self_attn.qkv = nn.Linear(hidden, 3 * hidden)
+        self.self_attn.proj = nn.Linear(hidden, hidden)
+        self.norm2 = nn.LayerNorm(hidden, eps=1e-6)
+        self.mlp = nn.Sequential(nn.Linear(hidden, 2 * hidden), nn.SiLU(), nn.Linear(2 * hidden, hidden))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        g1, g2 = self.adaLN_modulation(c).chunk(2, dim=1)
+        q, k, v = _heads(self.self_attn.qkv(self.norm1(x)), self.heads)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(x.shape)
+        x = x + self.self_attn.proj(attn) * g1[:, None]
+        return x + self.mlp(self.norm2(x)) * g2[:, None]
+
+
+class TokenRefiner(nn.Module):
+    """HunyuanVideo's ``txt_in``: text tokens refined under the timestep and the mean text token."""
+
+    def __init__(self, text_dim: int, hidden: int, heads: int, n_blocks: int = 1):
+        super().__init__()
+        self.input_embedder = nn.Linear(text_dim, hidden)
+        self.t_embedder = MLPEmbedder(256, hidden)
+        self.c_embedder = MLPEmbedder(text_dim, hidden)
+        self.individual_token_refiner = nn.Module()
+        self.individual_token_refiner.blocks = nn.ModuleList(TokenRefinerBlock(hidden, heads) for _ in range(n_blocks))
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        c = self.t_embedder(timestep_embedding(timesteps, 256, time_factor=1.0)) + self.c_embedder(x.mean(1))
+        m = None
+        if mask is not None:  # additive [B, L] -> [B, 1, L, L], masked as a row or a column
+            m = mask[:, None, None, :].expand(-1, 1, mask.shape[1], -1)
+            m = m + m.transpose(2, 3)
+        x = self.input_embedder(x)
+        for block in self.individual_token_refiner.blocks:
+            x = block(x, c, m)
+        return x
+
+
+class HunyuanVideo(nn.Module):
+    """HunyuanVideo 1.5's DiT shape (by default both block groups, as 1.0 has them)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = HunyuanVideoParams(**kwargs)
+        self.patch_size, self.out_channels = p.patch_size, p.out_channels
+        self.hidden_size, self.num_heads = p.hidden_size, p.num_heads
+        self.pe_embedder = EmbedND(p.hidden_size // p.num_heads, p.theta, p.axes_dim)
+        self.img_in = PatchEmbed(p.in_channels, p.hidden_size, p.patch_size)
+        self.time_in = MLPEmbedder(256, p.hidden_size)
+        self.vector_in = MLPEmbedder(p.vec_in_dim, p.hidden_size) if p.vec_in_dim else None
+        self.guidance_in = MLPEmbedder(256, p.hidden_size) if p.guidance_embed else nn.Identity()
+        self.txt_in = TokenRefiner(p.context_in_dim, p.hidden_size, p.num_heads)
+        self.double_blocks = nn.ModuleList(
+            DoubleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, modulation=True) for _ in range(p.depth)
+        )
+        self.single_blocks = nn.ModuleList(
+            SingleStreamBlock(p.hidden_size, p.num_heads, p.mlp_ratio, modulation=True)
+            for _ in range(p.depth_single_blocks)
+        )
+        self.final_layer = LastLayer(p.hidden_size, math.prod(p.patch_size) * p.out_channels)
+        self.cond_type_embedding = nn.Embedding(3, p.hidden_size)  # 1.5: text / ByT5 / vision token types
+
+    def forward(self, x, timestep, context, y=None, txt_byt5=None, clip_fea=None, guidance=None, attention_mask=None,
+                guiding_frame_index=None, ref_latent=None, disable_time_r=False, control=None, transformer_options=None,
+                **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        to = {} if transformer_options is None else transformer_options
+        args = (x, timestep, context, y, txt_byt5, clip_fea, guidance, attention_mask, guiding_frame_index,
+                ref_latent, disable_time_r, control, to)  # fmt: skip
+        return _wrapped(self, args, kwargs, to)
+
+    def _forward(self, x, timestep, context, y=None, txt_byt5=None, clip_fea=None, guidance=None, attention_mask=None,
+                 guiding_frame_index=None, ref_latent=None, disable_time_r=False, control=None,
+                 transformer_options=None, **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        if any(v is not None for v in (txt_byt5, clip_fea, guiding_frame_index, ref_latent)):
+            raise NotImplementedError(
+                "stand-in: ByT5, vision, guiding-frame and reference-latent inputs are not modelled"
+            )
+        to = dict(transformer_options or {})
+        p = self.params
+        b, _, t, h, w = x.shape
+        img = self.img_in(x)
+        vec = self.time_in(timestep_embedding(timestep, 256, time_factor=1.0))
+        if self.vector_in is not None:
+            vec = vec + self.vector_in(y[:, : p.vec_in_dim])
+        if p.guidance_embed and guidance is not None:
+            vec = vec + self.guidance_in(timestep_embedding(guidance, 256))
+        txt_mask = attention_mask
+        if txt_mask is not None and not torch.is_floating_point(txt_mask):
+            txt_mask = (txt_mask - 1).to(img.dtype) * torch.finfo(img.dtype).max
+        txt = self.txt_in(context, timestep, txt_mask)
+        txt = txt + self.cond_type_embedding(torch.zeros_like(txt[:, :, 0], dtype=torch.long))
+        img_ids = torch.stack(
+            torch.meshgrid(*(torch.arange(n, dtype=torch.float32) for n in (t, h, w)), indexing="ij"), -1
+        ).reshape(1, -1, 3)
+        txt_ids = torch.zeros(1, txt.shape[1], 3)
+        pe = self.pe_embedder(torch.cat((txt_ids, img_ids), dim=1))
+        img_len, txt_len = img.shape[1], txt.shape[1]
+        attn_mask = None
+        if txt_mask is not None:  # additive, over the joint [text | image] sequence
+            attn_mask = torch.zeros(b, 1, 1, txt_len + img_len, dtype=img.dtype)
+            attn_mask[:, 0, 0, :txt_len] = txt_mask
+        mod_img = mod_txt = None  # per-token modulation spans: only with a guiding frame (1.0 I2V)
+        to["total_blocks"], to["block_type"] = len(self.double_blocks), "double"
+        for i, block in enumerate(self.double_blocks):
+            to["block_index"] = i
+            hook = _dit_hook(to, ("double_block", i))
+            if hook is not None:
+
+                def block_wrap(a: dict, _b: nn.Module = block) -> dict:
+                    im, tx = _b(img=a["img"], txt=a["txt"], vec=a["vec"], pe=a["pe"], attn_mask=a["attention_mask"],
+                                modulation_dims_img=a["modulation_dims_img"],
+                                modulation_dims_txt=a["modulation_dims_txt"],
+                                transformer_options=a["transformer_options"])  # fmt: skip
+                    return {"img": im, "txt": tx}
+
+                args = {"img": img, "txt": txt, "vec": vec, "pe": pe, "attention_mask": attn_mask,
+                        "modulation_dims_img": mod_img, "modulation_dims_txt": mod_txt, "transformer_options": to}  # fmt: skip
+                out = hook(args, {"original_block": block_wrap})
+                img, txt = out["img"], out["txt"]
+            else:
+                img, txt = block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims_img=mod_img,
+                                 modulation_dims_txt=mod_txt, transformer_options=to)  # fmt: skip
+            add = (control or {}).get("input") or []
+            if i < len(add) and add[i] is not None:
+                img += add[i]
+        img = torch.cat((txt, img), 1)
+        to["total_blocks"], to["block_type"] = len(self.single_blocks), "single"
+        to["img_slice"] = [txt_len, img.shape[1]]
+        for i, block in enumerate(self.single_blocks):
+            to["block_index"] = i
+            hook = _dit_hook(to, ("single_block", i))
+            if hook is not None:
+
+                def single_wrap(a: dict, _b: nn.Module = block) -> dict:
+                    return {"img": _b(a["img"], vec=a["vec"], pe=a["pe"], attn_mask=a["attention_mask"],
+                                      modulation_dims=a["modulation_dims"], transformer_options=a["transformer_options"])}  # fmt: skip
+
+                args = {"img": img, "vec": vec, "pe": pe, "attention_mask": attn_mask, "modulation_dims": mod_img,
+                        "transformer_options": to}  # fmt: skip
+                img = hook(args, {"original_block": single_wrap})["img"]
+            else:
+                img = block(img, vec=vec, pe=pe, attn_mask=attn_mask, modulation_dims=mod_img, transformer_options=to)
+            add = (control or {}).get("output") or []
+            if i < len(add) and add[i] is not None:
+                img[:, txt_len : txt_len + img_len] += add[i]
+        img = self.final_layer(img[:, txt_len : txt_len + img_len], vec, modulation_dims=mod_img)
+        return img.view(b, t, h, w, self.out_channels).permute(0, 4, 1, 2, 3).contiguous()
+
+
+def hunyuan_video_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    """A padded negative prompt: the text mask crosses as a constant."""
+    g = torch.Generator().manual_seed(seed)
+    p = HunyuanVideoParams()
+    noise = torch.randn(1, p.in_channels, 2, 2, 3, generator=g)
+    mask = torch.ones(1, 5, dtype=torch.long)
+    mask[:, -2:] = 0
+    pos = {"context": torch.randn(1, 5, p.context_in_dim, generator=g), "attention_mask": torch.ones_like(mask)}
+    neg = {"context": torch.randn(1, 5, p.context_in_dim, generator=g), "attention_mask": mask}
+    return noise, pos, neg
+
+
+STANDINS["hunyuan_video"] = StandIn(
+    "hunyuan_video",
+    HunyuanVideo,
+    hunyuan_video_inputs,
+    HunyuanVideoParams().depth + HunyuanVideoParams().depth_single_blocks,
+)
+
+
+# ============================================================================= Z-Image / Lumina 2
+# Read from ComfyUI's comfy/ldm/lumina/model.py (NextDiT, JointTransformerBlock, FinalLayer): the
+# refiners before the joint [caption | image] sequence, ``layers`` called directly (no
+# ``patches_replace`` hook: Icarus swaps the remote ones for hooking stubs, named by the layer's
+# forward signature), the "double_block" model patches after each layer, final_layer on the whole
+# sequence, unpatchify by the caption length, and the negated output. Z-Image's modulation (time
+# embedding min(dim, 256) wide, no SiLU before the layers' adaLN); no token padding, no Omni inputs.
+
+
+@dataclass
+class NextDiTParams:
+    patch_size: int = 2
+    in_channels: int = 4
+    dim: int = 32
+    n_layers: int = 4
+    n_refiner_layers: int = 1
+    n_heads: int = 2
+    cap_feat_dim: int = 12
+    axes_dims: tuple[int, int, int] = (4, 6, 6)
+    rope_theta: float = 256.0
+    freq_dim: int = 32
+
+
+class JointAttention(nn.Module):
+    def __init__(self, dim: int, n_heads: int):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.q_norm, self.k_norm = RMSNorm(self.head_dim), RMSNorm(self.head_dim)
+
+    def forward(self, x: torch.Tensor, x_mask: Any, freqs_cis: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.n_heads, self.head_dim) for t in self.qkv(x).chunk(3, dim=-1))
+        q, k = apply_rope(self.q_norm(q), freqs_cis), apply_rope(self.k_norm(k), freqs_cis)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=x_mask)
+        return self.out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class LuminaFeedForward(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.w1, self.w3 = nn.Linear(dim, 2 * dim, bias=False), nn.Linear(dim, 2 * dim, bias=False)
+        self.w2 = nn.Linear(2 * dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class JointTransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, dim: int, n_heads: int, modulation: bool = True):
+        super().__init__()
+        self.layer_id = layer_id
+        self.attention = JointAttention(dim, n_heads)
+        self.feed_forward = LuminaFeedForward(dim)
+        self.attention_norm1, self.attention_norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.ffn_norm1, self.ffn_norm2 = RMSNorm(dim), RMSNorm(dim)
+        self.modulation = modulation
+        if modulation:  # Z-Image: no SiLU before the adaLN projection
+            self.adaLN_modulation = nn.Sequential(nn.Linear(min(dim, 256), 4 * dim))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        x_mask: Any,
+        freqs_cis: torch.Tensor,
+        adaln_input: torch.Tensor | None = None,
+        timestep_zero_index: Any = None,
+        transformer_options: dict | None = None,
+    ) -> torch.Tensor:
+        if timestep_zero_index is not None:
+            raise NotImplementedError("stand-in: Z-Image Omni's timestep-zero spans are not modelled")
+        if not self.modulation:
+            x = x + self.attention_norm2(self.attention(self.attention_norm1(x), x_mask, freqs_cis))
+            return x + self.ffn_norm2(self.feed_forward(self.ffn_norm1(x)))
+        assert adaln_input is not None
+        scale_msa, gate_msa, scale_mlp, gate_mlp = self.adaLN_modulation(adaln_input).chunk(4, dim=1)
+        attn = self.attention(self.attention_norm1(x) * (1 + scale_msa[:, None]), x_mask, freqs_cis)
+        x = x + gate_msa[:, None].tanh() * self.attention_norm2(attn)
+        ff = self.feed_forward(self.ffn_norm1(x) * (1 + scale_mlp[:, None]))
+        return x + gate_mlp[:, None].tanh() * self.ffn_norm2(ff)
+
+
+class LuminaFinalLayer(nn.Module):
+    def __init__(self, dim: int, out: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, out)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(min(dim, 256), dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, timestep_zero_index: Any = None) -> torch.Tensor:
+        if timestep_zero_index is not None:
+            raise NotImplementedError("stand-in: Z-Image Omni's timestep-zero spans are not modelled")
+        return self.linear(self.norm_final(x) * (1 + self.adaLN_modulation(c)[:, None]))
+
+
+class NextDiT(nn.Module):
+    """Z-Image's DiT: ComfyUI's ``NextDiT`` (refiners, then one list of joint layers)."""
+
+    def __init__(self, **kwargs: Any):
+        super().__init__()
+        p = self.params = NextDiTParams(**kwargs)
+        self.patch_size, self.in_channels, self.out_channels = p.patch_size, p.in_channels, p.in_channels
+        self.dim, self.n_heads = p.dim, p.n_heads
+        self.x_embedder = nn.Linear(p.patch_size**2 * p.in_channels, p.dim)
+        self.noise_refiner = nn.ModuleList(
+            JointTransformerBlock(i, p.dim, p.n_heads) for i in range(p.n_refiner_layers)
+        )
+        self.context_refiner = nn.ModuleList(
+            JointTransformerBlock(i, p.dim, p.n_heads, modulation=False) for i in range(p.n_refiner_layers)
+        )
+        self.t_embedder = nn.Module()
+        self.t_embedder.mlp = nn.Sequential(
+            nn.Linear(p.freq_dim, min(p.dim, 1024)), nn.SiLU(), nn.Linear(min(p.dim, 1024), min(p.dim, 256))
+        )
+        self.cap_embedder = nn.Sequential(RMSNorm(p.cap_feat_dim), nn.Linear(p.cap_feat_dim, p.dim))
+        self.layers = nn.ModuleList(JointTransformerBlock(i, p.dim, p.n_heads) for i in range(p.n_layers))
+        self.final_layer = LuminaFinalLayer(p.dim, p.patch_size**2 * p.in_channels)
+        self.rope_embedder = EmbedND(p.dim // p.n_heads, int(p.rope_theta), list(p.axes_dims))
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, **kwargs):  # type: ignore[no-untyped-def]
+        return _wrapped(self, (x, timesteps, context, num_tokens, attention_mask), kwargs,
+                        kwargs.get("transformer_options", {}))  # fmt: skip
+
+    def _forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, ref_latents=(), ref_contexts=(),
+                 siglip_feats=(), transformer_options=None, **kwargs):  # type: ignore[no-untyped-def]  # fmt: skip
+        if ref_latents or ref_contexts or siglip_feats:
+            raise NotImplementedError("stand-in: Z-Image Omni's reference inputs are not modelled")
+        to = {} if transformer_options is None else transformer_options
+        p = self.params
+        b, c, h, w = x.shape
+        ph, pw = h // p.patch_size, w // p.patch_size
+        adaln = self.t_embedder.mlp(timestep_embedding(1.0 - timesteps, p.freq_dim))
+        cap = self.cap_embedder(context)
+        cap_ids = torch.zeros(1, cap.shape[1], 3)
+        cap_ids[..., 0] = torch.arange(cap.shape[1], dtype=torch.float32) + 1
+        img = self.x_embedder(
+            x.view(b, c, ph, p.patch_size, pw, p.patch_size).permute(0, 2, 4, 3, 5, 1).flatten(3).flatten(1, 2)
+        )
+        img_ids = torch.zeros(ph, pw, 3)
+        img_ids[..., 0] = cap.shape[1] + 1
+        img_ids[..., 1] = torch.arange(ph, dtype=torch.float32)[:, None]
+        img_ids[..., 2] = torch.arange(pw, dtype=torch.float32)[None, :]
+        cap_freqs = self.rope_embedder(cap_ids).movedim(1, 2)
+        img_freqs = self.rope_embedder(img_ids.reshape(1, -1, 3)).movedim(1, 2)
+        for layer in self.context_refiner:
+            cap = layer(cap, None, cap_freqs, transformer_options=to)
+        for layer in self.noise_refiner:
+            img = layer(img, None, img_freqs, adaln, timestep_zero_index=None, transformer_options=to)
+        cap_len = cap.shape[1]
+        joint, freqs, mask = torch.cat((cap, img), 1), torch.cat((cap_freqs, img_freqs), 1), None
+        patches = to.get("patches", {})
+        to["total_blocks"], to["block_type"] = len(self.layers), "double"
+        joint_input = joint
+        for i, layer in enumerate(self.layers):
+            to["block_index"] = i
+            joint = layer(joint, mask, freqs, adaln, timestep_zero_index=None, transformer_options=to)
+            for patch in patches.get("double_block", []):
+                out = patch({"img": joint[:, cap_len:], "img_input": joint_input[:, cap_len:], "txt": joint[:, :cap_len],
+                             "pe": freqs[:, cap_len:], "vec": adaln, "x": x, "block_index": i,
+                             "transformer_options": to})  # fmt: skip
+                if "img" in out:
+                    joint[:, cap_len:] = out["img"]
+        out = self.final_layer(joint, adaln, timestep_zero_index=None)[:, cap_len : cap_len + ph * pw]
+        out = out.view(b, ph, pw, p.patch_size, p.patch_size, c).permute(0, 5, 1, 3, 2, 4)
+        return -out.reshape(b, c, h, w)
+
+
+def lumina2_inputs(seed: int = 1) -> tuple[Any, dict, dict]:
+    g = torch.Generator().manual_seed(seed)
+    p = NextDiTParams()
+    noise = torch.randn(1, p.in_channels, 4, 6, generator=g)
+    pos = {"context": torch.randn(1, 5, p.cap_feat_dim, generator=g)}
+    neg = {"context": torch.randn(1, 5, p.cap_feat_dim, generator=g)}
+    return noise, pos, neg
+
+
+STANDINS["lumina2"] = StandIn("lumina2", NextDiT, lumina2_inputs, NextDiTParams().n_layers)

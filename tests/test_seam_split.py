@@ -180,7 +180,8 @@ def test_forwarded_weight_patches_reach_the_server(comfy_env, family):
     assert not equal(out2, ref)
 
 
-@pytest.mark.parametrize("family", ["flux2", "flux1", "chroma"])  # Chroma's model call takes control 5th
+# Chroma's model call takes control 5th, HunyuanVideo's 12th
+@pytest.mark.parametrize("family", ["flux2", "flux1", "chroma", "hunyuan_video"])
 def test_controlnet_residuals_on_remote_blocks_are_refused(comfy_env, family):
     n = cut(family, "middle")  # every single block and the last double block run remotely
     model = patcher(family)
@@ -213,7 +214,9 @@ def test_n_blocks_out_of_range_is_refused_with_the_range(comfy_env, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_replaced_block_hook_is_named(comfy_env, family):
-    """Another node that re-hooks a remote block after Icarus: the stub or the head says so."""
+    """Another node that re-hooks a remote block after Icarus: the stub or the head says so. A block
+    ComfyUI calls without a hook (``Adapter.object_hooks``) can only be swapped back by an object
+    patch: the head says the remote half was not called."""
     n = cut(family, "first")
     model = patcher(family)
     adapter = arch.get(family)
@@ -222,6 +225,14 @@ def test_a_replaced_block_hook_is_named(comfy_env, family):
     noise, pos, neg = standin(family).inputs()
     with serve(family, n) as srv:
         m, _ = split_model(model, settings(srv, n))
+        if group in adapter.object_hooks:
+            name = f"diffusion_model.{group}.{last}"
+            assert m.get_model_object(name) is not model.get_model_object(name)  # Icarus's hooking stub
+            swapped_back = m.clone()
+            swapped_back.add_object_patch(name, model.get_model_object(name))
+            with pytest.raises(LocalError, match="without calling the remote half"):
+                sample(swapped_back, noise, SIGMAS, pos, neg)
+            return
         calls_original = m.clone()
         calls_original.set_model_patch_replace(
             lambda args, extra: extra["original_block"](args), "dit", adapter.hook_names[group], last
@@ -237,6 +248,28 @@ def test_a_replaced_block_hook_is_named(comfy_env, family):
         )
         with pytest.raises(LocalError, match="without calling the remote half"):
             sample(skips_it, noise, SIGMAS, pos, neg)
+
+
+def test_lumina2_per_layer_model_patches_are_refused(comfy_env):
+    """A model patch ComfyUI runs after every Z-Image layer (e.g. a Fun ControlNet) would act on remote
+    layers: the split refuses the call; unsplit, the stand-in runs it (it changes the output)."""
+    family = "lumina2"
+    n = cut(family, "middle")
+    model = patcher(family)
+    noise, pos, neg = standin(family).inputs()
+    ref, _ = sample(model, noise, SIGMAS, pos, neg)
+
+    def patch(args: dict) -> dict:
+        return {"img": args["img"] * 0.5}
+
+    patched = model.clone()
+    patched.model_options["transformer_options"]["patches"] = {"double_block": [patch]}
+    out, _ = sample(patched, noise, SIGMAS, pos, neg)
+    assert not equal(out, ref)
+    with serve(family, n) as srv:
+        m, _ = split_model(patched, settings(srv, n))
+        with pytest.raises(LocalError, match="cannot cross the split"):
+            sample(m, noise, SIGMAS, pos, neg)
 
 
 def test_flux2_reference_images_and_a_step_callback(comfy_env, tmp_path, monkeypatch):
