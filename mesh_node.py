@@ -117,8 +117,9 @@ class NodeSpec:
 
 
 class MeshSplitFlux:
-    """Split a diffusion transformer (FLUX.2, LTX-AV): its last n_blocks_remote blocks and its output head run
-    on Daedalus."""
+    """Split a diffusion transformer of any supported family (FLUX.2, FLUX.1, Chroma, LTX-AV, Wan 2.1 / 2.2,
+    Qwen-Image, HunyuanVideo, Z-Image / Lumina 2; detected from the model): its last n_blocks_remote blocks and
+    its output head run on Daedalus."""
 
     SPEC = NodeSpec(display="ComfyUI Mesh : Icarus", description=__doc__ or "")
     DISPLAY = SPEC.display

@@ -1,9 +1,9 @@
-"""End to end through a real headless ComfyUI with the generic Icarus node (``MeshSplit``) on a video
+"""End to end through a real headless ComfyUI with the generic Icarus node (``MeshSplitFlux``) on a video
 family: HunyuanVideo 1.5 (tiny random, 3 double blocks, Daedalus serving the last 2). The prompt
 runs through Daedalus and matches the same prompt without the split, bit for bit (raw codec, CPU).
 
-Skipped without COMFYUI_PATH, and while this pack has no ``MeshSplit`` node. Workflow: UNETLoader ->
-MeshSplit -> KSampler (CFG 2) on ComfyUI's own EmptyHunyuanVideo15Latent -> SaveLatent; the
+Skipped without COMFYUI_PATH. Workflow: UNETLoader ->
+MeshSplitFlux -> KSampler (CFG 2) on ComfyUI's own EmptyHunyuanVideo15Latent -> SaveLatent; the
 conditioning comes from the test-only node pack (the tiny model has no text encoder).
 """
 
@@ -14,10 +14,7 @@ from pathlib import Path
 import pytest
 from comfy_support import headless_stack, ksampler_node, needs_comfy
 
-ROOT = Path(__file__).resolve().parents[1]
-HAS_NODE = any('"MeshSplit"' in p.read_text() for p in ROOT.glob("mesh_node*.py"))
-
-pytestmark = [needs_comfy, pytest.mark.skipif(not HAS_NODE, reason="this pack has no generic MeshSplit node yet")]
+pytestmark = [needs_comfy]
 
 MODEL_NAME = "tiny_hunyuan_video15.safetensors"
 
@@ -36,7 +33,7 @@ def workflow(daedalus_port: int | None, prefix: str) -> dict:
     }  # fmt: skip
     if daedalus_port:
         g["2"] = {
-            "class_type": "MeshSplit",
+            "class_type": "MeshSplitFlux",  # the generic Icarus node (every registered family)
             "inputs": {
                 "model": ["1", 0],
                 "n_blocks_remote": 2,
@@ -73,7 +70,7 @@ def test_headless_comfyui_runs_icarus_on_hunyuan_video_and_matches_unsplit(stack
     from safetensors.torch import load_file
 
     daedalus, comfy, tmp = stack
-    comfy.wait_for_node("MeshSplit")
+    comfy.wait_for_node("MeshSplitFlux")
     comfy.wait_for_node("MeshTestConditioning")
     split = comfy.run_prompt(workflow(daedalus.port, "mesh_hyv_split"))
     assert len(daedalus.steps()) >= 2, "Daedalus should serve the sampling steps:\n" + daedalus.log()
