@@ -114,14 +114,17 @@ def _close(seg: shared_memory.SharedMemory) -> None:
 def _attach(name: str) -> shared_memory.SharedMemory:
     """Open another process's segment without taking ownership: Python before 3.13 registers
     every attached segment with this process's resource tracker, which would unlink it at exit."""
-    seg = shared_memory.SharedMemory(name=name)
+    # Attach and unregister as one step: the tracker keeps a set of names, so two threads attaching
+    # the same segment (clients proving the same host at once) would register it once and unregister
+    # it twice, and the tracker process prints a KeyError traceback.
     with _CREATED_LOCK:
+        seg = shared_memory.SharedMemory(name=name)
         mine = seg.name in _CREATED
-    if not mine and os.name == "posix":  # only POSIX registers attached segments
-        try:
-            resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:  # noqa: BLE001 - no tracker (Windows): nothing to undo
-            pass
+        if not mine and os.name == "posix":  # only POSIX registers attached segments
+            try:
+                resource_tracker.unregister(seg._name, "shared_memory")  # type: ignore[attr-defined]
+            except Exception:  # noqa: BLE001 - no tracker (Windows): nothing to undo
+                pass
     return seg
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -296,3 +297,29 @@ print("DONE", flush=True)
     assert r.returncode == 0 and r.stdout.strip() == "DONE", r.stdout + r.stderr
     assert "leaked shared_memory" not in r.stderr, r.stderr
     assert {s for s in _segments() if s.endswith(("c1", "c2", "c3"))} <= before
+
+
+@pytest.mark.skipif(os.name != "posix", reason="only POSIX registers attached segments with a resource tracker")
+def test_threads_attaching_one_segment_leave_the_resource_tracker_quiet(tmp_path):
+    """Clients in one process proving the same host at once attach the server's secret segment together:
+    the resource tracker must not see one registration unregistered twice (it prints a KeyError traceback
+    into the ComfyUI console)."""
+    script = tmp_path / "attach.py"
+    script.write_text(
+        "import subprocess, sys, threading\n"
+        "from comfyui_mesh import samehost\n"
+        "p = subprocess.Popen([sys.executable, '-c', 'from multiprocessing import shared_memory as m; import sys; "
+        "s = m.SharedMemory(create=True, size=4096); print(s.name, flush=True); sys.stdin.read(); s.close(); s.unlink()'],"
+        " stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)\n"
+        "name = p.stdout.readline().strip()\n"
+        "def attach():\n"
+        "    for _ in range(300):\n"
+        "        samehost._attach(name).close()\n"
+        "ts = [threading.Thread(target=attach) for _ in range(8)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "p.communicate('')\n"
+        "print('done')\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().endswith("done"), out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
