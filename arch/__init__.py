@@ -136,7 +136,9 @@ class Adapter:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""
         return {k: args[k] for k in self.hook_returns if k in args}
 
-    def request_check(self, dm: Any) -> Callable[[dict[str, tuple[int, ...] | None]], str | None]:
+    def request_check(
+        self, dm: Any
+    ) -> Callable[[dict[str, tuple[int, ...] | None], dict[str, str] | None], str | None]:
         """The server's check of one request's tensor shapes (name -> shape, None for a constant sent
         by hash), before decoding: returns what is wrong, or None. Widths come from ``dm`` (the
         server's diffusion model)."""
@@ -145,13 +147,18 @@ class Adapter:
             k: int(getattr(dm, a)) for k, a in self.request_widths.items() if isinstance(getattr(dm, a, None), int)
         }
 
-        def check(shapes: dict[str, tuple[int, ...] | None]) -> str | None:
+        def check(shapes: dict[str, tuple[int, ...] | None], dtypes: dict[str, str] | None = None) -> str | None:
             for name, shape in shapes.items():
                 if names is not None and not names.fullmatch(name):
                     return f"a {self.display} back half takes no tensor {name[:64]!r}"
                 w = widths.get(name)
                 if w is not None and shape is not None and (not shape or shape[-1] != w):
                     return f"tensor {name!r} has shape {list(shape)}; this {self.display} back half takes width {w}"
+                dtype = (dtypes or {}).get(name)
+                if name in self.request_widths and dtype is not None and dtype not in FLOAT_DTYPES:
+                    return (
+                        f"tensor {name!r} is {dtype}; this {self.display} back half takes floating-point hidden states"
+                    )
             return None
 
         return check
@@ -217,6 +224,9 @@ class Adapter:
             counts[g] = n
         return counts
 
+
+# Wire dtype names of the hidden states a back half takes (``request_widths`` tensors).
+FLOAT_DTYPES = frozenset({"float16", "bfloat16", "float32", "float64"})
 
 _BLOCK_RE = re.compile(r"^([A-Za-z_]+)\.(\d+)\.(.+)$")
 

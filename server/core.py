@@ -83,9 +83,12 @@ class Backend(Protocol):
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]: ...
 
-    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
-        """What is wrong with a request's tensors (argument name -> shape, constants included), checked
-        before anything is decoded; None when the back half takes them."""
+    def check_request(
+        self, shapes: dict[str, tuple[int, ...] | None], dtypes: dict[str, str] | None = None
+    ) -> str | None:
+        """What is wrong with a request's tensors (argument name -> shape, constants included, and the
+        wire dtypes of those whose descriptors are here), checked before anything is decoded; None when
+        the back half takes them."""
         ...
 
     def close(self) -> None: ...
@@ -746,7 +749,9 @@ class Session:
             shapes = {n: v for n, v in shapes.items() if not n.startswith("const:")}
             shapes.update({n: w.shape for n, w in asm.wholes.items()} if asm is not None else {})
             shapes.update({a: None for a in msg.consts if isinstance(a, str)})
-            wrong = check(shapes)
+            dtypes = {n: w.dtype for n, w in incoming.items() if not n.startswith("const:")}
+            dtypes.update({n: str(w.dtype).removeprefix("torch.") for n, w in asm.wholes.items()} if asm else {})
+            wrong = check(shapes, dtypes)
             if wrong:
                 raise RemoteProtocolError(f"request refused before decoding: {wrong}")
         if decoded > st.cfg.max_decoded_request_bytes:  # before any decoding allocates

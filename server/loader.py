@@ -414,9 +414,11 @@ class ComfyBackend:
         out = comfy.lora.calculate_weight(patches, temp, key)
         return comfy.float.stochastic_rounding(out, weight.dtype, seed=seed_of(key))
 
-    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
-        """What is wrong with a request's tensors (name -> shape) before they are decoded, or None."""
-        return self._check({k: v for k, v in shapes.items() if k != "lora"})  # "lora": a forwarded LoRA set
+    def check_request(
+        self, shapes: dict[str, tuple[int, ...] | None], dtypes: dict[str, str] | None = None
+    ) -> str | None:
+        """What is wrong with a request's tensors (name -> shape, dtype) before they are decoded, or None."""
+        return self._check({k: v for k, v in shapes.items() if k != "lora"}, dtypes)  # "lora": a forwarded LoRA set
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:
         h = scalars.get("lora") or ""

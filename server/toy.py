@@ -60,8 +60,10 @@ class ToyBackend:
         self.model_name = f"toy-{total}x{width}"
         self.fingerprint = fingerprint(self.model.named_blocks(self.first))
 
-    def check_request(self, shapes: dict[str, tuple[int, ...] | None]) -> str | None:
-        """What is wrong with a request's tensors (name -> shape) before they are decoded, or None."""
+    def check_request(
+        self, shapes: dict[str, tuple[int, ...] | None], dtypes: dict[str, str] | None = None
+    ) -> str | None:
+        """What is wrong with a request's tensors (name -> shape, dtype) before they are decoded, or None."""
         w = self.model.width
         for name, shape in shapes.items():
             if self.ignored and name.startswith(self.ignored):
@@ -70,6 +72,8 @@ class ToyBackend:
                 return f"the toy back half takes tensors 'x' and 'bias', not {name[:64]!r}"
             if shape is not None and (not shape or shape[-1] != w):
                 return f"tensor {name!r} has shape {list(shape)}; the toy back half takes width {w}"
+            if (dtypes or {}).get(name, "float32") not in ("float16", "bfloat16", "float32", "float64"):
+                return f"tensor {name!r} is {(dtypes or {})[name]}; the toy back half takes floating point"
         return None
 
     def forward(self, tensors: dict[str, torch.Tensor], scalars: dict[str, Any]) -> dict[str, torch.Tensor]:

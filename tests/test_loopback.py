@@ -137,6 +137,9 @@ def test_bad_request_gets_an_error_frame_and_server_keeps_serving(server):
     with pytest.raises(RemoteFailure) as e:  # a name the back half does not take: refused before decoding
         c.forward(arch="toy", n_blocks=3, coded={"x": x, "evil": x}, exact={}, consts={"bias": bias}, scalars={})
     assert e.value.code == "bad_request" and "not 'evil'" in e.value.message
+    with pytest.raises(RemoteFailure) as e:  # integer hidden states: refused before decoding
+        c.forward(arch="toy", n_blocks=3, coded={"x": x.to(torch.int32)}, exact={}, consts={"bias": bias}, scalars={})
+    assert e.value.code == "bad_request" and "takes floating point" in e.value.message
     with pytest.raises(RemoteFailure) as e:
         c.forward(arch="toy", n_blocks=5, coded={"x": x}, exact={}, consts={"bias": bias}, scalars={})
     assert e.value.code == "config_mismatch"

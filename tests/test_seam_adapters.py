@@ -154,6 +154,8 @@ def test_request_check_refuses_unknown_names_and_wrong_widths_before_decoding():
     assert "no tensor 'evil'" in flux({"img": (1, 24, 256), "evil": (1, 2)})
     assert "takes width 256" in flux({"x": (1, 31, 255)})
     assert "takes width 256" in flux({"img": ()})
+    assert "floating-point" in flux({"img": (1, 24, 256)}, {"img": "int8"})
+    assert flux({"img": (1, 24, 256), "pe": None}, {"img": "bfloat16", "pe": "float32"}) is None
     ltx = arch.get("ltxav").request_check(Dm())
     ok = {"vx": (2, 12, 64), "ax": (2, 5, 32), "v_timestep": (2, 1, 384), "v_timestep.idx": (2,), "v_pe": None}
     assert ltx(ok) is None
