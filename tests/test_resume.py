@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import fake_dit
 import pytest
@@ -33,6 +34,24 @@ from seam_server import TOKEN
 
 TESTS = Path(__file__).resolve().parent
 posix = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
+
+
+def _sample_while_restarted(first: subprocess.Popen, second: subprocess.Popen, port: int, run: Any) -> Any:
+    """``run()`` while a supervisor starts the standby server ``second`` on ``port`` once ``first`` died."""
+
+    def restart() -> None:
+        first.wait()
+        assert second.stdin is not None
+        second.stdin.write(f"serve {port}\n")
+        second.stdin.flush()
+        _ready_line(second)
+
+    supervisor = threading.Thread(target=restart)
+    supervisor.start()
+    try:
+        return run()
+    finally:
+        supervisor.join(timeout=120)
 
 
 def _ready_line(proc: subprocess.Popen, within_s: float = 120.0, word: str = "READY") -> str:
@@ -114,18 +133,7 @@ def test_a_server_killed_mid_request_and_restarted_gives_the_uninterrupted_outpu
             assert run.lora is not None
             ref, _ = sample(m, noise, sigmas, pos, neg)
             assert not statuses and first.poll() is None
-
-            def restart() -> None:  # a supervisor: start it again once it died
-                first.wait()
-                assert second.stdin is not None
-                second.stdin.write(f"serve {port}\n")
-                second.stdin.flush()
-                _ready_line(second)
-
-            supervisor = threading.Thread(target=restart)
-            supervisor.start()
-            out, _ = sample(m, noise, sigmas, pos, neg)
-            supervisor.join(timeout=120)
+            out, _ = _sample_while_restarted(first, second, port, lambda: sample(m, noise, sigmas, pos, neg))
         finally:
             drop_pooled("127.0.0.1", port)
         assert first.returncode == -signal.SIGKILL and second.poll() is None

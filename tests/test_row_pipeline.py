@@ -286,7 +286,7 @@ def test_a_server_killed_mid_pipeline_and_restarted_gives_the_uninterrupted_outp
     from comfyui_mesh.transport import drop_pooled
     from fake_comfy import sample
     from seam_server import TOKEN
-    from test_resume import _patcher_with_lora, _ready_line, _reaped, _stand_in_server
+    from test_resume import _patcher_with_lora, _ready_line, _reaped, _sample_while_restarted, _stand_in_server
 
     sigmas = torch.tensor([1.0, 0.8, 0.6, 0.4, 0.2])  # four model calls, two rows each
     rows_per_run = 2 * (len(sigmas) - 1)
@@ -308,18 +308,7 @@ def test_a_server_killed_mid_pipeline_and_restarted_gives_the_uninterrupted_outp
             m, run = split_model(_patcher_with_lora("flux2"), settings)
             ref, _ = sample(m, noise, sigmas, pos, neg)
             assert not statuses and first.poll() is None and run.calls == rows_per_run
-
-            def restart() -> None:
-                first.wait()
-                assert second.stdin is not None
-                second.stdin.write(f"serve {port}\n")
-                second.stdin.flush()
-                _ready_line(second)
-
-            supervisor = threading.Thread(target=restart)
-            supervisor.start()
-            out, _ = sample(m, noise, sigmas, pos, neg)
-            supervisor.join(timeout=120)
+            out, _ = _sample_while_restarted(first, second, port, lambda: sample(m, noise, sigmas, pos, neg))
         finally:
             drop_pooled("127.0.0.1", port)
         assert first.returncode == -signal.SIGKILL and second.poll() is None
