@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
 from comfyui_mesh import tiny
 from comfyui_mesh.config import ClientConfig
+from split_family import start_server
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda:0" if CUDA else "cpu"
@@ -67,21 +65,8 @@ def main() -> None:
         flush=True,
     )
     server_dev = "cuda:1" if torch.cuda.device_count() > 1 else DEV
-    cmd = [sys.executable, "-m", "comfyui_mesh.server", "--weights", str(weights), "--n-blocks", str(n), "--port", "0",
-           "--device", server_dev, "--comfyui", a.comfyui, "--state-dir", str(wd / "state")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    port = 0
-    lines: list[str] = []
-    for line in proc.stdout:
-        lines.append(line)
-        if "READY" in line:
-            port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-            break
-    if not port:
-        print("".join(lines))
-        raise SystemExit("server did not start")
+    proc, port, lines = start_server(a.comfyui, weights, n, server_dev, wd / "state")
     print("#", lines[-1].strip(), flush=True)
-    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     token = (wd / "state" / "token").read_text().strip()
     try:
         model = comfy.sd.load_diffusion_model(str(weights))
