@@ -73,6 +73,39 @@ def import_comfy(path: str | Path, cpu: bool = True) -> Any:
     return comfy
 
 
+def meta_shapes(
+    cls: Any, config: dict[str, Any], dtype: torch.dtype = torch.float32, known: Any = None
+) -> dict[str, tuple[int, ...]]:
+    """Every tensor of ComfyUI model class ``cls`` built with ``config`` on the meta device (no memory).
+    ``known``: the parameter names this release's class takes (older releases lack some); others are
+    dropped."""
+    import comfy.ops
+
+    cfg = {k: v for k, v in config.items() if known is None or k in known}
+    with torch.device("meta"):
+        model = cls(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def write_random(
+    path: str | Path,
+    shapes: dict[str, tuple[int, ...]],
+    seed: int,
+    dtype: torch.dtype,
+    device: str,
+    meta: dict[str, str] | None = None,
+    family: str = "",
+    massive: int = 0,
+    massive_gain: float = 100.0,
+) -> Path:
+    """Stream a random checkpoint of ``shapes`` to ``path``; ``device`` is where the random numbers are
+    drawn (a GPU makes full-size models fast); ``massive`` > 0 plants that many massive channels in
+    ``family``'s input projections (``plant_massive``)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    make = plant_massive(lambda n, s: _random_weight(n, s, g, device), family, massive, massive_gain)
+    return write_safetensors_streaming(path, shapes, make, dtype, meta or {})
+
+
 def make_flux2(
     path: str | Path,
     seed: int = 0,
@@ -86,23 +119,17 @@ def make_flux2(
 
     ``device`` is where the random numbers are drawn (a GPU makes full-size models fast);
     ``massive`` > 0 plants that many massive channels (``plant_massive``)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = flux2_shapes(config or FLUX2_TINY, dtype)
-    make = plant_massive(lambda n, s: _random_weight(n, s, g, device), "flux2", massive, massive_gain)
-    return write_safetensors_streaming(path, shapes, make, dtype, {})
+    return write_random(
+        path, flux2_shapes(config or FLUX2_TINY, dtype), seed, dtype, device, None, "flux2", massive, massive_gain
+    )
 
 
 def flux2_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
     """Every tensor of a FLUX.2 with ``config`` (built on the meta device: no memory)."""
-    import comfy.ldm.flux.model
-    import comfy.ops
+    import comfy.ldm.flux.model as flux
 
     # Older ComfyUI releases (0.3.75) lack some FluxParams fields (txt_ids_dims): keep what this one has.
-    known = {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
-    cfg = {k: v for k, v in config.items() if k in known}
-    with torch.device("meta"):
-        model = comfy.ldm.flux.model.Flux(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(flux.Flux, config, dtype, {f.name for f in dataclasses.fields(flux.FluxParams)})
 
 
 def flux2_inputs(batch: int = 1, h: int = 4, w: int = 6, txt: int = 7, ctx: int = 64, seed: int = 1) -> dict[str, Any]:
@@ -177,13 +204,8 @@ _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 def ltxav_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor of an LTXAVModel with ``config`` (built on the meta device: no memory)."""
     import comfy.ldm.lightricks.av_model
-    import comfy.ops
 
-    with torch.device("meta"):
-        model = comfy.ldm.lightricks.av_model.LTXAVModel(
-            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **config
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(comfy.ldm.lightricks.av_model.LTXAVModel, config)
 
 
 # Input projections whose output rows become the hidden-state channels of every token: scaling a
@@ -285,10 +307,8 @@ def make_ltxav(
     import json
 
     cfg = dict(config or LTXAV2_TINY)
-    g = torch.Generator(device=device).manual_seed(seed)
     meta = {"config": json.dumps({"transformer": cfg})}
-    make = plant_massive(lambda n, s: _random_weight(n, s, g, device), "ltxav", massive, massive_gain)
-    return write_safetensors_streaming(path, ltxav_shapes(cfg), make, dtype, meta)
+    return write_random(path, ltxav_shapes(cfg), seed, dtype, device, meta, "ltxav", massive, massive_gain)
 
 
 def ltxav_inputs(
@@ -481,23 +501,14 @@ def make_flux1(
 ) -> Path:
     """Save a random FLUX.1 checkpoint with ComfyUI key names (ComfyUI must be importable); the same
     ``Flux`` class as FLUX.2, so its shapes come from ``flux2_shapes``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = flux2_shapes(config or FLUX1_TINY, dtype)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, flux2_shapes(config or FLUX1_TINY, dtype), seed, dtype, device)
 
 
 def chroma_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
     """Every tensor of a Chroma with ``config`` (built on the meta device: no memory)."""
-    import comfy.ldm.chroma.model
-    import comfy.ops
+    import comfy.ldm.chroma.model as chroma
 
-    known = {f.name for f in dataclasses.fields(comfy.ldm.chroma.model.ChromaParams)}
-    cfg = {k: v for k, v in config.items() if k in known}
-    with torch.device("meta"):
-        model = comfy.ldm.chroma.model.Chroma(
-            dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(chroma.Chroma, config, dtype, {f.name for f in dataclasses.fields(chroma.ChromaParams)})
 
 
 def make_chroma(
@@ -509,9 +520,7 @@ def make_chroma(
 ) -> Path:
     """Save a random Chroma checkpoint with ComfyUI key names (ComfyUI must be importable). A tiny one
     loads with ``load_chroma`` (ComfyUI's own loader assumes the released approximator widths)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = chroma_shapes(config or CHROMA_TINY, dtype)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, chroma_shapes(config or CHROMA_TINY, dtype), seed, dtype, device)
 
 
 def load_chroma(path: str | Path) -> Any:
@@ -519,8 +528,6 @@ def load_chroma(path: str | Path) -> Any:
     classes as comfy.sd.load_diffusion_model does, plus the approximator widths read from the
     checkpoint's shapes (``arch.chroma.config_from_shapes``, as Daedalus's loader applies them)."""
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.utils
 
     from .arch import chroma
@@ -528,17 +535,26 @@ def load_chroma(path: str | Path) -> Any:
     sd = comfy.utils.load_torch_file(str(path), safe_load=True)
     model_config = comfy.model_detection.model_config_from_unet(sd, "")
     model_config.unet_config.update(chroma.config_from_shapes({k: tuple(v.shape) for k, v in sd.items()}))
-    load_device = mm.get_torch_device()
+    return _patcher(model_config, sd, weight_dtype=comfy.utils.weight_dtype(sd))
+
+
+def _patcher(
+    model_config: Any, sd: dict[str, torch.Tensor], dtype: torch.dtype | None = None, **dtype_args: Any
+) -> Any:
+    """The ModelPatcher comfy.sd.load_diffusion_model makes of ``sd`` for a detected ``model_config``:
+    inference dtype (``dtype``, else ComfyUI's choice), model, weights, load / offload devices."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.utils
+
+    device = mm.get_torch_device()
     supported = list(model_config.supported_inference_dtypes)
-    unet_dtype = mm.unet_dtype(
-        model_params=comfy.utils.calculate_parameters(sd),
-        supported_dtypes=supported,
-        weight_dtype=comfy.utils.weight_dtype(sd),
-    )
-    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, load_device, supported))
+    params = comfy.utils.calculate_parameters(sd)
+    unet_dtype = dtype or mm.unet_dtype(model_params=params, supported_dtypes=supported, **dtype_args)
+    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, device, supported))
     model = model_config.get_model(sd, "")
     model.load_model_weights(sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=mm.unet_offload_device())
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
 
 
 def flux1_inputs(
@@ -648,15 +664,9 @@ def wan_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     import inspect
 
     import comfy.ldm.wan.model
-    import comfy.ops
 
-    known = inspect.signature(comfy.ldm.wan.model.WanModel.__init__).parameters
-    cfg = {k: v for k, v in config.items() if k in known}
-    with torch.device("meta"):
-        model = comfy.ldm.wan.model.WanModel(
-            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **cfg
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    wan = comfy.ldm.wan.model.WanModel
+    return meta_shapes(wan, config, known=inspect.signature(wan.__init__).parameters)
 
 
 def make_wan(
@@ -668,9 +678,7 @@ def make_wan(
 ) -> Path:
     """Save a random Wan checkpoint with ComfyUI key names (ComfyUI must be importable); streams
     to disk, ``device`` is where the random numbers are drawn."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = wan_shapes(config or WAN_TINY)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, wan_shapes(config or WAN_TINY), seed, dtype, device)
 
 
 def wan_inputs(
@@ -801,14 +809,8 @@ def _qwen_image_class_config(config: dict[str, Any]) -> dict[str, Any]:
 def qwen_image_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Every tensor of a QwenImageTransformer2DModel with ``config`` (meta device: no memory)."""
     import comfy.ldm.qwen_image.model
-    import comfy.ops
 
-    cfg = _qwen_image_class_config(config)
-    with torch.device("meta"):
-        model = comfy.ldm.qwen_image.model.QwenImageTransformer2DModel(
-            dtype=torch.float32, device="meta", operations=comfy.ops.disable_weight_init, **cfg
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(comfy.ldm.qwen_image.model.QwenImageTransformer2DModel, _qwen_image_class_config(config))
 
 
 def make_qwen_image(
@@ -820,9 +822,7 @@ def make_qwen_image(
 ) -> Path:
     """Save a random Qwen-Image checkpoint with ComfyUI key names (ComfyUI must be importable);
     ``device`` is where the random numbers are drawn (a GPU makes the 20B fast)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = qwen_image_shapes(config or QWEN_IMAGE_TINY)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, qwen_image_shapes(config or QWEN_IMAGE_TINY), seed, dtype, device)
 
 
 def load_qwen_image(path: str | Path, config: dict[str, Any], dtype: torch.dtype | None = None) -> Any:
@@ -830,20 +830,12 @@ def load_qwen_image(path: str | Path, config: dict[str, Any], dtype: torch.dtype
     comfy.sd.load_diffusion_model does, minus the width detection ComfyUI lacks for Qwen-Image;
     at the released widths, ``comfy.sd.load_diffusion_model`` gives the same model)."""
     import comfy.model_detection
-    import comfy.model_management as mm
-    import comfy.model_patcher
     import comfy.utils
 
     sd = comfy.utils.load_torch_file(str(path))
     unet_config = {"image_model": "qwen_image", **_qwen_image_class_config(config)}
     model_config = comfy.model_detection.model_config_from_unet_config(unet_config, sd)
-    device = mm.get_torch_device()
-    supported = list(model_config.supported_inference_dtypes)
-    unet_dtype = dtype or mm.unet_dtype(model_params=comfy.utils.calculate_parameters(sd), supported_dtypes=supported)
-    model_config.set_inference_dtype(unet_dtype, mm.unet_manual_cast(unet_dtype, device, supported))
-    model = model_config.get_model(sd, "")
-    model.load_model_weights(sd, "")
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    return _patcher(model_config, sd, dtype)
 
 
 def qwen_image_inputs(
@@ -954,13 +946,9 @@ HUNYUAN_VIDEO10_TINY: dict[str, Any] = {
 def hunyuan_video_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
     """Every tensor of a ComfyUI HunyuanVideo with ``config`` (built on the meta device: no memory)."""
     import comfy.ldm.hunyuan_video.model as hv
-    import comfy.ops
 
-    known = {f.name for f in dataclasses.fields(hv.HunyuanVideoParams)}  # older releases lack meanflow_sum
-    cfg = {k: v for k, v in config.items() if k in known}
-    with torch.device("meta"):
-        model = hv.HunyuanVideo(dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    # older releases lack meanflow_sum
+    return meta_shapes(hv.HunyuanVideo, config, dtype, {f.name for f in dataclasses.fields(hv.HunyuanVideoParams)})
 
 
 def make_hunyuan_video(
@@ -971,9 +959,7 @@ def make_hunyuan_video(
     device: str = "cpu",
 ) -> Path:
     """Save a random HunyuanVideo checkpoint (1.5 by default) with ComfyUI key names."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = hunyuan_video_shapes(config or HUNYUAN_VIDEO15_TINY, dtype)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, hunyuan_video_shapes(config or HUNYUAN_VIDEO15_TINY, dtype), seed, dtype, device)
 
 
 def hunyuan_video15_inputs(
@@ -1084,13 +1070,8 @@ LUMINA2_TINY: dict[str, Any] = {
 def nextdit_shapes(config: dict[str, Any], dtype: torch.dtype = torch.float32) -> dict[str, tuple[int, ...]]:
     """Every tensor of a ComfyUI NextDiT with ``config`` (built on the meta device: no memory)."""
     import comfy.ldm.lumina.model
-    import comfy.ops
 
-    with torch.device("meta"):
-        model = comfy.ldm.lumina.model.NextDiT(
-            dtype=dtype, device="meta", operations=comfy.ops.disable_weight_init, **config
-        )
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return meta_shapes(comfy.ldm.lumina.model.NextDiT, config, dtype)
 
 
 def make_zimage(
@@ -1101,9 +1082,7 @@ def make_zimage(
     device: str = "cpu",
 ) -> Path:
     """Save a random Z-Image (or, with ``LUMINA2_TINY``, Lumina 2) checkpoint with ComfyUI key names."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    shapes = nextdit_shapes(config or ZIMAGE_TINY, dtype)
-    return write_safetensors_streaming(path, shapes, lambda n, s: _random_weight(n, s, g, device), dtype, {})
+    return write_random(path, nextdit_shapes(config or ZIMAGE_TINY, dtype), seed, dtype, device)
 
 
 def zimage_inputs(
