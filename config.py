@@ -68,11 +68,17 @@ class ClientConfig:
     # bytes, and the reply too, when a call's coded tensors add up to stream_min_bytes or more; 0 = off.
     stream_slab_bytes: int = STREAM_SLAB_BYTES
     stream_min_bytes: int = STREAM_MIN_BYTES
+    # "auto": as many slabs (of at least stream_slab_bytes) as make the call fastest, from the measured
+    # link rate and what this codec's slabs cost on this connection (streaming.best_parts): many for
+    # raw, few or one for an entropy coder on a GPU (a cost per call); "fixed": slabs of stream_slab_bytes.
+    stream_plan: str = "auto"
 
     def __post_init__(self) -> None:
         _check_port(self.port)
         if self.stream_slab_bytes < 0 or self.stream_min_bytes < 0:
             raise LocalError("stream_slab_bytes and stream_min_bytes are byte counts (0 or more)")
+        if self.stream_plan not in ("auto", "fixed"):
+            raise LocalError(f"stream_plan must be 'auto' or 'fixed', got {self.stream_plan!r}")
         if not self.host.strip():
             raise LocalError("remote_host is empty: enter the Daedalus machine's address, e.g. 192.168.0.18")
         for name in ("connect_timeout_s", "handshake_timeout_s", "read_timeout_s", "liveness_timeout_s"):

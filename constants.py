@@ -51,6 +51,10 @@ MIN_STREAM_SLAB_BYTES = 64 << 10
 # smaller calls stay one frame. ClientConfig.stream_slab_bytes = 0 turns streaming off.
 STREAM_SLAB_BYTES = 4 << 20
 STREAM_MIN_BYTES = 4 << 20
+# What each side pays per MB that crosses, whatever the codec (sealing / opening records, host copies),
+# ms: a 37.7 MB raw seam sent as one frame cost ~1.1 ms/MB more than streamed on an H200 host (2.5 GbE:
+# +43.8 vs +2.6 ms, docs/BENCHMARKS.md); streaming.pipeline_ms plans slabs with it.
+STREAM_SIDE_MS_PER_MB = 0.5
 
 # ---------------------------------------------------------------------------- network
 DEFAULT_HOST = "127.0.0.1"

@@ -16,7 +16,13 @@ from typing import Any
 
 import torch
 
-from .constants import MAX_NAME_LEN, MAX_STREAM_PARTS, MAX_TENSOR_NDIM, MAX_TENSORS_PER_FRAME
+from .constants import (
+    MAX_NAME_LEN,
+    MAX_STREAM_PARTS,
+    MAX_TENSOR_NDIM,
+    MAX_TENSORS_PER_FRAME,
+    STREAM_SIDE_MS_PER_MB,
+)
 from .protocol import DTYPES, WireTensor
 from .wirecodecs.base import dtype_name, itemsize, numel, torch_dtype
 
@@ -195,4 +201,94 @@ class Assembler:
             w.tensor = None
 
 
-__all__ = ["SEP", "Assembler", "Cut", "plan", "slab_dim"]
+# ---------------------------------------------------------------------------- how many slabs
+
+
+@dataclass
+class Affine:
+    """A per-call cost: ``per_call_ms`` whatever the size (kernel launches, host round trips, Python)
+    plus ``per_mb_ms`` per MB (10^6 bytes) of raw input."""
+
+    per_call_ms: float
+    per_mb_ms: float
+
+    def ms(self, nbytes: float) -> float:
+        return self.per_call_ms + self.per_mb_ms * nbytes / 1e6
+
+
+def pipeline_ms(
+    raw_bytes: float,
+    wire_bytes: float,
+    link_bps: float,
+    enc: Affine,
+    dec: Affine,
+    parts: int,
+    side_ms_per_mb: float = STREAM_SIDE_MS_PER_MB,
+) -> float:
+    """Time of a call streamed in ``parts`` equal slabs through three stages (code, wire, decode) that
+    overlap slab by slab: the first slab passes all three, then the slowest stage sets the pace. Each
+    side also pays ``side_ms_per_mb`` per MB on the wire (sealing or opening records, host copies)."""
+    side = side_ms_per_mb * wire_bytes / parts / 1e6
+    e = enc.ms(raw_bytes / parts) + side
+    w = wire_bytes / parts / max(link_bps, 1.0) * 1e3
+    d = dec.ms(raw_bytes / parts) + side
+    return e + w + d + (parts - 1) * max(e, w, d)
+
+
+def best_parts(
+    raw_bytes: float, wire_bytes: float, link_bps: float, enc: Affine, dec: Affine, max_parts: int, current: int = 0
+) -> int:
+    """The slab count (1 = one frame, not streamed) with the least ``pipeline_ms``: many slabs where
+    the cost grows with the bytes (raw on a link, any codec on a CPU), few where a codec's cost is
+    mostly per call (an entropy coder on a GPU: ~6 ms a call whatever its size, H200 measurements in
+    docs/BENCHMARKS.md) and the wire cannot hide one call per slab. Of counts within ``TIE_MS``, the
+    fewer slabs; ``current`` (the count of the previous call) is kept unless another saves
+    ``KEEP_MS``, so a temporal codec's references (one per slab) are not restarted for nothing."""
+    top = max(1, max_parts)
+    times = {k: pipeline_ms(raw_bytes, wire_bytes, link_bps, enc, dec, k) for k in range(1, top + 1)}
+    best = min(times.values())
+    pick = min(k for k, t in times.items() if t <= best + TIE_MS)
+    if 1 <= current <= top and times[current] <= times[pick] + KEEP_MS:
+        return current
+    return pick
+
+
+TIE_MS = 0.25  # best_parts: counts this close are a tie (the fewer slabs win)
+KEEP_MS = 1.0  # best_parts: the previous count stays unless another is this much faster
+
+
+class CostTracker:
+    """What coding and decoding slabs cost on one connection with one codec, learnt from its calls.
+
+    The per-MB slope comes from a prior (the codec's throughput where it runs); the per-call part is
+    measured: each observation ``(bytes, ms)`` of one slab moves it towards ``ms - slope x MB``
+    (exponential average, never below zero). ``ratio`` is the coded / raw bytes of the last call."""
+
+    ALPHA = 0.3
+
+    def __init__(self, enc: Affine, dec: Affine, ratio: float):
+        self.enc, self.dec, self.ratio = enc, dec, ratio
+        self.parts = 0  # the slab count of the last streamed-or-not call (0: none yet)
+
+    @staticmethod
+    def _learn(a: Affine, nbytes: float, ms: float) -> None:
+        fixed = max(0.0, ms - a.per_mb_ms * nbytes / 1e6)
+        a.per_call_ms += CostTracker.ALPHA * (fixed - a.per_call_ms)
+
+    def coded(self, nbytes: float, ms: float) -> None:
+        self._learn(self.enc, nbytes, ms)
+
+    def decoded(self, nbytes: float, ms: float) -> None:
+        self._learn(self.dec, nbytes, ms)
+
+    def sent(self, raw_bytes: float, wire_bytes: float) -> None:
+        if raw_bytes > 0:
+            self.ratio = max(1e-3, wire_bytes / raw_bytes)
+
+    def parts_for(self, raw_bytes: float, link_bps: float, max_parts: int) -> int:
+        k = best_parts(raw_bytes, raw_bytes * self.ratio, link_bps, self.enc, self.dec, max_parts, self.parts)
+        self.parts = k
+        return k
+
+
+__all__ = ["SEP", "Affine", "Assembler", "CostTracker", "Cut", "best_parts", "pipeline_ms", "plan", "slab_dim"]

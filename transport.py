@@ -23,7 +23,14 @@ import torch
 
 from . import auth, codec, handshake, hostmem, samehost, streaming
 from .config import ClientConfig
-from .constants import LINK_PROBE_BYTES, LINK_TTL_S, MAX_DECODED_REQUEST_BYTES, SAMEHOST_ENV, SKEW_ENV
+from .constants import (
+    LINK_PROBE_BYTES,
+    LINK_TTL_S,
+    MAX_DECODED_REQUEST_BYTES,
+    MAX_STREAM_PARTS,
+    SAMEHOST_ENV,
+    SKEW_ENV,
+)
 from .errors import (
     ConnectFailed,
     LocalError,
@@ -166,6 +173,13 @@ class StepStats:
 Encoder = Callable[[torch.Tensor, str], WireTensor]  # (tensor, name) -> coded, with the call's codec state
 
 
+def _settle(ts: dict[str, torch.Tensor]) -> None:
+    """Wait for the GPU work that produces ``ts`` (the coder's first host round trip would wait for it
+    anyway; waiting here keeps it out of the coding time that plans the next call's slabs)."""
+    for dev in {t.device for t in ts.values() if t.device.type == "cuda"}:
+        torch.cuda.current_stream(dev).synchronize()
+
+
 class _Upload:
     """A call's big coded tensors cut into slabs (docs/PROTOCOL.md §6.1), each coded when its chunk is
     about to be sent and kept, so a resend on the same codec state sends the same bytes."""
@@ -174,9 +188,14 @@ class _Upload:
         self.coded, self.cuts, self.enc = coded, cuts, enc
         self._wire: list[WireTensor] = []
         self.encode_s = 0.0
+        self.slab_ms: list[tuple[int, float]] = []  # (raw bytes, ms) of each slab coded
 
     def spec(self) -> dict[str, Any]:
         return {n: c.spec() for n, c in self.cuts.items()}
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(w.nbytes for w in self._wire)
 
     def chunks(self, seq: int) -> Iterator[ForwardChunk]:
         k = 0
@@ -185,7 +204,9 @@ class _Upload:
                 if k == len(self._wire):
                     t0 = time.perf_counter()
                     self._wire.append(self.enc(slab, sname))
-                    self.encode_s += time.perf_counter() - t0
+                    dt = time.perf_counter() - t0
+                    self.encode_s += dt
+                    self.slab_ms.append((slab.numel() * slab.element_size(), dt * 1e3))
                 yield ForwardChunk(seq=seq, part=k, tensors=(self._wire[k],))
                 k += 1
 
@@ -245,6 +266,7 @@ class MeshClient:
         self._seq = 0
         # Per connection: temporal codec state (wirecodecs.temporal.stream_state), codec param overrides.
         self._codec_state: dict[str, Any] = {}
+        self._slab_costs: dict[str, streaming.CostTracker] = {}  # codec -> what its slabs cost (the plan)
         self._codec_override: dict[str, Any] = {}
         self._codec_gen = 0  # bumped whenever the codec state above is reset: coded tensors are stale
         self._chan: samehost.Channel | None = None  # the same-host fast path of this connection
@@ -608,7 +630,7 @@ class MeshClient:
         stream: dict[str, Any] | None,
         stats: StepStats,
     ) -> list[WireTensor]:
-        """Encode ``coded`` with this connection's codec state (lock held, connected)."""
+        """Encode ``coded`` whole with this connection's codec state (lock held, connected)."""
         enc = self._coder(coded, codec_name, codec_params, stream, stats)
         if stats.codec["codec"] == "raw":
             return self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
@@ -642,17 +664,53 @@ class MeshClient:
         return enc
 
     # ------------------------------------------------------------------ streamed calls (§6.1)
-    def _cuts(self, coded: dict[str, torch.Tensor]) -> dict[str, streaming.Cut]:
-        """How to stream ``coded``; {} when the call is too small to gain (it goes as one frame), and on
-        the same-host fast path (big tensors bypass the socket there)."""
+    def _cuts(
+        self, coded: dict[str, torch.Tensor], codec_name: str, params: dict[str, Any]
+    ) -> dict[str, streaming.Cut]:
+        """How to stream ``coded``; {} when it goes as one frame: a call too small to gain, the same-host
+        fast path (big tensors bypass the socket there), and where one frame is fastest. With
+        ``stream_plan`` "auto" the slab count is the one ``streaming.best_parts`` expects to be fastest
+        from this link's rate and what this codec's slabs have cost so far (``_slab_tracker``); slabs are
+        never smaller than ``stream_slab_bytes``. "fixed": slabs of ``stream_slab_bytes``."""
         slab = self.cfg.stream_slab_bytes
-        if (
-            self._chan is not None
-            or slab <= 0
-            or sum(t.numel() * t.element_size() for t in coded.values()) < self.cfg.stream_min_bytes
-        ):
+        total = sum(t.numel() * t.element_size() for t in coded.values())
+        if self._chan is not None or slab <= 0 or total < self.cfg.stream_min_bytes:
             return {}
-        return streaming.plan(coded, slab)
+        if self.cfg.stream_plan == "fixed":
+            return streaming.plan(coded, slab)
+        tracker = self._slab_tracker(coded, codec_name, params)
+        k = tracker.parts_for(total, self.link_info().up_bps, max(1, min(MAX_STREAM_PARTS, total // slab)))
+        return streaming.plan(coded, -(-total // k)) if k > 1 else {}
+
+    def _slab_tracker(
+        self, coded: dict[str, torch.Tensor], codec_name: str, params: dict[str, Any]
+    ) -> streaming.CostTracker:
+        tr = self._slab_costs.get(codec_name)
+        if tr is None:
+            t = next(iter(coded.values()))
+            peer = self.server.device if self.server is not None else ""
+            floor = params.get("snr_db", 27.0)
+            enc, dec, ratio = codec_auto.slab_costs(
+                codec_name, t.device.type == "cuda", peer, t.element_size(), float(floor)
+            )
+            tr = self._slab_costs[codec_name] = streaming.CostTracker(
+                streaming.Affine(*enc), streaming.Affine(*dec), ratio
+            )
+        return tr
+
+    def _learn_costs(
+        self, codec_name: str, raw: int, coded_ms: list[tuple[int, float]], wire: int, stats: StepStats
+    ) -> None:
+        """What this call's slabs cost (coded here, decoded by the server), for the next plan."""
+        tr = self._slab_costs.get(codec_name)
+        if tr is None or raw <= 0 or not coded_ms:
+            return
+        for nbytes, ms in coded_ms:
+            tr.coded(nbytes, ms)
+        k = len(coded_ms)
+        if "decode" in stats.server:
+            tr.decoded(raw / k, float(stats.server["decode"]) / k)
+        tr.sent(raw, wire)
 
     def _send_streamed(self, sock: socket.socket, msg: Forward, upload: _Upload) -> int:
         """Send the FORWARD, then its chunks, each coded while the previous one is written; bytes
@@ -871,6 +929,8 @@ class MeshClient:
             upload: _Upload | None = None
             enc_gen = -1
             retry = _Retry(self.cfg, self._where(), on_status)
+            raw_bytes = sum(t.numel() * t.element_size() for t in coded.values())
+            learn: list[tuple[int, float]] = []
             recovered = 0
             enc_chan: Any = False  # the fast path the tensors were encoded for (CUDA IPC handles are per connection)
             while True:
@@ -882,14 +942,20 @@ class MeshClient:
                         if self._chan is not None:
                             self._chan.release()  # the server answered: it is done with what it was lent
                         tensors = self._encode_raw(exact)
-                        cuts = self._cuts(coded)  # big tensors over TCP: coded slab by slab while they are sent
+                        enc = self._coder(coded, codec_name, codec_params, stream, stats)
+                        used = stats.codec["codec"]
+                        _settle(coded)  # the front half done: what follows times the coding alone
+                        # big tensors over TCP: coded slab by slab while they are sent, where that is faster
+                        cuts = self._cuts(coded, used, stats.codec["params"])
                         if cuts:
-                            enc = self._coder(coded, codec_name, codec_params, stream, stats)
                             upload = _Upload(coded, cuts, enc)
                             coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
+                            learn = upload.slab_ms
                         else:
                             upload = None
+                            t_enc = time.perf_counter()
                             coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                            learn = [(raw_bytes, (time.perf_counter() - t_enc) * 1e3)]
                         if enc_gen == -1:
                             stats.encode_ms = (time.perf_counter() - t0) * 1e3
                             if on_encoded:
@@ -931,6 +997,9 @@ class MeshClient:
                 break
             if upload is not None:
                 stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
+            if self._chan is None:
+                wire = sum(w.nbytes for w in coded_wire) + (upload.wire_bytes if upload is not None else 0)
+                self._learn_costs(stats.codec.get("codec", codec_name), raw_bytes, learn, wire, stats)
             # Under the lock: a reply in the server's segment is overwritten by the next request's.
             return self._decode_result(reply, stats, device, joined), stats
 

@@ -55,7 +55,15 @@ def test_streamed_split_is_bit_identical(setup, name):
     ref = sample(comfy, model)
     stats: list = []
     m, run = split(
-        model, srv, 3, codec=name, stats=stats, stream_slab_bytes=1 << 10, stream_min_bytes=0, samehost=False
+        model,
+        srv,
+        3,
+        codec=name,
+        stats=stats,
+        stream_slab_bytes=1 << 10,
+        stream_min_bytes=0,
+        stream_plan="fixed",
+        samehost=False,
     )  # over TCP: a same-host session does not stream
     out = sample(comfy, m)
     assert run.calls == 3 and all(s.slabs_out >= 2 for s in stats), [s.slabs_out for s in stats]

@@ -171,7 +171,15 @@ def server():
 
 def _client(host, port, slab=SLAB):
     # Over TCP: a same-host session does not stream (its payloads bypass the socket; test_samehost_never_streams).
-    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=slab, stream_min_bytes=0, samehost=False)
+    cfg = ClientConfig(
+        host=host,
+        port=port,
+        token=TOKEN,
+        stream_slab_bytes=slab,
+        stream_min_bytes=0,
+        stream_plan="fixed",
+        samehost=False,
+    )
     return MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
 
 
@@ -473,7 +481,7 @@ def test_a_streamed_call_is_sealed_and_heartbeats_keep_it_alive_but_never_split_
     model, bias, fronts = _steps(1)
     c = MeshClient(
         ClientConfig(
-            host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, samehost=False,
+            host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, stream_plan="fixed", samehost=False,
             liveness_timeout_s=1.0,
         ),
         expect={"arch": "toy", "n_blocks": 3},
@@ -514,7 +522,9 @@ def test_a_same_host_session_never_streams(server, monkeypatch):
     small the slab size, and the same exact results."""
     _, host, port = server
     model, bias, fronts = _steps(1)
-    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0)
+    cfg = ClientConfig(
+        host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, stream_plan="fixed"
+    )
     c = MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
     sent, got = _count_kinds(monkeypatch)
     try:
@@ -525,5 +535,90 @@ def test_a_same_host_session_never_streams(server, monkeypatch):
             assert torch.equal(out["out"], model.run(fronts[0], bias, 5)), codec_name
             assert MsgKind.FORWARD_CHUNK not in sent and MsgKind.RESULT_CHUNK not in got
             assert stats.slabs_out == stats.slabs_in == 0
+    finally:
+        c.close()
+
+
+# ---------------------------------------------------------------------------- how many slabs (stream_plan "auto")
+
+MB = 1e6
+GPU_CODER = streaming.Affine(6.0, 0.1)  # an entropy coder on a GPU: ~6 ms a call whatever the size
+GPU_DECODER = streaming.Affine(2.5, 0.06)
+PER_BYTE = streaming.Affine(0.05, 2.0)  # a CPU coder: the bytes cost, the call hardly
+
+
+def test_pipeline_time_of_one_slab_is_the_sum_of_the_stages():
+    t = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.0)
+    assert t == pytest.approx(6.0 + 4.0 + 100.0 + 2.5 + 2.4)
+    # two slabs: the first passes every stage, then the slowest stage (the wire, 50 ms) sets the pace
+    t2 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 2, side_ms_per_mb=0.0)
+    assert t2 == pytest.approx((6.0 + 2.0) + 50.0 + (2.5 + 1.2) + 50.0)
+    # each side's cost per MB on the wire (sealing, copies) joins its stage
+    t3 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.5)
+    assert t3 == pytest.approx(t + 2 * 5.0)
+
+
+def test_costs_per_byte_on_a_slow_link_stream_in_many_slabs():
+    k = streaming.best_parts(40 * MB, 40 * MB, 117 * MB, PER_BYTE, PER_BYTE, 9)
+    assert k >= 7  # of near-equal counts (within 2 %) the fewer slabs
+    assert streaming.best_parts(40 * MB, 40 * MB, 117 * MB, PER_BYTE, PER_BYTE, 3) == 3
+
+
+def test_a_per_call_coder_on_a_fast_link_sends_one_frame():
+    # loopback-like 3 GB/s: ~3 ms of wire cannot hide one 6 ms coding call per slab
+    assert streaming.best_parts(40 * MB, 8 * MB, 3e9, GPU_CODER, GPU_DECODER, 9) == 1
+
+
+def test_a_per_call_coder_on_a_slower_link_streams_a_few_slabs_only():
+    k = streaming.best_parts(40 * MB, 8 * MB, 290 * MB, GPU_CODER, GPU_DECODER, 9)  # 2.5 GbE: 27 ms of wire
+    assert 1 < k < 9
+    t = {j: streaming.pipeline_ms(40 * MB, 8 * MB, 290 * MB, GPU_CODER, GPU_DECODER, j) for j in range(1, 10)}
+    assert t[k] <= min(t.values()) * 1.02 and t[9] > t[k] * 1.2  # nine coding calls would cost more than the wire
+
+
+def test_the_previous_count_is_kept_unless_another_is_clearly_faster():
+    args = (40 * MB, 8 * MB, 117 * MB, GPU_CODER, GPU_DECODER, 9)  # 1 GbE: counts from 6 up are near-equal
+    best = streaming.best_parts(*args)
+    t = {k: streaming.pipeline_ms(*args[:5], k) for k in range(1, 10)}
+    kept = [k for k in t if k != best and t[k] <= t[best] + streaming.KEEP_MS]
+    dropped = [k for k in t if t[k] > t[best] + streaming.KEEP_MS]
+    assert kept and dropped
+    for k in kept:  # a temporal codec keeps its slabs (and their references)
+        assert streaming.best_parts(*args, current=k) == k
+    for k in dropped:  # far slower: re-planned
+        assert streaming.best_parts(*args, current=k) == best
+
+
+def test_cost_tracker_learns_the_per_call_part_and_the_coded_ratio():
+    tr = streaming.CostTracker(streaming.Affine(0.0, 0.1), streaming.Affine(0.0, 0.1), 1.0)
+    assert tr.parts_for(40 * MB, 3e9, 9) >= 7  # guessed cheap per call: many slabs
+    for _ in range(20):
+        tr.coded(4 * MB, 6.4)  # measured: 6 ms a call + 0.1 ms/MB
+        tr.decoded(4 * MB, 2.9)
+    tr.sent(40 * MB, 8 * MB)
+    tr.parts = 0  # (a first plan: no count to keep)
+    assert tr.enc.per_call_ms == pytest.approx(6.0, abs=0.05) and tr.dec.per_call_ms == pytest.approx(2.5, abs=0.05)
+    assert tr.ratio == pytest.approx(0.2)
+    assert tr.parts_for(40 * MB, 3e9, 9) == 1  # now one frame is faster
+    tr.coded(4 * MB, 0.0)  # a cost can fall, never below zero
+    assert 0.0 <= tr.enc.per_call_ms < 6.0
+
+
+def test_auto_plan_streams_when_slabs_are_cheap_and_sends_one_frame_when_calls_are_dear(server):
+    _, host, port = server
+    _, bias, fronts = _steps(n=1)
+    cfg = ClientConfig(host=host, port=port, token=TOKEN, stream_slab_bytes=SLAB, stream_min_bytes=0, samehost=False)
+    c = MeshClient(cfg, expect={"arch": "toy", "n_blocks": 3})
+    try:
+        _, stats = _call(c, fronts[0], bias, "lossless")  # connect, measure the link; then set the costs
+        tr = c._slab_costs["lossless"]
+        tr.enc, tr.dec, tr.parts = streaming.Affine(0.0, 1e3), streaming.Affine(0.0, 1e3), 0  # 1 s per MB
+        _, stats = _call(c, fronts[0], bias, "lossless")
+        most = min(MAX_STREAM_PARTS, fronts[0].numel() * 4 // SLAB)
+        assert most * 0.8 <= stats.slabs_out <= most and most > 4
+        tr.enc, tr.dec, tr.parts = streaming.Affine(1e4, 0.0), streaming.Affine(1e4, 0.0), 0  # 10 s per call
+        _, stats = _call(c, fronts[0], bias, "lossless")
+        assert stats.slabs_out == 0 and stats.bytes_out > 0
+        assert tr.enc.per_call_ms < 1e4  # learnt from the call just made
     finally:
         c.close()

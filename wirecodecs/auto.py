@@ -55,6 +55,38 @@ _SPEED = {
 LOSSLESS_RATIO = 1.35  # bf16 activations through byte planes (measured 1.3-1.45)
 
 
+# What one coding call costs whatever its size (kernel launches, host round trips, Python), ms, by
+# where it runs: an entropy coder on a GPU is mostly this (one H200: quant ~6 ms a call for a 4 MB
+# slab or the whole 37.7 MB seam, its decode ~2 ms; lossless ~1.8 / 1.3 ms; bench/stream_bench.py).
+_PER_CALL_MS = {
+    "gpu": {"raw": (0.1, 0.1), "int8": (0.5, 0.5), "lossless": (1.8, 1.3), "quant-t": (6.0, 2.5)},
+    "hybrid": {"raw": (0.0, 0.0), "int8": (0.5, 0.5), "lossless": (2.0, 2.0), "quant-t": (6.0, 3.0)},
+    "cpu": {"raw": (0.0, 0.0), "int8": (0.2, 0.2), "lossless": (1.0, 1.0), "quant-t": (2.0, 1.0)},
+}
+# the speed-table row standing in for each codec (the temporal and clipped variants cost like their kind)
+_KIND = {"raw": "raw", "int8": "int8", "lossless": "lossless", "lossless-t": "lossless"}
+
+
+def slab_costs(
+    codec_name: str, on_cuda: bool, peer_device: str, itemsize: int, floor_db: float = 27.0
+) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """A first guess, before anything is measured, of what coding and decoding one slab costs with
+    ``codec_name``: ((per-call ms, ms per MB) to encode here, the same to decode on the peer, coded /
+    raw bytes). ``MeshClient`` refines the per-call parts from its calls (``streaming.CostTracker``)."""
+    kind = _KIND.get(codec_name, "quant-t")
+    ans = ANS.available() is None
+
+    def where(cuda: bool) -> str:
+        return ("gpu" if ans else "hybrid") if cuda else "cpu"
+
+    here, there = where(on_cuda), where(peer_device.startswith("cuda"))
+    enc_bps, dec_bps = _SPEED[here][kind][0], _SPEED[there][kind][1]
+    ratio = {"raw": 1.0, "int8": 1.0 / max(itemsize, 1), "lossless": 1.0 / LOSSLESS_RATIO}.get(
+        kind, quant_bits(floor_db) / 8 / max(itemsize, 1)
+    )
+    return (_PER_CALL_MS[here][kind][0], 1e9 / enc_bps), (_PER_CALL_MS[there][kind][1], 1e9 / dec_bps), ratio
+
+
 @dataclasses.dataclass(frozen=True)
 class LinkInfo:
     up_bps: float  # client -> server, bytes/s
