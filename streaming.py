@@ -243,52 +243,96 @@ def best_parts(
     mostly per call (an entropy coder on a GPU: ~6 ms a call whatever its size, H200 measurements in
     docs/BENCHMARKS.md) and the wire cannot hide one call per slab. Of counts within ``TIE_MS``, the
     fewer slabs; ``current`` (the count of the previous call) is kept unless another saves
-    ``KEEP_MS``, so a temporal codec's references (one per slab) are not restarted for nothing."""
+    ``KEEP_MS`` + ``KEEP_FRACTION``, so a temporal codec's references (one per slab) are not restarted for nothing."""
     top = max(1, max_parts)
     times = {k: pipeline_ms(raw_bytes, wire_bytes, link_bps, enc, dec, k) for k in range(1, top + 1)}
     best = min(times.values())
     pick = min(k for k, t in times.items() if t <= best + TIE_MS)
-    if 1 <= current <= top and times[current] <= times[pick] + KEEP_MS:
+    if 1 <= current <= top and times[current] <= times[pick] * (1 + KEEP_FRACTION) + KEEP_MS:
         return current
     return pick
 
 
 TIE_MS = 0.25  # best_parts: counts this close are a tie (the fewer slabs win)
-KEEP_MS = 1.0  # best_parts: the previous count stays unless another is this much faster
+KEEP_MS = 1.0  # best_parts: the previous count stays unless another is this much faster,
+KEEP_FRACTION = 0.05  # plus this fraction of its time
+
+
+class CostModel:
+    """What one kind of call (coding a slab here, or decoding one on the peer) costs, learnt from the
+    last ``WINDOW`` observations ``(raw bytes, ms)``. Medians, so a first call's warm-up (CUDA kernels
+    loaded, buffers allocated) or a hiccup does not steer the plan. Calls of two sizes (at least 1.5x
+    apart): the per-call and per-MB parts from the medians of the smaller and the larger half. Calls of
+    one size only: the ``prior`` scaled by how much slower or faster they were than it said."""
+
+    WINDOW = 16
+
+    def __init__(self, prior: Affine):
+        self.prior = prior
+        self.seen: list[tuple[float, float]] = []
+
+    def observe(self, nbytes: float, ms: float) -> None:
+        if nbytes > 0 and ms >= 0:
+            self.seen = [*self.seen[-(self.WINDOW - 1) :], (float(nbytes), float(ms))]
+
+    @property
+    def cost(self) -> Affine:
+        if not self.seen:
+            return self.prior
+        pts = sorted(self.seen)
+        lo, hi = pts[: len(pts) // 2], pts[len(pts) // 2 :]
+        if lo and hi and _median([b for b, _ in hi]) >= 1.5 * _median([b for b, _ in lo]):
+            (b0, t0), (b1, t1) = [(_median([b for b, _ in g]), _median([t for _, t in g])) for g in (lo, hi)]
+            slope = max(0.0, (t1 - t0) / ((b1 - b0) / 1e6))
+            return Affine(max(0.0, t0 - slope * b0 / 1e6), slope)
+        scale = _median([t / max(self.prior.ms(b), 1e-6) for b, t in pts])
+        return Affine(self.prior.per_call_ms * scale, self.prior.per_mb_ms * scale)
+
+
+def _median(xs: list[float]) -> float:
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
 
 
 class CostTracker:
-    """What coding and decoding slabs cost on one connection with one codec, learnt from its calls.
-
-    The per-MB slope comes from a prior (the codec's throughput where it runs); the per-call part is
-    measured: each observation ``(bytes, ms)`` of one slab moves it towards ``ms - slope x MB``
-    (exponential average, never below zero). ``ratio`` is the coded / raw bytes of the last call."""
-
-    ALPHA = 0.3
+    """What coding and decoding slabs cost on one connection with one codec (``CostModel`` each), the
+    coded / raw bytes of the last call (``ratio``), and the slab count of the last plan (kept unless
+    another is clearly faster: ``best_parts``)."""
 
     def __init__(self, enc: Affine, dec: Affine, ratio: float):
-        self.enc, self.dec, self.ratio = enc, dec, ratio
-        self.parts = 0  # the slab count of the last streamed-or-not call (0: none yet)
-
-    @staticmethod
-    def _learn(a: Affine, nbytes: float, ms: float) -> None:
-        fixed = max(0.0, ms - a.per_mb_ms * nbytes / 1e6)
-        a.per_call_ms += CostTracker.ALPHA * (fixed - a.per_call_ms)
+        self.enc, self.dec, self.ratio = CostModel(enc), CostModel(dec), ratio
+        self._ratios: list[float] = []
+        self.parts = 0  # the slab count of the last plan (0: none yet)
 
     def coded(self, nbytes: float, ms: float) -> None:
-        self._learn(self.enc, nbytes, ms)
+        self.enc.observe(nbytes, ms)
 
     def decoded(self, nbytes: float, ms: float) -> None:
-        self._learn(self.dec, nbytes, ms)
+        self.dec.observe(nbytes, ms)
 
     def sent(self, raw_bytes: float, wire_bytes: float) -> None:
+        """Coded / raw bytes of a call; ``ratio`` is the median of the last few (a temporal codec's
+        keyframes are the exception, its P-frames the rule)."""
         if raw_bytes > 0:
-            self.ratio = max(1e-3, wire_bytes / raw_bytes)
+            self._ratios = [*self._ratios[-7:], max(1e-3, wire_bytes / raw_bytes)]
+            self.ratio = _median(self._ratios)
 
     def parts_for(self, raw_bytes: float, link_bps: float, max_parts: int) -> int:
-        k = best_parts(raw_bytes, raw_bytes * self.ratio, link_bps, self.enc, self.dec, max_parts, self.parts)
+        k = best_parts(raw_bytes, raw_bytes * self.ratio, link_bps, self.enc.cost, self.dec.cost, max_parts, self.parts)
         self.parts = k
         return k
 
 
-__all__ = ["SEP", "Affine", "Assembler", "CostTracker", "Cut", "best_parts", "pipeline_ms", "plan", "slab_dim"]
+__all__ = [
+    "SEP",
+    "Affine",
+    "Assembler",
+    "CostModel",
+    "CostTracker",
+    "Cut",
+    "best_parts",
+    "pipeline_ms",
+    "plan",
+    "slab_dim",
+]

@@ -997,11 +997,12 @@ class MeshClient:
                 break
             if upload is not None:
                 stats.encode_ms += upload.encode_s * 1e3  # overlapped with the send (inside wait_ms too)
-            if self._chan is None:
+            # Under the lock: a reply in the server's segment is overwritten by the next request's.
+            out = self._decode_result(reply, stats, device, joined)
+            if self._chan is None:  # what the slabs cost (stats.server has the server's decode time now)
                 wire = sum(w.nbytes for w in coded_wire) + (upload.wire_bytes if upload is not None else 0)
                 self._learn_costs(stats.codec.get("codec", codec_name), raw_bytes, learn, wire, stats)
-            # Under the lock: a reply in the server's segment is overwritten by the next request's.
-            return self._decode_result(reply, stats, device, joined), stats
+            return out, stats
 
 
 # ---------------------------------------------------------------------------- pool

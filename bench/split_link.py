@@ -103,6 +103,8 @@ class Row:
     codec_used: str  # what "auto" picked (or the codec itself)
     speedup: float  # unsplit s/step / split s/step (> 1: the split is faster)
     reference: str  # what fidelity compares with: "unsplit", or "unsplit row by row" (rows on)
+    slabs_out: float = 0.0  # median slabs a request was streamed in (0: one frame; the plan, streaming.best_parts)
+    per_call: list[str] = dataclasses.field(default_factory=list)  # "slabs/encode ms/round trip ms" of every call
 
     def fidelity(self) -> str:
         how = "bit-identical" if self.identical else f"rel L2 {self.rel_l2:.2e}, PSNR {self.psnr_db:.1f} dB"
@@ -316,6 +318,8 @@ def _row(
         codec_used=str(used),
         speedup=unsplit_step / step if step > 0 else 0.0,
         reference="unsplit",
+        slabs_out=statistics.median(s.slabs_out for s in later) if later else 0.0,
+        per_call=[f"{s.slabs_out}/{s.encode_ms:.1f}/{s.wait_ms:.1f}" for s in stats],
     )
 
 
@@ -323,8 +327,8 @@ def table(rows: Sequence[Row]) -> str:
     out = [
         "| link | codec | mode | s/step (unsplit) | unsplit / split | overhead ms/step | wire ms/step | "
         "overhead - wire ms | calls/step | MB out / in per call | fidelity (final latent) | "
-        "encode / round trip / decode ms | server forward ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "encode / round trip / decode ms | server forward ms | slabs per request |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         name = r.codec if r.codec_used in ("", r.codec) else f"{r.codec} ({r.codec_used})"
@@ -332,7 +336,8 @@ def table(rows: Sequence[Row]) -> str:
             f"| {r.link} | {name} | {r.mode} | {r.step_s:.3f} ({r.unsplit_step_s:.3f}) | {r.speedup:.2f}x | "
             f"{r.overhead_ms:+.1f} | {r.wire_ms:.1f} | {r.over_wire_ms:+.1f} | {r.calls_per_step:g} | "
             f"{r.mb_out:.2f} / {r.mb_in:.2f} | {r.fidelity()} | "
-            f"{r.encode_ms:.1f} / {r.round_trip_ms:.1f} / {r.decode_ms:.1f} | {r.server_forward_ms:.1f} |"
+            f"{r.encode_ms:.1f} / {r.round_trip_ms:.1f} / {r.decode_ms:.1f} | {r.server_forward_ms:.1f} | "
+            f"{r.slabs_out:g} |"
         )
     return "\n".join(out)
 
