@@ -55,6 +55,10 @@ STREAM_MIN_BYTES = 4 << 20
 # ms: a 37.7 MB raw seam sent as one frame cost ~1.1 ms/MB more than streamed on an H200 host (2.5 GbE:
 # +43.8 vs +2.6 ms, docs/BENCHMARKS.md); streaming.pipeline_ms plans slabs with it.
 STREAM_SIDE_MS_PER_MB = 0.5
+# What each side pays per slab beyond coding it, ms: a chunk frame, a sealed record, a pass through
+# the receive loop, a host sync. Without it the plan streamed a GPU entropy coder in 8 slabs at 2.5 GbE
+# (+24.9 ms of overhead beyond the wire) where one frame cost +22.2 (one H200, 2026-12-03).
+STREAM_SLAB_MS = 1.5
 
 # ---------------------------------------------------------------------------- network
 DEFAULT_HOST = "127.0.0.1"

@@ -22,6 +22,7 @@ from .constants import (
     MAX_TENSOR_NDIM,
     MAX_TENSORS_PER_FRAME,
     STREAM_SIDE_MS_PER_MB,
+    STREAM_SLAB_MS,
 )
 from .protocol import DTYPES, WireTensor
 from .wirecodecs.base import dtype_name, itemsize, numel, torch_dtype
@@ -224,11 +225,13 @@ def pipeline_ms(
     dec: Affine,
     parts: int,
     side_ms_per_mb: float = STREAM_SIDE_MS_PER_MB,
+    slab_ms: float = STREAM_SLAB_MS,
 ) -> float:
     """Time of a call streamed in ``parts`` equal slabs through three stages (code, wire, decode) that
     overlap slab by slab: the first slab passes all three, then the slowest stage sets the pace. Each
-    side also pays ``side_ms_per_mb`` per MB on the wire (sealing or opening records, host copies)."""
-    side = side_ms_per_mb * wire_bytes / parts / 1e6
+    side also pays ``side_ms_per_mb`` per MB on the wire (sealing or opening records, host copies) and
+    ``slab_ms`` per slab (a frame, a record, a pass through the receive loop)."""
+    side = side_ms_per_mb * wire_bytes / parts / 1e6 + slab_ms
     e = enc.ms(raw_bytes / parts) + side
     w = wire_bytes / parts / max(link_bps, 1.0) * 1e3
     d = dec.ms(raw_bytes / parts) + side

@@ -548,14 +548,17 @@ PER_BYTE = streaming.Affine(0.05, 2.0)  # a CPU coder: the bytes cost, the call 
 
 
 def test_pipeline_time_of_one_slab_is_the_sum_of_the_stages():
-    t = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.0)
+    t = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.0, slab_ms=0.0)
     assert t == pytest.approx(6.0 + 4.0 + 100.0 + 2.5 + 2.4)
     # two slabs: the first passes every stage, then the slowest stage (the wire, 50 ms) sets the pace
-    t2 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 2, side_ms_per_mb=0.0)
+    t2 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 2, side_ms_per_mb=0.0, slab_ms=0.0)
     assert t2 == pytest.approx((6.0 + 2.0) + 50.0 + (2.5 + 1.2) + 50.0)
     # each side's cost per MB on the wire (sealing, copies) joins its stage
-    t3 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.5)
+    t3 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 1, side_ms_per_mb=0.5, slab_ms=0.0)
     assert t3 == pytest.approx(t + 2 * 5.0)
+    # and each slab's own cost (a frame, a record) on both sides: dearer the more slabs
+    t4 = streaming.pipeline_ms(40 * MB, 10 * MB, 100 * MB, GPU_CODER, GPU_DECODER, 2, side_ms_per_mb=0.0, slab_ms=1.5)
+    assert t4 == pytest.approx(t2 + 2 * 1.5)  # the wire still sets the pace of the second slab
 
 
 def test_costs_per_byte_on_a_slow_link_stream_in_many_slabs():
@@ -610,7 +613,7 @@ def test_cost_model_splits_per_call_and_per_mb_from_two_sizes_and_ignores_a_warm
 
 def test_cost_tracker_plans_from_what_it_learnt():
     tr = streaming.CostTracker(streaming.Affine(0.0, 0.1), streaming.Affine(0.0, 0.1), 1.0)
-    assert tr.parts_for(40 * MB, 3e9, 9) >= 7  # guessed cheap per call: many slabs
+    assert tr.parts_for(40 * MB, 3e9, 9) >= 3  # guessed cheap per call: several slabs
     for _ in range(4):  # measured: 6 ms a call to code, 2.5 to decode, whatever the size
         tr.coded(4 * MB, 6.4), tr.coded(16 * MB, 7.6)
         tr.decoded(4 * MB, 2.74), tr.decoded(16 * MB, 3.46)
