@@ -23,7 +23,8 @@ link profile (``relay``: the emulator with no limit, its own cost). Per codec x 
 * unsplit / split: the speed-up (> 1: the split is faster), calls/step (rows pipelined: one per row).
 
 Modes are named sets of ``SplitSettings`` / ``ClientConfig`` overrides (``MODES``; add one with
-``--mode-def NAME:key=value,key=value``, values parsed as JSON where they parse, e.g.
+``--mode-def NAME:key=value,key=value``, values parsed as JSON where they parse (and True / False /
+None as Python writes them), e.g.
 ``--mode-def reply-lossless:reply_codec=lossless``).
 
 Prints a Markdown table; ``--out FILE`` writes every row and the run's settings as JSON.
@@ -166,7 +167,11 @@ def parse_modes(names: str, defs: Sequence[str] = ()) -> dict[str, dict[str, Any
             if k not in SETTINGS_FIELDS | CLIENT_FIELDS:
                 raise SystemExit(f"--mode-def {d!r}: {k!r} is neither a SplitSettings nor a ClientConfig field")
             try:
-                over[k] = json.loads(v)
+                over[k] = (
+                    {"True": True, "False": False, "None": None}.get(v, None)
+                    if v in ("True", "False", "None")
+                    else json.loads(v)
+                )
             except ValueError:
                 over[k] = v
         known[name] = over

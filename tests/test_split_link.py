@@ -100,6 +100,9 @@ def test_fidelity_figures():
 def test_modes_parse_to_settings_and_client_fields():
     modes = split_link.parse_modes("tcp,slow", ["slow:reply_codec=lossless,read_timeout_s=99"])
     assert modes == {"tcp": {"samehost": False}, "slow": {"reply_codec": "lossless", "read_timeout_s": 99}}
+    # Python's spelling of booleans too: "False" is not a (truthy) string
+    one = split_link.parse_modes("one", ["one:stream_slab_bytes=0,samehost=False,rows=false"])
+    assert one == {"one": {"stream_slab_bytes": 0, "samehost": False, "rows": False}}
     with pytest.raises(SystemExit, match="neither"):
         split_link.parse_modes("x", ["x:bogus=1"])
     with pytest.raises(SystemExit, match="unknown mode"):
