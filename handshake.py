@@ -182,8 +182,8 @@ def problems(
             else f"none of its checkpoints' back-half weights ({', '.join(f'{m} {f[:12]}' for f, m in served)})"
         )
         text = (
-            f"{where} holds {held} than this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint "
-            "file with the same weight dtype on both machines"
+            f"{where} holds {held} than this ComfyUI's model (fingerprint {fp[:12]}): "
+            "load the same checkpoint file with the same weight dtype on both machines"
             + (" (or add it to that Daedalus: --weights once per checkpoint)" if len(served) > 1 else "")
         )
         out.append(
