@@ -104,6 +104,10 @@ def default_state_dir() -> Path:
 @dataclass(frozen=True)
 class ServerConfig:
     weights: str = ""  # path to the model checkpoint (.safetensors)
+    # More checkpoints served beside ``weights`` by the same process (--weights repeated), e.g. Wan 2.2's
+    # low-noise expert beside its high-noise one: same family, same n_blocks; a session is bound to the
+    # one its HELLO's fingerprint names (docs/PROTOCOL.md §5.4).
+    extra_weights: tuple[str, ...] = ()
     n_blocks: int = 4  # back-half blocks to serve, counted from the end of the model
     bind: str = DEFAULT_BIND  # address to listen on; 0.0.0.0 for LAN clients
     port: int = DEFAULT_PORT  # 0 picks a free port (tests)
@@ -144,6 +148,15 @@ class ServerConfig:
             raise LocalError(f"n_blocks must be >= 0, got {self.n_blocks}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise LocalError(f"dtype {self.dtype!r} must be auto, bfloat16, float16 or float32")
+        object.__setattr__(self, "extra_weights", tuple(str(w) for w in self.extra_weights))
+        if self.extra_weights and not self.weights:
+            raise LocalError("extra_weights given without weights: the first --weights is the main checkpoint")
+        seen: set[str] = set()
+        for w in self.all_weights:
+            key = os.path.normcase(os.path.abspath(w))
+            if key in seen:
+                raise LocalError(f"checkpoint {w} is given twice in --weights: name each checkpoint once")
+            seen.add(key)
         for name in (
             "max_clients",
             "max_unauthenticated",
@@ -163,6 +176,11 @@ class ServerConfig:
         for name in ("idle_timeout_s", "handshake_timeout_s", "heartbeat_interval_s"):
             if not getattr(self, name) > 0:
                 raise LocalError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
+
+    @property
+    def all_weights(self) -> tuple[str, ...]:
+        """Every checkpoint this server loads, the main one first; () when none is set (--toy)."""
+        return (self.weights, *self.extra_weights) if self.weights else ()
 
     @property
     def state_path(self) -> Path:

@@ -210,3 +210,12 @@ STATUS_CLIENT_NAME = "icarus-status"
 
 # How a user adds the optional codec libraries (zstandard, PyAV): the README's install line.
 CODECS_EXTRA_HINT = 'from ComfyUI/custom_nodes, python -m pip install -e "ComfyUI-Mesh[codecs]"'
+
+# ---------------------------------------------------------------------------- several checkpoints (§5.4)
+# One Daedalus may serve several checkpoints (--weights repeated: Wan 2.2's two experts). The client's
+# connection pool keeps a session per host:port, lane and model fingerprint, at most this many models
+# per host:port and lane (the least recently used beyond it is closed: an old fingerprint after a
+# reconfigure is one nobody asks for any more).
+MAX_POOLED_MODELS = 4
+# Models of CHALLENGE.models a client reads (names them in a mismatch error); the rest are ignored.
+MAX_LISTED_MODELS = 16

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import auth, samehost
-from .constants import ALLOW_UNENCRYPTED_ENV, PACKAGE_VERSION, SKEW_ENV, TOKEN_ENV
+from .constants import ALLOW_UNENCRYPTED_ENV, MAX_LISTED_MODELS, PACKAGE_VERSION, SKEW_ENV, TOKEN_ENV
 from .errors import AuthError, LocalError, MeshError, RemoteFailure, RemoteProtocolError, VersionMismatch
 from .protocol import Auth, Bye, Challenge, Error, ErrorCode, Hello, Message, Welcome
 from .securelink import LINK_AES_GCM, LINK_NONE, SecureLink
@@ -175,10 +175,16 @@ def problems(
         )
     fp = expect.fingerprint
     if fp and ch.fingerprint and ch.fingerprint != fp:
+        served = served_models(ch)
+        held = (
+            f"different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]})"
+            if len(served) < 2
+            else f"none of its checkpoints' back-half weights ({', '.join(f'{m} {f[:12]}' for f, m in served)})"
+        )
         text = (
-            f"{where} holds different back-half weights ({ch.model}, fingerprint {ch.fingerprint[:12]}) than "
-            f"this ComfyUI's model (fingerprint {fp[:12]}): load the same checkpoint file with the same weight "
-            "dtype on both machines"
+            f"{where} holds {held} than this ComfyUI's model (fingerprint {fp[:12]}): "
+            "load the same checkpoint file with the same weight dtype on both machines"
+            + (" (or add it to that Daedalus: --weights once per checkpoint)" if len(served) > 1 else "")
         )
         out.append(
             Problem(
@@ -189,6 +195,17 @@ def problems(
             )
         )
     return out
+
+
+def served_models(ch: Challenge) -> list[tuple[str, str]]:
+    """(fingerprint, checkpoint name) of each model CHALLENGE.models lists (§5.4), in its order; entries
+    that are not ``{"fingerprint": str, "model": str}`` are skipped, names cut for messages. An older
+    server sends none: then the one model the CHALLENGE describes."""
+    out = []
+    for m in ch.models[:MAX_LISTED_MODELS] if isinstance(ch.models, list) else ():
+        if isinstance(m, dict) and isinstance(m.get("fingerprint"), str) and isinstance(m.get("model"), str):
+            out.append((m["fingerprint"][:64], m["model"][:200]))
+    return out or ([(ch.fingerprint, ch.model)] if ch.fingerprint else [])
 
 
 def auth_problems(ch: Challenge, have_token: bool, where: str = "the server") -> list[Problem]:
@@ -553,4 +570,5 @@ __all__ = [
     "make_hello",
     "problems",
     "remote_error",
+    "served_models",
 ]

@@ -151,6 +151,9 @@ class Challenge(Message):
     device: str = ""
     # Same-host fast path offered (samehost.HostSecret.offer): {"seg": secret segment, "gpus": [...]}; {} = none.
     samehost: dict = field(default_factory=dict)
+    # Every checkpoint this server serves (§5.4), [{"fingerprint": str, "model": str}, ...], the main one
+    # first; the fields above describe the one HELLO's fingerprint names. [] (absent): an older server.
+    models: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import random
 import socket
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from .constants import (
     LINK_PROBE_BYTES,
     LINK_TTL_S,
     MAX_DECODED_REQUEST_BYTES,
+    MAX_POOLED_MODELS,
     MAX_STREAM_PARTS,
     SAMEHOST_ENV,
     SKEW_ENV,
@@ -1007,15 +1009,21 @@ class MeshClient:
 
 # ---------------------------------------------------------------------------- pool
 
-_POOL: dict[tuple[str, int, int], MeshClient] = {}
+# (host, port, model fingerprint, lane) -> client, least recently used first.
+_POOL: OrderedDict[tuple[str, int, str, int], MeshClient] = OrderedDict()
 _POOL_LOCK = threading.Lock()
 
 
 def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: str = "", lane: int = 0) -> MeshClient:
-    """One client per host:port and lane for the whole ComfyUI process; re-handshakes when expectations
-    change. Lane 0 carries every call; lanes 1.. carry the other rows in flight of a pipelined call
-    (icarus, rows.py), each a connection (a server session) of its own."""
-    key = (cfg.host.strip().lower(), cfg.port, lane)
+    """One client per host:port, model and lane for the whole ComfyUI process; re-handshakes when
+    expectations change. Lane 0 carries every call; lanes 1.. carry the other rows in flight of a
+    pipelined call (icarus, rows.py), each a connection (a server session) of its own. The model is
+    ``expect``'s fingerprint: two models split against one Daedalus that serves both (Wan 2.2's experts,
+    docs/PROTOCOL.md §5.4) each get sessions of their own, their constants and codec state apart; at most
+    ``MAX_POOLED_MODELS`` per host:port and lane are kept (the least recently used is closed)."""
+    host = cfg.host.strip().lower()
+    key = (host, cfg.port, str(expect.get("fingerprint") or ""), lane)
+    gone: list[MeshClient] = []
     with _POOL_LOCK:
         c = _POOL.get(key)
         if c is not None and (c.cfg != cfg or c.expect != expect):
@@ -1024,7 +1032,12 @@ def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: st
         if c is None:
             c = MeshClient(cfg, expect=expect, comfyui_version=comfyui_version)
             _POOL[key] = c
-        return c
+        _POOL.move_to_end(key)
+        same = [k for k in _POOL if (k[0], k[1], k[3]) == (host, cfg.port, lane)]
+        gone = [_POOL.pop(k) for k in same[: max(len(same) - MAX_POOLED_MODELS, 0)]]
+    for old in gone:
+        old.close("not used lately")
+    return c
 
 
 def drop_pooled(host: str, port: int) -> None:

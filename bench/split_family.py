@@ -1,7 +1,7 @@
 """Any registered family split on a GPU: unsplit vs split through a real Daedalus (issue #17 item 5).
 
     python bench/split_family.py --comfyui PATH --family wan --size 14b [--n-blocks N] [--steps 2]
-        [--codecs raw] [--families-json out.json]
+        [--codecs raw] [--families-json out.json] [--two-experts]
 
 A random-weight checkpoint of ``tiny.BENCH[family].configs[size]`` (bf16 on a GPU) is written, loaded
 unsplit by ComfyUI and sampled with the family's inputs and CFG (``tiny.BENCH``), then split at
@@ -9,7 +9,8 @@ unsplit by ComfyUI and sampled with the family's inputs and CFG (``tiny.BENCH``)
 cuda:0, server cuda:1 when there are two). Reports s/step unsplit and split, whether raw is
 bit-identical, MB out / in per call, client and server peak GPU memory. ``--family`` may list several
 (comma-separated, each ``family:size``) to run one after another in one process; a family that fails
-is reported and the next one runs.
+is reported and the next one runs. ``--two-experts`` (Wan 2.2 A14B): two checkpoints of the size served
+by one Daedalus, half the steps on each (use an even ``--steps``), unsplit vs split as above.
 """
 
 from __future__ import annotations
@@ -37,9 +38,13 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def start_server(comfyui: str, weights: Path, n: int, device: str, state: Path) -> tuple[subprocess.Popen, int, list]:
-    cmd = [sys.executable, "-m", "comfyui_mesh.server", "--weights", str(weights), "--n-blocks", str(n), "--port", "0",
-           "--device", device, "--comfyui", comfyui, "--state-dir", str(state)]  # fmt: skip
+def start_server(
+    comfyui: str, weights: Path, n: int, device: str, state: Path, extra: tuple[Path, ...] = ()
+) -> tuple[subprocess.Popen, int, list]:
+    """A Daedalus process serving ``weights`` (and each of ``extra``: --weights repeated) at ``n`` blocks."""
+    more = [arg for w in extra for arg in ("--weights", str(w))]
+    cmd = [sys.executable, "-m", "comfyui_mesh.server", "--weights", str(weights), *more, "--n-blocks", str(n),
+           "--port", "0", "--device", device, "--comfyui", comfyui, "--state-dir", str(state)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     assert proc.stdout is not None
@@ -65,47 +70,75 @@ def run_one(comfy, comfyui: str, family: str, size: str, a: argparse.Namespace) 
     t0 = time.perf_counter()
     if not weights.exists():
         spec.make(weights, config=config, dtype=dtype, device=DEV)
+    # --two-experts: a second checkpoint (another seed), the low-noise expert of a Wan 2.2-style pair; both
+    # are served by ONE Daedalus, and each sample runs the first half of the steps on the first, the rest
+    # on the second (two KSamplerAdvanced).
+    low = wd / f"{family}-{size}-low.safetensors" if a.two_experts else None
+    if low is not None and not low.exists():
+        spec.make(low, seed=1, config=config, dtype=dtype, device=DEV)
     row: dict = {"family": family, "size": size, "n_blocks": n, "cfg": spec.cfg, "steps": a.steps}
+    if low is not None:
+        row["experts"] = 2
     row["checkpoint_gb"] = round(weights.stat().st_size / 1e9, 2)
     row["write_s"] = round(time.perf_counter() - t0, 1)
     print(f"# {family}/{size}: {row['checkpoint_gb']} GB written in {row['write_s']} s", flush=True)
     server_dev = "cuda:1" if torch.cuda.device_count() > 1 else DEV
-    proc, port, lines = start_server(comfyui, weights, n, server_dev, wd / "state")
+    extra = (low,) if low is not None else ()
+    proc, port, lines = start_server(comfyui, weights, n, server_dev, wd / "state", extra)
     try:
         token = (wd / "state" / "token").read_text().strip()
         load = getattr(spec, "load", None)
-        model = load(weights) if load is not None else comfy.sd.load_diffusion_model(str(weights))
-        inputs = spec.inputs(size, 1, 1)
 
-        def sample(m):
-            stamps: list[float] = []
+        def load_model(path: Path):
+            return load(path) if load is not None else comfy.sd.load_diffusion_model(str(path))
+
+        model = load_model(weights)
+        model_low = load_model(low) if low is not None else None
+        inputs = spec.inputs(size, 1, 1)
+        half = a.steps // 2
+
+        def sample(m, m_low=None):
+            """The sample and its s/step; with ``m_low``: steps 0..half on ``m``, the rest on ``m_low``."""
             sync()
             t = time.perf_counter()
-            out = comfy.sample.sample(
-                m, inputs["noise"], a.steps, spec.cfg, "euler", "simple", inputs["positive"], inputs["negative"],
-                inputs["latent_image"], seed=0, disable_pbar=True, callback=lambda *_: stamps.append(time.perf_counter()),
-            )  # fmt: skip
+            args = ("euler", "simple", inputs["positive"], inputs["negative"])
+            if m_low is None:
+                out = comfy.sample.sample(m, inputs["noise"], a.steps, spec.cfg, *args, inputs["latent_image"],
+                                          seed=0, disable_pbar=True)  # fmt: skip
+            else:
+                mid = comfy.sample.sample(m, inputs["noise"], a.steps, spec.cfg, *args, inputs["latent_image"],
+                                          seed=0, disable_pbar=True, start_step=0, last_step=half,
+                                          force_full_denoise=False)  # fmt: skip
+                out = comfy.sample.sample(m_low, torch.zeros_like(mid), a.steps, spec.cfg, *args, mid, seed=0,
+                                          disable_pbar=True, start_step=half, last_step=a.steps,
+                                          force_full_denoise=True, disable_noise=True)  # fmt: skip
             sync()
             total = time.perf_counter() - t
             return out, total / a.steps
 
-        sample(model)  # warm-up (load, kernels)
+        sample(model, model_low)  # warm-up (load, kernels)
         if CUDA:
             torch.cuda.reset_peak_memory_stats(0)
-        ref, step = sample(model)
+        ref, step = sample(model, model_low)
         row["unsplit_s_step"] = round(step, 3)
         row["unsplit_peak_gb"] = round(torch.cuda.max_memory_allocated(0) / 1e9, 1) if CUDA else 0.0
         cfg = ClientConfig(port=port, token=token)
         for name in a.codecs.split(","):
             m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=name))
+            m_low = run_low = None
+            if model_low is not None:  # the same host:port: a session of its own, bound by its fingerprint
+                m_low, run_low = split_model(model_low, SplitSettings(n_remote=n, client=cfg, codec_name=name))
             comfy.model_management.unload_all_models()
             if CUDA:
                 torch.cuda.empty_cache()
-            sample(m)  # warm-up: constants, connection
+            sample(m, m_low)  # warm-up: constants, connection
             if CUDA:
                 torch.cuda.reset_peak_memory_stats(0)
-            out, step = sample(m)
+            out, step = sample(m, m_low)
             st = run.last_stats
+            if run_low is not None:
+                row[f"{name}_calls_per_expert"] = f"{run.calls} / {run_low.calls}"
+                row[f"{name}_expert_sessions"] = len({id(run.client()), id(run_low.client())})
             same = torch.equal(out, ref)
             rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
             row[f"{name}_s_step"] = round(step, 3)
@@ -114,13 +147,15 @@ def run_one(comfy, comfyui: str, family: str, size: str, a: argparse.Namespace) 
             # the client's own peak over the split run (the server shares this GPU: its memory is not in it)
             row[f"{name}_client_peak_gb"] = round(torch.cuda.max_memory_allocated(0) / 1e9, 1) if CUDA else 0.0
         peaks = [ln for ln in lines if "GB on" in ln]
-        row["server_loaded"] = peaks[-1].strip()[:160] if peaks else "?"
-        del model
+        row["server_loaded"] = " | ".join(p.strip()[:160] for p in peaks[-1 - len(extra) :]) if peaks else "?"
+        del model, model_low
     finally:
         proc.terminate()
         proc.wait(60)
         if not a.keep:
             weights.unlink(missing_ok=True)
+            if low is not None:
+                low.unlink(missing_ok=True)
         if CUDA:
             torch.cuda.empty_cache()
     return row
@@ -133,6 +168,12 @@ def main() -> None:
     ap.add_argument("--size", default="tiny")
     ap.add_argument("--n-blocks", type=int, default=0)
     ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument(
+        "--two-experts",
+        action="store_true",
+        help="Wan 2.2-style pair: a second checkpoint (seed 1) in the same Daedalus (--weights twice); each "
+        "sample runs half the steps on each expert, both split against that one server",
+    )
     ap.add_argument("--codecs", default="raw")
     ap.add_argument("--workdir", default="/tmp/mesh-family-bench")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .. import auth
 from ..config import ServerConfig
 from ..constants import DEFAULT_BIND, DEFAULT_PORT, PACKAGE_VERSION
 from ..errors import LocalError, MeshError
+
+if TYPE_CHECKING:
+    from .core import BackendFactory
 
 _PKG_ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,7 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="named tokens (per person or machine, with limits): python -m comfyui_mesh.server tokens "
         "add NAME | revoke NAME | list (see its --help); a running server picks the changes up",
     )
-    p.add_argument("--weights", help="model checkpoint (.safetensors), the same file the ComfyUI loader uses")
+    p.add_argument(
+        "--weights",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="model checkpoint (.safetensors), the same file the ComfyUI loader uses; repeat it to serve several "
+        "checkpoints of one family from this process (Wan 2.2's high- and low-noise experts: --weights HIGH "
+        "--weights LOW), each client session bound to the one its model's fingerprint names",
+    )
     p.add_argument("--n-blocks", type=int, default=4, help="blocks to serve, counted from the end of the model")
     p.add_argument("--bind", default=DEFAULT_BIND, help="listen address; 0.0.0.0 to accept LAN clients")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -109,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(a: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
-        weights=a.weights or "",
+        weights=a.weights[0] if a.weights else "",
+        extra_weights=tuple(a.weights[1:]),
         n_blocks=a.n_blocks,
         bind=a.bind,
         port=a.port,
@@ -136,7 +150,9 @@ def _lora_arg(s: str) -> tuple[str, float]:
     return s, 1.0
 
 
-def make_factory(cfg: ServerConfig, toy: bool):
+def make_factory(cfg: ServerConfig, toy: bool) -> list[BackendFactory]:
+    """One backend factory per checkpoint (``cfg.all_weights``; the toy: one). The checkpoints' forwarded
+    LoRA sets share one server-wide budget (--max-lora-mb)."""
     from .check import device_problem
 
     problem = device_problem(cfg.device)
@@ -145,10 +161,17 @@ def make_factory(cfg: ServerConfig, toy: bool):
     if toy:
         from .toy import ToyBackend
 
-        return lambda n: ToyBackend(n, device=cfg.device)
+        return [lambda n: ToyBackend(n, device=cfg.device)]
+    from .budget import Budget
     from .loader import ComfyBackend
 
-    return lambda n: ComfyBackend(cfg, n)
+    loras = Budget("forwarded LoRA sets, all models", cfg.max_lora_bytes, "--max-lora-mb")
+
+    def one(weights: str) -> BackendFactory:
+        own = dataclasses.replace(cfg, weights=weights, extra_weights=())
+        return lambda n: ComfyBackend(own, n, lora_pool=loras)
+
+    return [one(w) for w in cfg.all_weights]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,8 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         server = DaedalusServer(state)
         host, port = server.start()
         b = state.backend
+        names = " + ".join(x.model_name for x in state.backends)
         print(
-            f"[daedalus] READY listening on {host}:{port} | {b.arch} {b.model_name} | last {b.n_blocks} of "
+            f"[daedalus] READY listening on {host}:{port} | {b.arch} {names} | last {b.n_blocks} of "
             f"{b.n_blocks_max} blocks on {b.device} | auth {'on' if token else 'OFF'}"
             f"{', encrypted' if token and cfg.encrypt else ''}",
             flush=True,

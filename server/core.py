@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -112,7 +112,7 @@ class ServerStats:
 
 
 class ServerState:
-    """What every connection shares: config, tokens, identity, backend, GPU lock, stats.
+    """What every connection shares: config, tokens, identity, backends (one per checkpoint), GPU lock, stats.
 
     ``server_id``: the persistent identity the CLI and the window keep in the state folder
     (``auth.load_or_create_server_id``); None makes one for this process (tests, demos).
@@ -122,7 +122,7 @@ class ServerState:
     def __init__(
         self,
         cfg: ServerConfig,
-        factory: BackendFactory,
+        factory: BackendFactory | Sequence[BackendFactory],
         token: str | None,
         on_event: Callable[[dict[str, Any]], None] | None = None,
         server_id: str | None = None,
@@ -131,7 +131,6 @@ class ServerState:
         if cfg.auth and not token:
             raise LocalError("authentication is on but no token was given (use --no-auth to run without one)")
         self.cfg = cfg
-        self.factory = factory
         self.server_id = server_id or auth.new_server_id()
         self.gpu_lock = threading.Lock()
         self.stats = ServerStats()
@@ -156,9 +155,63 @@ class ServerState:
         self._named_sig: object = "unread"
         self._sessions: set[Session] = set()  # admitted (authenticated, holding a client slot)
         self.reload_tokens()
-        self.backend: Backend = factory(cfg.n_blocks)
+        # One backend per checkpoint (``factory``: one, or a sequence for --weights given several times),
+        # the main one first. A session is bound to one by its HELLO's fingerprint (``slot_for``).
+        self.factories: list[BackendFactory] = [factory] if callable(factory) else list(factory)
+        if not self.factories:
+            raise LocalError("no backend to serve: give --weights (or --toy)")
+        self.backends: list[Backend] = self._build(cfg.n_blocks)
         # The same-host proof's secret while a DaedalusServer listens (samehost.HostSecret).
         self.host_secret: samehost.HostSecret | None = None
+
+    @property
+    def backend(self) -> Backend:
+        """The main checkpoint's back half (the only one unless several --weights were given)."""
+        return self.backends[0]
+
+    def _build(self, n_blocks: int) -> list[Backend]:
+        """Every checkpoint's back half at ``n_blocks``; all of one family, no two alike."""
+        built: list[Backend] = []
+        try:
+            for make in self.factories:
+                b = make(n_blocks)
+                built.append(b)
+                first = built[0]
+                if b.arch != first.arch:
+                    raise LocalError(
+                        f"{b.model_name} is a {b.arch} model but {first.model_name} is {first.arch}: one Daedalus "
+                        "serves checkpoints of one family; start a second Daedalus on another --port for it"
+                    )
+                same = [x.model_name for x in built[:-1] if x.fingerprint == b.fingerprint]
+                if same:
+                    raise LocalError(
+                        f"{b.model_name} holds the same back-half weights as {same[0]}: give each checkpoint "
+                        "once in --weights"
+                    )
+        except BaseException:
+            for b in built:
+                b.close()
+            raise
+        return built
+
+    def slot_for(self, fingerprint: str) -> int | None:
+        """The backend whose fingerprint is ``fingerprint``; 0 (the main one) for ""; None if none is."""
+        if not fingerprint:
+            return 0
+        for i, b in enumerate(self.backends):
+            if b.fingerprint == fingerprint:
+                return i
+        return None
+
+    def models(self) -> list[dict[str, Any]]:
+        """What CHALLENGE.models lists: each backend's fingerprint and checkpoint name, the main one first."""
+        return [{"fingerprint": b.fingerprint, "model": b.model_name} for b in self.backends]
+
+    def close(self) -> None:
+        """Free every backend (the server is stopping)."""
+        gone, self.backends = self.backends, []
+        for b in gone:
+            b.close()
 
     def open_samehost(self) -> None:
         """Create the host secret clients on this host prove they can read (once; cfg.samehost)."""
@@ -260,23 +313,27 @@ class ServerState:
             self.budgets.codec_state.adjust(delta)
             self.stats.codec_state_bytes = self.budgets.codec_state.used
 
-    def reconfigure(self, n_blocks: int) -> tuple[Backend, bool]:
+    def reconfigure(self, n_blocks: int, slot: int = 0) -> tuple[Backend, bool]:
+        """Every checkpoint's back half moves to ``n_blocks`` (they share --n-blocks); the one in ``slot``
+        (the asking session's) and whether nothing changed."""
         with self.gpu_lock:
-            old = self.backend
+            old = self.backends[slot]
             if n_blocks == old.n_blocks:
                 return old, True
-            if not (1 <= n_blocks <= old.n_blocks_max):
-                raise LocalError(f"n_blocks={n_blocks} is out of range 1..{old.n_blocks_max} for {old.model_name}")
+            for b in self.backends:
+                if not (1 <= n_blocks <= b.n_blocks_max):
+                    raise LocalError(f"n_blocks={n_blocks} is out of range 1..{b.n_blocks_max} for {b.model_name}")
             log.info("reconfiguring: n_blocks %d -> %d", old.n_blocks, n_blocks)
-            old.close()
+            for b in self.backends:  # closed, still listed: a session reading its device meanwhile finds one
+                b.close()
             try:
-                self.backend = self.factory(n_blocks)
+                self.backends = self._build(n_blocks)
             except Exception:
                 log.exception("reconfigure to n_blocks=%d failed; restoring n_blocks=%d", n_blocks, old.n_blocks)
-                self.backend = self.factory(old.n_blocks)
+                self.backends = self._build(old.n_blocks)
                 raise
             self.emit(kind="reconfigured", n_blocks=n_blocks)
-            return self.backend, False
+            return self.backends[slot], False
 
 
 class ConstCache:
@@ -368,11 +425,18 @@ class Session:
         # Ends the connection from another thread (its token was revoked); the server sets it.
         self.kick: Callable[[], None] = lambda: None
         self.step_phase = ""  # what the request being served is doing (PROGRESS.phase): decode, queued, ...
+        # The checkpoint this session is served by (ServerState.backends), from its HELLO's fingerprint.
+        self.slot = 0
+
+    @property
+    def backend(self) -> Backend:
+        """This session's back half (its checkpoint's, at the server's n_blocks now)."""
+        return self.state.backends[self.slot]
 
     def handle(self, msg: Message, bytes_in: int = 0) -> list[Message]:
         if not self.handshake.ready:
             return self._handle_handshake(msg)
-        dev = self.state.backend.device
+        dev = self.backend.device
         # The current CUDA device is per thread: make it the backend's in this connection thread.
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         chan = self.chan
@@ -513,7 +577,7 @@ class Session:
             "s",
             hs.samehost_gpus,
             cfg.samehost_max_bytes,
-            pin=self.state.backend.device.type == "cuda",
+            pin=self.backend.device.type == "cuda",
         )
         with self.state._stats_lock:
             self.state.stats.samehost_sessions += 1
@@ -550,8 +614,13 @@ class Session:
         return self.handshake.phase
 
     def _offer(self) -> Challenge:
-        """What this server holds now; the handshake adds the nonce and the auth scheme."""
-        b = self.state.backend
+        """What this server holds now for the checkpoint the HELLO's fingerprint names (this session is
+        bound to it; the main one when it names none, or one this server does not hold: the client then
+        reports the mismatch, with ``models``); the handshake adds the nonce and the auth scheme."""
+        hello = self.handshake.hello
+        slot = self.state.slot_for(hello.fingerprint if hello is not None else "")
+        self.slot = slot or 0
+        b = self.backend
         return Challenge(
             package_version=PACKAGE_VERSION,
             comfyui_version=b.comfyui_version,
@@ -563,6 +632,7 @@ class Session:
             fingerprint=b.fingerprint,
             codecs=codec.available_ids(),
             device=str(b.device),
+            models=self.state.models(),
         )
 
     def _handle(self, msg: Message, bytes_in: int) -> list[Message]:
@@ -582,7 +652,7 @@ class Session:
         if isinstance(msg, Reconfigure):
             entry = self.handshake.entry
             if entry is not None and not entry.may_reconfigure:
-                b = self.state.backend
+                b = self.backend
                 self.state.peer_log.warning("%s: token '%s' may not reconfigure; refused", self.peer, entry.name)
                 return [
                     _err(
@@ -594,7 +664,7 @@ class Session:
                     )
                 ]
             try:
-                b, no_op = self.state.reconfigure(msg.n_blocks)
+                b, no_op = self.state.reconfigure(msg.n_blocks, self.slot)
             except LocalError as e:
                 return [_err(ErrorCode.BAD_REQUEST, str(e))]
             except Exception as e:  # the reload failed; the previous configuration was restored
@@ -680,7 +750,7 @@ class Session:
                 return self._broken_stream(str(e))
             size = numel(wt.shape) * itemsize(torch_dtype(wt.dtype))
             with st.budgets.inflight.reserve(size, "a streamed request's slab"):  # decoded, then copied in place
-                out = self._decode_coded({wt.name: wt}, ib.msg.stream, st.backend.device)
+                out = self._decode_coded({wt.name: wt}, ib.msg.stream, self.backend.device)
                 if isinstance(out, Error):
                     return [out, *self._abandon(msg)]
                 ib.asm.put(wt.name, out[wt.name])
@@ -723,7 +793,7 @@ class Session:
         tensors decoded now, then it waits for its chunks (``_chunk`` answers it); None then, and when
         the reply is streamed (``take_outbound``)."""
         st = self.state
-        b = st.backend
+        b = self.backend
         asm = streaming.Assembler(msg.slabs, RemoteProtocolError) if msg.slabs else None
         mismatch = self._mismatch(msg, b)
         if mismatch:
@@ -825,8 +895,7 @@ class Session:
     def _prepare(self, msg: Forward, incoming: dict[str, WireTensor], tensors: dict[str, torch.Tensor]) -> Error | None:
         """Resolve the request's constants and decode its own tensors into ``tensors``; an Error the
         client recovers from (constants missing, codec state lost, entropy backend refused)."""
-        st = self.state
-        b = st.backend
+        b = self.backend
         fresh: dict[str, torch.Tensor] = {}  # sent with this request: usable even if the cache evicts them
         for name, wt in list(incoming.items()):
             if name.startswith("const:"):
@@ -865,7 +934,7 @@ class Session:
     def _run(self, msg: Forward, bytes_in: int, tensors: dict[str, torch.Tensor], decode_ms: float) -> Message | None:
         """Run the step on the decoded tensors; the reply (None: streamed, ``take_outbound``)."""
         st = self.state
-        b = st.backend
+        b = self.backend
         t_dec = time.perf_counter()
         if b.device.type == "cuda":
             torch.cuda.synchronize(b.device)
@@ -873,7 +942,7 @@ class Session:
         self.step_phase = "queued"
         with st.gpu_lock:
             self.step_phase = "forward"
-            b = st.backend
+            b = self.backend
             mismatch = self._mismatch(msg, b)  # another client may have reconfigured meanwhile
             if mismatch:
                 return mismatch
@@ -908,7 +977,7 @@ class Session:
         RESULT_CHUNK frames, each coded when the previous one has been handed to the socket (it is on
         the wire while this one is coded). A slab that fails to code ends the reply with an error frame
         instead of the chunks still due."""
-        dev = self.state.backend.device
+        dev = self.backend.device
         on_device = torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext()
         slabbed = {n: out.pop(n) for n in cuts}
         t0 = time.perf_counter()

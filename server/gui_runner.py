@@ -212,7 +212,7 @@ class ServerRunner:
             self._status("stopping", "stopping…")
             try:
                 server.shutdown()
-                state.backend.close()
+                state.close()
             except Exception:
                 log.exception("error while stopping")
             self.server = self.state = None

@@ -27,7 +27,7 @@ from .. import arch
 from ..config import ServerConfig
 from ..errors import LocalError, OverBudget, RemoteProtocolError
 from ..fingerprint import fingerprint
-from .budget import SizedLRU
+from .budget import Budget, SizedLRU
 
 log = logging.getLogger("daedalus")
 
@@ -194,7 +194,9 @@ def accepts_keyword(fn: Any, name: str) -> bool:
 class ComfyBackend:
     """The back half of a real checkpoint, loaded with ComfyUI's classes."""
 
-    def __init__(self, cfg: ServerConfig, n_blocks: int):
+    def __init__(self, cfg: ServerConfig, n_blocks: int, lora_pool: Budget | None = None):
+        """``lora_pool``: the server-wide budget of forwarded LoRA sets, shared by every checkpoint this
+        server serves (None: this one's own --max-lora-mb)."""
         c = import_comfy(find_comfyui(cfg.comfyui_path), cfg.device)
         self.comfyui_version = c["version"]
         self.model_name = Path(cfg.weights).name
@@ -311,7 +313,7 @@ class ComfyBackend:
         self._check = self.adapter.request_check(self.dm)
         # Forwarded LoRA sets, unpacked on the device, by hash: bounded in bytes (all clients share them).
         self._lora_cache: SizedLRU[tuple[int, list[tuple[torch.nn.Module, str, str, list]]]] = SizedLRU(
-            cfg.max_lora_bytes, lambda entry: entry[0]
+            cfg.max_lora_bytes, lambda entry: entry[0], lora_pool
         )
         log.info(
             "loaded %s: %s, %s, %.2f GB on %s (dtype %s)",
@@ -450,6 +452,7 @@ class ComfyBackend:
             c["mm"].unload_all_models()
         except Exception:  # unloading must not block a reconfigure
             log.exception("unload failed")
+        self._lora_cache.clear()  # its bytes go back to the shared LoRA budget
         self.patcher = None
         self.dm = None
         gc.collect()

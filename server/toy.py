@@ -57,7 +57,7 @@ class ToyBackend:
         self.n_blocks = n_blocks
         self.first = total - self.n_blocks
         self.device = torch.device(device)
-        self.model_name = f"toy-{total}x{width}"
+        self.model_name = f"toy-{total}x{width}" + (f"-seed{seed}" if seed else "")  # seeds: distinct checkpoints
         self.fingerprint = fingerprint(self.model.named_blocks(self.first))
 
     def check_request(

@@ -107,6 +107,7 @@ NON_DEFAULT: dict[type, dict] = {
         codecs=[1, 0],
         device="NVIDIA GeForce RTX 4090 (cuda:0)",
         samehost={"seg": "mh" + "1" * 24 + "p", "gpus": ["GPU-1"]},
+        models=[{"fingerprint": "0123abcd", "model": "ltx-video-2b.safetensors"}, {"fingerprint": "9f", "model": "b"}],
     ),
     protocol.Auth: dict(mac="e" * 64, samehost={"proof": "f" * 64, "gpus": []}),
     protocol.Welcome: dict(session="sess-42", samehost=True),

@@ -148,29 +148,59 @@ def test_ti2v_5b_style_48_channels_bit_identical(setup, mask):
     assert_identical(out, ref)
 
 
+def two_stage(comfy, hi, lo):
+    """Wan 2.2 A14B's two KSamplerAdvanced: the high-noise expert for steps 0-2 of 4, the low-noise
+    expert for the rest (no new noise, the first stage's latent in)."""
+    from comfyui_mesh.tiny import wan_inputs
+
+    i = wan_inputs()
+    with torch.inference_mode():
+        kw = dict(seed=0, disable_pbar=True)
+        pos, neg = i["positive"], i["negative"]
+        mid = comfy.sample.sample(hi, i["noise"], 4, 5.0, "euler", "simple", pos, neg, i["latent_image"],
+                                  start_step=0, last_step=2, force_full_denoise=False, **kw)  # fmt: skip
+        return comfy.sample.sample(lo, torch.zeros_like(mid), 4, 5.0, "euler", "simple", pos, neg, mid,
+                                   start_step=2, last_step=4, force_full_denoise=True, disable_noise=True, **kw)  # fmt: skip
+
+
 def test_wan22_two_experts_each_split_on_its_own_server(setup):
     """Wan 2.2 A14B: high-noise expert for the first steps, low-noise expert for the rest (two
     KSamplerAdvanced), each expert split against its own Daedalus: the same latent as unsplit."""
     comfy, weights, servers, _ = setup
-    from comfyui_mesh.tiny import wan_inputs
-
-    i = wan_inputs()
-
-    def two_stage(hi, lo):
-        with torch.inference_mode():
-            kw = dict(seed=0, disable_pbar=True)
-            pos, neg = i["positive"], i["negative"]
-            mid = comfy.sample.sample(hi, i["noise"], 4, 5.0, "euler", "simple", pos, neg, i["latent_image"],
-                                      start_step=0, last_step=2, force_full_denoise=False, **kw)  # fmt: skip
-            return comfy.sample.sample(lo, torch.zeros_like(mid), 4, 5.0, "euler", "simple", pos, neg, mid,
-                                       start_step=2, last_step=4, force_full_denoise=True, disable_noise=True, **kw)  # fmt: skip
-
     hi, lo = load(comfy, weights["t2v"]), load(comfy, weights["t2v_low"])
-    ref = two_stage(hi, lo)
+    ref = two_stage(comfy, hi, lo)
     hs, hrun = split(hi, servers["t2v"], 2)
     ls, lrun = split(lo, servers["t2v_low"], 3)
-    assert_identical(two_stage(hs, ls), ref)
+    assert_identical(two_stage(comfy, hs, ls), ref)
     assert hrun.calls == 2 and lrun.calls == 2
+
+
+def test_wan22_two_experts_served_by_one_daedalus(setup):
+    """Both experts' back halves in ONE Daedalus (--weights HIGH --weights LOW): each expert's Icarus
+    gets a session of its own, bound to its checkpoint by fingerprint, on the same host:port; the
+    experts alternate within the run (and once more, the high one again after the low one) and the
+    latent is bit-identical with the unsplit two-expert run."""
+    comfy, weights, _, d = setup
+    srv = Daedalus(weights["t2v"], 2, d / "state_pair", extra=["--weights", str(weights["t2v_low"])])
+    try:
+        ready = next(ln for ln in srv.lines if "READY" in ln)
+        assert "tiny_wan_t2v.safetensors + tiny_wan_t2v_low.safetensors" in ready, ready
+        hi, lo = load(comfy, weights["t2v"]), load(comfy, weights["t2v_low"])
+        ref = two_stage(comfy, hi, lo)
+        hs, hrun = split(hi, srv, 2)
+        ls, lrun = split(lo, srv, 2)
+        assert hrun.client() is not lrun.client()
+        assert {hrun.client().server.fingerprint, lrun.client().server.fingerprint} == {
+            hrun.fingerprint,
+            lrun.fingerprint,
+        } and hrun.fingerprint != lrun.fingerprint
+        assert_identical(two_stage(comfy, hs, ls), ref)
+        assert hrun.calls == 2 and lrun.calls == 2
+        # The high-noise expert once more after the low one (a second generation): still its own weights.
+        assert_identical(sample(comfy, hs), reference(comfy, weights, "t2v"))
+        assert not torch.equal(ref, two_stage(comfy, hi, hi)), "the experts must differ"
+    finally:
+        srv.stop()
 
 
 def test_forwarded_lora_matches_unsplit(setup):
