@@ -206,3 +206,11 @@ STATUS_CLIENT_NAME = "icarus-status"
 
 # How a user adds the optional codec libraries (zstandard, PyAV): the README's install line.
 CODECS_EXTRA_HINT = 'from ComfyUI/custom_nodes, python -m pip install -e "ComfyUI-Mesh[codecs]"'
+
+# ---------------------------------------------------------------------------- balance (n_blocks_remote suggestion)
+# balance.py suggests another n_blocks_remote only when its estimated step is at least this fraction
+# faster than the current one (hysteresis: estimates from one run are noisy; no flip-flopping).
+BALANCE_MIN_GAIN = 0.05
+# Remote calls a generation needs before a suggestion is made (the first one carries the constants
+# and warms kernels up and is left out when there are more).
+BALANCE_MIN_CALLS = 2
