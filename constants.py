@@ -214,3 +214,6 @@ BALANCE_MIN_GAIN = 0.05
 # Remote calls a generation needs before a suggestion is made (the first one carries the constants
 # and warms kernels up and is left out when there are more).
 BALANCE_MIN_CALLS = 2
+# Per-call timings a SplitRun keeps for the suggestion (the newest; a ComfyUI without OUTER_SAMPLE never
+# ends a generation, so they would grow without bound).
+BALANCE_MAX_CALLS = 512

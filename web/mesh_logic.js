@@ -148,6 +148,29 @@ export function formatStats(s) {
     `round trip ${ms(s.round_trip_ms)} (server ${ms(s.server_forward_ms)}) · encode ${ms(s.encode_ms)}`;
 }
 
+/**
+ * The n_blocks_remote suggestion of a mesh-stats event ({suggestion} at a generation's end, balance.py),
+ * or null when the event carries none: {text, title, changed, current}. Advice only: nothing changes by
+ * itself; the line is shown while the node's n_blocks_remote is still the measured one (`current`).
+ */
+export function suggestionLine(s) {
+  const g = s?.suggestion;
+  if (!g || typeof g !== "object") return null;
+  const changed = g.changed === true && Number.isInteger(g.suggested) && g.suggested !== g.current;
+  const text = String(g.text ?? "");
+  if (!text) return null;
+  const title = changed
+    ? `Estimated from the last run (${g.calls} remote calls, ${g.mode}): set n_blocks_remote to ${g.suggested} ` +
+      `and press Confirm to try it. Allowed here: ${(g.range ?? []).join("..")}. Nothing changes by itself.`
+    : `Estimated from the last run (${g.calls} remote calls, ${g.mode}): no other n_blocks_remote is clearly faster.`;
+  return { text: changed ? `suggestion: ${text}` : text, title, changed, current: Number(g.current) };
+}
+
+/** Whether a suggestion line (from suggestionLine) still speaks of the node's n_blocks_remote. */
+export function suggestionApplies(line, values) {
+  return !!line && Number(values?.n_blocks_remote) === line.current;
+}
+
 export const BANNER_LEVELS = {
   ok: { color: "#1f7a3a", persist: false },
   info: { color: "#28589c", persist: false },

@@ -1,0 +1,119 @@
+"""The n_blocks_remote suggestion of a real split: tiny FLUX.2 through a real Daedalus on the CPU.
+
+Every remote call is timed, and at the generation's end the suggestion (balance.py) is logged, kept on
+the run and sent once to the node UI in a ``mesh-stats`` event (a stand-in PromptServer), after the
+per-step stats, with its fields filled from this run: the measured n, the range the server's model
+allows, the calls it was made from, the mode (pipelined rows with CFG, or one call per step).
+No figure is asserted beyond being measured (CPU timings on a shared machine are noise).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+import torch
+from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
+from comfyui_mesh import ui_events
+
+N = 3  # of the tiny FLUX.2's 5 blocks (2 double, 3 single)
+STEPS = 3
+
+
+class FakePromptServer:
+    def __init__(self):
+        self.sent = []
+        self.client_id = "browser-1"
+
+    def send_sync(self, event, data, sid=None):
+        self.sent.append((event, data))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    d = tmp_path_factory.mktemp("balance_flux2")
+    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
+    comfy = import_comfy()
+    __import__("comfy.sample")
+    srv = Daedalus(weights, N, d / "state")
+    try:
+        yield comfy, weights, srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def prompt_server(monkeypatch):
+    ps = FakePromptServer()
+    fake = types.ModuleType("server")
+    fake.PromptServer = types.SimpleNamespace(instance=ps)
+    monkeypatch.setitem(sys.modules, "server", fake)
+    return ps
+
+
+def sample(comfy, model, cfg=2.5):
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, 128, 4, 6, generator=g)
+    pos = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(2)), {}]]
+    neg = [[torch.randn(1, 7, 64, generator=torch.Generator().manual_seed(3)), {}]]
+    with torch.inference_mode():
+        return comfy.sample.sample(
+            model, noise, STEPS, cfg, "euler", "simple", pos, neg, torch.zeros(1, 128, 4, 6), seed=0
+        )
+
+
+def suggestions(ps):
+    return [d["suggestion"] for e, d in ps.sent if e == "mesh-stats" and "suggestion" in d]
+
+
+@needs_comfy
+@needs_narrow_flux2
+@pytest.mark.parametrize("rows", ["on", "off"])
+def test_the_suggestion_reaches_the_node_ui_once_per_generation(flux, prompt_server, caplog, rows):
+    comfy, _, srv = flux
+    model = comfy.sd.load_diffusion_model(str(flux[1]))
+    m, run = split(model, srv, N, samehost=False)
+    run.settings.rows = rows
+    run.settings.on_step = ui_events.step_reporter("9", "raw")
+    run.settings.on_suggest = ui_events.suggestion_reporter("9")
+    with caplog.at_level(logging.INFO, logger="comfyui_mesh"):
+        sample(comfy, m)
+    calls = STEPS * (2 if rows == "on" else 1)  # CFG: cond + uncond, one call per row when pipelined
+    assert run.calls == calls
+    events = [d for e, d in prompt_server.sent if e == "mesh-stats"]
+    assert [d.get("call") for d in events[:-1]] == list(range(1, calls + 1))  # the steps' stats first
+    (g,) = suggestions(prompt_server)
+    assert events[-1] == {"node_id": "9", "suggestion": g}  # then the suggestion, once, at the end
+    assert g["current"] == N and g["range"] == [1, 5] and 1 <= g["suggested"] <= 5
+    assert g["changed"] == (g["suggested"] != N)
+    assert g["mode"] == ("rows" if rows == "on" else "serial") and g["calls"] == calls
+    assert g["client_ms"] > 0 and g["server_ms"] > 0 and g["link_ms"] >= 0
+    assert g["step_s"] > 0 and 0 < g["new_step_s"] <= g["step_s"]
+    assert g["bound"] in ("client", "server", "link")
+    assert g["text"].startswith(f"n_blocks_remote {N} ") and "per step; est." in g["text"]
+    assert run.suggestion is not None and run.suggestion.report() == g
+    logged = [r.getMessage() for r in caplog.records if "per step; est." in r.getMessage()]
+    assert logged == [f"ComfyUI-Mesh 127.0.0.1:{srv.port}: {g['text']}"]
+
+    # The next generation is measured afresh: its own calls, its own (one) suggestion.
+    prompt_server.sent.clear()
+    sample(comfy, m)
+    (again,) = suggestions(prompt_server)
+    assert again["calls"] == calls and again["current"] == N
+
+
+@needs_comfy
+@needs_narrow_flux2
+def test_no_ui_no_callback_still_keeps_the_suggestion_on_the_run(flux, monkeypatch):
+    comfy, weights, srv = flux
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    model = comfy.sd.load_diffusion_model(str(weights))
+    m, run = split(model, srv, N, samehost=False)
+    assert run.suggestion is None and run.n_range is None
+    sample(comfy, m, cfg=1.0)
+    assert run.n_range == (1, 5)  # read from the connection the calls used
+    s = run.suggestion
+    assert s is not None and s.current.n == N and s.calls == STEPS and s.mode == "serial"
+    assert len(run.timings) == STEPS and all(t.front_ms > 0 and t.server_ms > 0 for t in run.timings)
