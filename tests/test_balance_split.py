@@ -5,17 +5,24 @@ the run and sent once to the node UI in a ``mesh-stats`` event (a stand-in Promp
 per-step stats, with its fields filled from this run: the measured n, the range the server's model
 allows, the calls it was made from, the mode (pipelined rows with CFG, or one call per step).
 No figure is asserted beyond being measured (CPU timings on a shared machine are noise).
+Then bench/split_balance.py: which suggestion "points toward the best", and the script's sweep on tiny
+FLUX.2 over the link emulator.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import logging
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
+from comfy_support import COMFY, Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
 from comfyui_mesh import ui_events
 
 N = 3  # of the tiny FLUX.2's 5 blocks (2 double, 3 single)
@@ -117,3 +124,52 @@ def test_no_ui_no_callback_still_keeps_the_suggestion_on_the_run(flux, monkeypat
     s = run.suggestion
     assert s is not None and s.current.n == N and s.calls == STEPS and s.mode == "serial"
     assert len(run.timings) == STEPS and all(t.front_ms > 0 and t.server_ms > 0 for t in run.timings)
+
+
+# ---------------------------------------------------------------------------- bench/split_balance.py
+
+BENCH = Path(__file__).parents[1] / "bench"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("split_balance", BENCH / "split_balance.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["split_balance"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_suggestion_points_toward_the_best_when_it_moves_its_way_or_stays_within_the_hysteresis():
+    sb = load_bench()
+
+    def run(n, step, suggested):
+        return sb.Run(n, step, step, 1.0, 1.0, 1.0, "client", suggested, step, "")
+
+    best = run(16, 0.100, 16)
+    assert sb.toward(best, best)  # stays at the best
+    assert sb.toward(run(8, 0.150, 12), best) and sb.toward(run(8, 0.150, 24), best)  # the right way (overshoot too)
+    assert not sb.toward(run(8, 0.150, 4), best)  # the wrong way
+    assert not sb.toward(run(8, 0.150, 8), best)  # stays, though 16 is a third faster
+    assert sb.toward(run(24, 0.104, 24), best)  # stays: 16 is under 5 % faster
+    assert not sb.toward(run(24, 0.104, 16 + 16), best)
+
+
+@needs_comfy
+@needs_narrow_flux2
+def test_the_sweep_script_on_tiny_flux2(tmp_path):
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(BENCH / "split_balance.py"), "--comfyui", COMFY, "--model", "tiny", "--res", "64",
+           "--sweep", "1,3", "--steps", "3", "--repeats", "1", "--link", "1gbe", "--workdir", str(tmp_path),
+           "--out", str(out)]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["cfg"] == 2 and doc["settings"]["sweep"] == [1, 3]  # rows: FLUX.2 gets two rows
+    runs = doc["runs"]
+    assert [r["n"] for r in runs] == [1, 3] and doc["best"] in (1, 3)
+    for r in runs:
+        assert r["step_s"] > 0 and r["est_step_s"] > 0 and r["client_ms"] > 0 and r["server_ms"] > 0
+        assert 1 <= r["suggested"] <= 5 and r["text"].startswith(f"n_blocks_remote {r['n']} ")
+        assert "(rows" in r["text"]
+    assert "toward the measured best" in p.stdout and "measured best: n=" in p.stdout
