@@ -232,7 +232,9 @@ export const HELP_SECTIONS = [
   ["n_blocks_remote", "How many blocks, counted from the END of the model, run on Daedalus. It must equal the " +
     "server's n_blocks: when they differ, press Confirm and the server reloads with this node's value (queueing is " +
     "blocked until then), or set n_blocks_remote to the server's value. 0 runs everything here. More blocks remote " +
-    "= less VRAM here, more work there; the bytes per step do not change."],
+    "= less VRAM here, more work there; the bytes per step do not change. After a run, a line under the node " +
+    "may suggest another value: estimated from the times measured on both sides and the link in that run, so " +
+    "both GPUs do similar work. It is advice: nothing changes until you set it and press Confirm."],
   ["LoRA order", "A LoRA loaded BEFORE Icarus changes the whole model: with forward_client_loras on, its weights " +
     "for the remote blocks are sent to Daedalus once per change. A LoRA loaded AFTER Icarus stays local (front " +
     "half only). For big LoRAs (over ~500 MB) load them on both sides instead: in the Daedalus window's LoRA slots " +
