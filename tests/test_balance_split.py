@@ -173,3 +173,34 @@ def test_the_sweep_script_on_tiny_flux2(tmp_path):
         assert 1 <= r["suggested"] <= 5 and r["text"].startswith(f"n_blocks_remote {r['n']} ")
         assert "(rows" in r["text"]
     assert "toward the measured best" in p.stdout and "measured best: n=" in p.stdout
+
+
+# ---------------------------------------------------------------------------- without ComfyUI
+
+
+def test_one_calls_timing_from_its_marks_and_stats():
+    from comfyui_mesh.icarus import _elapsed_ms, _mark, _timing
+    from comfyui_mesh.transport import StepStats
+
+    start = _mark(torch.device("cpu"))
+    assert isinstance(start, float) and _elapsed_ms(start, start + 0.05) == pytest.approx(50.0)
+    assert _elapsed_ms(start, object()) is None  # marks of different kinds: not comparable
+    stats = StepStats(encode_ms=9.0, settle_ms=6.0, decode_ms=1.5, wait_ms=40.0)
+    stats.server = {"decode": 2.0, "forward": 25.0, "encode": 3.0}
+    t = _timing(start, start + 0.012, stats)
+    assert t is not None
+    assert t.front_ms == pytest.approx(12.0)
+    assert t.coding_ms == pytest.approx(3.0 + 1.5)  # the wait for the front half is not coding
+    assert (t.server_ms, t.server_coding_ms) == (25.0, 5.0)
+    assert t.link_ms == pytest.approx(40.0 - 30.0)
+    assert _timing(None, start, stats) is None
+
+
+def test_the_suggestion_event_carries_the_report(prompt_server):
+    from comfyui_mesh.balance import CallTiming, Setup, suggest
+
+    s = suggest(
+        [CallTiming(48.0, 0.0, 16.0, 0.0, 5.0)] * 3, Setup(n=16, total=40, lo=1, hi=40, mode="rows", rows=2, lanes=2)
+    )
+    ui_events.suggestion_reporter(12)(s)
+    assert prompt_server.sent == [("mesh-stats", {"node_id": "12", "suggestion": s.report()})]
