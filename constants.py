@@ -219,3 +219,14 @@ CODECS_EXTRA_HINT = 'from ComfyUI/custom_nodes, python -m pip install -e "ComfyU
 MAX_POOLED_MODELS = 4
 # Models of CHALLENGE.models a client reads (names them in a mismatch error); the rest are ignored.
 MAX_LISTED_MODELS = 16
+
+# ---------------------------------------------------------------------------- balance (n_blocks_remote suggestion)
+# balance.py suggests another n_blocks_remote only when its estimated step is at least this fraction
+# faster than the current one (hysteresis: estimates from one run are noisy; no flip-flopping).
+BALANCE_MIN_GAIN = 0.05
+# Remote calls a generation needs before a suggestion is made (the first one carries the constants
+# and warms kernels up and is left out when there are more).
+BALANCE_MIN_CALLS = 2
+# Per-call timings a SplitRun keeps for the suggestion (the newest; a ComfyUI without OUTER_SAMPLE never
+# ends a generation, so they would grow without bound).
+BALANCE_MAX_CALLS = 512

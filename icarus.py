@@ -16,7 +16,11 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
   call counter, a generation id that names the temporal codec stream (cond and uncond
   calls keep separate references), the adapter's scratch and the constants memo are fresh
   for every sampling run, and the connection's temporal codec state is dropped at its end,
-  on the server too.
+  on the server too;
+* every remote call is timed (``balance.CallTiming``: the front half between two CUDA events, or
+  ``perf_counter`` on the CPU, read after the sync the transport does anyway; the server's forward from
+  its reply); at the generation's end ``balance.suggest`` names the n_blocks_remote that would make a
+  step fastest (``SplitRun.suggestion``, logged, ``SplitSettings.on_suggest``). Nothing changes by itself.
 
 The stubbed head returns the server's output, so the rest of ComfyUI sees a normal model.
 """
@@ -27,7 +31,9 @@ import inspect
 import logging
 import os
 import threading
+import time
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,9 +41,10 @@ from typing import Any
 
 import torch
 
-from . import arch, codec, lora_io, rows
+from . import arch, balance, codec, lora_io, rows
 from .config import ClientConfig
 from .constants import (
+    BALANCE_MAX_CALLS,
     ROW_AUTO_FAST_LINK_BPS,
     ROW_LANES,
     ROW_MEMO_KEEP_MAX,
@@ -135,6 +142,7 @@ class SplitSettings:
     node_id: str = ""
     on_step: Callable[[int, StepStats], None] | None = None  # (call number, stats) after each remote step
     on_status: Callable[[str, str], None] | None = None  # (level, text): reconnecting / reconnected / gave up
+    on_suggest: Callable[[balance.Suggestion], None] | None = None  # at a generation's end (balance.py)
     # Row pipelining (rows.py) of calls of 2+ rows: "auto" = on over a network link (off on this host's
     # loopback / same-host fast path and on a very fast link: nothing to hide; SplitRun._decide_rows),
     # "on", "off".
@@ -173,6 +181,13 @@ class SplitRun:
         self._issued = 0  # remote calls sent this generation (the seam dump's numbering)
         self._lock = threading.Lock()  # the per-generation state above, for rows sent from their threads
         self._streams = rows.Streams()
+        # The n_blocks_remote suggestion (balance.py): this generation's remote calls timed, its model calls
+        # counted; the range n_blocks_remote may take (1..the model's blocks, capped by the server's model,
+        # read from the connection a call used); the last generation's suggestion.
+        self.timings: deque[balance.CallTiming] = deque(maxlen=BALANCE_MAX_CALLS)
+        self.model_calls = 0
+        self.n_range: tuple[int, int] | None = None
+        self.suggestion: balance.Suggestion | None = None
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
@@ -200,12 +215,15 @@ class SplitRun:
         self.adapter_state.clear()
         self.memo.clear()
         self._used = []
+        self.timings.clear()
+        self.model_calls = 0
 
     def end_generation(self) -> None:
         """The run ended (or failed): drop its temporal references and per-run caches."""
         self._depth = max(self._depth - 1, 0)
         if self._depth:
             return
+        self.suggest()
         used, self._used = self._used, []
         for client in used:
             # Both sides drop this generation's references now (END_STREAM); a server that cannot
@@ -223,9 +241,44 @@ class SplitRun:
         finally:
             self.end_generation()
 
+    def suggest(self) -> balance.Suggestion | None:
+        """This generation's n_blocks_remote suggestion (None: too few calls timed); logged and handed to
+        ``on_suggest``. Never fails a run: it is advice."""
+        try:
+            with self._lock:
+                timings, model_calls, lanes = list(self.timings), self.model_calls, self.lanes
+            if self.n_range is None or not timings:
+                return None
+            lo, hi = self.n_range
+            setup = balance.Setup(
+                n=self.plan.n_remote,
+                total=sum(self.plan.counts.values()),
+                lo=lo,
+                hi=hi,
+                mode="rows" if lanes else "serial",
+                rows=max(1, round(len(timings) / max(model_calls, 1))) if lanes else 1,
+                lanes=max(lanes or 1, 1),
+            )
+            s = balance.suggest(timings, setup)
+        except Exception:
+            log.warning("ComfyUI-Mesh: no n_blocks_remote suggestion (a bug, please report it)", exc_info=True)
+            return None
+        if s is None:
+            return None
+        self.suggestion = s
+        log.info("ComfyUI-Mesh %s: %s", self.settings.client.address, s.line())
+        if self.settings.on_suggest is not None:
+            try:
+                self.settings.on_suggest(s)
+            except Exception:  # for the UI: never fail a run over it
+                log.debug("ComfyUI-Mesh: on_suggest callback failed", exc_info=True)
+        return s
+
     # ------------------------------------------------------------------ wrapper
     def diffusion_model_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         dm = executor.class_obj
+        with self._lock:
+            self.model_calls += 1
         if self.adapter.control_keys:
             self._check_control(call_argument(executor.original, "control", args, kwargs))
         parts = rows.split_call(args, kwargs, self.adapter.row_constants) if self.settings.rows != "off" else []
@@ -277,7 +330,8 @@ class SplitRun:
         values: dict[str, Any] = self.adapter.call_info(args, kwargs)
         for name in self.adapter.captures:
             values[name] = None
-        self._tls.call = {"out": None, "values": values, "lane": lane, "row": row, "sent": sent}
+        start = _mark(_device(args, kwargs))  # the front half's start (balance.py)
+        self._tls.call = {"out": None, "values": values, "lane": lane, "row": row, "sent": sent, "start": start}
         try:
             return executor(*args, **kwargs)
         finally:
@@ -371,6 +425,7 @@ class SplitRun:
         if self.lora is not None:
             scalars["lora"], consts["lora"] = self.lora
         device = next(iter(coded.values())).device
+        seam_at = _mark(device)  # the front half's end: queued after its work (no sync here)
         if call.get("sent") is not None:
             call["sent"].set()  # the next row's front half may start: this one is ready to go
         out, stats = client.forward(
@@ -388,10 +443,17 @@ class SplitRun:
             on_status=s.on_status,
         )
         call["out"] = out
+        timing = _timing(call.get("start"), seam_at, stats)  # read after forward's sync: no wait here
+        server = client.server
+        if server is not None:  # the range a suggestion may take: this model's blocks, the server's model's
+            total = sum(self.plan.counts.values())
+            self.n_range = (1, min(total, server.n_blocks_max or total))
         with self._lock:
             self.last_stats = stats
             self.calls += 1
             n = self.calls
+            if timing is not None:
+                self.timings.append(timing)
         log.info("ComfyUI-Mesh %s call %d: %s", s.client.address, n, stats.line())
         if s.on_step is not None:
             try:
@@ -421,6 +483,44 @@ def call_argument(fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, A
 def _device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:
     t = rows.first_tensor(args[0] if args else kwargs.get("x"))
     return t.device if t is not None else None
+
+
+def _mark(device: torch.device | None) -> Any:
+    """A point in this thread's work: on CUDA an event recorded on the current stream (no host sync),
+    elsewhere ``perf_counter`` (the CPU runs the work as it is issued)."""
+    if device is not None and device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(device))
+        return event
+    return time.perf_counter()
+
+
+def _elapsed_ms(start: Any, end: Any) -> float | None:
+    """ms between two ``_mark``s; None when they cannot be read without waiting (an event not reached)."""
+    if isinstance(start, float) and isinstance(end, float):
+        return (end - start) * 1e3
+    if isinstance(start, torch.cuda.Event) and isinstance(end, torch.cuda.Event) and end.query():
+        return float(start.elapsed_time(end))
+    return None
+
+
+def _timing(start: Any, seam_at: Any, stats: StepStats) -> balance.CallTiming | None:
+    """One remote call's ``balance.CallTiming``: the front half from the call's start to its seam (on CUDA
+    read after the transport's sync before coding), the coding here less the wait for the front half, the
+    server's own figures, and the link as the round trip less the server's work."""
+    front = _elapsed_ms(start, seam_at)
+    if front is None:
+        return None
+    srv = stats.server
+    server_coding = float(srv.get("decode", 0.0)) + float(srv.get("encode", 0.0))
+    forward = float(srv.get("forward", 0.0))
+    return balance.CallTiming(
+        front_ms=front,
+        coding_ms=max(stats.encode_ms - stats.settle_ms, 0.0) + stats.decode_ms,
+        server_ms=forward,
+        server_coding_ms=server_coding,
+        link_ms=max(stats.wait_ms - forward - server_coding, 0.0),
+    )
 
 
 def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:

@@ -172,6 +172,7 @@ class MeshSplitFlux:
                 node_id=str(unique_id),
                 on_step=ui_events.step_reporter(unique_id, codec_mode),
                 on_status=ui_events.status_reporter(unique_id),
+                on_suggest=ui_events.suggestion_reporter(unique_id),
             )
             m, run = split_model(model, settings)
         except MeshError as e:

@@ -161,6 +161,7 @@ class StepStats:
     slabs_out: int = 0  # streamed call (docs/PROTOCOL.md §6.1): slabs sent in FORWARD_CHUNK frames
     slabs_in: int = 0  # and received in RESULT_CHUNK frames
     via: str = "tcp"  # "samehost": the big payloads went through shared memory / CUDA IPC (bytes_* count TCP only)
+    settle_ms: float = 0.0  # of encode_ms: waiting for the front half's queued GPU work, not coding (balance.py)
 
     def line(self) -> str:
         s = self.server
@@ -946,7 +947,10 @@ class MeshClient:
                         tensors = self._encode_raw(exact)
                         enc = self._coder(coded, codec_name, codec_params, stream, stats)
                         used = stats.codec["codec"]
+                        t_settle = time.perf_counter()
                         _settle(coded)  # the front half done: what follows times the coding alone
+                        if enc_gen == -1:
+                            stats.settle_ms = (time.perf_counter() - t_settle) * 1e3
                         # big tensors over TCP: coded slab by slab while they are sent, where that is faster
                         cuts = self._cuts(coded, used, stats.codec["params"])
                         if cuts:

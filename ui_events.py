@@ -2,7 +2,9 @@
 
 ``mesh-banner`` ``{node_id, level, text}``: a line under the node (ok, info, warn, error).
 ``mesh-stats`` ``{node_id, call, codec, bytes_out, bytes_in, ...}``: after every remote step, or
-``{node_id, status}`` while a remote call is held up (``status``: e.g. "reconnecting to host:port…").
+``{node_id, status}`` while a remote call is held up (``status``: e.g. "reconnecting to host:port…"),
+or ``{node_id, suggestion}`` at a generation's end: the n_blocks_remote suggestion
+(``balance.Suggestion.report``: current, suggested, changed, the sides' ms per step, text).
 
 They go through ComfyUI's running ``PromptServer`` (looked up, never imported: outside a
 running ComfyUI every send is a silent no-op). No aiohttp, no sockets; the HTTP routes
@@ -72,5 +74,15 @@ def status_reporter(node_id: Any) -> Callable[[str, str], None]:
         send_banner(node_id, level, text)
         if level == "warn":
             _send("mesh-stats", {"node_id": str(node_id), "status": text.split(" (", 1)[0]})
+
+    return report
+
+
+def suggestion_reporter(node_id: Any) -> Callable[[Any], None]:
+    """A callback(balance.Suggestion) that sends ``mesh-stats`` with the ``suggestion`` at a generation's
+    end (the node shows its line; nothing changes by itself)."""
+
+    def report(suggestion: Any) -> None:
+        _send("mesh-stats", {"node_id": str(node_id), "suggestion": suggestion.report()})
 
     return report

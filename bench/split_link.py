@@ -438,6 +438,59 @@ class Daedalus:
                 self.proc.kill()
 
 
+def ensure_weights(model: str, workdir: Path, device: str) -> Path:
+    """The random checkpoint of ``MODELS[model]`` in ``workdir`` (bf16 on CUDA, else fp32), written once."""
+    from comfyui_mesh import tiny
+
+    spec = MODELS[model]
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    weights = workdir / f"{model}-{str(dtype).removeprefix('torch.')}.safetensors"
+    if not weights.exists():
+        t = time.perf_counter()
+        part = weights.with_suffix(".partial")
+        make = tiny.make_flux2 if spec.family == "flux2" else tiny.make_ltxav
+        make(part, config=getattr(tiny, spec.config), dtype=dtype, device=device)
+        part.rename(weights)
+        print(
+            f"# wrote {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True
+        )
+    return weights
+
+
+def sampler(comfy: Any, inputs: dict[str, Any], steps: int, cfg_scale: float, cuda: bool) -> Sampler:
+    """One seeded Euler sampling run of ``inputs`` -> (latent, total s, per-step s), synchronized on CUDA."""
+
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def sample(m: Any) -> tuple[Any, float, list[float]]:
+        stamps: list[float] = []
+        sync()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            out = comfy.sample.sample(
+                m, inputs["noise"], steps, cfg_scale, "euler", "simple", inputs["positive"], inputs["negative"],
+                inputs["latent_image"], seed=0, disable_pbar=True, callback=lambda *_: stamps.append(time.perf_counter()),
+            )  # fmt: skip
+        sync()
+        total = time.perf_counter() - t
+        return out, total, [b - c for b, c in zip(stamps[1:], stamps[:-1], strict=False)] or [total]
+
+    return sample
+
+
+def unloader(comfy: Any, cuda: bool) -> Callable[[], None]:
+    """Unload every model (so a new split clone loads), freeing the CUDA cache."""
+
+    def between() -> None:
+        comfy.model_management.unload_all_models()
+        if cuda:
+            torch.cuda.empty_cache()
+
+    return between
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""), help="ComfyUI checkout (COMFYUI_PATH)")
@@ -481,50 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     cfg_scale = spec.cfg if a.cfg is None else a.cfg
     wd = Path(a.workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    weights = wd / f"{a.model}-{str(dtype).removeprefix('torch.')}.safetensors"
-    if not weights.exists():
-        t = time.perf_counter()
-        part = weights.with_suffix(".partial")
-        make = tiny.make_flux2 if spec.family == "flux2" else tiny.make_ltxav
-        make(part, config=config, dtype=dtype, device=a.device)
-        part.rename(weights)
-        print(
-            f"# wrote {weights} ({weights.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t:.1f} s", flush=True
-        )
+    weights = ensure_weights(a.model, wd, a.device)
     server_dev = a.server_device or ("cuda:1" if cuda and torch.cuda.device_count() > 1 else a.device)
     emu_links = [linkemu.parse_link(k) for k in links if k != DIRECT]
     emu_rows = linkemu.selftest(emu_links, a.selftest_mb) if a.selftest_mb > 0 and emu_links else []
     srv = Daedalus(weights, n, server_dev, a.comfyui, wd / "state", threads)
     print(f"# Daedalus on {server_dev}, port {srv.port}", flush=True)
 
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
-
     try:
         with torch.inference_mode():  # as ComfyUI's node execution loads it
             model = comfy.sd.load_diffusion_model(str(weights))
         inputs = model_inputs(spec, config, res, a.batch)
-
-        def sample(m: Any) -> tuple[Any, float, list[float]]:
-            stamps: list[float] = []
-            sync()
-            t = time.perf_counter()
-            with torch.inference_mode():
-                out = comfy.sample.sample(
-                    m, inputs["noise"], a.steps, cfg_scale, "euler", "simple", inputs["positive"], inputs["negative"],
-                    inputs["latent_image"], seed=0, disable_pbar=True, callback=lambda *_: stamps.append(time.perf_counter()),
-                )  # fmt: skip
-            sync()
-            total = time.perf_counter() - t
-            return out, total, [b - c for b, c in zip(stamps[1:], stamps[:-1], strict=False)] or [total]
-
-        def between() -> None:
-            comfy.model_management.unload_all_models()
-            if cuda:
-                torch.cuda.empty_cache()
-
+        sample = sampler(comfy, inputs, a.steps, cfg_scale, cuda)
+        between = unloader(comfy, cuda)
         row_ref = row_by_row(model) if any(m.get("rows") == "on" for m in modes.values()) else None
         rows = measure(sample, model, ("127.0.0.1", srv.port), srv.token, n, links, a.codecs.split(","), modes,
                        repeats=a.repeats, between=between, say=lambda s: print("#", s, flush=True),

@@ -29,6 +29,8 @@ const CSS = `
 .mesh-banner span{flex:1;overflow-wrap:anywhere}
 .mesh-banner button{background:none;border:0;color:#fff;cursor:pointer;padding:0 2px}
 .mesh-stats{color:#9ab;font-size:11px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;min-height:14px}
+.mesh-suggest{color:#9ab;font-size:11px;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}
+.mesh-suggest.changed{color:#d8b45a}
 .mesh-modal{position:fixed;inset:0;background:#0008;z-index:10000;display:flex;align-items:center;justify-content:center}
 .mesh-modal>div{background:#222;color:#ddd;border:1px solid #555;border-radius:8px;padding:16px 20px;max-width:640px;
   max-height:80vh;overflow:auto;font:13px/1.5 system-ui,sans-serif}
@@ -113,6 +115,7 @@ function render(node) {
     ui.confirmBtn.hidden = m.kind !== "confirm";
     ui.confirmBtn.textContent = `✓ Confirm: reconfigure the server to n_blocks=${m.wanted}`;
   }
+  ui.suggest.hidden = !L.suggestionApplies(ui.suggestLine, v); // a run at another n makes it stale
   resize(node);
 }
 
@@ -283,12 +286,14 @@ function setupNode(node) {
   bannerBox.hidden = true;
   const stats = el("div", "mesh-stats", "");
   stats.title = "Last remote step: codec, bytes sent/received, round trip (server forward time), encode time";
-  inner.append(row, confirmBox, bannerBox, stats);
+  const suggest = el("div", "mesh-suggest", "");
+  suggest.hidden = true;
+  inner.append(row, confirmBox, bannerBox, stats, suggest);
   for (const e of ["pointerdown", "mousedown", "wheel"]) root.addEventListener(e, (ev) => ev.stopPropagation());
 
   const remembered = (node.widgets ?? []).map((w) => w.name).filter(Boolean);
   node.__mesh = { root, inner, row, light, text, confirm: confirmBox, confirmText, confirmBtn, banner: bannerBox,
-    bannerText, stats, remembered, height: 0 };
+    bannerText, stats, suggest, remembered, height: 0 };
   const w = node.addDOMWidget("mesh_status", "mesh-status", root, {
     serialize: false,
     hideOnZoom: false,
@@ -329,6 +334,16 @@ function onBanner({ detail }) {
 function onStats({ detail }) {
   const node = L.resolveExecutionId(app.rootGraph ?? app.graph, detail?.node_id);
   if (!node?.__mesh) return;
+  const line = L.suggestionLine(detail);
+  if (line) {
+    const ui = node.__mesh;
+    ui.suggestLine = line;
+    ui.suggest.textContent = line.text;
+    ui.suggest.title = line.title;
+    ui.suggest.classList.toggle("changed", line.changed);
+    render(node);
+    return;
+  }
   node.__mesh.stats.textContent = L.formatStats(detail);
 }
 

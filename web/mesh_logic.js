@@ -148,6 +148,29 @@ export function formatStats(s) {
     `round trip ${ms(s.round_trip_ms)} (server ${ms(s.server_forward_ms)}) · encode ${ms(s.encode_ms)}`;
 }
 
+/**
+ * The n_blocks_remote suggestion of a mesh-stats event ({suggestion} at a generation's end, balance.py),
+ * or null when the event carries none: {text, title, changed, current}. Advice only: nothing changes by
+ * itself; the line is shown while the node's n_blocks_remote is still the measured one (`current`).
+ */
+export function suggestionLine(s) {
+  const g = s?.suggestion;
+  if (!g || typeof g !== "object") return null;
+  const changed = g.changed === true && Number.isInteger(g.suggested) && g.suggested !== g.current;
+  const text = String(g.text ?? "");
+  if (!text) return null;
+  const title = changed
+    ? `Estimated from the last run (${g.calls} remote calls, ${g.mode}): set n_blocks_remote to ${g.suggested} ` +
+      `and press Confirm to try it. Allowed here: ${(g.range ?? []).join("..")}. Nothing changes by itself.`
+    : `Estimated from the last run (${g.calls} remote calls, ${g.mode}): no other n_blocks_remote is clearly faster.`;
+  return { text: changed ? `suggestion: ${text}` : text, title, changed, current: Number(g.current) };
+}
+
+/** Whether a suggestion line (from suggestionLine) still speaks of the node's n_blocks_remote. */
+export function suggestionApplies(line, values) {
+  return !!line && Number(values?.n_blocks_remote) === line.current;
+}
+
 export const BANNER_LEVELS = {
   ok: { color: "#1f7a3a", persist: false },
   info: { color: "#28589c", persist: false },
@@ -209,7 +232,9 @@ export const HELP_SECTIONS = [
   ["n_blocks_remote", "How many blocks, counted from the END of the model, run on Daedalus. It must equal the " +
     "server's n_blocks: when they differ, press Confirm and the server reloads with this node's value (queueing is " +
     "blocked until then), or set n_blocks_remote to the server's value. 0 runs everything here. More blocks remote " +
-    "= less VRAM here, more work there; the bytes per step do not change."],
+    "= less VRAM here, more work there; the bytes per step do not change. After a run, a line under the node " +
+    "may suggest another value: estimated from the times measured on both sides and the link in that run, so " +
+    "both GPUs do similar work. It is advice: nothing changes until you set it and press Confirm."],
   ["LoRA order", "A LoRA loaded BEFORE Icarus changes the whole model: with forward_client_loras on, its weights " +
     "for the remote blocks are sent to Daedalus once per change. A LoRA loaded AFTER Icarus stays local (front " +
     "half only). For big LoRAs (over ~500 MB) load them on both sides instead: in the Daedalus window's LoRA slots " +

@@ -138,3 +138,25 @@ test("Icarus node definitions are found by the flag on their model input", () =>
   assert.equal(L.isIcarusDef({ name: "KSampler", input: { required: { model: ["MODEL", {}] } } }), false);
   assert.equal(L.isIcarusDef(undefined), false);
 });
+
+test("the n_blocks_remote suggestion: a line of its own, shown while n_blocks_remote is the measured one", () => {
+  const g = { current: 16, suggested: 22, changed: true, mode: "rows", calls: 40, range: [1, 32],
+    text: "n_blocks_remote 16 -> 22: client 61 ms, server 48 ms, link 9 ms per step; est. 0.21 -> 0.18 s/step (rows)" };
+  const line = L.suggestionLine({ node_id: "7", suggestion: g });
+  assert.equal(line.text, "suggestion: " + g.text);
+  assert.equal(line.changed, true);
+  assert.equal(line.current, 16);
+  assert.match(line.title, /set n_blocks_remote to 22 and press Confirm/);
+  assert.match(line.title, /Allowed here: 1\.\.32/);
+  assert.equal(L.suggestionApplies(line, { n_blocks_remote: 16 }), true);
+  assert.equal(L.suggestionApplies(line, { n_blocks_remote: 22 }), false); // applied: stale until the next run
+  assert.equal(L.suggestionApplies(null, { n_blocks_remote: 16 }), false);
+  const stays = L.suggestionLine({ suggestion: { ...g, suggested: 16, changed: false, text: "n_blocks_remote 16 stays: x" } });
+  assert.equal(stays.text, "n_blocks_remote 16 stays: x");
+  assert.equal(stays.changed, false);
+  assert.match(stays.title, /no other n_blocks_remote is clearly faster/);
+  // a stats event is not a suggestion, and a suggestion event is not a stats line
+  assert.equal(L.suggestionLine({ call: 3, codec: "raw" }), null);
+  assert.equal(L.suggestionLine({ suggestion: { current: 4 } }), null);
+  assert.equal(L.suggestionLine(null), null);
+});
