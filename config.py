@@ -22,6 +22,7 @@ from .constants import (
     MAX_DECODED_REQUEST_BYTES,
     MAX_INFLIGHT_BYTES,
     MAX_LORA_BYTES,
+    MAX_PATCH_KV_BYTES,
     MAX_UNAUTHENTICATED,
     MAX_UNAUTHENTICATED_PER_ADDRESS,
     READ_TIMEOUT_S,
@@ -133,6 +134,7 @@ class ServerConfig:
     max_const_total_bytes: int = MAX_CONST_TOTAL_BYTES  # every connection's constants caches
     max_codec_state_total_bytes: int = MAX_CODEC_STATE_TOTAL_BYTES  # every connection's temporal references
     max_lora_bytes: int = MAX_LORA_BYTES  # forwarded LoRA sets kept unpacked by the back half
+    max_patch_kv_bytes: int = MAX_PATCH_KV_BYTES  # stale keys / values of pipelined generations (patchpipe)
     loras: tuple = field(default_factory=tuple)  # ((path, strength), ...) server-side LoRA slots
     # Decode clients' nvCOMP ANS payloads on the GPU. nvCOMP does not validate its bitstreams, so a
     # client holding the token could fault the GPU with crafted bytes; False asks clients for zstd.
@@ -168,6 +170,7 @@ class ServerConfig:
             "max_const_total_bytes",
             "max_codec_state_total_bytes",
             "max_lora_bytes",
+            "max_patch_kv_bytes",
             "samehost_max_bytes",
         ):
             v = getattr(self, name)

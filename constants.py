@@ -230,3 +230,14 @@ BALANCE_MIN_CALLS = 2
 # Per-call timings a SplitRun keeps for the suggestion (the newest; a ComfyUI without OUTER_SAMPLE never
 # ends a generation, so they would grow without bound).
 BALANCE_MAX_CALLS = 512
+
+# ---------------------------------------------------------------------------- displaced patch pipelining
+# patchpipe.py, docs/PROTOCOL.md §6.3. The node's choices of patches per model call ("off": exact);
+# model calls of a generation run exact (and fill the stale K/V) before the first patched one.
+PATCH_CHOICES = ("off", "2", "4", "8")
+PATCH_WARMUP_CALLS = 2
+PATCH_MAX_COUNT = 64  # patches per call a request may name (FORWARD scalar ``patch``)
+PATCH_MAX_TOKENS = 1 << 22  # image tokens of one call a request may name
+# The stale K/V Daedalus keeps for pipelined generations, all clients together (--max-patch-kv-mb):
+# Klein 9B's 24 single blocks at 1024x1024 (4096 image tokens, bf16, width 4096) take ~1.6 GB.
+MAX_PATCH_KV_BYTES = 8 << 30

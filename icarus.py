@@ -12,6 +12,9 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
   one-row calls in a pipeline (``rows.py``): the front half of row r+1 runs while row r is on the wire
   and on the server, each row in flight on a connection of its own ("lane"); decided once per
   generation (``SplitRun.row_lanes``) and logged;
+* opt-in and approximate, a one-row model call runs as M patch calls in the same pipeline
+  (``patchpipe.py``): after ``patch_warmup`` exact calls, each patch's attentions see the other
+  patches' keys / values of the previous call (``SplitRun._patch_plan``);
 * a keyed ``OUTER_SAMPLE`` wrapper (as ComfyUI's EasyCache does) scopes a generation: the
   call counter, a generation id that names the temporal codec stream (cond and uncond
   calls keep separate references), the adapter's scratch and the constants memo are fresh
@@ -41,10 +44,11 @@ from typing import Any
 
 import torch
 
-from . import arch, balance, codec, lora_io, rows
+from . import arch, balance, codec, lora_io, patchpipe, rows
 from .config import ClientConfig
 from .constants import (
     BALANCE_MAX_CALLS,
+    PATCH_WARMUP_CALLS,
     ROW_AUTO_FAST_LINK_BPS,
     ROW_LANES,
     ROW_MEMO_KEEP_MAX,
@@ -148,12 +152,21 @@ class SplitSettings:
     # "on", "off".
     rows: str = "auto"
     row_lanes: int = ROW_LANES  # rows in flight at once, one connection (server session) each
+    # Displaced patch pipelining (patchpipe.py) of one-row calls: patches per call (0 / 1: off) and the
+    # exact model calls of each generation before the first patched one (they fill the stale K/V).
+    patches: int = 0
+    patch_warmup: int = PATCH_WARMUP_CALLS
 
     def __post_init__(self) -> None:
         if self.rows not in ROW_MODES:
             raise LocalError(f"row pipelining is {self.rows!r}; choose one of {', '.join(ROW_MODES)}")
         if self.row_lanes < 1:
             raise LocalError(f"row_lanes is {self.row_lanes}: at least 1 row must be able to be in flight")
+        if self.patches < 0 or self.patch_warmup < 1:
+            raise LocalError(
+                f"patch pipelining {self.patches} patches after {self.patch_warmup} exact calls: patches must be "
+                ">= 0 and patch_warmup >= 1 (the stale keys / values come from an exact call)"
+            )
 
 
 class SplitRun:
@@ -188,6 +201,12 @@ class SplitRun:
         self.model_calls = 0
         self.n_range: tuple[int, int] | None = None
         self.suggestion: balance.Suggestion | None = None
+        # Patch pipelining, per generation: model calls seen, the front blocks' stale K/V, what was
+        # decided (None: not yet; "" on; else why exact), the connections patches go on.
+        self.patch_calls = 0
+        self.patch_kv = patchpipe.KVStore(where=f" ({settings.client.address})")
+        self.patch_off: str | None = None
+        self.patch_lanes = 0
 
     def expect(self) -> dict[str, Any]:
         return {"arch": self.adapter.family, "n_blocks": self.plan.n_remote, "fingerprint": self.fingerprint}
@@ -217,6 +236,8 @@ class SplitRun:
         self._used = []
         self.timings.clear()
         self.model_calls = 0
+        self.patch_calls, self.patch_off, self.patch_lanes = 0, None, 0
+        self.patch_kv.clear()
 
     def end_generation(self) -> None:
         """The run ended (or failed): drop its temporal references and per-run caches."""
@@ -233,6 +254,8 @@ class SplitRun:
         self.lanes = None
         self.adapter_state.clear()
         self.memo.clear()
+        self.patch_calls, self.patch_off, self.patch_lanes = 0, None, 0
+        self.patch_kv.clear()
 
     def outer_sample_wrapper(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         self.begin_generation()
@@ -283,8 +306,11 @@ class SplitRun:
             self._check_control(call_argument(executor.original, "control", args, kwargs))
         parts = rows.split_call(args, kwargs, self.adapter.row_constants) if self.settings.rows != "off" else []
         lanes = self.row_lanes(len(parts)) if parts else 0
+        patched = self._patch_plan(executor, args, kwargs) if self.settings.patches > 1 else None
         handles = self._hook_captures(dm)
         try:
+            if patched is not None:
+                return self._run_patches(executor, args, kwargs, patched)
             if not lanes:
                 return self._call(executor, args, kwargs)
 
@@ -325,17 +351,134 @@ class SplitRun:
         lane: int = 0,
         row: rows.Row | None = None,
         sent: threading.Event | None = None,
+        patch: patchpipe.PatchSpec | None = None,
     ) -> Any:
-        """One model call (the whole batch, or one row of it on ``lane``) with its per-call scratch."""
+        """One model call (the whole batch, or one row of it on ``lane``, or one patch) with its
+        per-call scratch."""
         values: dict[str, Any] = self.adapter.call_info(args, kwargs)
         for name in self.adapter.captures:
             values[name] = None
         start = _mark(_device(args, kwargs))  # the front half's start (balance.py)
-        self._tls.call = {"out": None, "values": values, "lane": lane, "row": row, "sent": sent, "start": start}
+        self._tls.call = {
+            "out": None,
+            "values": values,
+            "lane": lane,
+            "row": row,
+            "sent": sent,
+            "start": start,
+            "patch": patch,
+        }
         try:
             return executor(*args, **kwargs)
         finally:
             self._tls.call = None
+
+    # ------------------------------------------------------------------ patch pipelining
+    def _patch_plan(
+        self, executor: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> list[tuple[patchpipe.PatchSpec, tuple[int, int]]] | None:
+        """How this model call runs with patch pipelining on: None as without it (the reason is logged
+        once per generation), one exact full call recording the stale K/V (a warm-up call), or the
+        patch calls ((spec, latent row band) each)."""
+        support = self.adapter.patch
+        why = ""
+        options = next((v for v in (*args, *kwargs.values()) if rows.is_options(v)), None)
+        if support is None:
+            why = f"{self.adapter.display} has no patch pipelining"
+        elif not _comfy_attention_override():
+            why = "this ComfyUI has no optimized_attention_override (an attention hook): upgrade ComfyUI"
+        elif self.generation is None:
+            why = "this ComfyUI has no OUTER_SAMPLE wrapper to scope a generation's stale keys / values"
+        elif rows.batch_size(args, kwargs) != 1:
+            why = f"the calls carry {rows.batch_size(args, kwargs)} rows (CFG > 1 or batch > 1): rows pipeline"
+        elif options is None or patchpipe.OVERRIDE_KEY in options or support.rope_shift in options:
+            why = "another node set the attention override or the RoPE options this needs"
+        elif kwargs.get("attention_mask") is not None:
+            why = "the calls carry an attention mask"
+        elif any(call_argument(executor.original, a, args, kwargs) is not None for a in support.exact_if_set):
+            why = f"the calls carry {'/'.join(support.exact_if_set)}"
+        if why:
+            if self.patch_off != why:
+                self.patch_off = why
+                log.info("ComfyUI-Mesh %s: patch pipelining off, exact: %s", self.settings.client.address, why)
+            return None
+        assert support is not None
+        x = args[support.latent_arg] if len(args) > support.latent_arg else None
+        if not isinstance(x, torch.Tensor) or x.dim() < 2:
+            return None
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        cut = patchpipe.bands(height, self.settings.patches, support.token_cell)
+        specs = patchpipe.specs(cut, height, width, support.token_cell)
+        with self._lock:
+            n = self.patch_calls
+            self.patch_calls += 1
+        if n < self.settings.patch_warmup or len(cut) < 2:
+            return [(patchpipe.PatchSpec.full(specs[0].total), (0, height))]
+        if self.patch_off is None:
+            self.patch_off = ""
+            self.patch_lanes = self._open_lanes()
+            self.memo.keep = max(self.memo.keep, min(len(cut) + 1, ROW_MEMO_KEEP_MAX))  # constants per patch
+            log.info(
+                "ComfyUI-Mesh %s: patch pipelining on (approximate) from call %d: %d patches of %s latent rows, "
+                "%d in flight",
+                self.settings.client.address,
+                n + 1,
+                len(cut),
+                "/".join(str(b - a) for a, b in cut),
+                self.patch_lanes,
+            )
+        return list(zip(specs, cut, strict=True))
+
+    def _run_patches(
+        self,
+        executor: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        patched: list[tuple[patchpipe.PatchSpec, tuple[int, int]]],
+    ) -> Any:
+        """The patch calls of one model call (or its exact warm-up call), their outputs joined by rows."""
+        support = self.adapter.patch
+        assert support is not None
+        parts = []
+        for spec, (h0, h1) in patched:
+
+            def place(v: Any, _spec: patchpipe.PatchSpec = spec, _h0: int = h0) -> Any:
+                if not rows.is_options(v):
+                    return v
+                o = dict(v)  # the model writes block indices into it: one per patch (they run at once)
+                o[patchpipe.OVERRIDE_KEY] = patchpipe.attention_override(self.patch_kv, _spec)
+                if not _spec.exact:
+                    o[support.rope_shift] = {"shift_y": float(_h0 // support.token_cell)}
+                return o
+
+            pa = [place(v) for v in args]
+            if not spec.exact:
+                pa[support.latent_arg] = args[support.latent_arg][..., h0:h1, :]
+            pk = {k: place(v) for k, v in kwargs.items()}
+            parts.append((spec, rows.Row(spec.index, tuple(pa), pk, None, spec.index)))
+        if len(parts) == 1:
+            spec, row = parts[0]
+            return self._call(executor, row.args, row.kwargs, patch=spec)
+        specs = {row.index: spec for spec, row in parts}
+
+        def one(row: rows.Row, lane: int, sent: threading.Event) -> Any:
+            return self._call(executor, row.args, row.kwargs, lane, row, sent, specs[row.index])
+
+        outs = rows.run_rows([r for _, r in parts], one, max(self.patch_lanes, 1), _device(args, kwargs), self._streams)
+        return torch.cat(outs, dim=-2)
+
+    def _open_lanes(self) -> int:
+        """Connections patches go on (up to ``row_lanes``; one the server refuses leaves fewer)."""
+        lanes = 1
+        self.client(0).connect_retrying(self.settings.on_status)
+        for lane in range(1, self.settings.row_lanes):
+            try:
+                self.client(lane).connect()
+            except MeshError as e:
+                log.info("ComfyUI-Mesh: connection %d for patch pipelining refused (%s)", lane + 1, e)
+                break
+            lanes += 1
+        return lanes
 
     def row_lanes(self, n: int) -> int:
         """Rows in flight for this generation's calls of ``n`` >= 2 rows (0: the batch goes as one call).
@@ -424,6 +567,8 @@ class SplitRun:
                 self._used.append(client)
         if self.lora is not None:
             scalars["lora"], consts["lora"] = self.lora
+        if call.get("patch") is not None:  # the server's blocks use its own stale K/V (PROTOCOL.md §6.3)
+            scalars["patch"] = call["patch"].wire()
         device = next(iter(coded.values())).device
         seam_at = _mark(device)  # the front half's end: queued after its work (no sync here)
         if call.get("sent") is not None:
@@ -478,6 +623,16 @@ def call_argument(fn: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, A
         if p.name == name:
             return args[i]
     return None
+
+
+def _comfy_attention_override() -> bool:
+    """This ComfyUI's attention functions call ``transformer_options["optimized_attention_override"]``
+    (a feature check: ``wrap_attn`` came with it)."""
+    try:
+        import comfy.ldm.modules.attention as attention
+    except ImportError:
+        return False
+    return hasattr(attention, "wrap_attn")
 
 
 def _device(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.device | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import arch, codec, ui_events
-from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB, ROW_MODES
+from .constants import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SNR_DB, PATCH_CHOICES, PATCH_WARMUP_CALLS, ROW_MODES
 from .errors import LocalError, MeshError
 from .host import client_config
 from .icarus import SplitSettings, split_model
@@ -50,6 +50,12 @@ TOOLTIPS = {
     "at least this signal-to-noise ratio against its own spread over the tokens, the few huge ('massive') "
     "channels of trained models and the quiet ones alike. 27 dB (the default) = the old cosine 0.999; each "
     "+6 dB costs about 1 bit per value more.",
+    "patch_pipelining": "APPROXIMATE, for one-row calls (FLUX.2 at CFG 1): each model call after the warm-up "
+    "runs as 2 / 4 / 8 patches (bands of latent rows), the next patch's first half computing while this one is "
+    "on the network and on Daedalus; each patch sees the other patches as they were one step earlier. off: "
+    "exact. Families without support, and calls with CFG rows, run exact (logged).",
+    "patch_warmup": "Model calls (steps at CFG 1) of each generation that run exact before patch pipelining "
+    "starts; they also record what the patches see of one another.",
 }
 
 # Marks an Icarus node in /object_info (an option of its model input): the node UI (web/mesh.js)
@@ -68,10 +74,12 @@ INPUTS: dict[str, tuple[Any, dict[str, Any]]] = {
     "forward_client_loras": ("BOOLEAN", {"default": True}),
     "fidelity_db": ("FLOAT", {"default": DEFAULT_SNR_DB, "min": 6.0, "max": 60.0, "step": 0.5}),
     "row_pipelining": (list(ROW_MODES), {"default": "auto"}),
+    "patch_pipelining": (list(PATCH_CHOICES), {"default": "off"}),
+    "patch_warmup": ("INT", {"default": PATCH_WARMUP_CALLS, "min": 1, "max": 10000}),
 }
 # Inputs added after the original project's: optional, so saved workflows and API prompts
 # without them still validate (they get the default).
-OPTIONAL_INPUTS = ("fidelity_db", "row_pipelining")
+OPTIONAL_INPUTS = ("fidelity_db", "row_pipelining", "patch_pipelining", "patch_warmup")
 
 
 @dataclass(frozen=True)
@@ -169,6 +177,8 @@ class MeshSplitFlux:
                 },
                 forward_loras=bool(v["forward_client_loras"]),
                 rows=str(v["row_pipelining"]),
+                patches=0 if str(v["patch_pipelining"]) == "off" else int(v["patch_pipelining"]),
+                patch_warmup=int(v["patch_warmup"]),
                 node_id=str(unique_id),
                 on_step=ui_events.step_reporter(unique_id, codec_mode),
                 on_status=ui_events.status_reporter(unique_id),

@@ -72,6 +72,20 @@ class SeamCall:
     memo: ConstMemo  # per-generation constants memo (see payload.ConstMemo)
 
 
+@dataclass(frozen=True)
+class PatchSupport:
+    """How a family's one-row model call is cut into patch calls (``patchpipe.py``, opt-in, approximate):
+    bands of rows of the latent argument ``latent_arg`` (dimension -2), each placed at its rows by
+    ``transformer_options[rope_shift] = {"shift_y": first token row}`` (ComfyUI's RoPE options); its
+    tokens are the latent's ``token_cell`` x ``token_cell`` cells, row-major. A call whose arguments
+    named in ``exact_if_set`` are set (reference latents: their tokens are no patch's) runs exact."""
+
+    latent_arg: int = 0
+    rope_shift: str = "rope_options"
+    token_cell: int = 1
+    exact_if_set: tuple[str, ...] = ()
+
+
 def no_call_info(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     return {}
 
@@ -131,6 +145,8 @@ class Adapter:
     # Keyword arguments of the diffusion model call that are never cut into rows (rows.split_call):
     # ComfyUI's CONDConstant inputs, which are not batched (their first dimension may equal B by chance).
     row_constants: tuple[str, ...] = ()
+    # Displaced patch pipelining (patchpipe.py): None where the family does not support it (runs exact).
+    patch: PatchSupport | None = None
 
     def passthrough(self, args: dict[str, Any]) -> dict[str, Any]:
         """A remote block's hook result: its inputs, unchanged (the seam block's hook did the work)."""

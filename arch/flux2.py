@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from .. import patchpipe
 from ..errors import LocalError, RemoteProtocolError
 from ..payload import SeamPayload
-from . import Adapter, Capture, SeamCall, SplitPlan, register
+from . import Adapter, Capture, PatchSupport, SeamCall, SplitPlan, register
 
 DOUBLE, SINGLE = "double_blocks", "single_blocks"
 
@@ -139,12 +140,14 @@ def run_blocks(
     need: list[str],
     double_vec: Callable[[int], Any],
     single_vec: Callable[[int], Any],
+    options: dict[str, Any] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """Run the slim ``Flux``-style model's blocks as the tail of its ``forward_orig`` does, from the seam
     state in ``t``: (image tokens before the head [B, L_img_all, H], main image token count).
 
     ``need``: the family's other tensors a request must carry; ``double_vec(i)`` / ``single_vec(i)``:
-    the ``vec`` argument of the slim model's double / single block ``i``."""
+    the ``vec`` argument of the slim model's double / single block ``i``; ``options``: more of the
+    blocks' transformer_options (a patch call's attention override)."""
     try:
         seam, txt_len, img_len = s["seam"], int(s["txt_len"]), int(s["img_len"])
         pe = t["pe"]
@@ -158,7 +161,7 @@ def run_blocks(
     expected = DOUBLE if nd else SINGLE
     if seam != expected:
         raise RemoteProtocolError(f"request cuts at {seam} but this server's first block is in {expected}")
-    topts: dict[str, Any] = {}
+    topts: dict[str, Any] = dict(options or {})
     if nd:
         img, txt = t["img"], t["txt"]
         topts.update(total_blocks=plan.counts[DOUBLE], block_type="double")
@@ -194,7 +197,9 @@ def server_forward(dm: Any, plan: SplitPlan, t: dict[str, torch.Tensor], s: dict
             dvec = ((mi[0], mi[1]), (mt[0], mt[1]))
         if ns:
             (smod,) = _unpack(t["mod_single"], 1)
-    img, img_len = run_blocks(dm, plan, t, s, "FLUX.2", need, lambda i: dvec, lambda i: smod)
+    override = patchpipe.serving_override()  # a patch call (PROTOCOL.md §6.3): fresh + stale keys / values
+    options = {patchpipe.OVERRIDE_KEY: override} if override is not None else None
+    img, img_len = run_blocks(dm, plan, t, s, "FLUX.2", need, lambda i: dvec, lambda i: smod, options)
     out = dm.final_layer(img, t["vec"])
     return {"out": out[:, :img_len]}
 
@@ -231,5 +236,7 @@ ADAPTER = register(
         pad_head_tokens=True,  # reference-image tokens: the server returns the main image tokens only
         request_names=r"img|txt|x|vec|mod_img|mod_txt|mod_single|pe|attn_mask",
         request_widths={"img": "hidden_size", "txt": "hidden_size", "x": "hidden_size", "vec": "hidden_size"},
+        # FLUX.2 latents are already patchified (patch_size 1): a token is a latent cell
+        patch=PatchSupport(latent_arg=0, rope_shift="rope_options", token_cell=1, exact_if_set=("ref_latents",)),
     )
 )

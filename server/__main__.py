@@ -43,6 +43,8 @@ LIMITS = (
     ("--max-codec-state-total-mb", "max_codec_state_total_bytes", "MB",
      "server-wide: every connection's temporal-codec references"),
     ("--max-lora-mb", "max_lora_bytes", "MB", "server-wide: forwarded LoRA sets kept unpacked on the device"),
+    ("--max-patch-kv-mb", "max_patch_kv_bytes", "MB",
+     "server-wide: stale keys / values of patch-pipelined generations (per client and generation)"),
     ("--max-unauthenticated", "max_unauthenticated", None,
      "connections still in the handshake, all addresses (a new one pushes out the oldest)"),
     ("--max-unauthenticated-per-address", "max_unauthenticated_per_address", None,

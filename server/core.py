@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import auth, codec, hostmem, samehost, streaming
+from .. import auth, codec, hostmem, patchpipe, samehost, streaming
 from ..config import ServerConfig
 from ..constants import (
     LINGER_S,
@@ -109,6 +109,8 @@ class ServerStats:
     samehost_sessions: int = 0  # sessions opened on the same-host fast path (samehost.py)
     samehost_bytes_in: int = 0  # payload bytes received / sent through shared memory or CUDA IPC
     samehost_bytes_out: int = 0
+    patch_kv_bytes: int = 0  # stale keys / values of pipelined generations held (patchpipe.KVRegistry, §6.3)
+    patch_kv_stores: int = 0  # ... for that many (client, generation)s
 
 
 class ServerState:
@@ -161,6 +163,7 @@ class ServerState:
         if not self.factories:
             raise LocalError("no backend to serve: give --weights (or --toy)")
         self.backends: list[Backend] = self._build(cfg.n_blocks)
+        self.patch_kv = patchpipe.KVRegistry(cfg.max_patch_kv_bytes)  # §6.3: per client and generation
         # The same-host proof's secret while a DaedalusServer listens (samehost.HostSecret).
         self.host_secret: samehost.HostSecret | None = None
 
@@ -299,6 +302,19 @@ class ServerState:
         with self._stats_lock:
             self.stats.clients -= 1
             self._sessions.discard(session)
+
+    def patch_kv_changed(self, peer: str, why: str, released: int) -> None:
+        """Stats after stale keys / values were dropped (``released`` bytes; logged when any)."""
+        self.stats.patch_kv_bytes, self.stats.patch_kv_stores = self.patch_kv.nbytes, len(self.patch_kv)
+        if released:
+            log.info(
+                "%s: patch K/V released (%s): %.2f MB; %d generation(s), %.2f MB held",
+                peer,
+                why,
+                released / 1e6,
+                len(self.patch_kv),
+                self.patch_kv.nbytes / 1e6,
+            )
 
     def emit(self, **event: Any) -> None:
         if self.on_event is not None:
@@ -492,6 +508,7 @@ class Session:
         self.codec_state.clear()
         self._account_codec_state()
         self.consts.clear()
+        self.state.patch_kv_changed(self.peer, "connection closed", self.state.patch_kv.leave(id(self)))
         if self.chan is not None:
             self.chan.close()
             self.chan = None
@@ -771,6 +788,10 @@ class Session:
         generation's (those of another generation are still in use). Counts no step."""
         held = self._account_codec_state()
         released = held if temporal.end_stream(self.codec_state, msg.gen, RemoteProtocolError) else 0
+        if msg.gen is not None:  # a pipelined generation's stale keys / values (§6.3) go too
+            kv = self.state.patch_kv.end(self.token_name, msg.gen)
+            self.state.patch_kv_changed(self.peer, "generation ended", kv)
+            released += kv
         if released:
             log.debug("%s: generation ended, released %.2f MB of codec references", self.peer, released / 1e6)
         return StreamEnded(gen=msg.gen, released=released)
@@ -799,6 +820,7 @@ class Session:
         if mismatch:
             return mismatch
         codec.by_id(msg.reply_codec)  # unknown reply codec: refuse before running the step
+        self._patch_spec(msg)  # a malformed or unsupported ``patch``: refuse before decoding
         self.step_phase = "decode"
         t0 = time.perf_counter()
         incoming: dict[str, WireTensor] = {}
@@ -852,6 +874,29 @@ class Session:
             return err
         self._inbound = ib
         return None
+
+    def _patch_spec(self, msg: Forward) -> patchpipe.PatchSpec | None:
+        """The request's ``patch`` scalar (§6.3), checked: None when it has none."""
+        if "patch" not in msg.scalars:
+            return None
+        spec = patchpipe.PatchSpec.parse(msg.scalars["patch"])
+        gen = msg.stream.get("gen") if isinstance(msg.stream, dict) else None
+        if not isinstance(gen, str) or not gen:
+            raise RemoteProtocolError("a request with 'patch' must name its generation (stream.gen)")
+        b = self.backend  # the checkpoint this session is bound to (§5.4)
+        if getattr(getattr(b, "adapter", None), "patch", None) is None:
+            raise RemoteProtocolError(
+                f"this server's back half ({b.arch}, {b.model_name}) has no patch pipelining: set patch_pipelining off"
+            )
+        return spec
+
+    def _patch_override(self, msg: Forward) -> Any:
+        """The attention override of a request with ``patch``: this client's generation's store."""
+        spec = self._patch_spec(msg)
+        if spec is None:
+            return None
+        store = self.state.patch_kv.store(self.token_name, str(msg.stream["gen"]), id(self))
+        return patchpipe.attention_override(store, spec)
 
     def _decode_coded(
         self, incoming: dict[str, WireTensor], stream: dict, device: torch.device
@@ -947,7 +992,7 @@ class Session:
             if mismatch:
                 return mismatch
             t1 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), patchpipe.serving(self._patch_override(msg)):
                 out = b.forward(tensors, dict(msg.scalars))
             if b.device.type == "cuda":
                 torch.cuda.synchronize(b.device)

@@ -26,8 +26,13 @@ def test_input_names_and_order_stay_those_of_saved_workflows():
         assert spec["required"]["model"][1][ICARUS_FLAG] is True  # how web/mesh.js finds Icarus nodes
     assert (MeshSplitFlux.DISPLAY, MeshSplitLTX.DISPLAY) == ("ComfyUI Mesh : Icarus", "ComfyUI Mesh : Icarus LTX")
     # inputs newer than the original's are optional: old workflows and API prompts without them validate
+    assert list(flux["optional"]) == ["fidelity_db", "row_pipelining", "patch_pipelining", "patch_warmup"]
+    assert list(ltx["optional"]) == ["fidelity_db", "row_pipelining"]  # no LTX-AV patch pipelining
+    kind, opts = flux["optional"]["patch_pipelining"]
+    assert kind == ["off", "2", "4", "8"] and opts["default"] == "off" and "APPROXIMATE" in opts["tooltip"]
+    kind, opts = flux["optional"]["patch_warmup"]
+    assert kind == "INT" and opts["default"] == 2 and opts["min"] == 1
     for spec in (flux, ltx):
-        assert list(spec["optional"]) == ["fidelity_db", "row_pipelining"]
         kind, opts = spec["optional"]["fidelity_db"]
         assert kind == "FLOAT" and opts["default"] == 27.0 and "per-channel" in opts["tooltip"].lower()
         kind, opts = spec["optional"]["row_pipelining"]
@@ -44,6 +49,8 @@ def test_bind_reads_positional_values_in_the_nodes_own_order():
     assert MeshSplitFlux.SPEC.bind((), {"fidelity_db": 33.0})["fidelity_db"] == 33.0
     assert MeshSplitLTX.SPEC.bind((), {})["row_pipelining"] == "auto"
     assert MeshSplitFlux.SPEC.bind((), {"row_pipelining": "off"})["row_pipelining"] == "off"
+    assert MeshSplitFlux.SPEC.bind((), {})["patch_pipelining"] == "off"  # old workflows: exact
+    assert MeshSplitLTX.SPEC.bind((), {})["patch_pipelining"] == "off"
     with pytest.raises(TypeError):
         MeshSplitLTX.SPEC.bind((), {"codec_qp": 3})  # not an input of this node
     with pytest.raises(TypeError):

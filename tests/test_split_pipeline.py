@@ -36,7 +36,16 @@ def test_defaults_come_first_so_given_options_win():
     lanes = sp.arguments(["--row-lanes", "3", "--steps", "2"])
     assert "rows:samehost=false,rows=on,row_lanes=3" in lanes and "--row-lanes" not in lanes
     assert lanes[-2:] == ["--steps", "2"]
-    modes = sys.modules["split_link"].parse_modes("batched,rows", ["rows:samehost=false,rows=on,row_lanes=3"])
+    patch = sp.arguments(["--model", "klein9b", "--patches", "2,4", "--patch-warmup", "3", "--steps", "8"])
+    assert patch[-2:] == ["--steps", "8"] and "--patches" not in patch and "--patch-warmup" not in patch
+    assert patch[patch.index("--cfg") + 1] == "1"  # one-row calls: patch pipelining cuts those
+    assert patch[patch.index("--modes", len(sp.DEFAULTS)) + 1] == "batched,patch2,patch4"
+    assert "patch4:samehost=false,rows=off,patches=4,patch_warmup=3" in patch
+    split_modes = sys.modules["split_link"].parse_modes
+    assert split_modes("patch2", ["patch2:samehost=false,rows=off,patches=2,patch_warmup=2"]) == {
+        "patch2": {"samehost": False, "rows": "off", "patches": 2, "patch_warmup": 2}
+    }
+    modes = split_modes("batched,rows", ["rows:samehost=false,rows=on,row_lanes=3"])
     assert modes == {
         "batched": {"samehost": False, "rows": "off"},
         "rows": {"samehost": False, "rows": "on", "row_lanes": 3},
