@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, split
+from comfy_support import Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 pytestmark = [needs_comfy]
 
@@ -109,6 +109,18 @@ def test_forwarded_lora_is_bit_identical(env):
     out = sample(comfy, m)
     assert run.lora is not None
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(env):
+    """A LoRA loaded onto the shared, unsplit model after a split run of it reaches every block (issue #17)."""
+    from comfyui_mesh import tiny
+
+    comfy, model, srv, d = env
+    weights = d / "tiny_qwen_image.safetensors"
+    lora = kohya_lora(weights, ["transformer_blocks.2.attn.to_q", "proj_out", "transformer_blocks.0.attn.to_k"], 6)
+    check_lora_after_split(
+        model, lambda: tiny.load_qwen_image(weights, tiny.QWEN_IMAGE_TINY), lambda m: sample(comfy, m), srv, 1, lora
+    )
 
 
 def control_net(comfy, residuals: dict[int, float]):
