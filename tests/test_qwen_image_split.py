@@ -89,12 +89,8 @@ def test_int8_at_its_floor(env):
 
 
 def test_forwarded_lora_is_bit_identical(env):
-    from comfyui_mesh import tiny
 
-    comfy, _, srv, d = env
-    # A fresh model: a split clone sampled earlier may still have its stubs patched into the shared
-    # one (ComfyUI unpatches at the next load), and ComfyUI's LoRA key map reads the patched modules.
-    model = tiny.load_qwen_image(d / "tiny_qwen_image.safetensors", tiny.QWEN_IMAGE_TINY)
+    comfy, model, srv, _ = env  # the shared model, split by the tests before (issue #17)
     g = torch.Generator().manual_seed(5)
     lora = {}
     for layer, (o, i) in {"transformer_blocks.2.attn.to_q": (128, 128), "proj_out": (64, 128)}.items():
