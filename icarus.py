@@ -3,7 +3,8 @@
 Done the way ComfyUI patches models, on a clone (the input MODEL is never touched):
 
 * object patches swap every remote block, and the head modules, for parameterless stubs,
-  so their weights never reach this GPU (and come back when the clone is unloaded);
+  so their weights never reach this GPU; the original modules go back into the tree the clone
+  shares with the input MODEL at the end of every sampling run (``restore_module_tree``);
 * ``patches_replace["dit"]`` hooks: the first remote block sends the seam state to the
   server, the other remote blocks pass through;
 * a keyed ``DIFFUSION_MODEL`` wrapper scopes the per-call state (the adapter's captures,
@@ -19,7 +20,7 @@ Done the way ComfyUI patches models, on a clone (the input MODEL is never touche
   call counter, a generation id that names the temporal codec stream (cond and uncond
   calls keep separate references), the adapter's scratch and the constants memo are fresh
   for every sampling run, and the connection's temporal codec state is dropped at its end,
-  on the server too;
+  on the server too; at its end the stubs leave the shared module tree.
 * every remote call is timed (``balance.CallTiming``: the front half between two CUDA events, or
   ``perf_counter`` on the CPU, read after the sync the transport does anyway; the server's forward from
   its reply); at the generation's end ``balance.suggest`` names the n_blocks_remote that would make a
@@ -263,6 +264,8 @@ class SplitRun:
             return executor(*args, **kwargs)
         finally:
             self.end_generation()
+            if not self._depth:  # the outermost run: its clone's stubs leave the shared module tree
+                restore_module_tree(getattr(executor.class_obj, "model_patcher", None))
 
     def suggest(self) -> balance.Suggestion | None:
         """This generation's n_blocks_remote suggestion (None: too few calls timed); logged and handed to
@@ -690,6 +693,33 @@ def dump_seam(prefix: str, call: int, coded: dict[str, torch.Tensor]) -> None:
             log.warning(
                 "ComfyUI-Mesh: %s is set: writing the seam tensor %r of every call to %s", SEAM_DUMP_ENV, name, path
             )
+
+
+def restore_module_tree(patcher: Any) -> None:
+    """Put the original modules back into the diffusion model tree a split clone shares with its input
+    MODEL, at the end of the clone's sampling run.
+
+    ComfyUI undoes a clone's object patches only when a clone of the model is loaded next; until then
+    the stubs stay in the tree every clone shares, so a LoraLoader on the unsplit MODEL (whose key map
+    reads that tree) would miss the remote blocks' weights (issue #17). ComfyUI's own
+    ``unpatch_model(unpatch_weights=False)`` (what its ``partially_load`` does before every load) puts
+    the modules back and keeps the loaded weights and LoRA merges; the next run's load installs the
+    stubs again. A feature check, not a version check: a ComfyUI without it keeps its old behaviour."""
+    unpatch = getattr(patcher, "unpatch_model", None)
+    if unpatch is None:
+        return
+    try:
+        params = set(inspect.signature(unpatch).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    if "unpatch_weights" not in params:
+        log.warning(
+            "ComfyUI-Mesh: this ComfyUI's ModelPatcher.unpatch_model takes no unpatch_weights: the split's stubs "
+            "stay in the shared model until its next load (load LoRAs on the unsplit MODEL in another "
+            "workflow run, or update ComfyUI)"
+        )
+        return
+    unpatch(unpatch_weights=False)
 
 
 def bypass_patches(m: Any, remote_prefixes: list[str]) -> dict[str, list[tuple[Any, ...]]]:

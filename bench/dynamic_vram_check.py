@@ -51,6 +51,7 @@ def main() -> int:
     from comfyui_mesh import tiny
 
     tiny.import_comfy(comfy_path, cpu=a.cpu)
+    import comfy.lora
     import comfy.memory_management
     import comfy.model_management as mm
     import comfy.model_patcher
@@ -121,12 +122,23 @@ def main() -> int:
                 return out, time.perf_counter() - t
 
             ref, t_ref = sample(model)
+            lora_keys = len(comfy.lora.model_lora_keys_unet(model.model, {}))
             m, run = split_model(model, SplitSettings(n_remote=n, client=ClientConfig(port=port), codec_name="raw"))
             if not a.cpu:
                 mm.unload_all_models()
                 torch.cuda.reset_peak_memory_stats(0)
             out, t_split = sample(m)
             peak = torch.cuda.max_memory_allocated(0) / 1e9 if not a.cpu else 0.0
+            # issue #17: the split run put the original modules back into the tree it shares with the input
+            # model, so a LoraLoader on the input model (its key map read from that tree) finds every weight
+            stubs = [k for k, v in model.model.diffusion_model.named_modules() if type(v).__name__.endswith("Stub")]
+            check(f"{label}: no stubs left in the shared module tree after the split run", not stubs, str(stubs[:3]))
+            keys_after = len(comfy.lora.model_lora_keys_unet(model.model, {}))
+            check(
+                f"{label}: LoRA key map of the input model complete",
+                keys_after == lora_keys,
+                f"{keys_after}/{lora_keys}",
+            )
             same = all(torch.equal(o, r) for o, r in zip(out.unbind(), ref.unbind(), strict=True))
             diff = max(
                 (o.float() - r.float()).abs().max().item() for o, r in zip(out.unbind(), ref.unbind(), strict=True)

@@ -184,3 +184,80 @@ def headless_stack(tmp_path: Path, make_weights, model_name: str, n_blocks: int 
             comfy.stop()
         if daedalus is not None:
             daedalus.stop()
+
+
+def kohya_lora(weights: Path, layers: list[str], seed: int, scale: float = 0.05) -> dict:
+    """A rank-4 LoRA on ``layers`` (Linear weights named as in the checkpoint), in Kohya key names
+    (every release maps them); shapes read from the file ``weights``."""
+    import torch
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(seed)
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {x: f.get_slice(f"{x}.weight").get_shape() for x in layers}
+    lora = {}
+    for x, (out_f, in_f) in shapes.items():
+        name = "lora_unet_" + x.replace(".", "_")
+        lora[f"{name}.lora_up.weight"] = scale * torch.randn(out_f, 4, generator=g)
+        lora[f"{name}.lora_down.weight"] = scale * torch.randn(4, in_f, generator=g)
+        lora[f"{name}.alpha"] = torch.tensor(2.0)
+    return lora
+
+
+def stubs_in(model) -> list[str]:
+    """Modules of ``model``'s diffusion model tree that are split stubs (remote blocks, heads)."""
+    from comfyui_mesh.icarus import HeadStub, HookStub, RemoteStub
+
+    tree = model.model.diffusion_model
+    return [n for n, mod in tree.named_modules() if isinstance(mod, (RemoteStub, HookStub, HeadStub))]
+
+
+def _same(a, b) -> bool:
+    """Bit-identical samples: tensors, or sequences of tensors (LTX-AV: video, audio)."""
+    import torch
+
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a.shape == b.shape and torch.equal(a, b)
+
+
+def _diff(a, b) -> float:
+    if isinstance(a, (list, tuple)):
+        return max(_diff(x, y) for x, y in zip(a, b, strict=True))
+    return float((a - b).abs().max()) if a.shape == b.shape else float("inf")
+
+
+def check_lora_after_split(model, load, sample, srv, n: int, lora: dict, strength: float = 0.8) -> None:
+    """Issue #17: a split run leaves nothing behind in the module tree its clone shares with ``model``.
+
+    Splits ``model`` at ``n`` blocks against ``srv`` and samples; then a LoRA loaded onto the ORIGINAL
+    ``model`` (as a LoraLoader on the unsplit MODEL does, its key map read from the module tree) must
+    give what the same LoRA gives on a freshly loaded model (``load()``), bit for bit, and the original
+    without it the fresh model's sample; a second run of the split clone then re-installs its stubs
+    and repeats its first sample. ``sample(model)`` -> the sampled latent (or a list of them; raw
+    codec: exact). ``load=None`` (models too big for two copies in memory): the references come from
+    ``model`` itself before the split, so ``model`` must not have been split before."""
+    comfy = import_comfy()
+    if load is None:
+        ref = sample(model)
+        ref_lora = sample(comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0])
+    m, run = split(model, srv, n)
+    first = sample(m)
+    calls = run.calls
+    left = stubs_in(model)  # read now: the next load of any clone restores the tree itself
+    out = sample(comfy.sd.load_lora_for_models(model, None, lora, strength, 0)[0])
+    plain = sample(model)
+    if load is not None:
+        fresh = load()
+        ref = sample(fresh)
+        ref_lora = sample(comfy.sd.load_lora_for_models(fresh, None, lora, strength, 0)[0])
+        del fresh
+    assert not _same(ref_lora, ref), "the LoRA must change the sample"
+    assert _same(out, ref_lora), f"LoRA on the original after a split run: max diff {_diff(out, ref_lora)}"
+    assert _same(plain, ref), f"the original MODEL must be unaffected by the split: max diff {_diff(plain, ref)}"
+    assert not left, f"the split run left its stubs in the shared module tree: {left[:4]}"
+    assert calls > 0 and _same(first, ref), f"split run: max diff {_diff(first, ref)}"
+    again = sample(m)
+    assert run.calls == calls, "the second split run must go through Daedalus again"
+    assert _same(again, first), f"second split run: max diff {_diff(again, first)}"
+    assert not stubs_in(model)

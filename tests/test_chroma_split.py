@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, needs_narrow_flux1, split
+from comfy_support import (
+    Daedalus,
+    check_lora_after_split,
+    import_comfy,
+    kohya_lora,
+    needs_comfy,
+    needs_narrow_flux1,
+    split,
+)
 
 pytestmark = [needs_comfy, needs_narrow_flux1]
 
@@ -112,6 +120,19 @@ def test_forwarded_lora_is_bit_identical(setup):
     m, run = split(model, srv, 4)
     assert run.lora is not None
     assert torch.equal(sample(comfy, m), ref)
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, srv = setup
+    layers = [
+        "single_blocks.2.linear1",
+        "double_blocks.1.img_attn.qkv",
+        "final_layer.linear",
+        "double_blocks.0.txt_attn.qkv",
+    ]
+    lora = kohya_lora(weights, layers, 6)
+    check_lora_after_split(load(weights), lambda: load(weights), lambda m: sample(comfy, m), srv, 4, lora)
 
 
 def test_a_skipped_remote_block_is_refused(setup):

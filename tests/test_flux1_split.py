@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import NARROW_FLUX1, Daedalus, import_comfy, needs_comfy, split
+from comfy_support import NARROW_FLUX1, Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 H = 256  # tiny.FLUX1_TINY width
 
@@ -161,6 +161,25 @@ def test_forwarded_lora_is_bit_identical(setup):
     m, run = split(model, srv, 4)
     assert run.lora is not None
     assert torch.equal(sample(comfy, m), ref)
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, srv, _ = setup
+    layers = [
+        "single_blocks.2.linear1",
+        "double_blocks.1.img_mod.lin",
+        "final_layer.linear",
+        "double_blocks.0.img_attn.qkv",
+    ]
+    check_lora_after_split(
+        load(comfy, weights),
+        lambda: load(comfy, weights),
+        lambda m: sample(comfy, m),
+        srv,
+        4,
+        kohya_lora(weights, layers, 8),
+    )
 
 
 def test_schnell_split_at_every_block_is_bit_identical(setup):

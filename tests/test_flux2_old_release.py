@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import NARROW_FLUX2, Daedalus, import_comfy, needs_comfy
+from comfy_support import NARROW_FLUX2, Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy
 from comfyui_mesh.tiny import FLUX2_TINY
 
 pytestmark = [
@@ -28,21 +28,37 @@ def sample(comfy, model):
     return comfy.sample.sample(model, noise, 1, 2.5, "euler", "simple", pos, neg, torch.zeros(1, 128, 2, 3), seed=0)
 
 
-def test_dev_width_split_is_bit_identical_with_cfg(tmp_path):
-    from comfyui_mesh.config import ClientConfig
-    from comfyui_mesh.icarus import SplitSettings, split_model
+@pytest.fixture(scope="module")
+def dev_width(tmp_path_factory):
+    """A Dev-width FLUX.2 (bf16) and a Daedalus serving its single block."""
     from comfyui_mesh.tiny import make_flux2
 
     comfy = import_comfy()
     __import__("comfy.sample")
-    weights = make_flux2(tmp_path / "flux2_dev_width.safetensors", config=DEV_WIDTH_1_1, dtype=torch.bfloat16)
-    srv = Daedalus(weights, 1, tmp_path / "state")
-    try:
-        model = comfy.sd.load_diffusion_model(str(weights))
-        ref = sample(comfy, model)
-        m, run = split_model(model, SplitSettings(n_remote=1, client=ClientConfig(port=srv.port, token=srv.token)))
-        out = sample(comfy, m)
-        assert run.calls == 1
-        assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
-    finally:
-        srv.stop()
+    d = tmp_path_factory.mktemp("flux2_old")
+    weights = make_flux2(d / "flux2_dev_width.safetensors", config=DEV_WIDTH_1_1, dtype=torch.bfloat16)
+    srv = Daedalus(weights, 1, d / "state")
+    yield comfy, weights, srv
+    srv.stop()
+
+
+def test_dev_width_split_is_bit_identical_with_cfg(dev_width):
+    from comfyui_mesh.config import ClientConfig
+    from comfyui_mesh.icarus import SplitSettings, split_model
+
+    comfy, weights, srv = dev_width
+    model = comfy.sd.load_diffusion_model(str(weights))
+    ref = sample(comfy, model)
+    m, run = split_model(model, SplitSettings(n_remote=1, client=ClientConfig(port=srv.port, token=srv.token)))
+    out = sample(comfy, m)
+    assert run.calls == 1
+    assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(dev_width):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, srv = dev_width
+
+    model = comfy.sd.load_diffusion_model(str(weights))  # one copy: two of this width do not fit a 24 GB machine
+    lora = kohya_lora(weights, ["single_blocks.0.linear2", "final_layer.linear", "double_blocks.0.img_attn.qkv"], 8)
+    check_lora_after_split(model, None, lambda m: sample(comfy, m), srv, 1, lora)

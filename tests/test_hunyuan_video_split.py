@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, split
+from comfy_support import Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 pytestmark = [needs_comfy]
 
@@ -92,6 +92,22 @@ def test_forwarded_lora_matches_unsplit(setup):
     assert run.lora is not None
     out = sample(comfy, m)
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, srv = setup
+
+    def load():
+        return comfy.sd.load_diffusion_model(str(weights))
+
+    layers = [
+        "double_blocks.0.img_attn.qkv",
+        "double_blocks.2.img_attn.qkv",
+        "double_blocks.2.txt_mlp.0",
+        "final_layer.linear",
+    ]
+    check_lora_after_split(load(), load, lambda m: sample(comfy, m), srv, 2, kohya_lora(weights, layers, 8))
 
 
 def test_remote_controlnet_residuals_are_refused(setup):

@@ -14,7 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_support import COMFY, Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2
+from comfy_support import (
+    COMFY,
+    Daedalus,
+    check_lora_after_split,
+    import_comfy,
+    kohya_lora,
+    make_flux2,
+    needs_comfy,
+    needs_narrow_flux2,
+)
 
 pytestmark = [needs_comfy, needs_narrow_flux2]
 
@@ -134,6 +143,17 @@ def test_forwarded_lora_matches_unsplit(env, kind):
     assert run.lora is not None
     out = sample(comfy, m)
     assert torch.equal(out, ref), f"{kind}: max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(env):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, srv, _ = env
+
+    def load():
+        return comfy.sd.load_diffusion_model(str(weights))
+
+    lora = kohya_lora(weights, REMOTE + LOCAL, seed=30)
+    check_lora_after_split(load(), load, lambda m: sample(comfy, m), srv, N, lora)
 
 
 def test_bypass_mode_lora_is_forwarded(env):

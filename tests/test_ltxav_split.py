@@ -9,7 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 from comfy_ltx_support import STYLES, load, ltx_sample, make_ltx, make_ltx_fp8, needs_ltx23, needs_ltxav
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_narrow_flux2, split
+from comfy_support import (
+    Daedalus,
+    check_lora_after_split,
+    import_comfy,
+    kohya_lora,
+    make_flux2,
+    needs_narrow_flux2,
+    split,
+)
 
 pytestmark = needs_ltxav  # ComfyUI with LTX-AV (0.8.0 or newer)
 
@@ -276,6 +284,18 @@ def test_forwarded_lora_matches_unsplit(setup):
     m, run = split(patched, servers["ltx2"], 2)
     assert run.lora is not None
     assert_identical(ltx_sample(comfy, m, "ltx2"), ref)
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, servers, _ = setup
+    w = weights["ltx2"]
+    layers = ["transformer_blocks.2.attn1.to_q", "transformer_blocks.1.audio_attn2.to_v", "proj_out", "audio_proj_out",
+              "transformer_blocks.0.attn2.to_k"]  # fmt: skip
+    lora = kohya_lora(w, layers, 8, 0.1)
+    check_lora_after_split(
+        load(comfy, w), lambda: load(comfy, w), lambda m: ltx_sample(comfy, m, "ltx2"), servers["ltx2"], 2, lora
+    )
 
 
 # relative L2 budget of the 2-step sample per lossy codec: int8-class codecs 1%; the quant family

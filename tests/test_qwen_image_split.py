@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, split
+from comfy_support import Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 pytestmark = [needs_comfy]
 
@@ -89,12 +89,8 @@ def test_int8_at_its_floor(env):
 
 
 def test_forwarded_lora_is_bit_identical(env):
-    from comfyui_mesh import tiny
 
-    comfy, _, srv, d = env
-    # A fresh model: a split clone sampled earlier may still have its stubs patched into the shared
-    # one (ComfyUI unpatches at the next load), and ComfyUI's LoRA key map reads the patched modules.
-    model = tiny.load_qwen_image(d / "tiny_qwen_image.safetensors", tiny.QWEN_IMAGE_TINY)
+    comfy, model, srv, _ = env  # the shared model, split by the tests before (issue #17)
     g = torch.Generator().manual_seed(5)
     lora = {}
     for layer, (o, i) in {"transformer_blocks.2.attn.to_q": (128, 128), "proj_out": (64, 128)}.items():
@@ -109,6 +105,18 @@ def test_forwarded_lora_is_bit_identical(env):
     out = sample(comfy, m)
     assert run.lora is not None
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(env):
+    """A LoRA loaded onto the shared, unsplit model after a split run of it reaches every block (issue #17)."""
+    from comfyui_mesh import tiny
+
+    comfy, model, srv, d = env
+    weights = d / "tiny_qwen_image.safetensors"
+    lora = kohya_lora(weights, ["transformer_blocks.2.attn.to_q", "proj_out", "transformer_blocks.0.attn.to_k"], 6)
+    check_lora_after_split(
+        model, lambda: tiny.load_qwen_image(weights, tiny.QWEN_IMAGE_TINY), lambda m: sample(comfy, m), srv, 1, lora
+    )
 
 
 def control_net(comfy, residuals: dict[int, float]):

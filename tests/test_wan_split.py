@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, split
+from comfy_support import Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 pytestmark = needs_comfy
 
@@ -222,6 +222,14 @@ def test_forwarded_lora_matches_unsplit(setup):
     m, run = split(patched, servers["t2v"], 2)
     assert run.lora is not None
     assert_identical(sample(comfy, m), ref)
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the unsplit MODEL after a split run of it reaches every block (issue #17)."""
+    comfy, weights, servers, _ = setup
+    w = weights["t2v"]
+    lora = kohya_lora(w, ["blocks.2.self_attn.q", "blocks.1.cross_attn.v", "head.head", "blocks.0.self_attn.k"], 8, 0.1)
+    check_lora_after_split(load(comfy, w), lambda: load(comfy, w), lambda m: sample(comfy, m), servers["t2v"], 2, lora)
 
 
 # relative L2 budget of the 2-step sample, sampled at CFG 1 (CFG 5 scales the seam error of cond minus

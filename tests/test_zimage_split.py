@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, needs_comfy, split
+from comfy_support import Daedalus, check_lora_after_split, import_comfy, kohya_lora, needs_comfy, split
 
 pytestmark = [needs_comfy]
 
@@ -79,13 +79,10 @@ def test_int8_at_its_floor(setup):
 def test_forwarded_lora_matches_unsplit(setup):
     from safetensors import safe_open
 
-    comfy, _, srv, weights = setup
-    # A fresh model: after a split clone of the shared one has sampled, a LoRA loaded onto the shared
-    # model changed nothing here (found this session, not fixed: see the session note).
-    model = comfy.sd.load_diffusion_model(str(weights))
+    comfy, model, srv, weights = setup  # the shared model, split by the tests before (issue #17)
     g = torch.Generator().manual_seed(7)
     lora = {}
-    with safe_open(weights, framework="pt") as f:  # shapes from the file: split clones stub modules in place
+    with safe_open(weights, framework="pt") as f:
         shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
     for layer in ("layers.0.attention.qkv", "layers.1.attention.qkv", "layers.1.feed_forward.w2", "final_layer.linear"):
         out_f, in_f = shapes[f"{layer}.weight"]
@@ -100,6 +97,15 @@ def test_forwarded_lora_matches_unsplit(setup):
     assert run.lora is not None
     out = sample(comfy, m)
     assert torch.equal(out, ref), f"max diff {(out - ref).abs().max()}"
+
+
+def test_lora_on_the_original_after_a_split_run(setup):
+    """A LoRA loaded onto the shared, unsplit model after a split run of it reaches every block (issue #17)."""
+    comfy, model, srv, weights = setup
+    lora = kohya_lora(weights, ["layers.0.attention.qkv", "layers.1.feed_forward.w2", "final_layer.linear"], 8, 0.02)
+    check_lora_after_split(
+        model, lambda: comfy.sd.load_diffusion_model(str(weights)), lambda m: sample(comfy, m), srv, 1, lora
+    )
 
 
 def test_per_layer_model_patches_are_refused(setup):
