@@ -206,3 +206,6 @@ STATUS_CLIENT_NAME = "icarus-status"
 
 # How a user adds the optional codec libraries (zstandard, PyAV): the README's install line.
 CODECS_EXTRA_HINT = 'from ComfyUI/custom_nodes, python -m pip install -e "ComfyUI-Mesh[codecs]"'
+
+# Icarus splits /mesh/status reports per node (ui_events.record_split): the newest this many nodes.
+MAX_RECORDED_SPLITS = 256

@@ -174,6 +174,7 @@ class MeshSplitFlux:
                 on_status=ui_events.status_reporter(unique_id),
             )
             m, run = split_model(model, settings)
+            ui_events.record_split(unique_id, cfg.address, run.adapter.family, run.adapter.display, run.plan.n_remote)
         except MeshError as e:
             ui_events.send_banner(unique_id, "error", str(e))
             raise
