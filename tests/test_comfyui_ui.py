@@ -85,7 +85,8 @@ def test_routes_probe_save_the_token_and_reconfigure(stack):
     assert code == 200 and r["verified"] is True, r
     assert daedalus.token not in json.dumps(r)
     stored = json.loads((comfy.user_dir / "comfyui-mesh" / "tokens.json").read_text())
-    assert stored == {f"127.0.0.1:{p}": daedalus.token}
+    pins = stored.pop("server_ids", {})  # the verified connection pinned the server's id in the same file
+    assert stored == {f"127.0.0.1:{p}": daedalus.token} and list(pins) == [f"127.0.0.1:{p}"], (stored, pins)
     code, s = status(comfy, p)
     assert s["state"] == "green" and s["token_saved"] and s["error"] is None, s
 
