@@ -522,7 +522,7 @@ def wan22_t2v_14b() -> Workflow:
     daedalus_note(w, (760, 1170), "Wan 2.2 text to video, 14B high- and low-noise experts", [WAN_HIGH, WAN_LOW], 20,
                   40, f"`diffusion_models/{WAN_HIGH}` and `diffusion_models/{WAN_LOW}`, "
                   "`text_encoders/umt5_xxl_fp8_e4m3fn_scaled.safetensors`, `vae/wan_2.1_vae.safetensors`",
-                  "Both Icarus nodes point at the same Daedalus (port 7777); each request names its expert. "
+                  "Both Icarus nodes point at the same Daedalus (port 7777), which holds the back halves of both experts. "
                   "20 steps (10 per expert), cfg 3.5, shift 8, 81 frames at 16 fps.")  # fmt: skip
     return w
 
