@@ -241,3 +241,6 @@ PATCH_MAX_TOKENS = 1 << 22  # image tokens of one call a request may name
 # The stale K/V Daedalus keeps for pipelined generations, all clients together (--max-patch-kv-mb):
 # Klein 9B's 24 single blocks at 1024x1024 (4096 image tokens, bf16, width 4096) take ~1.6 GB.
 MAX_PATCH_KV_BYTES = 8 << 30
+
+# Icarus splits /mesh/status reports per node (ui_events.record_split): the newest this many nodes.
+MAX_RECORDED_SPLITS = 256

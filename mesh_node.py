@@ -185,6 +185,7 @@ class MeshSplitFlux:
                 on_suggest=ui_events.suggestion_reporter(unique_id),
             )
             m, run = split_model(model, settings)
+            ui_events.record_split(unique_id, cfg.address, run.adapter.family, run.adapter.display, run.plan.n_remote)
         except MeshError as e:
             ui_events.send_banner(unique_id, "error", str(e))
             raise

@@ -7,7 +7,10 @@ these routes; nothing here is specific to one model family.
 ``POST /mesh/status``                ``{host, port, refresh}``: probe a Daedalus (cached ``STATUS_TTL_S``, one probe per
                                       address in flight): light state, the server's model and
                                       n_blocks, whether a token is needed / saved, ``problems``
-                                      (handshake.problems + auth_problems) and the first as ``error``.
+                                      (handshake.problems + auth_problems) and the first as ``error``;
+                                      ``splits``: node id -> {family, family_display, n_blocks} of each
+                                      Icarus node's last split against that address (the family it
+                                      detected in its MODEL).
 ``POST /mesh/reconfigure``           ``{host, port, n_blocks}``: ask that Daedalus to hold
                                       ``n_blocks`` (the node's Confirm button).
 ``POST /mesh/token``                 ``{host, port, token}``: save (or, empty, delete) the token for
@@ -51,7 +54,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from . import codec, handshake
+from . import codec, handshake, ui_events
 from .auth import key_id, new_nonce
 from .constants import PRE_AUTH_MAX_BODY, STATUS_CLIENT_NAME, TOKEN_ENV
 from .errors import AuthError, LocalError, MeshError
@@ -350,7 +353,9 @@ def register(prompt_server: Any) -> bool:
             host, port = parse_address(data.get("host"), data.get("port"))
         except LocalError as e:
             return fail(getattr(e, "status", 400), str(e))
-        return web.json_response(await PROBER.status(host, port, data.get("refresh") is True))
+        out = dict(await PROBER.status(host, port, data.get("refresh") is True))  # a copy: the cache keeps its own
+        out["splits"] = ui_events.splits_for(f"{host}:{port}")  # not cached: a node's run updates it at once
+        return web.json_response(out)
 
     @routes.post("/mesh/reconfigure")
     async def reconfigure_route(request: web.Request) -> web.Response:

@@ -6,6 +6,9 @@
 or ``{node_id, suggestion}`` at a generation's end: the n_blocks_remote suggestion
 (``balance.Suggestion.report``: current, suggested, changed, the sides' ms per step, text).
 
+``record_split`` / ``splits_for``: the split each Icarus node last configured (its address and the
+family it detected in its MODEL), which ``/mesh/status`` reports per node.
+
 They go through ComfyUI's running ``PromptServer`` (looked up, never imported: outside a
 running ComfyUI every send is a silent no-op). No aiohttp, no sockets; the HTTP routes
 behind the same UI are in ``routes.py``.
@@ -15,8 +18,12 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
+
+from .constants import MAX_RECORDED_SPLITS
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -86,3 +93,28 @@ def suggestion_reporter(node_id: Any) -> Callable[[Any], None]:
         _send("mesh-stats", {"node_id": str(node_id), "suggestion": suggestion.report()})
 
     return report
+
+
+# ---------------------------------------------------------------------------- splits the nodes configured
+_SPLITS: OrderedDict[str, dict[str, Any]] = OrderedDict()
+_SPLITS_LOCK = threading.Lock()
+
+
+def record_split(node_id: Any, address: str, family: str, display: str, n_blocks: int) -> None:
+    """Remember that node ``node_id`` split a ``family`` model for the server at ``address``."""
+    entry = {"address": address, "family": family, "family_display": display, "n_blocks": int(n_blocks)}
+    with _SPLITS_LOCK:
+        _SPLITS.pop(str(node_id), None)
+        _SPLITS[str(node_id)] = entry
+        while len(_SPLITS) > MAX_RECORDED_SPLITS:
+            _SPLITS.popitem(last=False)
+
+
+def splits_for(address: str) -> dict[str, dict[str, Any]]:
+    """node id -> {family, family_display, n_blocks} of the splits last configured against ``address``."""
+    with _SPLITS_LOCK:
+        return {
+            node: {k: v for k, v in e.items() if k != "address"}
+            for node, e in _SPLITS.items()
+            if e["address"] == address
+        }

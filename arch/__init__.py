@@ -283,5 +283,25 @@ def for_keys(keys: set[str]) -> Adapter:
     )
 
 
+# Key prefixes a diffusion model's tensors carry in a full checkpoint ("" for a bare diffusion model).
+CHECKPOINT_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+
+
+def checkpoint_prefix(keys: Iterable[str]) -> str:
+    """The prefix of the diffusion model's keys in a checkpoint (more than five keys carry it), or ""."""
+    keys = list(keys)
+    return next((p for p in CHECKPOINT_PREFIXES if sum(k.startswith(p) for k in keys) > 5), "")
+
+
+def for_checkpoint(keys: Iterable[str]) -> tuple[str, Adapter, dict[str, int]]:
+    """(key prefix, adapter, block counts) of a checkpoint from its tensor names alone: how the server's
+    loader and the Daedalus window both recognise a model file."""
+    keys = [k for k in keys if k != "__metadata__"]
+    prefix = checkpoint_prefix(keys)
+    bare = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
+    a = for_keys(bare)
+    return prefix, a, a.count_blocks(bare)
+
+
 # Registration happens on import of each family module, exactly once.
 from . import chroma, flux1, flux2, hunyuan_video, ltxav, lumina2, qwen_image, wan  # noqa: E402,F401

@@ -37,6 +37,7 @@ from .gui_runner import (
     human_bytes,
     inspect_checkpoint,
     list_devices,
+    listening_text,
 )
 from .tokens import NamedTokens, describe
 
@@ -222,6 +223,7 @@ class App:
         outer.rowconfigure(row, weight=1)
         for name in SETTING_VARS:
             v[name].trace_add("write", lambda *_a: self._settings_changed())
+        v["n_blocks"].trace_add("write", lambda *_a: self.check_n_blocks())
         self._set_buttons()
 
     # ------------------------------------------------------------------ settings <-> widgets
@@ -439,8 +441,9 @@ class App:
     def _config(self) -> tuple[GuiSettings, ServerConfig] | None:
         try:
             s = self.collect()
-            if not self.toy and self.model_info and not 1 <= s.n_blocks <= self.model_info.total:
-                raise LocalError(f"n_blocks must be 1..{self.model_info.total} for this model")
+            problem = None if self.toy or self.model_info is None else self.model_info.n_blocks_problem(s.n_blocks)
+            if problem:
+                raise LocalError(problem)
             return s, s.server_config(self.state_dir)
         except LocalError as e:
             self._set_status("error", str(e))
@@ -541,8 +544,7 @@ class App:
         return text
 
     def _listening(self) -> str:
-        r = self.ready
-        return f"listening on {r.get('host')}:{r.get('port')} — {r.get('model')}, last {r.get('n_blocks')} blocks"
+        return listening_text(self.ready)
 
     def _update_stats(self) -> None:
         self.stats_label.configure(text=self._stats_text())
@@ -553,11 +555,32 @@ class App:
         if isinstance(info, ModelInfo):
             self.model_info = info
             self.n_spin.configure(to=info.total)
-            self.n_range.configure(text=f"  1..{info.total}: the last N blocks run here (Icarus's n_blocks_remote)")
             self.model_label.configure(text=info.describe(), foreground="#2a6")
         else:
             self.model_info = None
             self.model_label.configure(text=str(info), foreground="#c33")
+        self.check_n_blocks()
+
+    def check_n_blocks(self) -> bool:
+        """Check the n_blocks field against the chosen model's range; the message shows next to it."""
+        try:
+            n: int | None = int(self.v["n_blocks"].get())
+        except (tk.TclError, ValueError):
+            n = None
+        info = None if self.toy else self.model_info
+        if n is None:
+            problem: str | None = "n_blocks must be a whole number"
+        else:
+            problem = info.n_blocks_problem(n) if info is not None else None
+        if problem:
+            self.n_range.configure(text="  " + problem, foreground="#c33")
+        elif info is not None:
+            self.n_range.configure(text=f"  1..{info.total} ({info.display}): the last N blocks run here "
+                                   "(Icarus's n_blocks_remote)", foreground="")  # fmt: skip
+        else:
+            self.n_range.configure(text="  the last N blocks run here; Icarus's n_blocks_remote must match",
+                                   foreground="")  # fmt: skip
+        return problem is None
 
     def _devices(self, devs: list[dict[str, Any]]) -> None:
         labels = [device_label(d) for d in devs]

@@ -25,7 +25,6 @@ from .tokens import NamedTokens
 log = logging.getLogger("daedalus")
 
 SETTINGS_FILE = "gui_settings.json"
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 
 
 # ---------------------------------------------------------------------------- settings
@@ -91,14 +90,25 @@ class ModelInfo:
     display: str
     counts: dict
     total: int
+    name: str = ""  # the file's name
 
     def describe(self) -> str:
         parts = ", ".join(f"{n} {g.replace('_', ' ')}" for g, n in self.counts.items())
-        return f"{self.display}: {self.total} blocks ({parts})"
+        return f"family {self.display} ({self.family}): {self.total} blocks ({parts}); n_blocks 1..{self.total}"
+
+    def n_blocks_problem(self, n: int) -> str | None:
+        """Why ``n`` cannot be served from this model, with the fix; None when it can."""
+        if 1 <= n <= self.total:
+            return None
+        return (
+            f"n_blocks {n} is out of range: {self.name or 'this model'} ({self.display}) has {self.total} blocks; "
+            f"choose 1..{self.total} (and the same n_blocks_remote on the Icarus node)"
+        )
 
 
 def inspect_checkpoint(path: str) -> ModelInfo:
-    """Family and block counts from a .safetensors header alone (no tensor is read, nothing imported)."""
+    """Family and block counts from a .safetensors header alone (no tensor is read, nothing imported),
+    recognised as the server's loader does (``arch.for_checkpoint``)."""
     p = Path(path)
     try:
         with p.open("rb") as f:
@@ -108,12 +118,23 @@ def inspect_checkpoint(path: str) -> ModelInfo:
             header = json.loads(f.read(n))
     except (OSError, struct.error, ValueError) as e:
         raise LocalError(f"cannot read {p}: {e}") from None
-    keys = [k for k in header if k != "__metadata__"]
-    prefix = next((x for x in _PREFIXES if x and sum(k.startswith(x) for k in keys) > 5), "")
-    bare = {k[len(prefix) :] for k in keys if k.startswith(prefix)}
-    a = arch.for_keys(bare)
-    counts = a.count_blocks(bare)
-    return ModelInfo(a.family, a.display, counts, sum(counts.values()))
+    _, a, counts = arch.for_checkpoint(header)
+    return ModelInfo(a.family, a.display, counts, sum(counts.values()), p.name)
+
+
+def family_display(family: str) -> str:
+    """A family's display name (the wire name for one without an adapter, e.g. the toy model)."""
+    a = arch.REGISTRY.get(family)
+    return a.display if a is not None else family
+
+
+def listening_text(ready: dict[str, Any]) -> str:
+    """The status line of a running server, from its "ready" event."""
+    r = ready
+    return (
+        f"listening on {r.get('host')}:{r.get('port')} — {r.get('model')} ({r.get('family')}), "
+        f"last {r.get('n_blocks')} of {r.get('max')} blocks"
+    )
 
 
 # ---------------------------------------------------------------------------- server on worker threads
@@ -200,9 +221,10 @@ class ServerRunner:
                 b.n_blocks_max,
                 b.device,
             )
-            ready = {"host": host, "port": port, "model": b.model_name, "n_blocks": b.n_blocks, "max": b.n_blocks_max}
+            ready = {"host": host, "port": port, "model": b.model_name, "n_blocks": b.n_blocks, "max": b.n_blocks_max,
+                     "family": family_display(b.arch)}  # fmt: skip
             self.events.put(("ready", ready))
-            self._status("running", f"listening on {host}:{port} — {b.model_name}, last {b.n_blocks} blocks")
+            self._status("running", listening_text(ready))
 
     def _stop(self) -> None:
         with self._op:

@@ -33,7 +33,6 @@ log = logging.getLogger("daedalus")
 
 _REPO = Path(__file__).resolve().parent.parent
 TESTED_COMFYUI = "0.28.0"
-_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "")
 _ST_DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -138,13 +137,6 @@ def read_header(path: str) -> tuple[dict[str, tuple[list[int], torch.dtype]], di
     return out, meta
 
 
-def _strip(keys: list[str]) -> str:
-    for p in _PREFIXES:
-        if p and sum(k.startswith(p) for k in keys) > 5:
-            return p
-    return ""
-
-
 def _remap_quant_metadata(
     meta: dict[str, str], prefix: str, adapter: arch.Adapter, plan: arch.SplitPlan
 ) -> dict[str, str]:
@@ -201,11 +193,9 @@ class ComfyBackend:
         self.comfyui_version = c["version"]
         self.model_name = Path(cfg.weights).name
         header, meta = read_header(cfg.weights)
-        prefix = _strip(list(header))
+        prefix, self.adapter, counts = arch.for_checkpoint(header)
         bare = {k[len(prefix) :]: v for k, v in header.items() if k.startswith(prefix)}
-        self.adapter = arch.for_keys(set(bare))
         self.arch = self.adapter.family
-        counts = self.adapter.count_blocks(bare)
         self.n_blocks_max = sum(counts.values())
         if not 0 < n_blocks <= self.n_blocks_max:
             raise LocalError(

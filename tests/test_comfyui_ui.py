@@ -1,7 +1,6 @@
 """The node UI against a real headless ComfyUI with this pack loaded (skipped without COMFYUI_PATH):
 
 * the pack's routes (/mesh/status, /mesh/token, /mesh/reconfigure) against a running toy Daedalus;
-* every node, input and widget value of the example workflows exists in ComfyUI's /object_info;
 * a real browser (Debian's chromium driven by playwright-core; skipped without them): the example
   workflow loads, the Icarus node's light turns green, the Confirm flow reconfigures the server,
   queueing is blocked meanwhile, and a banner sent from Python shows under the node. Screenshots
@@ -23,13 +22,8 @@ from comfy_support import COMFY, needs_comfy, needs_narrow_flux2
 pytestmark = [needs_comfy, needs_narrow_flux2]
 
 REPO = Path(__file__).resolve().parent.parent
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 ARTIFACTS = Path(os.environ.get("MESH_ARTIFACTS_DIR", REPO / "artifacts"))
-FRONTEND_ONLY = {"Note", "MarkdownNote", "PrimitiveNode", "Reroute"}  # nodes the frontend defines itself
-ICARUS_NODES = {"MeshSplitFlux", "MeshSplitLTX"}
-WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 TINY_MODEL = "tiny_flux2.safetensors"
-MODEL_FILE_INPUTS = {"unet_name", "clip_name", "vae_name", "lora_name", "ckpt_name", "text_encoder"}
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +85,8 @@ def test_routes_probe_save_the_token_and_reconfigure(stack):
     assert code == 200 and r["verified"] is True, r
     assert daedalus.token not in json.dumps(r)
     stored = json.loads((comfy.user_dir / "comfyui-mesh" / "tokens.json").read_text())
-    assert stored == {f"127.0.0.1:{p}": daedalus.token}
+    pins = stored.pop("server_ids", {})  # the verified connection pinned the server's id in the same file
+    assert stored == {f"127.0.0.1:{p}": daedalus.token} and list(pins) == [f"127.0.0.1:{p}"], (stored, pins)
     code, s = status(comfy, p)
     assert s["state"] == "green" and s["token_saved"] and s["error"] is None, s
 
@@ -102,82 +97,6 @@ def test_routes_probe_save_the_token_and_reconfigure(stack):
     assert comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": "5"})[0] == 400
     assert comfy.request("/mesh/reconfigure", {"host": "127.0.0.1", "port": p, "n_blocks": 3})[1]["n_blocks"] == 3
     assert comfy.request("/mesh/token", {"host": "127.0.0.1", "port": p, "token": "two words"})[0] == 400
-
-
-def _widget_inputs(info: dict) -> list[tuple[str, object, dict]]:
-    """(name, type, options) of the inputs the frontend shows as widgets, in widgets_values order."""
-    out = []
-    order = info.get("input_order", {})
-    for section in ("required", "optional"):
-        specs = info["input"].get(section, {})
-        for name in order.get(section, list(specs)):
-            spec = specs[name]
-            t, opts = spec[0], (spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {})
-            if isinstance(t, list) or t in WIDGET_TYPES:
-                out.append((name, t, opts))
-    return out
-
-
-def _check_value(where: str, name: str, t: object, opts: dict, v: object) -> None:
-    if isinstance(t, list) or t == "COMBO":
-        allowed = t if isinstance(t, list) else opts.get("options", [])
-        if name in MODEL_FILE_INPUTS:  # model files: whatever the user has installed
-            assert isinstance(v, str) and v.endswith((".safetensors", ".sft", ".gguf")), f"{where}: {v!r}"
-        else:
-            assert v in allowed, f"{where}: {v!r} not in {allowed}"
-    elif t == "INT":
-        assert isinstance(v, int) and not isinstance(v, bool), f"{where}: {v!r} is not an INT"
-        assert opts.get("min", v) <= v <= opts.get("max", v), (
-            f"{where}: {v} outside {opts.get('min')}..{opts.get('max')}"
-        )
-    elif t == "FLOAT":
-        assert isinstance(v, (int, float)) and not isinstance(v, bool), f"{where}: {v!r} is not a FLOAT"
-        assert opts.get("min", v) <= v <= opts.get("max", v), (
-            f"{where}: {v} outside {opts.get('min')}..{opts.get('max')}"
-        )
-    elif t == "BOOLEAN":
-        assert isinstance(v, bool), f"{where}: {v!r} is not a BOOLEAN"
-    elif t == "STRING":
-        assert isinstance(v, str), f"{where}: {v!r} is not a STRING"
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.name for p in WORKFLOWS])
-def test_example_workflow_matches_object_info(stack, path):
-    _, comfy = stack
-    wf = json.loads(path.read_text())
-    code, info = comfy.request("/object_info", timeout=60)
-    assert code == 200
-    nodes = {n["id"]: n for n in wf["nodes"]}
-    assert any(n["type"] in ICARUS_NODES for n in nodes.values()), "an example without Icarus"
-    for n in nodes.values():
-        where = f"{path.name} node {n['id']} {n['type']}"
-        if n["type"] in FRONTEND_ONLY:
-            continue
-        assert n["type"] in info, f"{where}: ComfyUI has no such node"
-        spec = info[n["type"]]
-        all_inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
-        for inp in n.get("inputs", []):
-            assert inp["name"] in all_inputs, f"{where}: no input {inp['name']!r}"
-            if inp.get("link") is not None:
-                t = all_inputs[inp["name"]][0]
-                assert t == "*" or inp["type"] == t or inp["type"] in str(t).split(","), f"{where}.{inp['name']}"
-        required_links = [k for k, s in spec["input"].get("required", {}).items() if not _widget_inputs(
-            {"input": {"required": {k: s}}, "input_order": {"required": [k]}})]  # fmt: skip
-        linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None}
-        assert set(required_links) <= linked, f"{where}: unconnected {set(required_links) - linked}"
-        values = list(n.get("widgets_values", []))
-        for name, t, opts in _widget_inputs(spec):
-            if not values:
-                break
-            _check_value(f"{where}.{name}", name, t, opts, values.pop(0))
-            if opts.get("control_after_generate"):
-                assert values.pop(0) in ("fixed", "increment", "decrement", "randomize"), f"{where}.{name} control"
-        assert not values, f"{where}: {len(values)} widget values more than the node has widgets"
-        for slot, out in enumerate(n.get("outputs", [])):
-            assert spec["output"][slot] == out["type"], f"{where}: output {slot} is {spec['output'][slot]}"
-    for lid, src, src_slot, dst, dst_slot, t in wf["links"]:
-        assert nodes[src]["outputs"][src_slot]["type"] == t and lid in nodes[src]["outputs"][src_slot]["links"]
-        assert nodes[dst]["inputs"][dst_slot]["link"] == lid
 
 
 def _browser_missing() -> str | None:

@@ -124,7 +124,7 @@ def test_gui_starts_a_toy_server_counts_clients_follows_reconfigure_and_stops(di
             what=f"the status to show the running server (Start clicked via {how})",
         )
         status = app.status_label.cget("text")
-        assert "listening on 127.0.0.1:" in status and "toy-8x64" in status, status
+        assert "listening on 127.0.0.1:" in status and "toy-8x64 (toy), last 3 of 8 blocks" in status, status
         host, port = app.runner.server.address
         assert port > 0
         assert "clients 0" in app.stats_label.cget("text")
@@ -146,7 +146,7 @@ def test_gui_starts_a_toy_server_counts_clients_follows_reconfigure_and_stops(di
         # A client's Confirm: the server reloads in place and the window follows, no restart.
         client.reconfigure(5)
         pump(root, lambda: int(app.v["n_blocks"].get()) == 5, what="n_blocks to follow the reconfigure")
-        assert "last 5 blocks  (reconfigured by a client)" in app.status_label.cget("text")
+        assert "toy-8x64 (toy), last 5 of 8 blocks  (reconfigured by a client)" in app.status_label.cget("text")
         assert app.runner.phase == "running"
         saved = json.loads((state / gui.SETTINGS_FILE).read_text())
         assert saved["n_blocks"] == 5 and saved["loras"] == [["/loras/flux2-turbo.safetensors", 0.8]]
@@ -240,7 +240,12 @@ def test_inspect_checkpoint_reads_family_and_block_counts_from_the_header(tmp_pa
     save_file({"model.diffusion_model." + k: torch.zeros(1) for k in keys}, str(tmp_path / "f.safetensors"))
     info = inspect_checkpoint(str(tmp_path / "f.safetensors"))
     assert (info.family, info.total, info.counts) == ("flux2", 5, {"double_blocks": 2, "single_blocks": 3})
-    assert "5 blocks" in info.describe()
+    assert info.describe().startswith("family FLUX.2 (flux2): 5 blocks") and "n_blocks 1..5" in info.describe()
+    assert info.n_blocks_problem(1) is None and info.n_blocks_problem(5) is None
+    for n in (0, 6):
+        msg = info.n_blocks_problem(n)
+        assert msg is not None and f"n_blocks {n} is out of range" in msg and "f.safetensors (FLUX.2) has 5 blocks"
+        assert msg is not None and "choose 1..5" in msg, msg
     (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
     with pytest.raises(LocalError, match="not a .safetensors"):
         inspect_checkpoint(str(tmp_path / "bad.safetensors"))
@@ -278,3 +283,56 @@ def test_entry_point_opens_the_window_and_autostarts_a_toy_server(display, tmp_p
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def _header_only(path: Path, keys: list[str]) -> Path:
+    """A .safetensors file holding only a header (what the window reads) for ``keys``."""
+    head = json.dumps({k: {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]} for k in keys}).encode()
+    path.write_bytes(len(head).to_bytes(8, "little") + head)
+    return path
+
+
+# checkpoint key sets of families other than FLUX.2 (the keys each adapter's detect_keys looks at)
+WAN_KEYS = ["patch_embedding.weight", "text_embedding.0.weight", "head.head.weight", "head.modulation"] + [
+    f"blocks.{i}.self_attn.q.weight" for i in range(4)
+]
+
+
+@pytest.mark.parametrize("prefix", ["", "diffusion_model.", "model.diffusion_model."])
+def test_the_window_recognises_a_model_as_the_server_loader_does(tmp_path, prefix):
+    from comfyui_mesh import arch
+    from comfyui_mesh.server.gui_runner import inspect_checkpoint
+
+    keys = [prefix + k for k in WAN_KEYS] + ["text_encoders.t5.weight", "vae.decoder.weight"]
+    got = arch.for_checkpoint(keys + ["__metadata__"])
+    assert (got[0], got[1].family, got[2]) == (prefix, "wan", {"blocks": 4})
+    info = inspect_checkpoint(str(_header_only(tmp_path / "wan.safetensors", keys)))
+    assert (info.family, info.display, info.total, info.name) == ("wan", got[1].display, 4, "wan.safetensors")
+    assert "n_blocks 7 is out of range" in (info.n_blocks_problem(7) or "")
+
+
+def test_the_window_shows_the_family_and_checks_n_blocks_against_it(display, tmp_path):
+    import tkinter as tk
+
+    from comfyui_mesh.server import gui
+
+    weights = _header_only(tmp_path / "wan.safetensors", WAN_KEYS)
+    root = tk.Tk()
+    app = gui.App(root, tmp_path / "state")
+    try:
+        app.v["n_blocks"].set(3)
+        app.v["weights"].set(str(weights))
+        app.inspect_model()
+        pump(root, lambda: app.model_info is not None, what="the model file to be inspected")
+        assert app.model_label.cget("text").startswith("family Wan"), app.model_label.cget("text")
+        assert "1..4" in app.n_range.cget("text") and str(app.n_spin.cget("to")) in ("4", "4.0")
+        app.v["n_blocks"].set(9)  # typing a value re-checks it at once
+        root.update()
+        assert "n_blocks 9 is out of range: wan.safetensors" in app.n_range.cget("text")
+        app.start()  # refused before anything loads, with the same message
+        assert "choose 1..4" in app.status_label.cget("text") and app.runner.phase == "stopped"
+        app.v["n_blocks"].set(4)
+        root.update()
+        assert "out of range" not in app.n_range.cget("text")
+    finally:
+        app.close()

@@ -349,3 +349,47 @@ def test_routes_refuse_non_json_and_cross_origin_writes_themselves(path, monkeyp
     assert "ab" * 32 not in json.dumps([ok[1], plain[1]])  # the token is never returned
     if path == "/mesh/status":
         assert probes == [("127.0.0.1", 7777)] * 2  # only the two accepted requests probed anything
+
+
+def test_status_route_reports_each_nodes_split_family_per_address(monkeypatch):
+    from comfyui_mesh import ui_events
+
+    cached = {"state": "green", "reachable": True, "arch": "wan"}
+
+    async def fake_status(host, port, refresh=False):
+        return cached
+
+    monkeypatch.setattr(routes.PROBER, "status", fake_status)
+    monkeypatch.setattr(ui_events, "_SPLITS", type(ui_events._SPLITS)())
+    # Wan 2.2's two experts against one Daedalus, and a FLUX.1 elsewhere
+    ui_events.record_split("12", "127.0.0.1:7777", "wan", "Wan", 20)
+    ui_events.record_split("13", "127.0.0.1:7777", "wan", "Wan", 20)
+    ui_events.record_split("4", "10.0.0.2:7777", "flux1", "FLUX.1", 28)
+    ui_events.record_split("13", "127.0.0.1:7777", "wan", "Wan", 16)  # a later run of the same node
+
+    async def go():
+        async with _app_client() as c:
+            r = await c.post("/mesh/status", json={"host": "127.0.0.1", "port": 7777})
+            return r.status, await r.json()
+
+    code, body = asyncio.run(go())
+    assert code == 200 and body["state"] == "green" and body["arch"] == "wan"  # the probe's fields stay
+    assert body["splits"] == {
+        "12": {"family": "wan", "family_display": "Wan", "n_blocks": 20},
+        "13": {"family": "wan", "family_display": "Wan", "n_blocks": 16},
+    }
+    assert "splits" not in cached  # the probe cache is not changed by what nodes did
+
+
+def test_recorded_splits_keep_the_newest_nodes(monkeypatch):
+    from comfyui_mesh import ui_events
+    from comfyui_mesh.constants import MAX_RECORDED_SPLITS
+
+    monkeypatch.setattr(ui_events, "_SPLITS", type(ui_events._SPLITS)())
+    for i in range(MAX_RECORDED_SPLITS + 2):
+        ui_events.record_split(i, "h:1", "flux2", "FLUX.2", 4)
+    ui_events.record_split(2, "h:1", "flux2", "FLUX.2", 5)  # used again: now the newest
+    ui_events.record_split("x", "h:1", "flux2", "FLUX.2", 4)
+    kept = ui_events.splits_for("h:1")
+    assert len(kept) == MAX_RECORDED_SPLITS and "0" not in kept and "1" not in kept and "3" not in kept
+    assert kept["2"]["n_blocks"] == 5 and list(kept)[-2:] == ["2", "x"]

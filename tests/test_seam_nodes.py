@@ -7,7 +7,7 @@ from __future__ import annotations
 import fake_dit
 import pytest
 import torch
-from comfyui_mesh import mesh_node, mesh_node_ltx
+from comfyui_mesh import arch, mesh_node, mesh_node_ltx, ui_events
 from comfyui_mesh.auth import TokenStore
 from comfyui_mesh.errors import LocalError
 from fake_comfy import FakeModelPatcher, sample
@@ -77,6 +77,9 @@ def test_configure_returns_a_split_model_and_says_where_it_runs(comfy_env, cls, 
     assert all(torch.equal(a, b) for a, b in zip(out, ref, strict=True)) if family == "ltxav" else torch.equal(out, ref)
     level, text = comfy_env.prompt_server.banners("7")[-1]
     assert level == "ok" and f"127.0.0.1:{srv.address[1]}" in text and f"last {n} blocks" in text
+    # what /mesh/status reports for this node: the family it detected in its MODEL
+    split = ui_events.splits_for(f"127.0.0.1:{srv.address[1]}")["7"]
+    assert (split["family"], split["n_blocks"]) == (family, n) and split["family_display"] == arch.get(family).display
     stats = [d for e, d in comfy_env.prompt_server.events if e == "mesh-stats"]
     assert [d["call"] for d in stats] == [1] and stats[0]["node_id"] == "7" and stats[0]["bytes_out"] > 0
 

@@ -104,7 +104,7 @@ function render(node) {
   const v = values(node);
   const addr = L.addressOf(v);
   const status = addr ? statusByKey.get(addr.key)?.status : undefined;
-  const light = L.lightFor(v, status);
+  const light = L.lightFor(v, status, node.id);
   ui.light.dataset.state = light.state;
   ui.text.textContent = light.text;
   ui.row.title = light.title;

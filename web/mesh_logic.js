@@ -40,8 +40,23 @@ export function statusRequest(addr, refresh = false) {
   ];
 }
 
-/** The light: {state: grey|green|amber|red, text, title} for a node's values and its server's status. */
-export function lightFor(values, status) {
+/** The split this node last configured, from the status's per-node ``splits`` (family it detected in its MODEL). */
+export function splitOf(status, nodeId) {
+  if (nodeId === undefined || nodeId === null) return undefined;
+  return status?.splits?.[String(nodeId)];
+}
+
+function familyNote(split, status) {
+  if (!split) return "";
+  let note = ` This node splits a ${split.family_display} model (family ${split.family}, last run).`;
+  if (status?.arch && status.arch !== split.family) {
+    note += ` The server serves ${status.arch}: start Daedalus with this node's model file.`;
+  }
+  return note;
+}
+
+/** The light: {state: grey|green|amber|red, text, title} for a node's values, its server's status and its id. */
+export function lightFor(values, status, nodeId) {
   const n = Number(values?.n_blocks_remote);
   if (n === 0) {
     return { state: "grey", text: "local: n_blocks_remote is 0", title: "The whole model runs in this ComfyUI." };
@@ -50,21 +65,24 @@ export function lightFor(values, status) {
   if (!addr) return { state: "grey", text: "no server address", title: "Enter remote_host and remote_port." };
   const where = `${addr.host}:${addr.port}`;
   if (!status) return { state: "grey", text: `${where} · checking…`, title: "Asking the server…" };
+  const split = splitOf(status, nodeId);
+  const family = split ? ` · ${split.family_display}` : "";
+  const note = familyNote(split, status);
   if (status.state === "green") {
-    const text = `${where} · server n=${status.n_blocks}/${status.n_blocks_max}`;
+    const text = `${where} · server n=${status.n_blocks}/${status.n_blocks_max}${family}`;
     const title = `Daedalus ${status.server_version ?? ""} serves ${status.model} (${status.arch}) on ${status.device}` +
       `, holding the last ${status.n_blocks} of ${status.n_blocks_max} blocks.` +
-      (status.auth_needed ? " Token saved." : " No authentication.");
+      (status.auth_needed ? " Token saved." : " No authentication.") + note;
     return { state: "green", text, title };
   }
   if (status.state === "amber" && status.token_rejected) {
-    return { state: "amber", text: `${where} · token rejected`, title: status.error || "token rejected" };
+    return { state: "amber", text: `${where} · token rejected`, title: (status.error || "token rejected") + note };
   }
   const error = status.error || "unreachable";
   const text = status.reachable && Number.isInteger(status.n_blocks)
     ? `${where} · server n=${status.n_blocks} · ${error}`
     : `${where} · ${error}`;
-  return { state: "red", text, title: error };
+  return { state: "red", text, title: error + note };
 }
 
 /**

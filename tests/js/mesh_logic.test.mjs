@@ -160,3 +160,21 @@ test("the n_blocks_remote suggestion: a line of its own, shown while n_blocks_re
   assert.equal(L.suggestionLine({ suggestion: { current: 4 } }), null);
   assert.equal(L.suggestionLine(null), null);
 });
+
+test("light: the family the node detected (/mesh/status splits) on its line and in its tooltip", () => {
+  const splits = { 12: { family: "wan", family_display: "Wan", n_blocks: 20 } };
+  const wan = { ...green, arch: "wan", model: "wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors", splits };
+  assert.deepEqual(L.splitOf(wan, 12), splits[12]);
+  assert.equal(L.splitOf(wan, undefined), undefined);
+  const g = L.lightFor(node(), wan, 12);
+  assert.equal(g.text, "127.0.0.1:7777 · server n=4/8 · Wan");
+  assert.match(g.title, /This node splits a Wan model \(family wan, last run\)\.$/);
+  // another node on the same server, not run yet: no family, the line as before
+  assert.equal(L.lightFor(node(), wan, 13).text, "127.0.0.1:7777 · server n=4/8");
+  assert.equal(L.lightFor(node(), wan, 13).title, L.lightFor(node(), { ...wan, splits: undefined }, 12).title);
+  // a node whose model is not the server's: the tooltip says so and names the fix
+  const other = L.lightFor(node(), { ...wan, arch: "flux1" }, 12);
+  assert.match(other.title, /The server serves flux1: start Daedalus with this node's model file\./);
+  const red = L.lightFor(node(), { ...wan, state: "red", error: "token needed" }, 12);
+  assert.match(red.title, /^token needed This node splits a Wan model/);
+});
