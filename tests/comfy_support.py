@@ -9,9 +9,11 @@ import contextlib
 import importlib.metadata
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
+from comfyui_mesh.errors import MeshError
 from comfyui_proc import DaedalusProc
 
 COMFY = os.environ.get("COMFYUI_PATH", "")
@@ -161,7 +163,14 @@ def split(model, srv, n: int, codec: str = "raw", stats: list | None = None, **c
     on_step = (lambda i, s: stats.append(s)) if stats is not None else None
     m, run = split_model(model, SplitSettings(n_remote=n, client=cfg, codec_name=codec, on_step=on_step))
     pooled_client(cfg, run.expect()).close()
-    run.client().connect()
+    for attempt in range(50):  # a server with --max-clients may not have seen the probe's close yet
+        try:
+            run.client().connect()
+            break
+        except MeshError as e:
+            if "clients, the limit" not in str(e) or attempt == 49:
+                raise
+            time.sleep(0.1)
     return m, run
 
 
