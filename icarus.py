@@ -265,7 +265,7 @@ class SplitRun:
         finally:
             self.end_generation()
             if not self._depth:  # the outermost run: its clone's stubs leave the shared module tree
-                restore_module_tree(getattr(executor.class_obj, "model_patcher", None))
+                restore_module_tree(getattr(getattr(executor, "class_obj", None), "model_patcher", None))
 
     def suggest(self) -> balance.Suggestion | None:
         """This generation's n_blocks_remote suggestion (None: too few calls timed); logged and handed to
