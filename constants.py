@@ -6,7 +6,7 @@ Sizes are bytes, times are seconds unless the name says otherwise.
 from __future__ import annotations
 
 PACKAGE_NAME = "comfyui-mesh"
-PACKAGE_VERSION = "0.2.0"
+PACKAGE_VERSION = "0.3.0"
 
 # ---------------------------------------------------------------------------- wire
 MAGIC = b"MESH"

@@ -273,7 +273,8 @@ class SplitRun:
         try:
             with self._lock:
                 timings, model_calls, lanes = list(self.timings), self.model_calls, self.lanes
-            if self.n_range is None or not timings:
+                patched = self.patch_off == ""  # M partial calls per model call: not what balance models
+            if self.n_range is None or not timings or patched:
                 return None
             lo, hi = self.n_range
             setup = balance.Setup(

@@ -128,15 +128,17 @@ class KVStore:
         self.where = where
         self.nbytes = 0
         self.lock = threading.Lock()
+        self.closed = False  # dropped by its registry: records nothing more (a late lane charges nothing)
 
     def __len__(self) -> int:
         return len(self._kv)
 
-    def clear(self) -> int:
-        """Drop everything; the bytes released."""
+    def clear(self, close: bool = False) -> int:
+        """Drop everything (``close``: and record nothing from now on); the bytes released."""
         with self.lock:
             freed, self.nbytes = self.nbytes, 0
             self._kv.clear()
+            self.closed = self.closed or close
         if freed:
             self._charge(-freed)
         return freed
@@ -150,6 +152,8 @@ class KVStore:
             raise LocalError(f"patch pipelining: attention keys {list(k.shape)} do not hold {n} image tokens")
         k_img, v_img = k[:, :, k.shape[2] - n :], v[:, :, v.shape[2] - n :]
         with self.lock:
+            if self.closed:  # its generation ended (or its connections closed) while this call ran
+                raise self._err(f"patch pipelining{self.where}: the generation ended while this call ran")
             old = self._kv.get(slot)
             if spec.exact:
                 if old is not None and old[0].shape == k_img.shape and old[0].dtype == k_img.dtype:
@@ -250,11 +254,14 @@ class KVRegistry:
                 )
             self.nbytes += delta
 
-    def store(self, owner: str, gen: str, session: int) -> KVStore:
-        """The store of ``owner``'s generation ``gen`` (made on first use), used by connection ``session``."""
+    def store(self, owner: str, gen: str, session: int, create: bool = True) -> KVStore | None:
+        """The store of ``owner``'s generation ``gen``, used by connection ``session``: made on first use
+        when ``create`` (an exact call records into it), else None while there is none."""
         with self._lock:
             h = self._held.get((owner, gen))
             if h is None:
+                if not create:
+                    return None
                 h = self._held[(owner, gen)] = _Held(KVStore(self._charge, RemoteProtocolError, " (Daedalus)"))
             h.sessions.add(session)
             return h.store
@@ -263,7 +270,7 @@ class KVRegistry:
         """The generation ended: drop its store; the bytes released."""
         with self._lock:
             h = self._held.pop((owner, gen), None)
-        return h.store.clear() if h is not None else 0
+        return h.store.clear(close=True) if h is not None else 0
 
     def leave(self, session: int) -> int:
         """Connection ``session`` closed: drop the stores no other open connection used; bytes released."""
@@ -273,7 +280,13 @@ class KVRegistry:
                 h.sessions.discard(session)
                 if not h.sessions:
                     gone.append(self._held.pop(key))
-        return sum(h.store.clear() for h in gone)
+        return sum(h.store.clear(close=True) for h in gone)
+
+    def drop_all(self) -> int:
+        """Every store dropped (the server reconfigured: its attentions are numbered anew); bytes released."""
+        with self._lock:
+            gone, self._held = list(self._held.values()), {}
+        return sum(h.store.clear(close=True) for h in gone)
 
 
 def psnr(out: torch.Tensor, ref: torch.Tensor) -> float:

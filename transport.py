@@ -1037,8 +1037,17 @@ def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: st
             c = MeshClient(cfg, expect=expect, comfyui_version=comfyui_version)
             _POOL[key] = c
         _POOL.move_to_end(key)
+        # One server serves one n_blocks (all its checkpoints share it): a session kept for another
+        # n_blocks of this host:port (any lane) can never be served again, and holds a server slot.
+        n = expect.get("n_blocks")
+        stale = [
+            k
+            for k, old in _POOL.items()
+            if k[:2] == (host, cfg.port) and n is not None and old.expect.get("n_blocks") not in (None, n)
+        ]
+        gone = [_POOL.pop(k) for k in stale]
         same = [k for k in _POOL if (k[0], k[1], k[3]) == (host, cfg.port, lane)]
-        gone = [_POOL.pop(k) for k in same[: max(len(same) - MAX_POOLED_MODELS, 0)]]
+        gone += [_POOL.pop(k) for k in same[: max(len(same) - MAX_POOLED_MODELS, 0)]]
     for old in gone:
         old.close("not used lately")
     return c

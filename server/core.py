@@ -340,6 +340,7 @@ class ServerState:
                 if not (1 <= n_blocks <= b.n_blocks_max):
                     raise LocalError(f"n_blocks={n_blocks} is out of range 1..{b.n_blocks_max} for {b.model_name}")
             log.info("reconfiguring: n_blocks %d -> %d", old.n_blocks, n_blocks)
+            self.patch_kv_changed("-", "reconfigured", self.patch_kv.drop_all())  # attentions renumbered
             for b in self.backends:  # closed, still listed: a session reading its device meanwhile finds one
                 b.close()
             try:
@@ -789,7 +790,7 @@ class Session:
         held = self._account_codec_state()
         released = held if temporal.end_stream(self.codec_state, msg.gen, RemoteProtocolError) else 0
         if msg.gen is not None:  # a pipelined generation's stale keys / values (§6.3) go too
-            kv = self.state.patch_kv.end(self.token_name, msg.gen)
+            kv = self.state.patch_kv.end(f"{self.token_name}#{self.slot}", msg.gen)
             self.state.patch_kv_changed(self.peer, "generation ended", kv)
             released += kv
         if released:
@@ -881,8 +882,10 @@ class Session:
             return None
         spec = patchpipe.PatchSpec.parse(msg.scalars["patch"])
         gen = msg.stream.get("gen") if isinstance(msg.stream, dict) else None
-        if not isinstance(gen, str) or not gen:
-            raise RemoteProtocolError("a request with 'patch' must name its generation (stream.gen)")
+        if not isinstance(gen, str) or not gen or len(gen) > temporal.MAX_KEY_CHARS:
+            raise RemoteProtocolError(
+                f"a request with 'patch' must name its generation (stream.gen, 1..{temporal.MAX_KEY_CHARS} characters)"
+            )
         b = self.backend  # the checkpoint this session is bound to (§5.4)
         if getattr(getattr(b, "adapter", None), "patch", None) is None:
             raise RemoteProtocolError(
@@ -895,7 +898,13 @@ class Session:
         spec = self._patch_spec(msg)
         if spec is None:
             return None
-        store = self.state.patch_kv.store(self.token_name, str(msg.stream["gen"]), id(self))
+        # per token, checkpoint (§5.4) and generation; only an exact call starts a store
+        owner = f"{self.token_name}#{self.slot}"
+        store = self.state.patch_kv.store(owner, str(msg.stream["gen"]), id(self), create=spec.exact)
+        if store is None:
+            raise RemoteProtocolError(
+                f"patch {spec.index} of {spec.count}: no exact call of this generation came first (patch_warmup >= 1)"
+            )
         return patchpipe.attention_override(store, spec)
 
     def _decode_coded(

@@ -243,3 +243,21 @@ def test_pool_keeps_a_session_per_model_and_closes_the_least_recently_used():
     finally:
         drop_pooled("192.0.2.7", 7437)
         drop_pooled("192.0.2.7", 7438)
+
+
+def test_pool_closes_the_sessions_of_another_n_blocks_on_the_same_server():
+    cfg = ClientConfig(host="192.0.2.8", port=7437)
+    other = ClientConfig(host="192.0.2.8", port=7438)
+    try:
+        a = pooled_client(cfg, {"arch": "wan", "n_blocks": 4, "fingerprint": "aa" * 16})
+        lane = pooled_client(cfg, {"arch": "wan", "n_blocks": 4, "fingerprint": "aa" * 16}, lane=1)
+        elsewhere = pooled_client(other, {"arch": "wan", "n_blocks": 4, "fingerprint": "aa" * 16})
+        # the user set n_blocks_remote 6: the fingerprint changes with it, and the server serves only 6 now
+        b = pooled_client(cfg, {"arch": "wan", "n_blocks": 6, "fingerprint": "bb" * 16})
+        assert b is not a
+        assert pooled_client(cfg, {"arch": "wan", "n_blocks": 4, "fingerprint": "aa" * 16}) is not a, "a was closed"
+        assert pooled_client(other, {"arch": "wan", "n_blocks": 4, "fingerprint": "aa" * 16}) is elsewhere
+        assert pooled_client(cfg, {"arch": "wan", "n_blocks": 6, "fingerprint": "bb" * 16}, lane=1) is not lane
+    finally:
+        drop_pooled("192.0.2.8", 7437)
+        drop_pooled("192.0.2.8", 7438)

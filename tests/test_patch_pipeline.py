@@ -180,6 +180,22 @@ def test_the_servers_registry_is_per_client_and_generation_and_bounded():
     assert not e.value.transient and reg.nbytes == 0 and len(big) == 0  # refused: nothing held
 
 
+def test_a_dropped_store_records_and_charges_nothing_more():
+    reg = KVRegistry(limit=4096)
+    assert reg.store("alice", "g", session=1, create=False) is None and len(reg) == 0  # a patch call first
+    a = reg.store("alice", "g", session=1)
+    k, v = _kv(n=8)
+    a.attend(0, k, v, PatchSpec.full(8))
+    assert reg.end("alice", "g") == 512 and reg.nbytes == 0
+    # another lane's call still running on the dropped store: refused, and the budget stays untouched
+    with pytest.raises(RemoteProtocolError, match="generation ended"):
+        a.attend(1, k, v, PatchSpec.full(8))
+    assert reg.nbytes == 0 and len(a) == 0
+    b, c = reg.store("bob", "g", session=2), reg.store("carol", "g", session=3)
+    b.attend(0, k, v, PatchSpec.full(8)), c.attend(0, k, v, PatchSpec.full(8))
+    assert reg.drop_all() == 1024 and reg.nbytes == 0 and len(reg) == 0  # a reconfigure
+
+
 def test_split_settings_refuse_a_patch_call_without_warm_up():
     with pytest.raises(LocalError, match="patch_warmup >= 1"):
         SplitSettings(n_remote=1, client=ClientConfig(port=1), patches=2, patch_warmup=0)
