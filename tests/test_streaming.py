@@ -428,8 +428,12 @@ def test_a_server_gone_mid_stream_is_connect_failed_and_the_client_recovers(serv
         monkeypatch.setattr(
             c, "_send_streamed", lambda sock, msg, upload: (sock.shutdown(socket.SHUT_RDWR), real(sock, msg, upload))[1]
         )
+        # every send breaks: the call gives up when its retry budget is spent (2 s here, not the default 60)
+        c.cfg = dataclasses.replace(c.cfg, retry_backoff_s=0.1, retry_backoff_max_s=0.5, retry_budget_s=2.0)
+        t0 = time.monotonic()
         with pytest.raises((ConnectFailed, RemoteFailure)):
             _call(c, fronts[0], bias, "raw")
+        assert time.monotonic() - t0 < 30
     finally:
         c.close()
 
