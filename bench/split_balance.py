@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import os
 import signal
 import statistics
@@ -211,15 +210,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\n{head}\n\n{table(runs)}")
     if a.out:
-        doc = {
-            "settings": {**vars(a), "sweep": ns, "res": res, "cfg": cfg_scale, "server_device": server_dev,
-                         "device_name": device, "torch": torch.__version__, "command": " ".join(sys.argv),
-                         "date": datetime.datetime.now().isoformat(timespec="seconds")},
-            "runs": [dataclasses.asdict(r) for r in runs],
-            "best": min(runs, key=lambda r: r.step_s).n,
-        }  # fmt: skip
-        Path(a.out).write_text(json.dumps(doc, indent=1))
-        print(f"\n# wrote {a.out}")
+        settings = {
+            **vars(a),
+            "sweep": ns,
+            "res": res,
+            "cfg": cfg_scale,
+            "server_device": server_dev,
+            "device_name": device,
+        }
+        split_link.write_doc(a.out, settings, runs=[dataclasses.asdict(r) for r in runs],
+                             best=min(runs, key=lambda r: r.step_s).n)  # fmt: skip
     return 0
 
 

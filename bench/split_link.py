@@ -564,18 +564,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nThe emulator on this machine ({a.selftest_mb:g} MB each way, no model running):\n")
         print(linkemu.selftest_table(emu_rows))
     if a.out:
-        doc = {
-            "settings": {**vars(a), "n_blocks": n, "res": res, "cfg": cfg_scale, "server_device": server_dev, "device_name": device,
-                         "torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-                         "command": " ".join(sys.argv), "modes": modes,
-                         "links": {k: dataclasses.asdict(linkemu.parse_link(k)) for k in links if k != DIRECT}},
-            "linkemu_selftest": emu_rows,
-            "columns": COLUMNS,
-            "rows": [{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(r).items()} for r in rows],
-        }  # fmt: skip
-        Path(a.out).write_text(json.dumps(doc, indent=1))
-        print(f"\n# wrote {a.out}")
+        settings = {
+            **vars(a),
+            "n_blocks": n,
+            "res": res,
+            "cfg": cfg_scale,
+            "server_device": server_dev,
+            "device_name": device,
+            "modes": modes,
+            "links": {k: dataclasses.asdict(linkemu.parse_link(k)) for k in links if k != DIRECT},
+        }
+        write_doc(a.out, settings, linkemu_selftest=emu_rows, columns=COLUMNS,
+                  rows=[{k: (None if isinstance(v, float) and math.isinf(v) else v) for k, v in dataclasses.asdict(r).items()} for r in rows])  # fmt: skip
     return 0
+
+
+def write_doc(path: str, settings: dict[str, Any], **rest: Any) -> None:
+    """A bench run as JSON at ``path``: its ``settings`` (with torch's version, the date and the command
+    line added) and ``rest``."""
+    run = {"torch": torch.__version__, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+           "command": " ".join(sys.argv)}  # fmt: skip
+    Path(path).write_text(json.dumps({"settings": {**settings, **run}, **rest}, indent=1))
+    print(f"\n# wrote {path}")
 
 
 if __name__ == "__main__":

@@ -175,6 +175,20 @@ def split(model, srv, n: int, codec: str = "raw", stats: list | None = None, **c
 
 
 @contextlib.contextmanager
+def flux2_daedalus(d: Path, n_blocks: int):
+    """A tiny FLUX.2 checkpoint in ``d``, ComfyUI imported (with comfy.sample) and a Daedalus serving the
+    checkpoint's last ``n_blocks``: (comfy, weights, server); the server stops on exit."""
+    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
+    comfy = import_comfy()
+    __import__("comfy.sample")
+    srv = Daedalus(weights, n_blocks, d / "state")
+    try:
+        yield comfy, weights, srv
+    finally:
+        srv.stop()
+
+
+@contextlib.contextmanager
 def headless_stack(tmp_path: Path, make_weights, model_name: str, n_blocks: int = 2):
     """Tiny model in tmp_path/models, a --no-auth Daedalus serving its last ``n_blocks``, and a
     headless ComfyUI with this pack and the fixture pack; both processes are always stopped."""

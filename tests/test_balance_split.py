@@ -22,7 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from comfy_support import COMFY, Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
+from comfy_support import (
+    COMFY,
+    flux2_daedalus,
+    needs_comfy,
+    needs_narrow_flux2,
+    split,
+)
 from comfyui_mesh import ui_events
 
 N = 3  # of the tiny FLUX.2's 5 blocks (2 double, 3 single)
@@ -41,14 +47,8 @@ class FakePromptServer:
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     d = tmp_path_factory.mktemp("balance_flux2")
-    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
-    comfy = import_comfy()
-    __import__("comfy.sample")
-    srv = Daedalus(weights, N, d / "state")
-    try:
+    with flux2_daedalus(d, N) as (comfy, weights, srv):
         yield comfy, weights, srv
-    finally:
-        srv.stop()
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from comfyui_mesh.server.budget import Budget, SizedLRU
 from comfyui_mesh.server.core import ConstCache, DaedalusServer, ServerState
 from comfyui_mesh.server.toy import ToyBackend, ToyModel
 from comfyui_mesh.transport import MeshClient
+from toy_support import wait_for
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 MiB = 1 << 20
@@ -48,15 +49,6 @@ def serve(**cfg: object) -> Iterator[DaedalusServer]:
 def client(srv: DaedalusServer) -> MeshClient:
     host, port = srv.address
     return MeshClient(ClientConfig(host=host, port=port, token=TOKEN), expect={"arch": "toy", "n_blocks": 3})
-
-
-def wait_for(cond, timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def probe(n_bytes: int) -> Ping:

@@ -16,13 +16,14 @@ import time
 
 import pytest
 import torch
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
+from comfy_support import flux2_daedalus, needs_comfy, needs_narrow_flux2, split
 from comfyui_mesh import patchpipe
 from comfyui_mesh.config import ClientConfig
 from comfyui_mesh.constants import PATCH_MAX_COUNT, PATCH_MAX_TOKENS
 from comfyui_mesh.errors import LocalError, MeshError, OverBudget, RemoteProtocolError
 from comfyui_mesh.icarus import SplitSettings
 from comfyui_mesh.patchpipe import KVRegistry, KVStore, PatchSpec
+from toy_support import wait_for
 
 # ---------------------------------------------------------------------------- the partition
 
@@ -209,14 +210,8 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     d = tmp_path_factory.mktemp("patch_flux2")
-    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
-    comfy = import_comfy()
-    __import__("comfy.sample")
-    srv = Daedalus(weights, 3, d / "state")
-    try:
+    with flux2_daedalus(d, 3) as (comfy, weights, srv):
         yield comfy, weights, srv
-    finally:
-        srv.stop()
 
 
 def sample(comfy, model, cfg=1.0, steps=STEPS):
@@ -272,7 +267,7 @@ def test_warm_up_is_exact_and_the_patched_steps_after_it_stay_close(flux, refere
     said = _said(caplog)
     assert len(said) == 1 and f"on (approximate) from call 3: {patches} patches" in said[0]
     assert run.patch_kv.nbytes == 0 and run.generation is None  # the client's stale K/V went at the end
-    assert _wait(lambda: "patch K/V released (generation ended)" in _log(srv))
+    assert wait_for(lambda: "patch K/V released (generation ended)" in _log(srv), timeout=20)
 
 
 @needs_comfy
@@ -308,15 +303,6 @@ def _log(srv) -> str:
     return "".join(list(srv.lines))
 
 
-def _wait(cond, timeout: float = 20.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
-
-
 @needs_comfy
 @needs_narrow_flux2
 def test_daedalus_drops_the_stale_kv_when_the_connections_close(flux, monkeypatch):
@@ -332,7 +318,7 @@ def test_daedalus_drops_the_stale_kv_when_the_connections_close(flux, monkeypatc
     time.sleep(0.3)
     assert _log(srv).count("patch K/V released") == before  # held: the generation never ended there
     drop_pooled("127.0.0.1", srv.port)
-    assert _wait(lambda: "patch K/V released (connection closed)" in _log(srv)), _log(srv)
+    assert wait_for(lambda: "patch K/V released (connection closed)" in _log(srv), timeout=20), _log(srv)
     assert "0 generation(s), 0.00 MB held" in _log(srv).split("patch K/V released (connection closed)")[-1]
 
 

@@ -20,6 +20,7 @@ from comfyui_mesh.server.core import DaedalusServer, ServerState
 from comfyui_mesh.server.ratelog import RateLimitedLog
 from comfyui_mesh.server.toy import ToyBackend
 from comfyui_mesh.transport import MeshClient
+from toy_support import wait_for
 
 TOKEN = "0123456789abcdef0123456789abcdef"
 HELLO = protocol.encode_bytes(protocol.Hello(nonce=auth.new_nonce(), client_name="trickle"))
@@ -54,15 +55,6 @@ def time_to_welcome(srv: DaedalusServer) -> float:
     assert c.ping(echo_bytes=16)[1] >= 16  # the session works (bytes received, frame included)
     c.close()
     return dt
-
-
-def wait_for(cond, timeout: float = 5.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
 
 
 def connect(srv: DaedalusServer, source: str = "127.0.0.1") -> socket.socket:

@@ -18,7 +18,7 @@ import threading
 import pytest
 import torch
 from comfy_ltx_support import needs_ltxav
-from comfy_support import Daedalus, import_comfy, make_flux2, needs_comfy, needs_narrow_flux2, split
+from comfy_support import Daedalus, flux2_daedalus, import_comfy, needs_comfy, needs_narrow_flux2, split
 from comfyui_mesh import rows
 from comfyui_mesh.config import ClientConfig
 from comfyui_mesh.errors import LocalError
@@ -147,14 +147,8 @@ def test_split_settings_refuse_unknown_row_modes():
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     d = tmp_path_factory.mktemp("rows_flux2")
-    weights = make_flux2(d / "tiny_flux2.safetensors", seed=0)
-    comfy = import_comfy()
-    __import__("comfy.sample")
-    srv = Daedalus(weights, 3, d / "state")
-    try:
+    with flux2_daedalus(d, 3) as (comfy, weights, srv):
         yield comfy, weights, srv, d
-    finally:
-        srv.stop()
 
 
 def flux_sample(comfy, model, batch=1, cfg=2.5, steps=3):
