@@ -231,14 +231,10 @@ class SplitRun:
         self.generations += 1
         self.calls = 0
         self._issued = 0
-        self.lanes = None
-        self.adapter_state.clear()
-        self.memo.clear()
         self._used = []
         self.timings.clear()
         self.model_calls = 0
-        self.patch_calls, self.patch_off, self.patch_lanes = 0, None, 0
-        self.patch_kv.clear()
+        self._clear_scratch()
 
     def end_generation(self) -> None:
         """The run ended (or failed): drop its temporal references and per-run caches."""
@@ -252,6 +248,10 @@ class SplitRun:
             # be told (gone, link down) is logged, never fails the run.
             client.end_stream(self.generation)
         self.generation = None
+        self._clear_scratch()
+
+    def _clear_scratch(self) -> None:
+        """A generation's per-run state, fresh at its start and dropped at its end."""
         self.lanes = None
         self.adapter_state.clear()
         self.memo.clear()

@@ -1027,7 +1027,7 @@ def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: st
     ``MAX_POOLED_MODELS`` per host:port and lane are kept (the least recently used is closed)."""
     host = cfg.host.strip().lower()
     key = (host, cfg.port, str(expect.get("fingerprint") or ""), lane)
-    gone: list[MeshClient] = []
+    gone: list[tuple[MeshClient, str]] = []
     with _POOL_LOCK:
         c = _POOL.get(key)
         if c is not None and (c.cfg != cfg or c.expect != expect):
@@ -1045,11 +1045,11 @@ def pooled_client(cfg: ClientConfig, expect: dict[str, Any], comfyui_version: st
             for k, old in _POOL.items()
             if k[:2] == (host, cfg.port) and n is not None and old.expect.get("n_blocks") not in (None, n)
         ]
-        gone = [_POOL.pop(k) for k in stale]
+        gone = [(_POOL.pop(k), "the server serves another n_blocks now") for k in stale]
         same = [k for k in _POOL if (k[0], k[1], k[3]) == (host, cfg.port, lane)]
-        gone += [_POOL.pop(k) for k in same[: max(len(same) - MAX_POOLED_MODELS, 0)]]
-    for old in gone:
-        old.close("not used lately")
+        gone += [(_POOL.pop(k), "not used lately") for k in same[: max(len(same) - MAX_POOLED_MODELS, 0)]]
+    for old, why in gone:
+        old.close(why)
     return c
 
 
