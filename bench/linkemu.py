@@ -26,6 +26,11 @@ Library use::
     with LinkEmulator(("127.0.0.1", daedalus_port), PROFILES["1gbe"]) as emu:
         port = emu.port  # connect the client here
 
+``RelayProcess`` is the same relay in a process of its own: what a benchmark measures should use it.
+The relay's threads hold the GIL for every slice they pace (thousands a second on a fast link), so an
+in-process relay slows the client it measures (its coding and sending threads wait for the GIL);
+a real link costs the client nothing of the kind.
+
 ``--selftest`` measures this machine's ceiling and accuracy (bulk transfer each way, ping-pong RTT)
 and prints a Markdown table; ``docs/BENCHMARKS.md`` has the figures. Python relays a few hundred MB/s
 to ~1 GB/s per direction on one core, so the 10 GbE profile is ceiling-bound on slow machines: read
@@ -40,6 +45,7 @@ import dataclasses
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -324,6 +330,61 @@ class LinkEmulator:
             c.abort()
 
 
+class RelayProcess:
+    """A ``LinkEmulator`` in a child process (``python linkemu.py --target ...``): the relay's threads
+    do not compete with the measured process for its GIL. ``start()`` returns the port; ``close()``
+    ends the process. Same use as ``LinkEmulator`` (also a context manager)."""
+
+    def __init__(self, target: tuple[str, int], link: Link, start_timeout_s: float = 30.0):
+        self.target, self.link, self.start_timeout_s = target, link, start_timeout_s
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> int:
+        cmd = [sys.executable, os.path.abspath(__file__), "--target", f"{self.target[0]}:{self.target[1]}",
+               "--up-mbps", repr(self.link.up_mbps), "--down-mbps", repr(self.link.down_mbps),
+               "--up-delay-ms", repr(self.link.up_delay_ms), "--down-delay-ms", repr(self.link.down_delay_ms),
+               "--name", self.link.name]  # fmt: skip
+        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert self._proc.stdout is not None
+        got: list[str] = []
+        t = threading.Thread(target=lambda: got.append(self._proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        t.start()
+        t.join(self.start_timeout_s)
+        line = got[0] if got else ""
+        if "listening on" not in line:
+            self.close()
+            raise RuntimeError(f"linkemu relay process did not start: {line.strip() or 'no output'}")
+        self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+        # the rest of its output (errors) goes to ours
+        threading.Thread(target=self._pump, daemon=True).start()
+        return self.port
+
+    def _pump(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.stdout is not None:
+            for line in proc.stdout:
+                print(line, end="", file=sys.stderr, flush=True)
+
+    def __enter__(self) -> RelayProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 # ---------------------------------------------------------------------------- self-test
 
 
@@ -436,7 +497,7 @@ def selftest(profiles: list[Link], mb: float) -> list[dict[str, Any]]:
                      **{f"{d}_s": v for d, v in direct.items()},
                      **{f"{d}_expected_s": 0.0 for d in direct}})  # fmt: skip
         for link in profiles:
-            with LinkEmulator(("127.0.0.1", peer.port), link) as emu:
+            with RelayProcess(("127.0.0.1", peer.port), link) as emu:
                 up = measure_up(emu.port, nbytes)
                 down = measure_down(emu.port, nbytes)
                 rtt = measure_rtt(emu.port, 30 if link.rtt_ms < 5 else 10)
@@ -476,6 +537,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--up-mbps", type=float, help="client -> server payload rate, Mbit/s (0: unlimited)")
     ap.add_argument("--down-mbps", type=float, help="server -> client payload rate, Mbit/s (default: --up-mbps)")
     ap.add_argument("--rtt-ms", type=float, default=0.0, help="round-trip delay, ms (half each way)")
+    ap.add_argument("--up-delay-ms", type=float, help="one-way delay client -> server, ms (instead of --rtt-ms)")
+    ap.add_argument("--down-delay-ms", type=float, help="one-way delay server -> client, ms (instead of --rtt-ms)")
+    ap.add_argument("--name", default="", help="the link's name in the output")
     ap.add_argument("--selftest", action="store_true", help="measure this machine's ceiling and accuracy")
     ap.add_argument("--mb", type=float, default=20.0, help="--selftest: MB per bulk transfer")
     ap.add_argument("--profiles", default="relay,10gbe,2.5gbe,1gbe,vpn", help="--selftest: links to measure")
@@ -488,11 +552,17 @@ def main(argv: list[str] | None = None) -> int:
     if not a.target:
         ap.error("--target HOST:PORT is required (or --selftest)")
     if a.up_mbps is not None:
-        link = custom(a.up_mbps, a.down_mbps, a.rtt_ms)
+        link = custom(a.up_mbps, a.down_mbps, a.rtt_ms, a.name)
+        if a.up_delay_ms is not None or a.down_delay_ms is not None:
+            up_d = a.up_delay_ms if a.up_delay_ms is not None else link.up_delay_ms
+            down_d = a.down_delay_ms if a.down_delay_ms is not None else link.down_delay_ms
+            link = dataclasses.replace(link, up_delay_ms=up_d, down_delay_ms=down_d)
     elif a.profile:
         link = parse_link(a.profile)
     else:
         ap.error("give --profile or --up-mbps")
+    if min(link.up_mbps, link.down_mbps, link.up_delay_ms, link.down_delay_ms) < 0:
+        ap.error(f"rates and delays must not be negative: {link}")
     host, _, port = a.target.rpartition(":")
     lhost, _, lport = a.listen.rpartition(":")
     emu = LinkEmulator((host or "127.0.0.1", int(port)), link, (lhost or "127.0.0.1", int(lport or 0)))

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     srv = split_link.Daedalus(weights, ns[0], server_dev, a.comfyui, wd / "state", threads)
     print(f"# Daedalus on {server_dev}, port {srv.port}", flush=True)
     target = ("127.0.0.1", srv.port)
-    emu = linkemu.LinkEmulator(target, link) if link is not None else None
+    emu = linkemu.RelayProcess(target, link) if link is not None else None
     try:
         via = target if emu is None else ("127.0.0.1", emu.start())
         with torch.inference_mode():  # as ComfyUI's node execution loads it

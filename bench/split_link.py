@@ -217,7 +217,7 @@ def measure(
             say("unsplit runs differ from each other: fidelity figures compare against the first")
         say(f"unsplit: {unsplit_step * 1e3:.1f} ms/step")
         link = None if link_name == DIRECT else linkemu.parse_link(link_name)
-        emu = linkemu.LinkEmulator(target, link) if link is not None else None
+        emu = linkemu.RelayProcess(target, link) if link is not None else None
         host, port = target if emu is None else ("127.0.0.1", emu.start())
         try:
             for mode, over in modes.items():

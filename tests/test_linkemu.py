@@ -210,3 +210,25 @@ def test_profiles_and_link_specs():
     assert (c.up_mbps, c.down_mbps, c.up_delay_ms, c.down_delay_ms) == (50, 200, 15, 15)
     with pytest.raises(SystemExit, match="unknown link"):
         linkemu.parse_link("fast")
+
+
+def test_relay_process_paces_like_the_in_process_relay_and_goes_away(echo):
+    """The relay the benchmarks use runs in a child process (its threads must not take the measured
+    process's GIL): the same bytes at the same rate and delay, and nothing left running after close."""
+    payload = os.urandom(2_000_000)
+    link = linkemu.Link("asym", up_mbps=80, down_mbps=160, up_delay_ms=15, down_delay_ms=5)
+    relay = linkemu.RelayProcess(("127.0.0.1", echo.port), link)
+    with relay:
+        assert relay.port and relay._proc is not None and relay._proc.poll() is None
+        proc = relay._proc
+        back, took = round_trip(relay.port, payload)
+    assert hashlib.sha256(back).digest() == hashlib.sha256(payload).digest()
+    expect = len(payload) * 8 / 80e6 + 0.020  # the slower direction sets the pace; the two overlap
+    assert expect * 0.95 <= took <= expect * 1.3 + 1.0, f"{took:.3f} s for {expect:.3f} s of link"
+    assert proc.wait(10) is not None, "the relay process outlived close()"
+
+
+def test_relay_process_that_cannot_start_says_so():
+    relay = linkemu.RelayProcess(("127.0.0.1", 1), linkemu.Link("bad", -5, 10))
+    with pytest.raises(RuntimeError, match="relay process did not start"):
+        relay.start()

@@ -69,11 +69,20 @@ def meta_str(meta: dict[str, Any], key: str, allowed: tuple[str, ...]) -> str:
 # ---------------------------------------------------------------------------- channel-major views
 
 
+def sync_free(t: torch.Tensor) -> bool:
+    """Code ``t`` without host round trips (``.item()``, ``nonzero``, a Python ``bool`` of a tensor):
+    on a GPU each one waits for everything queued before it (the front half's blocks, the peer's
+    kernels on a shared GPU) and stops the coder from queueing its next kernels, so there the
+    codecs do a little more arithmetic instead (a whole-tensor ``torch.where`` for a picked subset).
+    On the CPU a round trip costs nothing and the smaller work wins."""
+    return t.is_cuda
+
+
 def sanitize(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The lossy non-finite policy on a float32 2-D tensor whose channels run along the other
     axis than ``dim`` (tokens): NaN -> 0, +-Inf -> +-the channel's largest finite magnitude."""
-    if bool(torch.isfinite(x.sum(dim)).all()):  # one cheap reduction; an overflow only costs the slow path
-        return x
+    if not sync_free(x) and bool(torch.isfinite(x.sum(dim)).all()):  # one cheap reduction; an overflow only
+        return x  # costs the slow path
     finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     absmax = finite.abs().amax(dim=dim, keepdim=True).expand_as(x)
     out = torch.where(torch.isposinf(x), absmax, finite)

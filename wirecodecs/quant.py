@@ -18,6 +18,7 @@ import torch
 from ..constants import CLIP_SPARSE_SNR_DB, MIN_CHANNEL_STD, Q4_SNR_DB
 from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
+from . import channels
 from .backends import pick_backend
 from .base import dtype_name, itemsize
 from .channels import as_output, channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
@@ -42,10 +43,19 @@ def centered_var(xt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n = xt.shape[1]
     mu = xt.sum(1, dtype=torch.float64).div_(n).float()  # float64 sums cannot overflow
     xt.sub_(mu[:, None])
-    norm = torch.linalg.vector_norm(xt, dim=1)
-    if not bool(torch.isfinite(norm).all()):  # squares overflow float32 beyond ~1e19
-        norm = torch.linalg.vector_norm(xt, dim=1, dtype=torch.float64)
-    return mu, norm.double().square_().div_(max(n, 1))
+    return mu, _row_norm(xt).square_().div_(max(n, 1))
+
+
+def _row_norm(x: torch.Tensor) -> torch.Tensor:
+    """float64 L2 norm of each row of float32 [C, N]. Squares overflow float32 beyond ~1e19: on the CPU
+    a float32 norm checked for overflow (float64 only then); on a GPU float64 at once (no host round
+    trip: a check would wait for everything queued on the GPU before the coder can go on)."""
+    if channels.sync_free(x):
+        return torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(x, dim=1)
+    if not bool(torch.isfinite(norm).all()):
+        norm = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64)
+    return norm.double()
 
 
 def spread_var(x: torch.Tensor) -> torch.Tensor:
@@ -98,10 +108,7 @@ def _channel_mse(
         rec = rec.add_(pred)
         ref = ref.add_(pred)
     rec, ref = as_output(rec, dtype), as_output(ref, dtype)
-    err = torch.linalg.vector_norm(rec.sub_(ref), dim=1)
-    if not bool(torch.isfinite(err).all()):
-        err = torch.linalg.vector_norm(rec, dim=1, dtype=torch.float64)
-    return err.double().square_().div_(z.shape[1])
+    return _row_norm(rec.sub_(ref)).square_().div_(z.shape[1])
 
 
 def standardized_steps(
@@ -144,6 +151,8 @@ def standardized_steps(
         return d, scales, q, steps
     target = var / lin
     mse = _channel_mse(q, steps, z, mu, pred, dtype)
+    if channels.sync_free(z):
+        return d, *_requantize_masked(z, var, snr_db, mu, pred, dtype, d, live, least, std, scales, q, mse)
     for attempt in range(3):
         idx = torch.nonzero(misses_floor(mse, var, snr_db, live)).squeeze(1)  # one host round trip
         if not idx.numel():
@@ -161,6 +170,44 @@ def standardized_steps(
         pi = pred.index_select(0, idx) if pred is not None else None
         mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, mu[idx], pi, dtype))
     return d, scales, q, steps
+
+
+def _requantize_masked(
+    z: torch.Tensor,
+    var: torch.Tensor,
+    snr_db: float,
+    mu: torch.Tensor,
+    pred: torch.Tensor | None,
+    dtype: torch.dtype,
+    d: float,
+    live: torch.Tensor,
+    least: torch.Tensor,
+    std: torch.Tensor,
+    scales: torch.Tensor,
+    q: torch.Tensor,
+    mse: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``standardized_steps``' three requantization passes without a host round trip (on a GPU): every
+    channel is requantized and the missing ones' rows taken (``torch.where``), where the loop above
+    picks the missing rows out (``nonzero``: one sync a pass). The same arithmetic per channel, so
+    the same scales and integers; all three passes run (a channel that met its floor keeps its
+    row). Returns (scales, q, steps)."""
+    lin = 10.0 ** (snr_db / 10.0)
+    target = var / lin
+    for attempt in range(3):
+        miss = misses_floor(mse, var, snr_db, live)
+        if attempt < 2:
+            shrink = (target / torch.where(mse > 0, mse, torch.ones_like(mse))).sqrt_().mul_(0.97).float()
+            lower = scales.float() * shrink
+        else:
+            lower = std * (HARD_SCALE / math.sqrt(lin) / d)
+        scales = torch.where(miss, bf16_floor(torch.maximum(lower, least)), scales)
+        steps = channel_steps(d, scales)
+        safe = torch.where(steps > 0, steps, torch.full_like(steps, math.inf))
+        rows = z.div(safe[:, None]).round_()
+        q = torch.where(miss[:, None], rows, q)
+        mse = torch.where(miss, _channel_mse(rows, steps, z, mu, pred, dtype), mse)
+    return scales, q, channel_steps(d, scales)
 
 
 # ---------------------------------------------------------------------------- symbol streams
@@ -239,11 +286,16 @@ def put_symbols(w: SectionWriter, q: torch.Tensor) -> dict[str, Any]:
         cost_d = (b - a).abs().sum(1, dtype=torch.int64)
         pred = (cost_d * 20) < (cost_q * 19)
         spread = torch.minimum(cost_q, cost_d)
-        idx = torch.nonzero(pred).squeeze(1)  # one host round trip; cheaper than touching every row
-        if idx.numel():
-            rows = q.index_select(0, idx)
-            rows[:, 1:] = rows[:, 1:] - rows[:, :-1]
-            q.index_copy_(0, idx, rows)
+        if channels.sync_free(q):  # every row's differences, the chosen rows taken: no host round trip
+            diff = q.clone()
+            diff[:, 1:] -= q[:, :-1]
+            q.copy_(torch.where(pred[:, None], diff, q))
+        else:
+            idx = torch.nonzero(pred).squeeze(1)  # one host round trip; cheaper than touching every row
+            if idx.numel():
+                rows = q.index_select(0, idx)
+                rows[:, 1:] = rows[:, 1:] - rows[:, :-1]
+                q.index_copy_(0, idx, rows)
     else:
         pred = torch.zeros(c, dtype=torch.bool, device=q.device)
         spread = q[:, 0].abs().to(torch.int64)
@@ -369,8 +421,7 @@ def shared_encode(
         )
         w.raw(mu.contiguous())
         w.raw(scales.contiguous())
-        top = float(q.abs().amax()) if q.numel() else 0.0
-        meta = put_symbols(w, q.to(torch.int16 if top < 16000 else torch.int32))
+        meta = put_symbols(w, q.to(torch.int32))  # (int16 where it fits took a host round trip to know)
         meta["st"] = d
         meta["sd"] = 1
         rec = dequant(q, steps, mu) if want_rec else None
