@@ -20,7 +20,7 @@ import torch
 from .errors import CodecError, LocalError
 from .protocol import WireTensor
 from .wirecodecs import auto, base, hevc, lossless, quant, temporal
-from .wirecodecs.base import Codec
+from .wirecodecs.base import Codec, Staged
 
 # Every wire id in use (8..14 reserved for the entropy family, 18..23 for HEVC). ``auto`` (15)
 # is a name only: it encodes with the codec it picks, so id 15 never appears on the wire.
@@ -121,6 +121,22 @@ def encode(
     if why:
         raise LocalError(f"codec {c.name!r} is not usable here: {why}")
     return c.encode(t, name, params or {}, state=state)
+
+
+def staged_encode(
+    t: torch.Tensor,
+    name: str,
+    codec: str | int = "raw",
+    params: dict[str, Any] | None = None,
+    state: dict[Any, Any] | None = None,
+) -> Staged:
+    """``encode`` in stages (``Codec.staged_encode``): the first ``next()`` queues the device work that
+    needs no host round trip, ``run_stages`` returns the payload. The codec is checked here, at once."""
+    c = by_name(codec) if isinstance(codec, str) else by_id(codec)
+    why = c.available()
+    if why:
+        raise LocalError(f"codec {c.name!r} is not usable here: {why}")
+    return c.staged_encode(t, name, params or {}, state=state)
 
 
 def decode(wt: WireTensor, device: torch.device | str = "cpu", state: dict[Any, Any] | None = None) -> torch.Tensor:

@@ -32,6 +32,7 @@ from .constants import (
     MAX_STREAM_PARTS,
     SAMEHOST_ENV,
     SKEW_ENV,
+    STREAM_AHEAD_BYTES,
 )
 from .errors import (
     ConnectFailed,
@@ -66,6 +67,7 @@ from .protocol import (
 from .securelink import SecureLink
 from .wirecodecs import auto as codec_auto
 from .wirecodecs import temporal
+from .wirecodecs.base import Staged, run_stages
 
 log = logging.getLogger("comfyui_mesh")
 
@@ -173,23 +175,69 @@ class StepStats:
         )
 
 
-Encoder = Callable[[torch.Tensor, str], WireTensor]  # (tensor, name) -> coded, with the call's codec state
+Encoder = Callable[[torch.Tensor, str], Staged]  # (tensor, name) -> staged coder, with the call's codec state
 
 
-def _settle(ts: dict[str, torch.Tensor]) -> None:
-    """Wait for the GPU work that produces ``ts`` (the coder's first host round trip would wait for it
-    anyway; waiting here keeps it out of the coding time that plans the next call's slabs)."""
+def _marks(ts: dict[str, torch.Tensor]) -> list[torch.cuda.Event]:
+    """A CUDA event after the GPU work queued so far that produces ``ts`` (the front half), one per device."""
+    marks = []
     for dev in {t.device for t in ts.values() if t.device.type == "cuda"}:
-        torch.cuda.current_stream(dev).synchronize()
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(dev))
+        marks.append(ev)
+    return marks
+
+
+def _settle(marks: list[torch.cuda.Event]) -> None:
+    """Wait for the front half's GPU work (``_marks``), not for the coders' first stage queued behind it
+    (the coder's first host round trip would wait for it anyway; waiting here keeps it out of the
+    coding time that plans the next call's slabs)."""
+    for ev in marks:
+        ev.synchronize()
+
+
+class _Started:
+    """A staged coder after its first stage (``Codec.staged_encode``): its device work is queued (behind
+    the front half's, on a GPU) and the host is free; ``finish`` runs the rest. ``ms``: host time of
+    both stages, not the wait between them."""
+
+    def __init__(self, gen: Staged):
+        t0 = time.perf_counter()
+        self._gen = gen
+        self._done: WireTensor | None = None
+        try:
+            next(gen)
+        except StopIteration as e:
+            self._done = e.value
+        self.ms = self.first_ms = (time.perf_counter() - t0) * 1e3
+
+    def finish(self) -> WireTensor:
+        if self._done is None:
+            t0 = time.perf_counter()
+            self._done = run_stages(self._gen)
+            self.ms += (time.perf_counter() - t0) * 1e3
+        return self._done
+
+
+@dataclass
+class _Coded:
+    """A call's coded tensors for one try (``MeshClient._encode_coded``)."""
+
+    whole: list[WireTensor]  # those that go in the FORWARD frame
+    upload: _Upload | None  # those cut into slabs, coded as their chunks are sent
+    learn: list[tuple[int, float]]  # (raw bytes, coding ms) per coder call, for the slab planner
+    settle_ms: float  # waiting for the front half's GPU work
 
 
 class _Upload:
     """A call's big coded tensors cut into slabs (docs/PROTOCOL.md §6.1), each coded when its chunk is
-    about to be sent and kept, so a resend on the same codec state sends the same bytes."""
+    about to be sent and kept, so a resend on the same codec state sends the same bytes. ``start``
+    queues the first slabs' first stage early (before the caller waits for the front half)."""
 
     def __init__(self, coded: dict[str, torch.Tensor], cuts: dict[str, streaming.Cut], enc: Encoder):
         self.coded, self.cuts, self.enc = coded, cuts, enc
         self._wire: list[WireTensor] = []
+        self._ahead: list[_Started] = []  # slabs whose first stage is queued, in order
         self.encode_s = 0.0
         self.slab_ms: list[tuple[int, float]] = []  # (raw bytes, ms) of each slab coded
 
@@ -200,18 +248,34 @@ class _Upload:
     def wire_bytes(self) -> int:
         return sum(w.nbytes for w in self._wire)
 
-    def chunks(self, seq: int) -> Iterator[ForwardChunk]:
-        k = 0
+    def _slabs(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name, cut in self.cuts.items():
-            for sname, slab in cut.slabs(self.coded[name]):
-                if k == len(self._wire):
-                    t0 = time.perf_counter()
-                    self._wire.append(self.enc(slab, sname))
-                    dt = time.perf_counter() - t0
-                    self.encode_s += dt
-                    self.slab_ms.append((slab.numel() * slab.element_size(), dt * 1e3))
-                yield ForwardChunk(seq=seq, part=k, tensors=(self._wire[k],))
-                k += 1
+            yield from cut.slabs(self.coded[name])
+
+    def start(self, ahead_bytes: int = STREAM_AHEAD_BYTES) -> None:
+        """The first stage of the first slabs, up to ``ahead_bytes`` of raw bytes (at least one)."""
+        if self._wire or self._ahead:
+            return
+        queued = 0
+        for sname, slab in self._slabs():
+            nbytes = slab.numel() * slab.element_size()
+            if self._ahead and queued + nbytes > ahead_bytes:
+                break
+            self._ahead.append(_Started(self.enc(slab, sname)))
+            queued += nbytes
+
+    def chunks(self, seq: int) -> Iterator[ForwardChunk]:
+        for k, (sname, slab) in enumerate(self._slabs()):
+            if k == len(self._wire):
+                ahead = bool(self._ahead)
+                coder = self._ahead.pop(0) if ahead else _Started(self.enc(slab, sname))
+                self._wire.append(coder.finish())
+                self.encode_s += coder.ms / 1e3
+                # what the plan must expect per slab: a slab queued ahead costs only its second stage then
+                self.slab_ms.append(
+                    (slab.numel() * slab.element_size(), coder.ms - coder.first_ms if ahead else coder.ms)
+                )
+            yield ForwardChunk(seq=seq, part=k, tensors=(self._wire[k],))
 
 
 class _Sender:
@@ -625,20 +689,6 @@ class MeshClient:
             )
         return rep
 
-    def _encode_coded(
-        self,
-        coded: dict[str, torch.Tensor],
-        codec_name: str,
-        codec_params: dict[str, Any] | None,
-        stream: dict[str, Any] | None,
-        stats: StepStats,
-    ) -> list[WireTensor]:
-        """Encode ``coded`` whole with this connection's codec state (lock held, connected)."""
-        enc = self._coder(coded, codec_name, codec_params, stream, stats)
-        if stats.codec["codec"] == "raw":
-            return self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
-        return [enc(t, name) for name, t in coded.items()]
-
     def _coder(
         self,
         coded: dict[str, torch.Tensor],
@@ -658,13 +708,51 @@ class MeshClient:
         stats.codec = {**stats.codec, "codec": codec_name, "params": params}
         name_ = codec_name
         if name_ == "raw":  # stateless
-            return lambda t, name: codec.encode(t, name, "raw")
+            return lambda t, name: codec.staged_encode(t, name, "raw")
         sub = temporal.stream_state(self._codec_state, stream)
 
-        def enc(t: torch.Tensor, name: str) -> WireTensor:
-            return codec.encode(t, name, name_, params, state=sub)
+        def enc(t: torch.Tensor, name: str) -> Staged:
+            return codec.staged_encode(t, name, name_, params, state=sub)
 
         return enc
+
+    def _encode_coded(
+        self,
+        coded: dict[str, torch.Tensor],
+        codec_name: str,
+        codec_params: dict[str, Any] | None,
+        stream: dict[str, Any] | None,
+        stats: StepStats,
+    ) -> _Coded:
+        """Encode ``coded`` for one try with this connection's codec state (lock held, connected):
+        big tensors over TCP cut into slabs where that is faster (coded as their chunks are sent), the
+        rest whole. Each coder's first stage is queued behind the front half's GPU work before this
+        waits for that work (``_settle``), so only its second stage is in series with the call."""
+        marks = _marks(coded)  # the front half, queued on the GPU
+        enc = self._coder(coded, codec_name, codec_params, stream, stats)
+        used = stats.codec["codec"]
+        cuts = self._cuts(coded, used, stats.codec["params"])
+        upload = _Upload(coded, cuts, enc) if cuts else None
+        whole: list[_Started] = []
+        if used != "raw":  # raw has nothing to queue: its copy waits for the front half anyway
+            if upload is not None:
+                upload.start()
+            whole = [_Started(enc(t, n)) for n, t in coded.items() if n not in cuts]
+        t_settle = time.perf_counter()
+        _settle(marks)  # the front half done: what follows times the coding alone
+        settle_ms = (time.perf_counter() - t_settle) * 1e3
+        t_enc = time.perf_counter()
+        if used == "raw" and upload is None:
+            wire = self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
+        else:
+            whole = whole or [_Started(enc(t, n)) for n, t in coded.items() if n not in cuts]
+            wire = [w.finish() for w in whole]
+        if upload is not None:
+            learn = upload.slab_ms
+        else:  # the time in series with the call: the second stage of what was queued before the wait
+            raw_bytes = sum(t.numel() * t.element_size() for t in coded.values())
+            learn = [(raw_bytes, (time.perf_counter() - t_enc) * 1e3)]
+        return _Coded(wire, upload, learn, settle_ms)
 
     # ------------------------------------------------------------------ streamed calls (§6.1)
     def _cuts(
@@ -945,23 +1033,10 @@ class MeshClient:
                         if self._chan is not None:
                             self._chan.release()  # the server answered: it is done with what it was lent
                         tensors = self._encode_raw(exact)
-                        enc = self._coder(coded, codec_name, codec_params, stream, stats)
-                        used = stats.codec["codec"]
-                        t_settle = time.perf_counter()
-                        _settle(coded)  # the front half done: what follows times the coding alone
+                        coded_try = self._encode_coded(coded, codec_name, codec_params, stream, stats)
+                        coded_wire, upload, learn = coded_try.whole, coded_try.upload, coded_try.learn
                         if enc_gen == -1:
-                            stats.settle_ms = (time.perf_counter() - t_settle) * 1e3
-                        # big tensors over TCP: coded slab by slab while they are sent, where that is faster
-                        cuts = self._cuts(coded, used, stats.codec["params"])
-                        if cuts:
-                            upload = _Upload(coded, cuts, enc)
-                            coded_wire = [enc(t, n) for n, t in coded.items() if n not in cuts]
-                            learn = upload.slab_ms
-                        else:
-                            upload = None
-                            t_enc = time.perf_counter()
-                            coded_wire = self._encode_coded(coded, codec_name, codec_params, stream, stats)
-                            learn = [(raw_bytes, (time.perf_counter() - t_enc) * 1e3)]
+                            stats.settle_ms = coded_try.settle_ms
                         if enc_gen == -1:
                             stats.encode_ms = (time.perf_counter() - t0) * 1e3
                             if on_encoded:

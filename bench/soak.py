@@ -33,7 +33,7 @@ import torch
 from comfyui_mesh import codec
 from comfyui_mesh.config import ClientConfig
 from comfyui_mesh.server.toy import ToyModel
-from comfyui_mesh.transport import MeshClient, StepStats
+from comfyui_mesh.transport import MeshClient
 from comfyui_mesh.wirecodecs import temporal
 from serverproc import ServerProc, percentile, read_status
 
@@ -52,9 +52,10 @@ class CheckedClient(MeshClient):
         self.mirror: dict[str, Any] = {}
         self.sent: list = []
 
-    def _encode_coded(self, coded, codec_name, codec_params, stream, stats: StepStats):  # type: ignore[no-untyped-def]
-        self.sent = super()._encode_coded(coded, codec_name, codec_params, stream, stats)
-        return self.sent
+    def _encode_coded(self, coded, codec_name, codec_params, stream, stats):  # type: ignore[no-untyped-def]
+        done = super()._encode_coded(coded, codec_name, codec_params, stream, stats)
+        self.sent = done.whole
+        return done
 
     def _reset_codec_state(self) -> None:
         super()._reset_codec_state()

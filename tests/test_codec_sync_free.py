@@ -7,6 +7,7 @@ import pytest
 import torch
 from comfyui_mesh import codec
 from comfyui_mesh.wirecodecs import channels, quant
+from comfyui_mesh.wirecodecs.base import run_stages
 from comfyui_mesh.wirecodecs.fidelity import channel_snr_db
 
 
@@ -55,7 +56,7 @@ def test_the_seam_exercises_every_sync_free_branch(monkeypatch):
     assert int(((scales != first) & live).sum()) > 0, "no channel was requantized"
     sym = q.to(torch.int32)
     s = max(1, (sym.shape[1] - 1) // quant.SAMPLE_PAIRS)
-    a, b = sym[:, 0 : sym.shape[1] - 1 : s], sym[:, 1 :: s]
+    a, b = sym[:, 0 : sym.shape[1] - 1 : s], sym[:, 1::s]
     assert bool(((b - a).abs().sum(1) * 20 < b.abs().sum(1) * 19).any()), "no row is delta-coded"
 
 
@@ -69,3 +70,37 @@ def test_sync_free_paths_keep_every_channel_floor(name, monkeypatch):
     y = codec.decode(wt, "cpu", {})
     snr = channel_snr_db(x.float(), y.float())
     assert float(snr[torch.isfinite(snr)].min()) >= 27.0 - 1e-6
+
+
+@pytest.mark.parametrize("name", ["quant", "quant-t"])
+def test_the_first_stage_queues_without_a_host_round_trip(name, monkeypatch):
+    """``staged_encode``'s first stage only queues work: with a GPU, CUDA's sync debug mode raises at a
+    host round trip inside it; without one (the switch forced) the stages still code frames that
+    decode within the floor, a P-frame too."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setattr(channels, "sync_free", lambda t: True)
+    x = _seam(2).to(dev)
+    x[0, 5, 7] = 0.0
+    x[0, 6, 8] = 0.0
+    params = {"backend": "ans" if dev == "cuda" and codec.by_name("quant").available() is None else "zstd"}
+    codec.encode(x, "warm-up", name, params, {})  # a process's first call makes its small constants (a copy)
+    enc_state: dict = {}
+    dec_state: dict = {}
+    for k in range(2):
+        y = (x.float() * (1 + 0.01 * k)).to(torch.bfloat16)
+        gen = codec.staged_encode(y, "x", name, params, enc_state)
+        if dev == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            next(gen)
+        finally:
+            if dev == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+        wt = run_stages(gen)
+        if name == "quant-t":
+            assert wt.meta["f"] == ("i" if k == 0 else "p")
+        back = codec.decode(wt, dev, dec_state)
+        snr = channel_snr_db(y.float().cpu(), back.float().cpu())
+        assert float(snr[torch.isfinite(snr)].min()) >= 27.0 - 1e-6

@@ -187,9 +187,9 @@ def record_frames(monkeypatch, client):
     real = client._encode_coded
 
     def spy(coded, codec_name, codec_params, stream, stats):
-        wire = real(coded, codec_name, codec_params, stream, stats)
-        seen.append((dict(stream or {}), [wt.meta.get("f") for wt in wire]))
-        return wire
+        done = real(coded, codec_name, codec_params, stream, stats)
+        seen.append((dict(stream or {}), [wt.meta.get("f") for wt in done.whole]))
+        return done
 
     monkeypatch.setattr(client, "_encode_coded", spy)
     return seen

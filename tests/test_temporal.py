@@ -252,15 +252,15 @@ def server(monkeypatch):
 def sent(monkeypatch):
     """The temporal frames the client encoded, in order (the last one is what went out)."""
     frames: list[WireTensor] = []
-    real = codec.encode
+    real = codec.staged_encode  # what the client codes with
 
     def recording(t, name, c="raw", params=None, state=None):
-        wt = real(t, name, c, params, state)
+        wt = yield from real(t, name, c, params, state)
         if wt.codec in (6, 7):
             frames.append(wt)
         return wt
 
-    monkeypatch.setattr(codec, "encode", recording)
+    monkeypatch.setattr(codec, "staged_encode", recording)
     return frames
 
 
@@ -543,17 +543,17 @@ def test_server_without_gpu_entropy_asks_for_zstd(monkeypatch, caplog):
     srv = DaedalusServer(ServerState(cfg, lambda n: ToyBackend(n), token=TOKEN))
     host, port = srv.start()
     model, bias, fronts = _steps(1)
-    real = codec.encode
+    real = codec.staged_encode  # what the client codes with
     labelled = []
 
     def as_if_ans(t, name, c="raw", params=None, state=None):
-        wt = real(t, name, c, params, state)
+        wt = yield from real(t, name, c, params, state)
         if wt.meta.get("be") == "zstd" and "backend" not in (params or {}):  # what a GPU client would send
             labelled.append(name)
             wt = dataclasses.replace(wt, meta={**wt.meta, "be": "ans"})
         return wt
 
-    monkeypatch.setattr(codec, "encode", as_if_ans)
+    monkeypatch.setattr(codec, "staged_encode", as_if_ans)
     try:
         c = _client(host, port)
         out, stats = _fwd(c, fronts[0], bias, "quant", params={"cosine": 0.9999})

@@ -16,14 +16,16 @@ import struct
 import sys
 import threading
 import warnings
-from collections.abc import Callable
-from typing import Any, ClassVar
+from collections.abc import Callable, Generator
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
 from ..constants import DECODE_ALIGN_BYTES, MAX_BODY_BYTES
 from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
+
+T = TypeVar("T")
 
 if sys.byteorder != "little":  # payloads are the host's bytes; every supported platform is little-endian
     raise ImportError("ComfyUI-Mesh supports little-endian machines only")
@@ -201,6 +203,20 @@ def float_input(t: torch.Tensor, name: str, codec: str) -> str:
     return dname
 
 
+# An encoder in stages (``Codec.staged_encode``): yields where it needs a host round trip next, returns
+# the payload.
+Staged = Generator[None, None, WireTensor]
+
+
+def run_stages(gen: Generator[None, None, T]) -> T:
+    """The rest of a staged computation, all stages: its return value."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as e:
+            return e.value
+
+
 def raw_decode(wt: WireTensor, device: torch.device | str) -> torch.Tensor:
     return from_bytes(wt.data, torch_dtype(wt.dtype), wt.shape, device)
 
@@ -235,10 +251,27 @@ class Codec:
     def encode(
         self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None = None
     ) -> WireTensor:
+        return run_stages(self.staged_encode(t, name, params, state))
+
+    def staged_encode(
+        self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None = None
+    ) -> Staged:
+        """``encode`` in stages: the first ``next()`` checks the input and queues the device work that
+        needs no host round trip (on a GPU it runs behind whatever is queued before it, e.g. the blocks
+        that make ``t``, while the host goes on); ``run_stages`` does the rest and returns the payload.
+        A codec without ``_encode_staged`` does all its work in the last stage. Abandoning the
+        generator between stages leaves ``state`` as it was."""
         dname = float_input(t, name, self.name) if self.float_only else dtype_name(t.dtype)
         self.check_params(params)
         if self.raw_fallback and (t.ndim == 0 or t.numel() == 0):  # nothing to code: send the bytes
+            yield
             return WireTensor(name, dname, tuple(t.shape), self.wire_id, to_bytes(t), {"raw": True})
+        return (yield from self._encode_staged(t, name, params, state))
+
+    def _encode_staged(
+        self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None
+    ) -> Staged:
+        yield
         return self._encode(t, name, params, state)
 
     def decode(self, wt: WireTensor, device: torch.device | str, state: dict[Any, Any] | None = None) -> torch.Tensor:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Generator
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 from . import channels
 from .backends import pick_backend
-from .base import dtype_name, itemsize
+from .base import Staged, dtype_name, itemsize, run_stages
 from .channels import as_output, channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
 from .fidelity import floor_db, misses_floor, target_db
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
@@ -270,6 +271,11 @@ def unpack_bits(u: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def put_symbols(w: SectionWriter, q: torch.Tensor) -> dict[str, Any]:
+    """``staged_put_symbols`` in one go."""
+    return run_stages(staged_put_symbols(w, q))
+
+
+def staged_put_symbols(w: SectionWriter, q: torch.Tensor) -> Generator[None, None, dict[str, Any]]:
     """Entropy-code integer symbols q (int16/int32 [C, N], |q| < 2^20) per channel.
 
     Per channel: delta along tokens when a sample of token pairs says it is cheaper (smooth
@@ -304,7 +310,10 @@ def put_symbols(w: SectionWriter, q: torch.Tensor) -> dict[str, Any]:
     cls = torch.bucketize(mag, const(tuple(lim for lim, _, _ in PACKS), torch.int64, q.device))
     # class, then spread (< 2^32: at most 2047 sampled pairs of |q| <= 2^20) within a class
     order = torch.argsort((cls << 40) | spread, stable=True)
-    host = torch.cat([torch.bincount(cls, minlength=6), mag.max().reshape(1)]).tolist()  # one sync
+    counts_t = torch.zeros(6, dtype=torch.int64, device=q.device).scatter_add_(0, cls, torch.ones_like(cls))
+    summary = torch.cat([counts_t, mag.max().reshape(1) if c else mag.new_zeros(1)])
+    yield  # the first host round trip comes next
+    host = summary.tolist()
     counts, top = host[:6], host[6]
     w.raw(order.to(index_dtype(c)))
     w.raw(pack_bits(pred))
@@ -389,6 +398,18 @@ def shared_encode(
     pred: torch.Tensor | None = None,
     want_rec: bool = False,
 ) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """``staged_shared_encode`` in one go."""
+    return run_stages(staged_shared_encode(w, xt, params, dtype, pred, want_rec))
+
+
+def staged_shared_encode(
+    w: SectionWriter,
+    xt: torch.Tensor,
+    params: dict[str, Any],
+    dtype: torch.dtype,
+    pred: torch.Tensor | None = None,
+    want_rec: bool = False,
+) -> Generator[None, None, tuple[dict[str, Any], torch.Tensor | None]]:
     """Quantize xt (float32 [C, N], consumed) -- or with ``pred`` (float32 [C, N]) the residual
     xt - pred -- and entropy-code the integers. ``dtype``: what the decoder rounds its result to.
 
@@ -412,19 +433,21 @@ def shared_encode(
         step = f32(step)
         q = xt.div_(step).round_()
         w.raw(mu.contiguous())
-        meta = put_symbols(w, q.to(torch.int32))
-        meta["st"] = step
+        sym = q.to(torch.int32)
         rec = dequant(q, step, mu) if want_rec else None
+        meta = yield from staged_put_symbols(w, sym)
+        meta["st"] = step
     else:
         d, scales, q, steps = standardized_steps(
             xt, var if spread is None else spread, target_db(params), mu, pred, dtype
         )
         w.raw(mu.contiguous())
         w.raw(scales.contiguous())
-        meta = put_symbols(w, q.to(torch.int32))  # (int16 where it fits took a host round trip to know)
+        sym = q.to(torch.int32)  # (int16 where it fits took a host round trip to know)
+        rec = dequant(q, steps, mu) if want_rec else None  # queued before the symbols' host round trip
+        meta = yield from staged_put_symbols(w, sym)
         meta["st"] = d
         meta["sd"] = 1
-        rec = dequant(q, steps, mu) if want_rec else None
     if rec is not None and pred is not None:
         rec = rec.add_(pred)
     return meta, rec
@@ -536,10 +559,15 @@ class QuantCodec(EntropyCodec):
     float_only = True
 
     def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        return run_stages(self._encode_staged(t, name, params, state))
+
+    def _encode_staged(
+        self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None
+    ) -> Staged:
         dname = dtype_name(t.dtype)
         w = SectionWriter(pick_backend(params, t.device))
         xt, idx = outliers_first(w, t, params, 0.0)
-        meta, _ = shared_encode(w, xt, params, t.dtype)
+        meta, _ = yield from staged_shared_encode(w, xt, params, t.dtype)
         meta["no"] = int(idx.numel())
         data, meta = w.finish(meta)
         return WireTensor(name, dname, tuple(t.shape), self.wire_id, data, meta)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from typing import Any
 
 import torch
@@ -33,14 +33,17 @@ import torch
 from ..errors import CodecError, LocalError, StreamStateError
 from ..protocol import WireTensor
 from .backends import pick_backend
-from .base import LOSSY_DTYPES, check_shape, dtype_name, torch_dtype
+from .base import LOSSY_DTYPES, Staged, check_shape, dtype_name, run_stages, torch_dtype
 from .channels import channel_major, lossy_geometry, meta_int, meta_str, output, param_int
-from .quant import shared_decode, shared_encode
+from .quant import shared_decode, staged_shared_encode
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
 
 MAX_STREAMS = 8  # sub-streams kept per connection (least recently used dropped)
 MAX_KEY_CHARS = 512
 DEFAULT_KEYINT = 16
+
+Coded = Generator[None, None, tuple[torch.Tensor, dict]]  # a staged frame: (reconstruction, meta)
+MaybeCoded = Generator[None, None, tuple[torch.Tensor | None, dict]]  # None: a keyframe is cheaper
 
 
 def stream_state(conn: dict[str, Any], stream: Mapping[str, Any] | None, exc: type[Exception] = LocalError) -> dict:
@@ -95,6 +98,11 @@ class TemporalCodec(EntropyCodec):
     float_only = True
 
     def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
+        return run_stages(self._encode_staged(t, name, params, state))
+
+    def _encode_staged(
+        self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None
+    ) -> Staged:
         dname = dtype_name(t.dtype)
         keyint = param_int(params, "keyint", DEFAULT_KEYINT, 0, 1 << 30)
         key = ("enc", self.wire_id, name)
@@ -108,12 +116,12 @@ class TemporalCodec(EntropyCodec):
             ref = None
         w = SectionWriter(pick_backend(params, t.device))
         if ref is not None:
-            rec, meta = self.code_p(w, t, ref["ref"].to(t.device), params)
+            rec, meta = yield from self.code_p(w, t, ref["ref"].to(t.device), params)
             if rec is None:  # the subclass found intra cheaper: start a new GOP
                 w = SectionWriter(w.be)
                 ref = None
         if ref is None:
-            rec, meta = self.code_i(w, t, params)
+            rec, meta = yield from self.code_i(w, t, params)
             g, i = secrets.randbits(31), 0
         else:
             g, i = ref["g"], ref["i"] + 1
@@ -158,12 +166,12 @@ class TemporalCodec(EntropyCodec):
             return y.clone()  # the caller may modify its tensor in place; the reference must not change
         return y
 
-    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    # code_i / code_p are staged (``Codec.staged_encode``): generators that yield before their first
+    # host round trip and return (the reconstruction the decoder will hold, meta).
+    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> Coded:
         raise NotImplementedError
 
-    def code_p(
-        self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, dict]:
+    def code_p(self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]) -> MaybeCoded:
         raise NotImplementedError
 
     def decode_i(self, r: SectionReader, wt: WireTensor) -> torch.Tensor:
@@ -227,14 +235,14 @@ class LosslessTemporalCodec(TemporalCodec):
     name = "lossless-t"
     lossless = True
 
-    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
+    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> Coded:
+        yield  # byte planes: nothing to queue ahead
         it = _bits(t.dtype)[1]
         put_planes(w, t.detach().reshape(-1, t.shape[-1]).view(it).t().contiguous())
         return t.detach().clone(), {}
 
-    def code_p(
-        self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, dict]:
+    def code_p(self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]) -> MaybeCoded:
+        yield  # its choice of frame takes host round trips at once
         nb, it, _ = _bits(t.dtype)
         k = nb // 8
         x = t.detach().reshape(-1, t.shape[-1])
@@ -289,14 +297,12 @@ class QuantTemporalCodec(TemporalCodec):
     wire_id = 7
     name = "quant-t"
 
-    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> tuple[torch.Tensor, dict]:
-        meta, rec = shared_encode(w, channel_major(t), params, t.dtype, want_rec=True)
+    def code_i(self, w: SectionWriter, t: torch.Tensor, params: dict[str, Any]) -> Coded:
+        meta, rec = yield from staged_shared_encode(w, channel_major(t), params, t.dtype, want_rec=True)
         assert rec is not None
         return output(rec, t.dtype, tuple(t.shape)), meta
 
-    def code_p(
-        self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]
-    ) -> tuple[torch.Tensor | None, dict]:
+    def code_p(self, w: SectionWriter, t: torch.Tensor, ref: torch.Tensor, params: dict[str, Any]) -> MaybeCoded:
         xt = channel_major(t)
         pt = channel_major(ref)
         pp = torch.linalg.vector_norm(pt, dim=1).double().square_()
@@ -305,7 +311,7 @@ class QuantTemporalCodec(TemporalCodec):
         alpha = alpha.clamp_(-4.0, 4.0).float()
         pred = pt.mul_(alpha[:, None])
         w.raw(alpha)
-        meta, rec = shared_encode(w, xt, params, t.dtype, pred=pred, want_rec=True)
+        meta, rec = yield from staged_shared_encode(w, xt, params, t.dtype, pred=pred, want_rec=True)
         assert rec is not None
         return output(rec, t.dtype, tuple(t.shape)), meta
 
