@@ -59,11 +59,6 @@ STREAM_SIDE_MS_PER_MB = 0.5
 # the receive loop, a host sync. Without it the plan streamed a GPU entropy coder in 8 slabs at 2.5 GbE
 # (+24.9 ms of overhead beyond the wire) where one frame cost +22.2 (one H200, 2026-12-03).
 STREAM_SLAB_MS = 1.5
-# Raw bytes of a streamed request whose slabs' first coding stage (the device work that needs no host
-# round trip: ~5 ms of kernel launches per slab on an H200 host) is queued behind the front half's GPU
-# work before the client waits for it, so only the second stage (~5 ms) is left per slab. Their
-# intermediates (~8x the raw bytes of float32 / int32 copies) stay on the GPU until each slab is sent.
-STREAM_AHEAD_BYTES = 32 << 20
 
 # ---------------------------------------------------------------------------- network
 DEFAULT_HOST = "127.0.0.1"

@@ -32,7 +32,6 @@ from .constants import (
     MAX_STREAM_PARTS,
     SAMEHOST_ENV,
     SKEW_ENV,
-    STREAM_AHEAD_BYTES,
 )
 from .errors import (
     ConnectFailed,
@@ -232,12 +231,12 @@ class _Coded:
 class _Upload:
     """A call's big coded tensors cut into slabs (docs/PROTOCOL.md §6.1), each coded when its chunk is
     about to be sent and kept, so a resend on the same codec state sends the same bytes. ``start``
-    queues the first slabs' first stage early (before the caller waits for the front half)."""
+    queues the first slab's first stage early (before the caller waits for the front half)."""
 
     def __init__(self, coded: dict[str, torch.Tensor], cuts: dict[str, streaming.Cut], enc: Encoder):
         self.coded, self.cuts, self.enc = coded, cuts, enc
         self._wire: list[WireTensor] = []
-        self._ahead: list[_Started] = []  # slabs whose first stage is queued, in order
+        self._ahead: list[_Started] = []  # the first slab, its first stage queued (``start``)
         self.encode_s = 0.0
         self.slab_ms: list[tuple[int, float]] = []  # (raw bytes, ms) of each slab coded
 
@@ -252,17 +251,12 @@ class _Upload:
         for name, cut in self.cuts.items():
             yield from cut.slabs(self.coded[name])
 
-    def start(self, ahead_bytes: int = STREAM_AHEAD_BYTES) -> None:
-        """The first stage of the first slabs, up to ``ahead_bytes`` of raw bytes (at least one)."""
-        if self._wire or self._ahead:
-            return
-        queued = 0
-        for sname, slab in self._slabs():
-            nbytes = slab.numel() * slab.element_size()
-            if self._ahead and queued + nbytes > ahead_bytes:
-                break
+    def start(self) -> None:
+        """The first stage of the first slab. Only the first: a later slab's first stage queued now would
+        run on the GPU before the first slab's second stage, which waits for the stream."""
+        if not self._wire and not self._ahead:
+            sname, slab = next(self._slabs())
             self._ahead.append(_Started(self.enc(slab, sname)))
-            queued += nbytes
 
     def chunks(self, seq: int) -> Iterator[ForwardChunk]:
         for k, (sname, slab) in enumerate(self._slabs()):

@@ -45,8 +45,8 @@ def test_sync_free_paths_code_the_same_bytes(name, monkeypatch):
 
 
 def test_the_seam_exercises_every_sync_free_branch(monkeypatch):
-    """Channels miss their floor and are requantized, rows are delta-coded, non-finite values are
-    replaced: the equality above covers those branches, not only the common path."""
+    """Rows are delta-coded, non-finite values are replaced, channels miss their floor and are
+    requantized: the equality above covers those branches, not only the common path."""
     z = channels.channel_major(_seam())
     assert bool(torch.isfinite(z).all())
     mu, var = quant.centered_var(z)

@@ -120,6 +120,18 @@ def standardized_steps(
     pred: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``staged_standardized_steps`` in one go."""
+    return run_stages(staged_standardized_steps(z, var, snr_db, mu, pred, dtype))
+
+
+def staged_standardized_steps(
+    z: torch.Tensor,
+    var: torch.Tensor,
+    snr_db: float,
+    mu: torch.Tensor,
+    pred: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> Generator[None, None, tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Quantize the centered rows z (float32 [C, N]) so that EVERY channel keeps SNR >=
     ``snr_db`` against its spread ``var`` (float64 [C], the variance of the signal the caller
     measures fidelity against: z's own, or for a residual the frame's). ``mu`` (float32 [C])
@@ -152,8 +164,7 @@ def standardized_steps(
         return d, scales, q, steps
     target = var / lin
     mse = _channel_mse(q, steps, z, mu, pred, dtype)
-    if channels.sync_free(z):
-        return d, *_requantize_masked(z, var, snr_db, mu, pred, dtype, d, live, least, std, scales, q, mse)
+    yield  # the requantization below picks the channels that missed: host round trips
     for attempt in range(3):
         idx = torch.nonzero(misses_floor(mse, var, snr_db, live)).squeeze(1)  # one host round trip
         if not idx.numel():
@@ -171,44 +182,6 @@ def standardized_steps(
         pi = pred.index_select(0, idx) if pred is not None else None
         mse.index_copy_(0, idx, _channel_mse(rows, steps[idx], zi, mu[idx], pi, dtype))
     return d, scales, q, steps
-
-
-def _requantize_masked(
-    z: torch.Tensor,
-    var: torch.Tensor,
-    snr_db: float,
-    mu: torch.Tensor,
-    pred: torch.Tensor | None,
-    dtype: torch.dtype,
-    d: float,
-    live: torch.Tensor,
-    least: torch.Tensor,
-    std: torch.Tensor,
-    scales: torch.Tensor,
-    q: torch.Tensor,
-    mse: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``standardized_steps``' three requantization passes without a host round trip (on a GPU): every
-    channel is requantized and the missing ones' rows taken (``torch.where``), where the loop above
-    picks the missing rows out (``nonzero``: one sync a pass). The same arithmetic per channel, so
-    the same scales and integers; all three passes run (a channel that met its floor keeps its
-    row). Returns (scales, q, steps)."""
-    lin = 10.0 ** (snr_db / 10.0)
-    target = var / lin
-    for attempt in range(3):
-        miss = misses_floor(mse, var, snr_db, live)
-        if attempt < 2:
-            shrink = (target / torch.where(mse > 0, mse, torch.ones_like(mse))).sqrt_().mul_(0.97).float()
-            lower = scales.float() * shrink
-        else:
-            lower = std * (HARD_SCALE / math.sqrt(lin) / d)
-        scales = torch.where(miss, bf16_floor(torch.maximum(lower, least)), scales)
-        steps = channel_steps(d, scales)
-        safe = torch.where(steps > 0, steps, torch.full_like(steps, math.inf))
-        rows = z.div(safe[:, None]).round_()
-        q = torch.where(miss[:, None], rows, q)
-        mse = torch.where(miss, _channel_mse(rows, steps, z, mu, pred, dtype), mse)
-    return scales, q, channel_steps(d, scales)
 
 
 # ---------------------------------------------------------------------------- symbol streams
@@ -438,7 +411,7 @@ def staged_shared_encode(
         meta = yield from staged_put_symbols(w, sym)
         meta["st"] = step
     else:
-        d, scales, q, steps = standardized_steps(
+        d, scales, q, steps = yield from staged_standardized_steps(
             xt, var if spread is None else spread, target_db(params), mu, pred, dtype
         )
         w.raw(mu.contiguous())
