@@ -104,3 +104,18 @@ def test_the_first_stage_queues_without_a_host_round_trip(name, monkeypatch):
         back = codec.decode(wt, dev, dec_state)
         snr = channel_snr_db(y.float().cpu(), back.float().cpu())
         assert float(snr[torch.isfinite(snr)].min()) >= 27.0 - 1e-6
+
+
+def test_auto_stages_the_codec_it_picks():
+    """``auto`` resolves its codec when called and hands over that codec's stages: the staged and the
+    one-go payloads are the chosen codec's, and decode alike."""
+    x = _seam(3)
+    x[0, 5, 7] = 0.0
+    x[0, 6, 8] = 0.0
+    params = {"link_bps": 125e6, "backend": "zstd"}
+    gen = codec.staged_encode(x, "x", "auto", params, {})
+    next(gen)
+    staged = run_stages(gen)
+    whole = codec.encode(x, "x", "auto", params, {})
+    assert staged.codec == whole.codec != codec.by_name("auto").wire_id
+    assert torch.equal(codec.decode(staged, "cpu", {}), codec.decode(whole, "cpu", {}))

@@ -29,7 +29,7 @@ from ..constants import DEFAULT_LINK_BPS
 from ..errors import CodecError
 from ..protocol import WireTensor
 from .backends import ANS, ZSTD
-from .base import LOSSY_DTYPES, Codec, dtype_name
+from .base import LOSSY_DTYPES, Codec, Staged, dtype_name
 from .fidelity import target_db
 
 # Rough throughputs in bytes of *input* tensor per second, (encode, decode), by where the work
@@ -194,9 +194,10 @@ class AutoCodec(Codec):
     def __init__(self, lookup: Callable[[str], Codec]):
         self.lookup = lookup
 
-    def encode(
+    def staged_encode(
         self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None = None
-    ) -> WireTensor:
+    ) -> Staged:
+        """The chosen codec's stages (``encode`` runs them all)."""
         on_cuda = t.device.type == "cuda"
         rep = choose(
             t.numel() * t.element_size(),
@@ -209,7 +210,7 @@ class AutoCodec(Codec):
         chosen = rep["codec"]
         if chosen == "quant-t" and dtype_name(t.dtype) not in LOSSY_DTYPES:
             chosen = "lossless" if "lossless" in rep["estimates_ms"] else "raw"  # not a float: exact only
-        return self.lookup(chosen).encode(t, name, rep["params"] if chosen == rep["codec"] else {}, state=state)
+        return self.lookup(chosen).staged_encode(t, name, rep["params"] if chosen == rep["codec"] else {}, state=state)
 
     def decode(self, wt: WireTensor, device: torch.device | str, state: dict[Any, Any] | None = None) -> torch.Tensor:
         raise CodecError(f"{wt.name!r} names codec 15 (auto), which is resolved before sending and never decoded")
