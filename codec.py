@@ -116,11 +116,7 @@ def encode(
     state: dict[Any, Any] | None = None,
 ) -> WireTensor:
     """``state``: the caller's per-connection, per-stream dict, used only by stateful codecs."""
-    c = by_name(codec) if isinstance(codec, str) else by_id(codec)
-    why = c.available()
-    if why:
-        raise LocalError(f"codec {c.name!r} is not usable here: {why}")
-    return c.encode(t, name, params or {}, state=state)
+    return base.run_stages(staged_encode(t, name, codec, params, state))
 
 
 def staged_encode(

@@ -726,26 +726,22 @@ class MeshClient:
         used = stats.codec["codec"]
         cuts = self._cuts(coded, used, stats.codec["params"])
         upload = _Upload(coded, cuts, enc) if cuts else None
+        ipc = used == "raw" and upload is None  # whole and raw: CUDA IPC handles where the fast path allows
         whole: list[_Started] = []
-        if used != "raw":  # raw has nothing to queue: its copy waits for the front half anyway
+        if not ipc:  # (raw's first stage is empty: its copy waits for the front half anyway)
             if upload is not None:
                 upload.start()
             whole = [_Started(enc(t, n)) for n, t in coded.items() if n not in cuts]
         t_settle = time.perf_counter()
         _settle(marks)  # the front half done: what follows times the coding alone
-        settle_ms = (time.perf_counter() - t_settle) * 1e3
         t_enc = time.perf_counter()
-        if used == "raw" and upload is None:
-            wire = self._encode_raw(coded)  # CUDA IPC handles where the fast path allows
-        else:
-            whole = whole or [_Started(enc(t, n)) for n, t in coded.items() if n not in cuts]
-            wire = [w.finish() for w in whole]
+        wire = self._encode_raw(coded) if ipc else [w.finish() for w in whole]
         if upload is not None:
             learn = upload.slab_ms
         else:  # both stages (as for slabs)
             raw_bytes = sum(t.numel() * t.element_size() for t in coded.values())
-            learn = [(raw_bytes, sum(w.ms for w in whole) if whole else (time.perf_counter() - t_enc) * 1e3)]
-        return _Coded(wire, upload, learn, settle_ms)
+            learn = [(raw_bytes, (time.perf_counter() - t_enc) * 1e3 if ipc else sum(w.ms for w in whole))]
+        return _Coded(wire, upload, learn, (t_enc - t_settle) * 1e3)
 
     # ------------------------------------------------------------------ streamed calls (§6.1)
     def _cuts(
@@ -1030,7 +1026,6 @@ class MeshClient:
                         coded_wire, upload, learn = coded_try.whole, coded_try.upload, coded_try.learn
                         if enc_gen == -1:
                             stats.settle_ms = coded_try.settle_ms
-                        if enc_gen == -1:
                             stats.encode_ms = (time.perf_counter() - t0) * 1e3
                             if on_encoded:
                                 on_encoded(stats)

@@ -111,6 +111,7 @@ def main() -> None:
         from comfyui_mesh.wirecodecs import channels as CH
         from comfyui_mesh.wirecodecs import quant as Q
         from comfyui_mesh.wirecodecs import sections as S
+        from comfyui_mesh.wirecodecs.base import run_stages
 
         out: dict[str, float] = {}
         t = [time.perf_counter()]
@@ -126,13 +127,13 @@ def main() -> None:
         xt = Q.put_outliers(w, xt, Q.outlier_channels(xt, 0.0), x.dtype)
         mu, var = Q.centered_var(xt)
         mark("enc stats")
-        st, scales, q, steps = Q.standardized_steps(xt, var, 27.0, mu, None, x.dtype)
+        st, scales, q, steps = run_stages(Q.staged_standardized_steps(xt, var, 27.0, mu, None, x.dtype))
         mark("enc standardized steps + floor check")
         w.raw(mu.contiguous())
         w.raw(scales.contiguous())
         qi = q.to(torch.int16)
         mark("enc quantize")
-        meta = Q.put_symbols(w, qi)
+        meta = run_stages(Q.staged_put_symbols(w, qi))
         mark("enc put_symbols")
         w._compress_pending()
         mark("enc ANS compress")

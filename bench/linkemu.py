@@ -345,26 +345,27 @@ class RelayProcess:
                "--up-mbps", repr(self.link.up_mbps), "--down-mbps", repr(self.link.down_mbps),
                "--up-delay-ms", repr(self.link.up_delay_ms), "--down-delay-ms", repr(self.link.down_delay_ms),
                "--name", self.link.name]  # fmt: skip
-        self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert self._proc.stdout is not None
-        got: list[str] = []
-        t = threading.Thread(target=lambda: got.append(self._proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-        t.start()
-        t.join(self.start_timeout_s)
-        line = got[0] if got else ""
-        if "listening on" not in line:
-            self.close()
-            raise RuntimeError(f"linkemu relay process did not start: {line.strip() or 'no output'}")
-        self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
-        # the rest of its output (errors) goes to ours
-        threading.Thread(target=self._pump, daemon=True).start()
-        return self.port
+        proc = self._proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: list[str] = []
+        ready = threading.Event()
 
-    def _pump(self) -> None:
-        proc = self._proc
-        if proc is not None and proc.stdout is not None:
+        def pump() -> None:  # its first line names the port; the rest (errors) goes to our stderr
+            assert proc.stdout is not None
             for line in proc.stdout:
-                print(line, end="", file=sys.stderr, flush=True)
+                if ready.is_set():
+                    print(line, end="", file=sys.stderr, flush=True)
+                    continue
+                lines.append(line)
+                if "listening on" in line:
+                    self.port = int(line.split("listening on ")[1].split()[0].rsplit(":", 1)[1])
+                    ready.set()
+            ready.set()
+
+        threading.Thread(target=pump, name="linkemu-relay-output", daemon=True).start()
+        if not ready.wait(self.start_timeout_s) or not self.port:
+            self.close()
+            raise RuntimeError(f"linkemu relay process did not start: {''.join(lines[-5:]).strip() or 'no output'}")
+        return self.port
 
     def __enter__(self) -> RelayProcess:
         self.start()

@@ -50,7 +50,7 @@ def test_the_seam_exercises_every_sync_free_branch(monkeypatch):
     z = channels.channel_major(_seam())
     assert bool(torch.isfinite(z).all())
     mu, var = quant.centered_var(z)
-    _, scales, q, _ = quant.standardized_steps(z.clone(), var, 27.0, mu, None, torch.bfloat16)
+    _, scales, q, _ = run_stages(quant.staged_standardized_steps(z.clone(), var, 27.0, mu, None, torch.bfloat16))
     live = var.sqrt() >= quant.MIN_CHANNEL_STD
     first = var.sqrt().float().to(torch.bfloat16)
     assert int(((scales != first) & live).sum()) > 0, "no channel was requantized"

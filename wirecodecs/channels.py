@@ -81,8 +81,9 @@ def sync_free(t: torch.Tensor) -> bool:
 def sanitize(x: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """The lossy non-finite policy on a float32 2-D tensor whose channels run along the other
     axis than ``dim`` (tokens): NaN -> 0, +-Inf -> +-the channel's largest finite magnitude."""
-    if not sync_free(x) and bool(torch.isfinite(x.sum(dim)).all()):  # one cheap reduction; an overflow only
-        return x  # costs the slow path
+    # One cheap reduction decides (an overflow only costs the slow path); not on a GPU (``sync_free``).
+    if not sync_free(x) and bool(torch.isfinite(x.sum(dim)).all()):
+        return x
     finite = torch.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
     absmax = finite.abs().amax(dim=dim, keepdim=True).expand_as(x)
     out = torch.where(torch.isposinf(x), absmax, finite)

@@ -21,7 +21,7 @@ from ..errors import CodecError, LocalError
 from ..protocol import WireTensor
 from . import channels
 from .backends import pick_backend
-from .base import Staged, dtype_name, itemsize, run_stages
+from .base import Staged, dtype_name, itemsize
 from .channels import as_output, channel_major, lossy_geometry, meta_float, meta_int, output, param_float, param_int
 from .fidelity import floor_db, misses_floor, target_db
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
@@ -112,18 +112,6 @@ def _channel_mse(
     return _row_norm(rec.sub_(ref)).square_().div_(z.shape[1])
 
 
-def standardized_steps(
-    z: torch.Tensor,
-    var: torch.Tensor,
-    snr_db: float,
-    mu: torch.Tensor,
-    pred: torch.Tensor | None,
-    dtype: torch.dtype,
-) -> tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``staged_standardized_steps`` in one go."""
-    return run_stages(staged_standardized_steps(z, var, snr_db, mu, pred, dtype))
-
-
 def staged_standardized_steps(
     z: torch.Tensor,
     var: torch.Tensor,
@@ -132,7 +120,8 @@ def staged_standardized_steps(
     pred: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> Generator[None, None, tuple[float, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Quantize the centered rows z (float32 [C, N]) so that EVERY channel keeps SNR >=
+    """Staged (``Codec.staged_encode``; ``run_stages`` for one go): yields before the requantization's
+    host round trips. Quantize the centered rows z (float32 [C, N]) so that EVERY channel keeps SNR >=
     ``snr_db`` against its spread ``var`` (float64 [C], the variance of the signal the caller
     measures fidelity against: z's own, or for a residual the frame's). ``mu`` (float32 [C])
     and ``pred`` (float32 [C, N] or None) are what the decoder adds back (the channel means, the
@@ -243,13 +232,9 @@ def unpack_bits(u: torch.Tensor, n: int) -> torch.Tensor:
     return ((u[:, None] >> shifts) & 1).reshape(-1)[:n].bool()
 
 
-def put_symbols(w: SectionWriter, q: torch.Tensor) -> dict[str, Any]:
-    """``staged_put_symbols`` in one go."""
-    return run_stages(staged_put_symbols(w, q))
-
-
 def staged_put_symbols(w: SectionWriter, q: torch.Tensor) -> Generator[None, None, dict[str, Any]]:
-    """Entropy-code integer symbols q (int16/int32 [C, N], |q| < 2^20) per channel.
+    """Staged: yields before its first host round trip (the class counts). Entropy-code integer
+    symbols q (int16/int32 [C, N], |q| < 2^20) per channel.
 
     Per channel: delta along tokens when a sample of token pairs says it is cheaper (smooth
     token grids; modifies ``q``); a class by the largest magnitude (``PACKS``); channels
@@ -309,7 +294,7 @@ def staged_put_symbols(w: SectionWriter, q: torch.Tensor) -> Generator[None, Non
 
 
 def get_symbols(r: SectionReader, meta: dict[str, Any], c: int, n: int) -> torch.Tensor:
-    """Inverse of ``put_symbols``: float32 [C, N] holding the integers (exact below 2^24)."""
+    """Inverse of ``staged_put_symbols``: float32 [C, N] holding the integers (exact below 2^24)."""
     counts = meta.get("cc")
     if (
         not isinstance(counts, list)
@@ -363,18 +348,6 @@ def dequant(q: torch.Tensor, step: float | torch.Tensor, mu: torch.Tensor) -> to
 # ---------------------------------------------------------------------------- shared-step core
 
 
-def shared_encode(
-    w: SectionWriter,
-    xt: torch.Tensor,
-    params: dict[str, Any],
-    dtype: torch.dtype,
-    pred: torch.Tensor | None = None,
-    want_rec: bool = False,
-) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """``staged_shared_encode`` in one go."""
-    return run_stages(staged_shared_encode(w, xt, params, dtype, pred, want_rec))
-
-
 def staged_shared_encode(
     w: SectionWriter,
     xt: torch.Tensor,
@@ -383,11 +356,12 @@ def staged_shared_encode(
     pred: torch.Tensor | None = None,
     want_rec: bool = False,
 ) -> Generator[None, None, tuple[dict[str, Any], torch.Tensor | None]]:
-    """Quantize xt (float32 [C, N], consumed) -- or with ``pred`` (float32 [C, N]) the residual
+    """Staged (yields where ``staged_standardized_steps`` does). Quantize xt (float32 [C, N],
+    consumed) -- or with ``pred`` (float32 [C, N]) the residual
     xt - pred -- and entropy-code the integers. ``dtype``: what the decoder rounds its result to.
 
     Default: the per-channel floor ``fidelity.target_db(params)`` (``snr_db``, or ``cosine`` on
-    the standardized tensor; 27 dB) against the spread of xt (see ``standardized_steps``);
+    the standardized tensor; 27 dB) against the spread of xt (see ``staged_standardized_steps``);
     meta ``sd`` = 1, ``st`` = the standardized step, and a bfloat16 scale per channel after the
     means. With ``step`` in params: that one absolute step for every channel (no floor
     promised; the old explicit mode). Channel means (of the residual) are removed and sent as
@@ -530,9 +504,6 @@ class QuantCodec(EntropyCodec):
     wire_id = 3
     name = "quant"
     float_only = True
-
-    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
-        return run_stages(self._encode_staged(t, name, params, state))
 
     def _encode_staged(
         self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None

@@ -33,7 +33,7 @@ import torch
 from ..errors import CodecError, LocalError, StreamStateError
 from ..protocol import WireTensor
 from .backends import pick_backend
-from .base import LOSSY_DTYPES, Staged, check_shape, dtype_name, run_stages, torch_dtype
+from .base import LOSSY_DTYPES, Staged, check_shape, dtype_name, torch_dtype
 from .channels import channel_major, lossy_geometry, meta_int, meta_str, output, param_int
 from .quant import shared_decode, staged_shared_encode
 from .sections import EntropyCodec, SectionReader, SectionWriter, get_planes, planes, put_planes, unplanes
@@ -96,9 +96,6 @@ class TemporalCodec(EntropyCodec):
 
     stateful = True
     float_only = True
-
-    def _encode(self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None) -> WireTensor:
-        return run_stages(self._encode_staged(t, name, params, state))
 
     def _encode_staged(
         self, t: torch.Tensor, name: str, params: dict[str, Any], state: dict[Any, Any] | None
