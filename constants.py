@@ -167,6 +167,12 @@ HEVC_SNR_DB = 20.0
 # probe payload size; the rate assumed when nothing could be measured (gigabit Ethernet).
 LINK_TTL_S = 600.0
 LINK_PROBE_BYTES = 2 << 20
+# A link the first probe puts above 2 x LINK_PROBE_BYTES per LINK_PROBE_BIG_MS is probed again with
+# a payload that takes about that long (at most LINK_PROBE_MAX_BYTES), and the rate is the slope
+# between the two: a 2 MiB probe alone read a 10 GbE link (sealed frames, one H200 host) as 256 MB/s,
+# the costs of a frame (sealing, copies, the round trip through both event loops) counted as wire.
+LINK_PROBE_BIG_MS = 40.0
+LINK_PROBE_MAX_BYTES = 32 << 20
 DEFAULT_LINK_BPS = 117e6
 
 # Largest total size, once decoded, of the tensors of one request a server accepts (checked from

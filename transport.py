@@ -25,7 +25,9 @@ import torch
 from . import auth, codec, handshake, hostmem, samehost, streaming
 from .config import ClientConfig
 from .constants import (
+    LINK_PROBE_BIG_MS,
     LINK_PROBE_BYTES,
+    LINK_PROBE_MAX_BYTES,
     LINK_TTL_S,
     MAX_DECODED_REQUEST_BYTES,
     MAX_POOLED_MODELS,
@@ -634,9 +636,11 @@ class MeshClient:
                 log.info("ComfyUI-Mesh: %s answered end of stream with %s", self.cfg.address, type(reply).__name__)
 
     def link_info(self) -> codec_auto.LinkInfo:
-        """The link to this server (lock held, connected), for the ``auto`` codec: measured
-        with three PING round trips (one carrying ``LINK_PROBE_BYTES`` up, one asking for them
-        back), cached per host:port for ``LINK_TTL_S``; assumed gigabit when it cannot be."""
+        """The link to this server (lock held, connected), for the ``auto`` codec and the slab
+        planner: measured with PING round trips (empty ones for the latency, then ``LINK_PROBE_BYTES``
+        up and back; on a fast link two bigger probes each way, the rate from the slope between the
+        sizes: ``codec_auto.probe_rate``), cached per host:port for ``LINK_TTL_S``; assumed gigabit
+        when it cannot be."""
         key = (self.cfg.host.strip().lower(), self.cfg.port)
         with _LINKS_LOCK:
             hit = _LINKS.get(key)
@@ -644,21 +648,17 @@ class MeshClient:
             return hit
         try:
             rtt = min(self.ping(0)[0] for _ in range(2))
-            probe = WireTensor("probe", "uint8", (LINK_PROBE_BYTES,), 0, bytes(LINK_PROBE_BYTES))
-            t0 = time.perf_counter()
-            self.request(Ping(seq=0, echo_bytes=0, tensors=(probe,)))
-            up_ms = (time.perf_counter() - t0) * 1e3
-            down_ms, _ = self.ping(LINK_PROBE_BYTES)
+            rates = []
+            for probe in (self._probe_up, self._probe_down):
+                small = (LINK_PROBE_BYTES, min(probe(LINK_PROBE_BYTES) for _ in range(2)))  # a first frame can stall
+                first = codec_auto.probe_rate(small, None, rtt)
+                n = codec_auto.big_probe_bytes(first, LINK_PROBE_BYTES, LINK_PROBE_BIG_MS, LINK_PROBE_MAX_BYTES)
+                big = (n, min(probe(n) for _ in range(2))) if n else None
+                rates.append(codec_auto.probe_rate(small, big, rtt))
         except MeshError as e:
             log.warning("ComfyUI-Mesh: cannot measure the link to %s (%s); assuming gigabit", self.cfg.address, e)
             return codec_auto.LinkInfo.assumed()
-        li = codec_auto.LinkInfo(
-            up_bps=LINK_PROBE_BYTES / max(up_ms - rtt, 0.05) * 1e3,
-            down_bps=LINK_PROBE_BYTES / max(down_ms - rtt, 0.05) * 1e3,
-            rtt_ms=rtt,
-            when=time.monotonic(),
-            how="measured",
-        )
+        li = codec_auto.LinkInfo(up_bps=rates[0], down_bps=rates[1], rtt_ms=rtt, when=time.monotonic(), how="measured")
         with _LINKS_LOCK:
             _LINKS[key] = li
         log.info(
@@ -669,6 +669,17 @@ class MeshClient:
             rtt,
         )
         return li
+
+    def _probe_up(self, nbytes: int) -> float:
+        """ms for a PING carrying ``nbytes`` to the server and its empty PONG."""
+        probe = WireTensor("probe", "uint8", (nbytes,), 0, bytes(nbytes))
+        t0 = time.perf_counter()
+        self.request(Ping(seq=0, echo_bytes=0, tensors=(probe,)))
+        return (time.perf_counter() - t0) * 1e3
+
+    def _probe_down(self, nbytes: int) -> float:
+        """ms for an empty PING and a PONG carrying ``nbytes`` back."""
+        return self.ping(nbytes)[0]
 
     def _auto_choice(self, coded: dict[str, torch.Tensor], params: dict[str, Any]) -> dict[str, Any]:
         """``auto``'s report for these tensors on this link (logged when the choice changes)."""
@@ -759,7 +770,19 @@ class MeshClient:
         if self.cfg.stream_plan == "fixed":
             return streaming.plan(coded, slab)
         tracker = self._slab_tracker(coded, codec_name, params)
-        k = tracker.parts_for(total, self.link_info().up_bps, max(1, min(MAX_STREAM_PARTS, total // slab)))
+        up_bps = self.link_info().up_bps
+        k = tracker.parts_for(total, up_bps, max(1, min(MAX_STREAM_PARTS, total // slab)))
+        log.debug(
+            "ComfyUI-Mesh: %s: %s plan %d slab(s) for %.1f MB at %.0f MB/s (code %s, decode %s, ratio %.3f)",
+            self.cfg.address,
+            codec_name,
+            k,
+            total / 1e6,
+            up_bps / 1e6,
+            tracker.enc.cost,
+            tracker.dec.cost,
+            tracker.ratio,
+        )
         return streaming.plan(coded, -(-total // k)) if k > 1 else {}
 
     def _slab_tracker(

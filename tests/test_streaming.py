@@ -653,3 +653,72 @@ def test_auto_plan_streams_when_slabs_are_cheap_and_sends_one_frame_when_calls_a
         assert tr.enc.cost.per_call_ms < 1e4  # learnt from the call just made
     finally:
         c.close()
+
+
+# ---------------------------------------------------------------------------- the link probe
+
+
+def test_probe_rate_takes_the_slope_between_two_sizes():
+    from comfyui_mesh.wirecodecs.auto import probe_rate
+
+    rate, frame_ms, rtt = 1.25e9, 6.0, 0.1  # 10 GbE, 6 ms a frame whatever its size
+
+    def took(n):
+        return rtt + frame_ms + n / rate * 1e3
+
+    small, big = (2 * MB, took(2 * MB)), (50 * MB, took(50 * MB))
+    assert probe_rate(small, None, rtt) < 0.3 * rate  # the frame's cost read as wire
+    assert probe_rate(small, big, rtt) == pytest.approx(rate, rel=1e-6)
+    # two noisy times close together: at most twice the big probe's own rate, never infinite
+    own = 50 * MB / (small[1] - rtt) * 1e3
+    assert probe_rate(small, (50 * MB, small[1]), rtt) == pytest.approx(2 * own)
+    # a big probe slower than the slope says (noise the other way): not below its own rate
+    assert probe_rate(small, (50 * MB, 1e4), rtt) == pytest.approx(50 * MB / (1e4 - rtt) * 1e3)
+
+
+def test_link_info_probes_a_fast_link_twice_and_a_slow_one_once(monkeypatch):
+    from comfyui_mesh import transport
+    from comfyui_mesh.constants import LINK_PROBE_BIG_MS, LINK_PROBE_BYTES
+
+    def fake_link(rate, frame_ms=6.0, rtt=0.2):
+        c = MeshClient(ClientConfig(host="192.0.2.7", port=9), expect={})
+        sizes = {"up": [], "down": []}
+
+        def took(n):
+            return rtt + (frame_ms + n / rate * 1e3 if n else 0.0)
+
+        def ping(n=0):
+            if n:
+                sizes["down"].append(n)
+            return took(n), n
+
+        def up(n):
+            sizes["up"].append(n)
+            return took(n)
+
+        monkeypatch.setattr(c, "ping", ping)
+        monkeypatch.setattr(c, "_probe_up", up)
+        return c, sizes
+
+    transport._LINKS.clear()
+    try:
+        c, sizes = fake_link(1.25e9)
+        li = c.link_info()
+        assert li.up_bps == pytest.approx(1.25e9, rel=1e-3) and li.down_bps == pytest.approx(1.25e9, rel=1e-3)
+        for way in ("up", "down"):  # two small probes, then two of the size the first rate says takes ~40 ms
+            assert sizes[way][:2] == [LINK_PROBE_BYTES] * 2 and len(sizes[way]) == 4
+            assert LINK_PROBE_BYTES < sizes[way][2] == sizes[way][3]
+            assert sizes[way][2] / li.up_bps * 1e3 < LINK_PROBE_BIG_MS
+        transport._LINKS.clear()
+        c, sizes = fake_link(1.25e9)
+        first = c._probe_up
+        stalls = iter([120.0])  # the connection's first big frame stalls (buffers grown, pages faulted)
+        monkeypatch.setattr(c, "_probe_up", lambda n: next(stalls, None) or first(n))
+        assert c.link_info().up_bps == pytest.approx(1.25e9, rel=1e-3)  # the second small probe counts
+        transport._LINKS.clear()
+        c, sizes = fake_link(12.5e6, frame_ms=0.5)  # 100 Mbit/s: one size each way is enough
+        li = c.link_info()
+        assert sizes == {"up": [LINK_PROBE_BYTES] * 2, "down": [LINK_PROBE_BYTES] * 2}
+        assert li.up_bps == pytest.approx(12.5e6, rel=0.05)
+    finally:
+        transport._LINKS.clear()

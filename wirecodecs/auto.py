@@ -87,6 +87,32 @@ def slab_costs(
     return (_PER_CALL_MS[here][kind][0], 1e9 / enc_bps), (_PER_CALL_MS[there][kind][1], 1e9 / dec_bps), ratio
 
 
+def probe_rate(small: tuple[int, float], big: tuple[int, float] | None, rtt_ms: float) -> float:
+    """A link's rate in bytes/s from timed probes, each (payload bytes, round-trip ms): the small
+    one alone (its time less the empty round trip ``rtt_ms``), or with a bigger one the slope
+    between the two, which leaves out what every frame costs whatever the link (sealing, copies,
+    the pass through both event loops). The slope is kept between the big probe's own rate and
+    twice it (two noisy times close together must not read as an infinite rate)."""
+    b1, t1 = small
+    rate = b1 / max(t1 - rtt_ms, 0.05) * 1e3
+    if big is None:
+        return rate
+    b2, t2 = big
+    own = b2 / max(t2 - rtt_ms, 0.05) * 1e3
+    if b2 <= b1:
+        return max(rate, own)
+    slope = (b2 - b1) / max(t2 - t1, 1e-3) * 1e3
+    return min(max(slope, own), 2.0 * own)
+
+
+def big_probe_bytes(rate_bps: float, small: int, budget_ms: float, most: int) -> int:
+    """The second probe's size: what ``rate_bps`` moves in ``budget_ms`` (at most ``most``), or 0
+    when that is under twice the first probe's ``small`` bytes (a slow link: the first probe's fixed
+    costs are already small against its wire time)."""
+    n = min(int(rate_bps * budget_ms / 1e3), most)
+    return n if n >= 2 * small else 0
+
+
 @dataclasses.dataclass(frozen=True)
 class LinkInfo:
     up_bps: float  # client -> server, bytes/s
