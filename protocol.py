@@ -24,7 +24,6 @@ import hashlib
 import json
 import struct
 import types
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union, get_args, get_origin
@@ -41,6 +40,11 @@ from .constants import (
     PROTOCOL_VERSION,
 )
 from .errors import LocalError, RemoteProtocolError
+
+try:  # zlib-ng's crc32: the same checksum as zlib's, ~8x faster (SIMD; the stdlib's zlib 1.2 is not)
+    from zlib_ng.zlib_ng import crc32
+except ImportError:  # an install without it (requirements.txt has it): the stdlib's
+    from zlib import crc32
 
 _PREFIX = struct.Struct("<4sHHIQI")
 assert _PREFIX.size == PREFIX_SIZE
@@ -390,9 +394,9 @@ def encode(msg: Message) -> list[Buffer]:
         raise LocalError(f"header of {len(hbytes)} bytes exceeds MAX_HEADER_BYTES={MAX_HEADER_BYTES}")
     if body_len > MAX_BODY_BYTES:
         raise LocalError(f"frame body of {body_len} bytes exceeds MAX_BODY_BYTES={MAX_BODY_BYTES}")
-    crc = zlib.crc32(hbytes)
+    crc = crc32(hbytes)
     for t in tensors:
-        crc = zlib.crc32(t.data, crc)
+        crc = crc32(t.data, crc)
     prefix = _PREFIX.pack(MAGIC, PROTOCOL_VERSION, int(msg.KIND), len(hbytes), body_len, crc)
     return [prefix + hbytes, *(t.data for t in tensors if memoryview(t.data).nbytes)]
 
@@ -598,7 +602,7 @@ class FrameDecoder:
         header_bytes = view[PREFIX_SIZE : PREFIX_SIZE + hlen]
         body = view[PREFIX_SIZE + hlen : total]
         try:
-            if zlib.crc32(body, zlib.crc32(header_bytes)) != crc:
+            if crc32(body, crc32(header_bytes)) != crc:
                 raise self._fail("frame checksum mismatch (corrupted in transit?)")
             try:
                 header = json.loads(bytes(header_bytes))
