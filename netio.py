@@ -157,8 +157,14 @@ def _recv_sealed(sock: socket.socket, dec: FrameDecoder, opener: Opener, deadlin
         k = 0
         try:
             while k < need:
-                if not opener.pending:
-                    got += _read_record(sock, opener, deadline)
+                if not opener.pending:  # a record wholly inside the frame opens straight into it
+                    opener.into(view[k:])
+                    try:
+                        got += _read_record(sock, opener, deadline)
+                    finally:
+                        k += opener.opened_into()
+                    if k >= need or not opener.pending:
+                        continue
                 part = opener.take(need - k)
                 view[k : k + part.nbytes] = part
                 k += part.nbytes

@@ -142,11 +142,27 @@ class Opener:
         self._plain = memoryview(b"")  # opened and not yet taken
         self._opened = bytearray()  # plaintext buffer, reused like the record's (grows to the biggest record)
         self._broken: str | None = None  # why it broke (not the exception: see FrameDecoder._broken)
+        self._dst: memoryview | None = None  # where the next record opens, if its plaintext fits (``into``)
+        self._direct = 0  # plaintext bytes the last record opened into ``_dst``, not yet reported
 
     @property
     def pending(self) -> int:
-        """Plaintext bytes opened and not yet taken."""
-        return self._plain.nbytes
+        """Plaintext bytes opened and not yet taken (or opened straight into the ``into`` buffer)."""
+        return self._plain.nbytes + self._direct
+
+    def into(self, dst: memoryview | None) -> None:
+        """Open the next record straight into ``dst`` (writable bytes) when its plaintext fits there,
+        saving a copy out of this opener's buffer; ``opened_into`` then says how many bytes it wrote.
+        A record that does not fit (or cryptography < 45) opens as usual, for ``take``."""
+        if self._plain.nbytes or self._direct:
+            raise LocalError("into() before the opened plaintext was taken")
+        self._dst = dst
+
+    def opened_into(self) -> int:
+        """Bytes the last record opened into the ``into`` buffer (0: none; its plaintext is for
+        ``take``); the buffer is no longer referenced here."""
+        n, self._direct, self._dst = self._direct, 0, None
+        return n
 
     @property
     def in_body(self) -> bool:
@@ -211,9 +227,11 @@ class Opener:
         assert self._body is not None
         sealed = memoryview(self._body)[: self._need]
         n = self._need - TAG_BYTES
-        if _INTO and len(self._opened) < n:
+        dst, self._dst = self._dst, None
+        direct = _INTO and dst is not None and n <= dst.nbytes
+        if _INTO and not direct and len(self._opened) < n:
             self._opened = bytearray(n)
-        plain = memoryview(self._opened)[:n]
+        plain = dst[:n] if direct and dst is not None else memoryview(self._opened)[:n]
         try:
             if _INTO:
                 self._aead.decrypt_into(_nonce(self.counter), sealed, bytes(self._header), plain)
@@ -229,7 +247,11 @@ class Opener:
         self.counter += 1
         self._header = bytearray()
         self._need = self._fill = 0
-        self._plain = plain
+        if direct:
+            plain.release()
+            self._direct = n
+        else:
+            self._plain = plain
 
     def take(self, n: int) -> memoryview:
         """Up to ``n`` opened plaintext bytes (empty when none is pending); a view of this opener's

@@ -86,6 +86,46 @@ def test_a_big_tensor_is_sealed_from_its_own_buffer_in_bounded_records():
     assert max(sizes) <= RECORD_PLAINTEXT_BYTES and len(out) == 4  # 64 KiB join record + 4 MiB pieces
 
 
+def test_a_record_opens_straight_into_the_given_buffer_only_when_it_fits():
+    sealer = Sealer(KEY, record_bytes=1000)
+    [(h1, s1), (h2, s2)] = [(bytes(h), bytes(s)) for h, s in sealer.seal([bytes(range(200)) * 10])]
+    opener = Opener(KEY)
+    dst = bytearray(1500)
+    opener.into(memoryview(dst)[100:])
+    opener.feed(h1 + s1)
+    assert opener.opened_into() == 1000 and not opener.pending  # opened in place, nothing to take
+    assert dst[100:1100] == (bytes(range(200)) * 10)[:1000] and dst[:100] == bytes(100)
+    opener.into(memoryview(dst)[:999])  # 1000 bytes do not fit in 999: opened as usual
+    opener.feed(h2 + s2)
+    assert opener.opened_into() == 0 and opener.take(1 << 20).tobytes() == (bytes(range(200)) * 10)[1000:]
+    dst.extend(b"x")  # no view of it is left behind
+    with pytest.raises(RemoteProtocolError, match="failed authentication"):  # a forged record is still refused
+        bad = Opener(KEY)
+        bad.into(memoryview(bytearray(2000)))
+        bad.feed(h1 + s1[:5] + bytes([s1[5] ^ 1]) + s1[6:])
+
+
+def test_a_big_sealed_frame_is_opened_into_its_own_buffer(monkeypatch):
+    from comfyui_mesh import netio
+
+    link_out, link_in = Sealer(KEY), Opener(KEY)
+    taken = []
+    take = link_in.take
+    monkeypatch.setattr(link_in, "take", lambda n: (lambda v: (taken.append(v.nbytes), v)[1])(take(n)))
+    payload = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8).numpy().tobytes()
+    msg = protocol.Ping(seq=5, tensors=(protocol.WireTensor("p", "uint8", (len(payload),), 0, payload),))
+    a, b = socket.socketpair()
+    try:
+        t = threading.Thread(target=lambda: [a.sendall(h + s) for h, s in link_out.seal(protocol.encode(msg))])
+        t.start()
+        got, n = netio._recv_sealed(b, protocol.FrameDecoder(), link_in, None)
+        t.join()
+    finally:
+        a.close(), b.close()
+    assert got == msg and n > len(payload)
+    assert sum(taken) < 1 << 20  # the body's 4 MiB records opened in place, not copied out of the opener
+
+
 @pytest.mark.parametrize("attack", ["flip", "replay", "reorder", "drop", "other-key", "truncate-tag"])
 def test_altered_replayed_reordered_dropped_or_foreign_records_are_refused(attack):
     sealer, opener = Sealer(KEY, record_bytes=256), Opener(KEY)
