@@ -11,7 +11,9 @@ The client reaches it directly (``direct``: loopback TCP) or through ``bench/lin
 link profile (``relay``: the emulator with no limit, its own cost). Per codec x link x mode:
 
 * s/step: the median step of a timed sampling run (after a warm-up run that sends the constants),
-  the best of ``--repeats`` runs; unsplit likewise, measured again before each link's runs;
+  the best of ``--repeats`` runs; unsplit likewise, measured again before each link's runs; with
+  ``--interleave`` an unsplit run before each timed split run, s/step the median of the runs' medians
+  and the overhead the median of the pairs' differences (drift over minutes cancels);
 * overhead = split - unsplit per step; wire = what the link needs for the bytes of one step
   (calls per step x (bytes out / up rate + bytes in / down rate + RTT)); overhead - wire: issue 15's
   target metric (what the split costs beyond the link itself; <= 8 ms is the target);
@@ -196,13 +198,17 @@ def measure(
     between: Callable[[], None] = lambda: None,
     say: Callable[[str], None] = print,
     row_ref: Any = None,
+    interleave: bool = False,
 ) -> list[Row]:
     """Every link x mode x codec split against the Daedalus at ``target``, each link's runs after an
     unsplit one (the overhead is against the unsplit figure nearest in time).
     ``sample(model)``: one sampling run -> (latent, total s, per-step s); ``between()``: after each
     split is made (ComfyUI: unload models so the clone loads). Codecs not available here are skipped.
     ``row_ref``: the unsplit model run row by row (``icarus.row_by_row``): the fidelity reference of
-    the modes with row pipelining on (the same per-row kernels), sampled once."""
+    the modes with row pipelining on (the same per-row kernels), sampled once.
+    ``interleave``: every timed split run right after an unsplit one (models swapped between them),
+    and the overhead the median over these pairs of split - unsplit: what drifts over minutes (clocks,
+    the other process on a shared GPU) cancels out, at the price of reloading the models twice a run."""
     ref = None
     ref_rows = None
     rows = []
@@ -246,19 +252,36 @@ def measure(
                     sample(m)  # warm-up: connection, constants, kernels
                     best: tuple[Any, float, list[float]] | None = None
                     best_stats: list[StepStats] = []
+                    pairs: list[tuple[float, float]] = []  # (unsplit, split) median s/step, interleaved
                     for _ in range(repeats):
+                        if interleave:
+                            between()
+                            u = statistics.median(sample(model)[2])
+                            between()
                         stats.clear()
                         res = sample(m)
+                        if interleave:
+                            pairs.append((u, statistics.median(res[2])))
                         if best is None or statistics.median(res[2]) < statistics.median(best[2]):
                             best, best_stats = res, list(stats)
                     assert best is not None
                     out, total, steps = best
+                    step_s, against_step = statistics.median(steps), unsplit_step
+                    if pairs:  # overhead: the median of the pairs' differences
+                        step_s = statistics.median(p[1] for p in pairs)
+                        against_step = step_s - statistics.median(p[1] - p[0] for p in pairs)
+                        say(
+                            "unsplit / split ms/step, pairs: "
+                            + ", ".join(f"{u * 1e3:.1f}/{v * 1e3:.1f}" for u, v in pairs)
+                        )
                     by_row = row_ref is not None and over.get("rows") == "on"
                     if by_row and ref_rows is None:
                         between()
                         ref_rows = sample(row_ref)[0]
                     against = ref_rows if by_row else ref
-                    rows.append(_row(link_name, link, name, mode, out, against, total, steps, unsplit_step, best_stats))
+                    rows.append(
+                        _row(link_name, link, name, mode, out, against, total, steps, against_step, best_stats, step_s)
+                    )
                     rows[-1].reference = "unsplit row by row" if by_row else "unsplit"
                     r = rows[-1]
                     say(
@@ -289,12 +312,13 @@ def _row(
     steps: list[float],
     unsplit_step: float,
     stats: list[StepStats],
+    step_s: float | None = None,
 ) -> Row:
     n_steps = len(steps) + 1  # the intervals between step callbacks leave out the first step
     per_step = max(1.0, len(stats) / n_steps)
     later = stats[int(round(per_step)) :] or stats  # after the first step's calls (temporal keyframes)
     med = median_stats(later)
-    step = statistics.median(steps)
+    step = statistics.median(steps) if step_s is None else step_s
     wire = per_step * link.wire_s(int(med["bytes_out"]), int(med["bytes_in"])) if link is not None else 0.0
     identical, rel, psnr = fidelity(out, ref)
     overhead = step - unsplit_step
@@ -505,6 +529,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--modes", default="tcp", help=f"named setting sets: {', '.join(MODES)}")
     ap.add_argument("--mode-def", action="append", default=[], help="NAME:key=value,... (SplitSettings/ClientConfig)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per configuration (the best counts)")
+    ap.add_argument("--interleave", action="store_true",
+                    help="an unsplit run before every timed split run; overhead = the median of the pairs' differences")  # fmt: skip
     ap.add_argument("--device", default="cuda:0" if torch.cuda.is_available() else "cpu", help="client device")
     ap.add_argument("--server-device", default="", help="Daedalus's device (default: cuda:1 if there are 2 GPUs, else --device)")  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="CPU runs: torch threads per process (0: torch's default)")
@@ -550,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
         row_ref = row_by_row(model) if any(m.get("rows") == "on" for m in modes.values()) else None
         rows = measure(sample, model, ("127.0.0.1", srv.port), srv.token, n, links, a.codecs.split(","), modes,
                        repeats=a.repeats, between=between, say=lambda s: print("#", s, flush=True),
-                       row_ref=row_ref)  # fmt: skip
+                       row_ref=row_ref, interleave=a.interleave)  # fmt: skip
     finally:
         srv.stop()
     device = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"

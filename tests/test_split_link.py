@@ -85,6 +85,33 @@ def test_split_through_an_emulated_link_is_bit_identical_with_raw(comfy_env):
     assert "bit-identical" in body
 
 
+def test_interleaved_runs_take_the_overhead_from_the_pairs(comfy_env):
+    family, n = "flux2", 2
+    model = FakeModelPatcher(fake_dit.BaseModel(fake_dit.build(family, 0)))
+    noise, pos, neg = fake_dit.STANDINS[family].inputs()
+    runs: list[tuple[bool, float]] = []  # (split?, the step time this run reports)
+    fake = iter([0.30, 0.10, 0.50, 0.20, 0.90, 0.40, 0.31, 0.12] * 4)
+
+    def run(m):
+        out, _ = sample(m, noise, SIGMAS, pos, neg)
+        step = next(fake)  # drifting times: what the pairs must cancel
+        runs.append((m is not model, step))
+        return out, step * (len(SIGMAS) - 1), [step] * (len(SIGMAS) - 2)
+
+    lines: list[str] = []
+    with serve(family, n) as srv:
+        rows = split_link.measure(run, model, srv.address, TOKEN, n, ["direct"], ["raw"], {"tcp": {}},
+                                  repeats=3, say=lines.append, interleave=True)  # fmt: skip
+    # unsplit warm-up + 3 timed (the fidelity reference), split warm-up, then (unsplit, split) three times
+    assert [sp for sp, _ in runs] == [False] * 4 + [True] + [False, True] * 3
+    pairs = [(runs[i][1], runs[i + 1][1]) for i in (5, 7, 9)]
+    diffs = sorted(b - a for a, b in pairs)
+    r = rows[0]
+    assert r.overhead_ms == pytest.approx(diffs[1] * 1e3)
+    assert r.step_s == pytest.approx(sorted(b for _, b in pairs)[1])
+    assert any("pairs" in ln for ln in lines)
+
+
 def test_fidelity_figures():
     ref = torch.linspace(-1, 1, 1000)
     assert split_link.fidelity(ref.clone(), ref) == (True, 0.0, math.inf)
